@@ -1,0 +1,252 @@
+"""The accounting of SPEC §4–5, in the paper's notation: N, Na, r_a, M, C, StepLaw.
+
+Pure Python (no torch), so planners and the command line can use it anywhere:
+
+    python flops.py --L=24 --Dm=2048 --H=16 --Dh=128 --Dffn=5464 --E=78 --K=6 \
+        --De=512 --Dse=3072 --S=2048 --scheme=1dense [--include_router=false] [--json]
+    python flops.py configs/<name>.toml
+
+N counts non-vocabulary parameters only: no embeddings, no LM head, no norms (SPEC §2).
+"""
+import argparse
+import json
+import math
+import sys
+import tomllib
+from dataclasses import asdict, dataclass, fields
+
+SCHEMES = ("dense", "full", "1dense", "interleave")
+
+
+@dataclass
+class Shape:
+    """A GPT's shape in the paper's notation (SPEC §2). The MoE fields are ignored when scheme='dense'."""
+    scheme: str = "1dense"  # dense | full | 1dense | interleave (SPEC §3)
+    L: int = 4              # layers
+    Dm: int = 128           # model width
+    H: int = 4              # attention heads
+    Dh: int = 0             # head dim; 0 = Dm // H
+    Dffn: int = 352         # hidden width of a dense SwiGLU FFN (α = Dffn/Dm)
+    E: int = 8              # routed experts
+    K: int = 2              # experts chosen per token
+    De: int = 64            # hidden width of one routed expert
+    Dse: int = 128          # hidden width of the shared expert (0 = none)
+    S: int = 256            # sequence length
+
+    def __post_init__(self):
+        check_shape(self)
+        if self.Dh == 0:
+            self.Dh = self.Dm // self.H
+
+
+def check_shape(s):
+    """Raise one ValueError naming the field and what is allowed (before any tensor exists)."""
+    if s.scheme not in SCHEMES:
+        raise ValueError(f"scheme={s.scheme!r} is unknown: expected one of {', '.join(SCHEMES)}")
+    for name in ("L", "Dm", "H", "S"):
+        _require(name, getattr(s, name), lambda v: v >= 1, "a positive integer")
+    _require("Dh", s.Dh, lambda v: v >= 0, "a positive integer, or 0 for Dm // H")
+    if s.Dh == 0 and s.Dm % s.H:
+        raise ValueError(f"H={s.H} does not divide Dm={s.Dm}: set Dh explicitly (H·Dh need not equal Dm)")
+    if s.scheme in ("dense", "1dense", "interleave"):
+        _require("Dffn", s.Dffn, lambda v: v >= 1, f"a positive integer for scheme={s.scheme!r}")
+    if s.scheme == "interleave" and s.L < 2:
+        raise ValueError(f"L={s.L} is too small for scheme='interleave': expected L >= 2")
+    if s.scheme == "dense":
+        return
+    _require("E", s.E, lambda v: v >= 1, "a positive integer")
+    _require("De", s.De, lambda v: v >= 1, "a positive integer")
+    _require("Dse", s.Dse, lambda v: v >= 0, "0 (no shared expert) or a positive integer")
+    _require("K", s.K, lambda v: 1 <= v <= s.E, f"an integer with 1 <= K <= E={s.E}")
+
+
+def _require(name, value, ok, allowed):
+    if not isinstance(value, int) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+
+
+def layer_kinds(s):
+    """'dense' or 'moe' for each layer. interleave puts the dense layer first, like 1dense (our choice)."""
+    if s.scheme == "dense":
+        return ["dense"] * s.L
+    if s.scheme == "full":
+        return ["moe"] * s.L
+    if s.scheme == "1dense":
+        return ["dense"] + ["moe"] * (s.L - 1)
+    return ["dense" if i % 2 == 0 else "moe" for i in range(s.L)]
+
+
+@dataclass
+class Count:
+    """Parameter counts, total and activated per token, with the per-component breakdown."""
+    attention: int
+    dense_ffn: int
+    experts: int          # all routed experts
+    experts_active: int   # the K routed experts a token uses
+    shared: int
+    router: int
+
+    @property
+    def N(self):  # S7
+        return self.attention + self.dense_ffn + self.experts + self.shared + self.router
+
+    @property
+    def Na(self):  # S8
+        return self.attention + self.dense_ffn + self.experts_active + self.shared + self.router
+
+    @property
+    def ra(self):  # S12: r_a = Na / N
+        return self.Na / self.N
+
+
+def count(s, include_router=True):
+    """S7–S8, per component. The router (Dm·E per MoE layer) is a switch: eqs. 4–6 omit it (SPEC §4)."""
+    kinds = layer_kinds(s)
+    Ld, Le = kinds.count("dense"), kinds.count("moe")
+    return Count(
+        attention=s.L * 4 * s.Dm * s.H * s.Dh,          # Q, K, V, O: Dm × H·Dh each
+        dense_ffn=Ld * 3 * s.Dm * s.Dffn,               # SwiGLU: W1, W2, W3
+        experts=Le * 3 * s.Dm * s.E * s.De,
+        experts_active=Le * 3 * s.Dm * s.K * s.De,
+        shared=Le * 3 * s.Dm * s.Dse,
+        router=Le * s.Dm * s.E if include_router else 0,
+    )
+
+
+def M_fwd(s, include_router=True):
+    """S10: matmul FLOPs per token, forward. Attention scores + values cost 4·(H·Dh)·S per layer,
+    counted over the full S×S square as the paper does (4·Dm·S·L when H·Dh = Dm)."""
+    return 2 * count(s, include_router).Na + 4 * s.H * s.Dh * s.S * s.L
+
+
+def M_train(s, include_router=True):
+    """S11: forward + backward = 3 × forward."""
+    return 3 * M_fwd(s, include_router)
+
+
+def compute(s, D, include_router=True):
+    """S11: C = M_train · D for D training tokens."""
+    return M_train(s, include_router) * D
+
+
+def tokens_for_compute(s, C, include_router=True):
+    """S11 inverted: the tokens D a compute budget C buys."""
+    return C / M_train(s, include_router)
+
+
+def kappa_dense(alpha, gamma):
+    """S12: κ_dense = 1 + 2γ/(4 + 3α), with α = Dffn/Dm and γ = S/Dm."""
+    return 1 + 2 * gamma / (4 + 3 * alpha)
+
+
+def kappa_moe(beta, gamma):
+    """S12: κ_MoE = 1 + 2γ/(4 + 3β) (all-MoE), with β = (Dse + K·De)/Dm and γ = S/Dm."""
+    return 1 + 2 * gamma / (4 + 3 * beta)
+
+
+def data_ratio(ra, k_dense, k_moe):
+    """S14: D_MoE / D_dense ≈ κ_dense / (r_a · κ_MoE) at equal N and C."""
+    return k_dense / (ra * k_moe)
+
+
+def steplaw_lr(N, D):
+    """S15: StepLaw peak learning rate; N = total non-embedding parameters, D = tokens consumed."""
+    return 1.79 * N ** -0.713 * D ** 0.307
+
+
+def steplaw_batch_tokens(D):
+    """S15: StepLaw batch size in tokens, D = tokens consumed."""
+    return 0.58 * D ** 0.571
+
+
+def steplaw_batch_seqs(D, S):
+    """S15 in sequences of length S, at least one."""
+    return max(1, round(steplaw_batch_tokens(D) / S))
+
+
+def warmup_iters(iters):
+    """SPEC §5: warmup = clip(0.01·iters, 200, 2000), never more than the run itself."""
+    return min(iters, max(200, min(2000, round(0.01 * iters))))
+
+
+def summary(s, include_router=True, D=None, C=None):
+    """Everything above for one shape, as a dict of plain numbers (the CLI's --json)."""
+    c = count(s, include_router)
+    out = {"N": c.N, "Na": c.Na, "ra": c.ra, "M_fwd": M_fwd(s, include_router),
+           "M_train": M_train(s, include_router), "include_router": include_router,
+           "params": {k: getattr(c, k) for k in ("attention", "dense_ffn", "experts", "shared", "router")},
+           "active": {"attention": c.attention, "dense_ffn": c.dense_ffn, "experts": c.experts_active,
+                      "shared": c.shared, "router": c.router},
+           "shape": asdict(s)}
+    if C is not None:
+        D = C / out["M_train"]
+    if D is not None:
+        out.update(D=D, C=out["M_train"] * D, lr=steplaw_lr(c.N, D),
+                   batch_tokens=steplaw_batch_tokens(D), batch_seqs=steplaw_batch_seqs(D, s.S))
+    return out
+
+
+def format_summary(r):
+    s = r["shape"]
+    keys = ["scheme", "L", "Dm", "H", "Dh", "Dffn"] + ([] if s["scheme"] == "dense" else ["E", "K", "De", "Dse"]) + ["S"]
+    lines = ["  ".join(f"{k}={s[k]}" for k in keys),
+             f"{'':16}{'total N':>16}{'active Na':>16}"]
+    for k, label in [("attention", "attention"), ("dense_ffn", "dense FFN"), ("experts", "routed experts"),
+                     ("shared", "shared expert"), ("router", "router")]:
+        if r["params"][k]:
+            lines.append(f"{label:16}{r['params'][k]:>16,}{r['active'][k]:>16,}")
+    lines.append(f"{'sum':16}{r['N']:>16,}{r['Na']:>16,}")
+    lines.append(f"r_a = Na/N      {100 * r['ra']:.2f} %   (router {'in' if r['include_router'] else 'not in'} N and Na)")
+    lines.append(f"M_fwd           {r['M_fwd']:.4g} FLOPs/token   (S10, S={s['S']})")
+    lines.append(f"M_train         {r['M_train']:.4g} FLOPs/token   (S11 = 3·M_fwd)")
+    if "D" in r:
+        lines.append(f"D, C            {r['D']:.4g} tokens, {r['C']:.4g} FLOPs   (C = M_train·D)")
+        lines.append(f"StepLaw (S15)   lr {r['lr']:.4g}, batch {r['batch_tokens']:.4g} tokens = {r['batch_seqs']} × {s['S']}")
+    return "\n".join(lines)
+
+
+def shape_from_dict(d, where):
+    """A Shape from a config table, naming the file and key on bad input; other keys are ignored."""
+    names = {f.name for f in fields(Shape)}
+    kw = {k: v for k, v in d.items() if k in names}
+    try:
+        return Shape(**kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _bool(v):
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
+                                description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (SPEC §4-5).")
+    p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
+    for f in fields(Shape):
+        p.add_argument(f"--{f.name}", type=f.type if f.type is not str else str, default=None)
+    p.add_argument("--include_router", type=_bool, default=True, help="count the router's Dm·E per MoE layer (default true)")
+    p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
+    p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    given = {f.name: getattr(a, f.name) for f in fields(Shape) if getattr(a, f.name) is not None}
+    try:
+        if a.config:
+            with open(a.config, "rb") as fh:
+                cfg = tomllib.load(fh)
+            shape = shape_from_dict({**cfg.get("model", {}), **given}, a.config)
+        else:
+            shape = Shape(**given)
+    except (OSError, tomllib.TOMLDecodeError, ValueError) as e:
+        p.error(str(e))
+    r = summary(shape, a.include_router, D=a.D, C=a.C)
+    print(json.dumps(r) if a.json else format_summary(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""A dense or Mixture-of-Experts GPT, as in SPEC §3.
+
+Pre-norm decoder: RMSNorm, causal attention with ALiBi, SwiGLU. An MoE layer is a softmax router,
+top-K, an optional shared expert and a load-balancing loss (S1–S6). The routed experts run as two
+grouped GEMMs over tokens sorted by expert: dropless, no host synchronisation, no data-dependent
+shapes, so torch.compile(fullgraph=True) makes one graph that survives any routing.
+
+Shape suffixes in the hot code, with the paper's letters: T tokens, D model width (Dm), E experts,
+K experts per token, F expert width (De), V vocabulary; TK = T·K routing slots.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import flops
+
+
+@dataclass
+class GPTConfig(flops.Shape):
+    vocab_size: int = 256
+    norm_topk: bool = False      # S4: renormalise the K gates to sum to 1 (needs K > 1)
+    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of S6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        flops._require("vocab_size", self.vocab_size, lambda v: v >= 1, "a positive integer")
+        for name in ("balance_coef", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}={v!r} is not allowed: expected a finite number >= 0")
+        if self.scheme == "dense":
+            return
+        if self.norm_topk and self.K == 1:
+            raise ValueError("norm_topk=true needs K > 1: with K = 1 the gate is constantly 1 and the "
+                             "router gets no gradient from the loss (SPEC S4)")
+        # grouped_mm needs 16-byte aligned rows: widths a multiple of 8 serve both fp32 and bf16
+        for name in ("Dm", "De"):
+            flops._require(name, getattr(self, name), lambda v: v % 8 == 0,
+                           "a multiple of 8 in an MoE model (grouped GEMM row alignment)")
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+# torch's grouped_mm multiplies each group of rows of x by its own matrix. We wrap it in a custom
+# op because its built-in fake kernel (what torch.compile traces with) accepts only bf16; the
+# wrapper gives fp32 on CPU a fake and an autograd rule of its own, and works for every dtype.
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+@torch.library.custom_op("moe_equal::gmm", mutates_args=())
+def gmm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
+    """out[r] = x[r] @ w[e] for the rows r of group e; group e ends at row offs[e].
+    Rows past offs[-1] would be left unwritten: callers make offs[-1] == len(x) (dropless routing)."""
+    return _grouped_mm(x, w, offs=offs)
+
+
+@gmm.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_equal::gmm_wgrad", mutates_args=())
+def gmm_wgrad(x: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
+    """dw[e] = x_eᵀ @ dy_e over the rows of group e (zero for an empty group)."""
+    return _grouped_mm(x.t(), dy, offs=offs)
+
+
+@gmm_wgrad.register_fake
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _gmm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gmm_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dy = dy.contiguous()  # grouped_mm's kernels reject zero-stride gradients such as that of out.sum()
+    return gmm(dy, w.transpose(1, 2), offs), gmm_wgrad(x, dy, offs), None
+
+
+gmm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+# ----------------------------------------------------------------------------- dispatch / combine
+# Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
+# token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
+def _dispatch(x_TD, tok_S):
+    return x_TD[tok_S]
+
+
+def _combine(o_SD, inv_S, K):
+    return o_SD[inv_S].view(-1, K, o_SD.shape[-1]).sum(1)
+
+
+class Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, tok_S, inv_S, K):
+        ctx.save_for_backward(inv_S)
+        ctx.K = K
+        return _dispatch(x_TD, tok_S)
+
+    @staticmethod
+    def backward(ctx, dxs_SD):
+        (inv_S,) = ctx.saved_tensors
+        return _combine(dxs_SD, inv_S, ctx.K), None, None, None
+
+
+class Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o_SD, tok_S, inv_S, K):
+        ctx.save_for_backward(tok_S)
+        return _combine(o_SD, inv_S, K)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (tok_S,) = ctx.saved_tensors
+        return _dispatch(dy_TD, tok_S), None, None, None
+
+
+def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
+    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of S5), dropless.
+    The TK routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e]."""
+    T, K = e_TK.shape
+    E = w13_EDF2.shape[0]
+    e_S, order_S = e_TK.flatten().sort(stable=True)      # S = TK slots, grouped by expert
+    tok_S = order_S // K                                  # the token behind each slot
+    inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=e_TK.device))
+    offs_E = torch.searchsorted(e_S, torch.arange(E, device=e_TK.device), right=True, out_int32=True)
+    xs_SD = Dispatch.apply(x_TD, tok_S, inv_S, K)
+    h_SF2 = gmm(xs_SD, w13_EDF2, offs_E)
+    h1_SF, h3_SF = h_SF2.chunk(2, dim=-1)
+    # the gate scales the narrow hidden (F wide) rather than the output (D wide): same result, less memory traffic
+    a_SF = F.silu(h1_SF) * h3_SF * g_TK.flatten()[order_S].unsqueeze(-1).to(h3_SF.dtype)
+    o_SD = gmm(a_SF, w2_EFD, offs_E)
+    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    return Combine.apply(o_SD, tok_S, inv_S, K), counts_E
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, D, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(D))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def alibi_slopes(H):
+    """ALiBi head slopes (Press et al. 2022, SPEC §3): 2^(−8h/H) for H a power of two; otherwise the
+    P slopes of the largest power of two P below H, then every other slope of the 2P sequence."""
+    def geometric(n):
+        return [2 ** (-8 * h / n) for h in range(1, n + 1)]
+    if H & (H - 1) == 0:
+        return geometric(H)
+    P = 2 ** math.floor(math.log2(H))
+    return geometric(P) + geometric(2 * P)[0::2][: H - P]
+
+
+def alibi_bias(slopes_H, T, dtype):
+    """[H, T, T] additive attention bias: −m_h·(i − j) for key j ≤ query i, −inf for j > i."""
+    pos = torch.arange(T, device=slopes_H.device)
+    rel_TT = (pos[None, :] - pos[:, None]).float()       # j − i
+    bias = slopes_H[:, None, None] * rel_TT
+    return bias.masked_fill(rel_TT > 0, float("-inf")).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.H, self.Dh = cfg.H, cfg.Dh
+        self.qkv = nn.Linear(cfg.Dm, 3 * cfg.H * cfg.Dh, bias=False)
+        self.proj = nn.Linear(cfg.H * cfg.Dh, cfg.Dm, bias=False)
+
+    def forward(self, x_BTD, bias_HTT):
+        B, T, _ = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.H, self.Dh).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_HTT.to(q.dtype))
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2·(silu(W1·x) ⊙ W3·x), with W1 and W3 stacked in one matrix: 3·Dm·F parameters."""
+    def __init__(self, Dm, F_):
+        super().__init__()
+        self.w13 = nn.Linear(Dm, 2 * F_, bias=False)
+        self.w2 = nn.Linear(F_, Dm, bias=False)
+
+    def forward(self, x):
+        h1, h3 = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(h1) * h3)
+
+
+class MoE(nn.Module):
+    """S1–S6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
+    experts of width De, an ungated shared expert of width Dse, and the balance loss."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.E, self.K, self.norm_topk = cfg.E, cfg.K, cfg.norm_topk
+        self.router = nn.Linear(cfg.Dm, cfg.E, bias=False)                   # Wg
+        self.w13 = nn.Parameter(torch.empty(cfg.E, cfg.Dm, 2 * cfg.De))     # [W1ᵀ | W3ᵀ] per expert
+        self.w2 = nn.Parameter(torch.empty(cfg.E, cfg.De, cfg.Dm))          # W2ᵀ per expert
+        self.shared = SwiGLU(cfg.Dm, cfg.Dse) if cfg.Dse else None
+
+    def forward(self, x_TD):
+        # S1: gate scores in fp32, whatever the autocast dtype, so that routing is stable
+        s_TE = F.softmax(self.router(x_TD).float(), dim=-1)
+        g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # S2, S3: g_i = s_i on the top K
+        if self.norm_topk:
+            g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # S4
+        w13, w2, xe = self.w13, self.w2, x_TD
+        if torch.is_autocast_enabled(x_TD.device.type):   # custom ops are not autocast: cast by hand
+            dt = torch.get_autocast_dtype(x_TD.device.type)
+            w13, w2, xe = w13.to(dt), w2.to(dt), x_TD.to(dt)
+        y_TD, counts_E = routed_experts(xe, g_TK, e_TK, w13, w2)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)               # S5: the shared expert, ungated
+        # S6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score
+        f_E = counts_E.float() / e_TK.numel()
+        balance = self.E * (f_E * s_TE.mean(0)).sum()
+        return y_TD.to(x_TD.dtype), balance, counts_E
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = RMSNorm(cfg.Dm), Attention(cfg), RMSNorm(cfg.Dm)
+        self.ffn = MoE(cfg) if kind == "moe" else SwiGLU(cfg.Dm, cfg.Dffn)
+
+    def forward(self, x_BTD, bias_HTT):
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), bias_HTT)
+        h_BTD = self.norm2(x_BTD)
+        if isinstance(self.ffn, SwiGLU):
+            return x_BTD + self.ffn(h_BTD), None
+        y_TD, balance, counts_E = self.ffn(h_BTD.view(-1, h_BTD.shape[-1]))
+        return x_BTD + y_TD.view_as(x_BTD), (balance, counts_E)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.Dm)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in flops.layer_kinds(cfg))
+        self.norm_f = RMSNorm(cfg.Dm)
+        self.lm_head = nn.Linear(cfg.Dm, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.H)), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # GPT-2's init: N(0, 0.02) everywhere, the matrices that write into the residual stream scaled
+        # by 1/√(2L) so its variance does not grow with depth; norms at 1. A small router std keeps
+        # the first routing near uniform, so no expert starts out starved.
+        std, out_std = self.cfg.init_std, self.cfg.init_std / math.sqrt(2 * self.cfg.L)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, MoE):
+                nn.init.normal_(m.w13, 0.0, std)
+                nn.init.normal_(m.w2, 0.0, out_std)
+        for m in self.modules():  # second pass: children come after their parents in modules()
+            if isinstance(m, (Attention, SwiGLU)):
+                nn.init.normal_((m.proj if isinstance(m, Attention) else m.w2).weight, 0.0, out_std)
+
+    def forward(self, idx_BT, targets_BT=None):
+        """Logits, and with targets the loss L_CE + λ·L_balance and its parts. Stats: 'ce',
+        'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (S6)."""
+        x = self.wte(idx_BT)
+        bias = alibi_bias(self.slopes, idx_BT.shape[1], x.dtype)
+        balances, loads = [], []
+        for block in self.blocks:
+            x, aux = block(x, bias)
+            if aux is not None:
+                balances.append(aux[0])
+                loads.append(aux[1])
+        x = self.norm_f(x)
+        if targets_BT is None:
+            return self.lm_head(x[:, -1:]), None, {}
+        logits = self.lm_head(x)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
+        balance = torch.stack(balances).mean() if balances else ce.new_zeros(())
+        loss = ce + self.cfg.balance_coef * balance
+        load = torch.stack(loads) if loads else ce.new_zeros(0, 0)
+        return logits, loss, {"ce": ce.detach(), "balance": balance.detach(), "load": load}
+
+    def param_counts(self):
+        """(N, Na) counted from the tensors: no embeddings, no LM head, no norms (SPEC §2).
+        A routed-expert tensor [E, …] counts once in N and K/E of it in Na."""
+        N = Na = 0
+        for module in self.modules():
+            if isinstance(module, (nn.Embedding, RMSNorm)) or module is self.lm_head:
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                N += p.numel()
+                Na += p[0].numel() * module.K if isinstance(module, MoE) and name in ("w13", "w2") else p.numel()
+        return N, Na
+
+    @torch.no_grad()
+    def generate(self, idx_BT, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens continuations, conditioning on at most the last S tokens."""
+        for _ in range(max_new_tokens):
+            logits, _, _ = self(idx_BT[:, -self.cfg.S:])
+            logits = logits[:, -1].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx_BT = torch.cat([idx_BT, nxt], dim=1)
+        return idx_BT

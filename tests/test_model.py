@@ -1,0 +1,219 @@
+"""model.py: the fused expert path against a plain loop, compile, balance loss, ALiBi, causality, counts."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flops
+from model import GPT, MoE, GPTConfig, alibi_bias, alibi_slopes
+
+
+def loop_reference(moe, x):
+    """The MoE layer written the obvious way: for each expert, its tokens, one matmul at a time (S1–S6)."""
+    s = torch.softmax(moe.router(x).float(), dim=-1)
+    g, e = s.topk(moe.K, dim=-1)
+    if moe.norm_topk:
+        g = g / g.sum(-1, keepdim=True)
+    y = torch.zeros_like(x)
+    counts = torch.zeros(moe.E)
+    for i in range(moe.E):
+        tok, slot = (e == i).nonzero(as_tuple=True)
+        counts[i] = len(tok)
+        if len(tok):
+            h1, h3 = (x[tok] @ moe.w13[i]).chunk(2, dim=-1)
+            y = y.index_add(0, tok, (F.silu(h1) * h3 * g[tok, slot, None]) @ moe.w2[i])
+    if moe.shared is not None:
+        y = y + moe.shared(x)
+    f = counts / (moe.K * len(x))
+    return y, moe.E * (f * s.mean(0)).sum(), counts
+
+
+def random_moe(seed, E, K, De, Dse, norm_topk, Dm=32, router_std=1.0):
+    torch.manual_seed(seed)
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=Dm, H=2, E=E, K=K, De=De, Dse=Dse, norm_topk=norm_topk))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    torch.nn.init.normal_(moe.router.weight, 0.0, router_std)
+    return moe
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = [  # (E, K, De, Dse, norm_topk, T): K = 1, K = E, shared expert on/off, renormalisation on/off
+    (8, 2, 16, 0, False, 64), (8, 2, 16, 32, True, 64), (6, 1, 8, 0, False, 40), (6, 1, 24, 16, False, 40),
+    (4, 4, 16, 0, True, 16), (4, 4, 8, 8, False, 16), (16, 3, 32, 48, False, 128), (32, 1, 8, 8, False, 5),
+]
+
+
+@pytest.mark.parametrize("E,K,De,Dse,norm_topk,T", CASES)
+def test_grouped_path_matches_loop(E, K, De, Dse, norm_topk, T):
+    moe = random_moe(E * 100 + K * 10 + T, E, K, De, Dse, norm_topk)
+    x = torch.randn(T, 32, requires_grad=True)
+    y, balance, counts = moe(x)
+    y_ref, balance_ref, counts_ref = loop_reference(moe, x)
+    assert torch.equal(counts.float(), counts_ref)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(balance, balance_ref) < 1e-5
+    dy = torch.randn_like(y)
+    inputs = [x] + list(moe.parameters())
+    grads = torch.autograd.grad((y * dy).sum() + balance, inputs)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + balance_ref, inputs)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) < 1e-5
+
+
+def test_experts_without_tokens_get_zero_gradient():
+    moe = random_moe(0, E=32, K=1, De=8, Dse=0, norm_topk=False)
+    x = torch.randn(5, 32)
+    _, _, counts = moe(x)
+    assert (counts == 0).sum() >= 27  # 5 tokens, 32 experts
+    y, _, _ = moe(x)
+    y.square().sum().backward()
+    empty = counts == 0
+    assert moe.w13.grad[empty].abs().max() == 0 and moe.w2.grad[empty].abs().max() == 0
+    assert moe.w13.grad[~empty].abs().min(dim=-1).values.max() > 0
+
+
+def test_zero_stride_gradient_is_accepted():
+    # y.sum() hands grouped_mm an expanded (zero-stride) gradient, which its kernels reject
+    moe = random_moe(1, E=4, K=2, De=8, Dse=0, norm_topk=False)
+    y, _, _ = moe(torch.randn(12, 32))
+    y.sum().backward()
+    assert torch.isfinite(moe.w13.grad).all()
+
+
+def test_compiled_matches_eager_and_never_recompiles():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    moe = random_moe(2, E=8, K=2, De=16, Dse=16, norm_topk=False)
+    compiled = torch.compile(moe, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(64, 32, requires_grad=True) * (step + 1)  # a different routing every batch
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            y, balance, counts = compiled(x)
+            g = torch.autograd.grad((y.square().sum() + balance), [x, moe.w13, moe.router.weight])
+        y_e, balance_e, counts_e = moe(x)
+        g_e = torch.autograd.grad((y_e.square().sum() + balance_e), [x, moe.w13, moe.router.weight])
+        assert torch.equal(counts, counts_e)
+        assert rel_err(y, y_e) < 1e-5 and rel_err(balance, balance_e) < 1e-5
+        assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, g_e))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_autocast_bf16_follows_fp32():
+    moe = random_moe(3, E=8, K=2, De=16, Dse=16, norm_topk=False)
+    x = torch.randn(64, 32)
+    y32, _, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _, _ = moe(x)
+    assert y16.dtype == torch.float32 and rel_err(y16, y32) < 3e-2
+
+
+def hand_moe(probs):
+    """An MoE whose router gives token t exactly the gate scores probs[t] (x_t is the t-th unit vector)."""
+    T, E = probs.shape
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=8, H=1, E=E, K=1, De=8, Dse=0))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:, :T] = probs.log().T
+    return moe, torch.eye(T, 8)
+
+
+def test_balance_loss_hand_example():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    moe, x = hand_moe(probs)
+    # K = 1: token 0 -> expert 0, token 1 -> expert 3; f = (1/2, 0, 0, 1/2), p = (.3, .25, .2, .25)
+    _, balance, counts = moe(x)
+    assert counts.tolist() == [1, 0, 0, 1]
+    assert balance.item() == pytest.approx(4 * (0.5 * 0.3 + 0.5 * 0.25))  # = 1.1
+    # K = 2 on two tokens that both prefer experts 0 and 1: f = (1/2, 1/2, 0, 0), p = (.45, .3, .15, .1)
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]])
+    moe, x = hand_moe(probs)
+    moe.K = 2
+    _, balance, counts = moe(x)
+    assert counts.tolist() == [2, 2, 0, 0]
+    assert balance.item() == pytest.approx(4 * (0.5 * 0.45 + 0.5 * 0.3))  # = 1.5
+
+
+def test_balance_loss_is_one_at_perfect_balance():
+    probs = torch.full((4, 4), 0.25) + torch.eye(4) * 1e-3
+    moe, x = hand_moe(probs / probs.sum(-1, keepdim=True))
+    for K in (1, 2):
+        moe.K = K
+        assert moe(x)[1].item() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("H,expected", [
+    (8, [2 ** -h for h in range(1, 9)]),
+    (11, [2 ** -h for h in range(1, 9)] + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5]),
+    (12, [2 ** -h for h in range(1, 9)] + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5]),
+])
+def test_alibi_slopes(H, expected):
+    assert alibi_slopes(H) == pytest.approx(expected)
+
+
+def test_alibi_bias_penalises_distance_and_masks_the_future():
+    bias = alibi_bias(torch.tensor([0.5, 0.25]), 4, torch.float32)
+    assert bias[0, 3].tolist() == [-1.5, -1.0, -0.5, 0.0]
+    assert bias[1, 2, :3].tolist() == [-0.5, -0.25, 0.0] and bias[1, 2, 3] == float("-inf")
+
+
+@pytest.mark.parametrize("scheme", ["dense", "1dense"])
+def test_causality(scheme):
+    torch.manual_seed(4)
+    model = GPT(GPTConfig(scheme=scheme, L=2, Dm=32, H=4, Dffn=64, E=4, K=2, De=16, Dse=16, S=16, vocab_size=50))
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (idx[:, 9] + 1) % 50
+    logits, _, _ = model(idx, idx)
+    logits2, _, _ = model(changed, changed)
+    assert torch.allclose(logits[:, :9], logits2[:, :9], atol=1e-6)
+    assert not torch.allclose(logits[:, 9:], logits2[:, 9:], atol=1e-3)
+
+
+SCHEMES = [("dense", 0), ("full", 0), ("full", 48), ("1dense", 0), ("1dense", 48), ("interleave", 0), ("interleave", 48)]
+
+
+@pytest.mark.parametrize("scheme,Dse", SCHEMES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_param_counts_equal_flops(scheme, Dse, tie):
+    cfg = GPTConfig(scheme=scheme, L=4, Dm=64, H=4, Dh=24, Dffn=176, E=6, K=2, De=32, Dse=Dse, vocab_size=97,
+                    tie_embeddings=tie)
+    model = GPT(cfg)
+    c = flops.count(cfg, include_router=True)
+    assert model.param_counts() == (c.N, c.Na)
+    embeddings_and_norms = 97 * 64 * (1 if tie else 2) + (2 * 4 + 1) * 64
+    assert sum(p.numel() for p in model.parameters()) == c.N + embeddings_and_norms
+
+
+def test_loss_adds_the_weighted_balance_loss():
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(scheme="full", L=2, Dm=32, H=2, E=4, K=2, De=16, Dse=0, S=8, vocab_size=30,
+                          balance_coef=0.5))
+    idx = torch.randint(0, 30, (3, 8))
+    logits, loss, stats = model(idx, idx)
+    assert loss.item() == pytest.approx(stats["ce"].item() + 0.5 * stats["balance"].item(), rel=1e-6)
+    assert stats["ce"].item() == pytest.approx(F.cross_entropy(logits.view(-1, 30), idx.view(-1)).item(), rel=1e-6)
+    assert stats["load"].shape == (2, 4) and stats["load"].sum(-1).tolist() == [3 * 8 * 2] * 2
+    assert math.log(30) * 0.8 < stats["ce"].item() < math.log(30) * 1.2  # near uniform at init
+
+
+def test_generate_is_reproducible():
+    model = GPT(GPTConfig(scheme="1dense", L=2, Dm=32, H=2, Dffn=64, E=4, K=2, De=16, S=8, vocab_size=30))
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    a = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(0))
+    b = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (2, 13) and torch.equal(a, b) and int(a.max()) < 30
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(K=9, E=8), "K=9"), (dict(K=0), "K=0"), (dict(De=-8), "De=-8"), (dict(Dse=-16), "Dse=-16"),
+    (dict(H=3, Dm=128), "H=3 does not divide Dm=128"), (dict(scheme="sparse"), "scheme='sparse'"),
+    (dict(K=1, norm_topk=True), "norm_topk=true needs K > 1"), (dict(L=0), "L=0"), (dict(vocab_size=0), "vocab_size=0"),
+    (dict(De=20), "De=20"), (dict(balance_coef=-1.0), "balance_coef=-1.0"), (dict(Dm=0), "Dm=0")])
+def test_impossible_config_raises_before_any_tensor(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kw)
