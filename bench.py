@@ -1,34 +1,26 @@
 """Speed and memory benchmarks. Numbers go in the README with the command and the hardware.
 
     python bench.py expert      # MoE FFN vs a dense SwiGLU of the same active FLOPs (fwd + bwd)
+    python bench.py step        # whole training steps: an MoE and a dense model of the same N
 
 The machines are noisy: every benchmark interleaves the things it compares, round after round, and
 reports medians and the median of the per-round ratios.
 """
 import argparse
+import json
 import statistics
+import tempfile
 import time
+import tomllib
+from dataclasses import asdict, fields
 
 import torch
 
+import flops
+import train
 from model import GPTConfig, MoE, SwiGLU
 
-
-def tune_malloc():
-    """Keep freed memory in the process. glibc's defaults hand big buffers back to the OS after every
-    step and fault them in again on the next: 20-40 % slower steps on the CPU machines (measured:
-    bench.py expert --malloc=default vs tuned). Same effect as GLIBC_TUNABLES' mmap/trim thresholds."""
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+from train import tune_malloc
 
 
 def sync(device):
@@ -87,13 +79,77 @@ def bench_expert(a):
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 
 
+def matmul_rate(device, dtype, n=4096, rounds=5):
+    """The FLOP/s of one big square matmul: the roof a CPU has no datasheet for."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = interleaved({"mm": lambda: a @ a}, rounds, device)["mm"]
+    return 2 * n**3 / statistics.median(t)
+
+
+def model_args(shape):
+    return [f"--{f.name}={getattr(shape, f.name)}" for f in fields(flops.Shape)]
+
+
+def load_shape(path):
+    with open(path, "rb") as f:
+        return flops.shape_from_dict(tomllib.load(f).get("model", {}), path)
+
+
+def bench_step(a):
+    """Training steps through train.py itself (loader, forward, backward, clipping, AdamW), for an MoE
+    and a dense model of the same N, one run after the other, round after round."""
+    moe = load_shape(a.moe) if a.moe else flops.Shape()
+    N = flops.count(moe).N
+    dense = load_shape(a.dense) if a.dense else flops.dense_shape(N, L=moe.L, S=moe.S, Dh=moe.Dh)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak, peak_label = train.peak_flops(train.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
+    if a.peak_flops:
+        peak_label = "given peak"
+    elif not peak:
+        peak, peak_label = matmul_rate(device, dtype), "measured 4096² fp32 matmul rate"
+    common = [f"--iters={a.iters}", f"--batch_seqs={a.batch_seqs}", f"--micro_batch={a.micro_batch}",
+              f"--eval_interval={a.iters}", f"--eval_tokens={moe.S + 1}", f"--log_interval={a.log_interval}",
+              f"--warmup={a.iters}", f"--compile={a.compile}", f"--device={a.device}", f"--data={a.data}"]
+    stats = {"dense": {"tok_s": [], "data": []}, "moe": {"tok_s": [], "data": []}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for name, shape in (("dense", dense), ("moe", moe)):
+                train.train(model_args(shape) + common + [f"--out_dir={tmp}/{name}{r}"])
+                logs = [json.loads(x) for x in open(f"{tmp}/{name}{r}/log.jsonl") if '"train"' in x][1:]  # after warm-up
+                stats[name]["tok_s"] += [x["tokens_per_s"] for x in logs]
+                stats[name]["data"] += [x["data_share"] for x in logs]
+    print(f"\ntraining step  {device.type} {str(dtype).replace('torch.', '')} {'compiled' if a.compile else 'eager'} "
+          f"threads={torch.get_num_threads()} batch={a.batch_seqs}x{moe.S} iters={a.iters} rounds={a.rounds}; "
+          f"MFU against the {peak_label}, {peak / 1e12:.3g} TFLOP/s")
+    print(f"  {'model':6}{'N':>12}{'Na':>12}{'r_a':>7}{'M_train':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'loader':>8}")
+    mfu = {}
+    for name, shape in (("dense", dense), ("moe", moe)):
+        c, M = flops.count(shape), flops.M_train(shape)
+        tok_s = statistics.median(stats[name]["tok_s"])
+        mfu[name] = tok_s * M / peak
+        print(f"  {name:6}{c.N:>12,}{c.Na:>12,}{100 * c.ra:>6.1f}%{M:>10.3g}{tok_s:>10,.0f}{tok_s * M / 1e12:>9.3g}"
+              f"{100 * mfu[name]:>6.1f}%{100 * statistics.median(stats[name]['data']):>7.2f}%")
+        print(f"         shape: {', '.join(f'{k}={v}' for k, v in asdict(shape).items() if name == 'moe' or k not in ('E', 'K', 'De', 'Dse'))}")
+    print(f"  MoE MFU / dense MFU {mfu['moe'] / mfu['dense']:.3f}; loader = median share of step time in Loader.next_step")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     e = sub.add_parser("expert", allow_abbrev=False, help="MoE FFN vs dense SwiGLU of equal active FLOPs")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
         e.add_argument(f"--{name}", type=int, default=default)
-    for q in (e,):
+    t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
+    t.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
+    t.add_argument("--dense", help="TOML with the dense [model] (default: solved for the MoE's N, same L)")
+    t.add_argument("--iters", type=int, default=60)
+    t.add_argument("--batch_seqs", type=int, default=16)
+    t.add_argument("--micro_batch", type=int, default=0)
+    t.add_argument("--log_interval", type=int, default=10)
+    t.add_argument("--data", default="data/shakespeare-byte")
+    t.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
+    for q in (e, t):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         q.add_argument("--compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
@@ -106,7 +162,7 @@ def main(argv=None):
         tune_malloc()
     if a.threads:
         torch.set_num_threads(a.threads)
-    {"expert": bench_expert}[a.what](a)
+    {"expert": bench_expert, "step": bench_step}[a.what](a)
 
 
 if __name__ == "__main__":

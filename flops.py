@@ -21,16 +21,17 @@ SCHEMES = ("dense", "full", "1dense", "interleave")
 @dataclass
 class Shape:
     """A GPT's shape in the paper's notation (SPEC §2). The MoE fields are ignored when scheme='dense'."""
+    # the defaults are the CPU toy: a 1dense+SE MoE, N = 3.5M, r_a = 20.2 %
     scheme: str = "1dense"  # dense | full | 1dense | interleave (SPEC §3)
     L: int = 4              # layers
     Dm: int = 128           # model width
     H: int = 4              # attention heads
     Dh: int = 0             # head dim; 0 = Dm // H
-    Dffn: int = 352         # hidden width of a dense SwiGLU FFN (α = Dffn/Dm)
-    E: int = 8              # routed experts
+    Dffn: int = 352         # hidden width of a dense SwiGLU FFN (α = Dffn/Dm = 2.75)
+    E: int = 40             # routed experts
     K: int = 2              # experts chosen per token
     De: int = 64            # hidden width of one routed expert
-    Dse: int = 128          # hidden width of the shared expert (0 = none)
+    Dse: int = 128          # hidden width of the shared expert (0 = none); Dse = K·De (SPEC §6)
     S: int = 256            # sequence length
 
     def __post_init__(self):
@@ -159,6 +160,11 @@ def steplaw_batch_tokens(D):
     return 0.58 * D ** 0.571
 
 
+def steplaw_tokens_for_iters(iters):
+    """S15 solved for a budget in iterations: D = iters·B(D) with B = 0.58·D^0.571 tokens."""
+    return (0.58 * iters) ** (1 / (1 - 0.571))
+
+
 def steplaw_batch_seqs(D, S):
     """S15 in sequences of length S, at least one."""
     return max(1, round(steplaw_batch_tokens(D) / S))
@@ -167,6 +173,15 @@ def steplaw_batch_seqs(D, S):
 def warmup_iters(iters):
     """SPEC §5: warmup = clip(0.01·iters, 200, 2000), never more than the run itself."""
     return min(iters, max(200, min(2000, round(0.01 * iters))))
+
+
+def dense_shape(N, L, S, Dh=64, alpha=2.77):
+    """A dense Shape of about N parameters (S9: N ≈ (4 + 3α)·Dm²·L): Dm from N at the given α, rounded
+    to whole heads of Dh, then Dffn (a multiple of 8) chosen so that N is matched as closely as it can be."""
+    Dm = max(Dh, Dh * round(math.sqrt(N / ((4 + 3 * alpha) * L)) / Dh))
+    H = Dm // Dh
+    Dffn = 8 * max(1, round((N - L * 4 * Dm * H * Dh) / (3 * L * Dm) / 8))
+    return Shape(scheme="dense", L=L, Dm=Dm, H=H, Dh=Dh, Dffn=Dffn, S=S)
 
 
 def summary(s, include_router=True, D=None, C=None):

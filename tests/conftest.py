@@ -1,0 +1,42 @@
+import random
+
+import pytest
+
+import data
+
+WORDS = ("the king queen sword crown night day love death honour fool storm sea land heart blood "
+         "café naïve señor Straße déjà vu — “quoted” ½").split()
+
+
+def make_text(seed, n_words):
+    """Pseudo-text with non-ASCII characters, so that characters and UTF-8 bytes differ."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(n_words // 7)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared byte-level corpus: train (three documents), val and a second validation set."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(3):
+        (root / f"train{i}.txt").write_text(make_text(i, 6000), encoding="utf-8")
+    (root / "val.txt").write_text(make_text(10, 1500), encoding="utf-8")
+    (root / "other.txt").write_text(make_text(11, 1500).upper(), encoding="utf-8")
+    out = root / "prepared"
+    data.prepare_files(out, [str(root / "train*.txt")], {"val": [str(root / "val.txt")],
+                                                          "other": [str(root / "other.txt")]}, "byte", workers=1)
+    return out
+
+
+TINY_MODEL = ["--scheme=1dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=64", "--E=4", "--K=2", "--De=16", "--Dse=16",
+              "--S=32"]
+
+
+@pytest.fixture
+def tiny_run(tiny_data, tmp_path):
+    """argv for a 12-iteration run of a tiny MoE on the tiny corpus, logging every step."""
+    def argv(out="run", *extra):
+        return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={tmp_path / out}", "--iters=12", "--batch_seqs=4",
+                             "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", *extra]
+    return argv

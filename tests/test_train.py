@@ -1,0 +1,181 @@
+"""train.py: exact resume, DDP against one process, budgets, the schedule, checkpoints, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flops
+import train
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAJECTORY_KEYS = ("step", "loss", "ce", "balance", "grad_norm", "lr", "tokens", "epoch")
+
+
+def records(out_dir, kind="train"):
+    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return [{k: r[k] for k in TRAJECTORY_KEYS if k in r} for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def weights(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_resume_is_bit_exact(tiny_run, tmp_path):
+    whole = train.train(tiny_run("whole"))
+    first = train.train(tiny_run("parts", "--stop_at=5"))
+    assert first["step"] == 5 and not first["finished"]
+    rest = train.train(tiny_run("parts") + ["--resume"])
+    assert rest["finished"] and rest["final"] == whole["final"]
+    assert records(tmp_path / "parts") == records(tmp_path / "whole")  # losses, bit for bit
+    assert records(tmp_path / "parts", "eval") == records(tmp_path / "whole", "eval")
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_run, tmp_path):
+    train.train(tiny_run("ref"))
+    train.train(tiny_run("killed", "--stop_at=6"))
+    with open(tmp_path / "killed" / "log.jsonl", "a") as f:  # what a process killed after step 7 leaves behind
+        f.write(json.dumps({"kind": "train", "step": 7, "loss": 99.0}) + "\n")
+    train.train(tiny_run("killed") + ["--resume"])
+    assert records(tmp_path / "killed") == records(tmp_path / "ref")
+
+
+def run_ddp(argv, nproc):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *argv]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ddp_follows_one_process(tiny_run, tmp_path):
+    # the same global batch of 4 sequences: 1 rank × 2 micro-steps of 2, or 2 ranks × 1 micro-step of 2
+    train.train(tiny_run("one", "--micro_batch=2"))
+    run_ddp(tiny_run("two", "--micro_batch=2"), nproc=2)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(one) == len(two) == 12
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"] and a["tokens"] == b["tokens"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["balance"] - b["balance"]) < 1e-5
+    e1, e2 = records(tmp_path / "one", "eval")[-1], records(tmp_path / "two", "eval")[-1]
+    assert abs(e1["loss"] - e2["loss"]) < 1e-5
+
+
+def test_compute_budget_sets_tokens(tiny_run, tmp_path):
+    argv = [a for a in tiny_run("c") if not a.startswith("--iters")]
+    mcfg = GPTConfig(**train.load_config(argv)[0], vocab_size=256)
+    C = flops.M_train(mcfg) * 4 * 32 * 10  # ten steps of 4 sequences of 32 tokens
+    summary = train.train(argv + [f"--compute={C:.6e}"])
+    assert summary["iters"] == 10 and summary["C"] == pytest.approx(C, rel=1e-5)
+    assert summary["ra"] == pytest.approx(flops.count(mcfg).ra)
+
+
+def test_plan_follows_steplaw():
+    mcfg = GPTConfig()
+    tcfg = train.TrainConfig(tokens=1e7)
+    plan = train.make_plan(mcfg, tcfg, world=1)
+    B = flops.steplaw_batch_seqs(1e7, mcfg.S)
+    assert plan.batch_seqs == B and plan.iters == round(1e7 / (B * mcfg.S))
+    assert plan.lr == pytest.approx(flops.steplaw_lr(flops.count(mcfg).N, plan.D))
+    assert plan.warmup == flops.warmup_iters(plan.iters)
+    two = train.make_plan(mcfg, train.TrainConfig(tokens=1e7, micro_batch=3), world=2)
+    assert two.batch_seqs % 6 == 0 and two.batch_seqs >= B and two.accum == math.ceil(B / 6)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    plan = train.Plan(iters=1000, batch_seqs=1, micro=1, accum=1, lr=1e-3, warmup=100, D=1, N=1, Na=1, M_train=1)
+    lrs = [train.lr_at(s, plan, 1e-5) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[99] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:])) and lrs[-1] == pytest.approx(1e-5, rel=1e-2)
+
+
+def test_config_file_overrides_and_saved_config(tiny_data, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nscheme = "interleave"\nL = 2\nDm = 32\nH = 2\nS = 32\nE = 4\nK = 2\nDe = 16\nDse = 0\n'
+                   'Dffn = 64\n[train]\niters = 100\nbatch_seqs = 2\n')
+    argv = [str(cfg), "--iters=3", f"--data={tiny_data}", f"--out_dir={tmp_path / 'o'}", "--eval_tokens=256"]
+    summary = train.train(argv)
+    assert summary["iters"] == 3 and summary["config"]["model"]["scheme"] == "interleave"
+    saved = tmp_path / "o" / "config.toml"
+    m, t, _, _ = train.load_config([str(saved)])
+    assert GPTConfig(**m) == GPTConfig(**summary["config"]["model"]) and t.iters == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bogus=1"], "unknown config key 'bogus'"), (["--iters=ten"], "--iters=ten: expected an integer"),
+    (["--lr=fast"], "--lr=fast: expected a number"), (["--compile=maybe"], "expected true or false"),
+    (["--iters=1.5"], "expected an integer"), (["iters=3"], "missing.toml"), (["--L"], "expected --key=value")])
+def test_bad_arguments_name_the_key(argv, message):
+    argv = ["missing.toml"] if argv == ["iters=3"] else argv
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        train.load_config(argv)
+
+
+def test_bad_config_file_names_the_key(tmp_path):
+    (tmp_path / "a.toml").write_text("[train]\nitres = 3\n")
+    with pytest.raises(ValueError, match=r"a.toml: unknown config key train.itres"):
+        train.load_config([str(tmp_path / "a.toml")])
+    (tmp_path / "b.toml").write_text("[optim]\nlr = 3\n")
+    with pytest.raises(ValueError, match=r"unknown table \[optim\]"):
+        train.load_config([str(tmp_path / "b.toml")])
+    (tmp_path / "c.toml").write_text('[model]\nL = "four"\n')
+    with pytest.raises(ValueError, match="L='four': expected int"):
+        train.load_config([str(tmp_path / "c.toml")])
+
+
+def test_cli_reports_errors_with_exit_code_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--data={tmp_path / 'none'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "meta.json is missing" in r.stderr
+
+
+def test_vocabulary_must_cover_the_data(tiny_run):
+    with pytest.raises(ValueError, match=r"vocab_size=100 is smaller than the vocabulary of .* \(256, tokenizer byte\)"):
+        train.train(tiny_run("v", "--vocab_size=100"))
+
+
+def test_resume_refuses_another_config(tiny_run):
+    train.train(tiny_run("a", "--stop_at=2"))
+    with pytest.raises(ValueError, match=r"from another config:\n  model.L: checkpoint 2, now 3"):
+        train.train(tiny_run("a", "--L=3") + ["--resume"])
+    with pytest.raises(ValueError, match=r"train.seed: checkpoint 1337, now 7"):
+        train.train(tiny_run("a", "--seed=7") + ["--resume"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train(tiny_run("b") + ["--resume"])
+
+
+def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tiny_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss, stats = forward(self, idx, targets)
+        calls["n"] += 1
+        if self.training and calls["n"] > 8:  # from the 9th training forward on
+            loss = loss * float("nan")
+        return logits, loss, stats
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"between steps \d+ and \d+; the last good checkpoint is .*ckpt.pt \(step 6\)"):
+        train.train(tiny_run("nan", "--ckpt_interval=6"))
+    state = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def crash(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert torch.load(path, weights_only=True)["step"] == 1

@@ -1,0 +1,490 @@
+"""Train a dense or MoE GPT with the paper's recipe (SPEC §5).
+
+    python train.py                                   # the CPU toy: a 1dense+SE MoE at r_a ≈ 20 %
+    python train.py configs/<name>.toml --iters=2000  # a config file, then --key=value overrides
+    python train.py --out_dir=out/x --resume          # continue a stopped or killed run exactly
+    torchrun --standalone --nproc_per_node=8 train.py configs/<name>.toml     # DDP, one node
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py …
+
+The budget is iterations, tokens D or compute C (C = M_train·D, S11). Peak LR and batch follow
+StepLaw (S15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
+clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
+resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt and summary.json.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import flops
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/shakespeare-byte"  # a folder written by data.py (the default is prepared if missing)
+    out_dir: str = "out/default"
+    seed: int = 1337
+    # the budget: one of iters, tokens (D) and compute (C, FLOPs; S11). 0 = unset
+    iters: int = 0
+    tokens: float = 2.5e6     # (the toy's budget; dropped when iters or compute is given)
+    compute: float = 0.0
+    unique_tokens: float = 0.0  # D̂: train on the first D̂ tokens only, for as many epochs as needed (SPEC §6)
+    batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (S15)
+    micro_batch: int = 0      # sequences per rank per forward (gradient accumulation makes up the rest); 0 = all
+    lr: float = 0.0           # peak learning rate; 0 = StepLaw (S15)
+    lr_mult: float = 1.0      # multiplies the StepLaw learning rate
+    min_lr: float = 1e-5
+    warmup: int = -1          # iterations; -1 = clip(0.01·iters, 200, 2000) (SPEC §5)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    include_router: bool = True  # count the router in N, Na and C (SPEC §4)
+    eval_interval: int = 0    # iterations between evaluations; 0 = five per run
+    eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
+    log_interval: int = 10
+    ckpt_interval: int = 0    # iterations between checkpoints; 0 = at every evaluation
+    stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
+    device: str = "auto"      # auto = cuda when available, else cpu
+    dtype: str = "auto"       # auto = bfloat16 autocast on cuda, float32 elsewhere
+    compile: bool = False
+    peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in PEAK_FLOPS
+
+
+# ----------------------------------------------------------------------------- configuration
+SECTIONS = {"model": GPTConfig, "train": TrainConfig}
+# the keys that shape a run's trajectory: a checkpoint is resumed only when they match
+TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "lr", "lr_mult",
+              "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router")
+
+
+def parse_value(key, raw, typ):
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={raw}: expected true or false")
+    if typ is str:
+        return raw
+    try:
+        v = float(raw)  # so that --tokens=1e9 and --iters=2e4 read as numbers
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or (typ is int and not v.is_integer()):
+        raise ValueError(f"--{key}={raw}: expected {'an integer' if typ is int else 'a number'}")
+    return typ(v)
+
+
+def load_config(argv):
+    """(GPTConfig, TrainConfig, keys given explicitly, resume) from [config.toml] --key=value ... [--resume]."""
+    values = {name: {} for name in SECTIONS}
+    owner = {f.name: (sec, f.type) for sec, cls in SECTIONS.items() for f in fields(cls)}
+    resume = "--resume" in argv
+    args = [a for a in argv if a != "--resume"]
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        try:
+            with open(path, "rb") as f:
+                cfg = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from None
+        for sec, table in cfg.items():
+            if sec not in SECTIONS or not isinstance(table, dict):
+                raise ValueError(f"{path}: unknown table [{sec}]: expected [model] and [train]")
+            for key, v in table.items():
+                if owner.get(key, (None,))[0] != sec:
+                    raise ValueError(f"{path}: unknown config key {sec}.{key}")
+                values[sec][key] = v
+    for arg in args:
+        key, eq, raw = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ValueError(f"cannot read argument {arg!r}: expected --key=value")
+        if key not in owner:
+            raise ValueError(f"unknown config key {key!r} (in {arg})")
+        sec, typ = owner[key]
+        values[sec][key] = parse_value(key, raw, typ)
+    for sec, cls in SECTIONS.items():  # TOML may give 3 for a float field or 1e6 for an int one
+        types = {f.name: f.type for f in fields(cls)}
+        for key, v in values[sec].items():
+            if types[key] is float and isinstance(v, int) and not isinstance(v, bool):
+                values[sec][key] = float(v)
+            if types[key] is int and isinstance(v, float) and v.is_integer():
+                values[sec][key] = int(v)
+            if not isinstance(values[sec][key], types[key]):
+                raise ValueError(f"config key {key}={v!r}: expected {types[key].__name__}")
+    if {"iters", "compute"} & set(values["train"]) and "tokens" not in values["train"]:
+        values["train"]["tokens"] = 0.0  # the budget given replaces the default one
+    given = set(values["model"]) | set(values["train"])
+    return values["model"], TrainConfig(**values["train"]), given, resume
+
+
+def to_toml(sections):
+    """A flat two-table TOML document (tomllib reads, it does not write)."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
+                   for name, table in sections.items())
+
+
+# ----------------------------------------------------------------------------- runtime
+def tune_malloc():
+    """Keep freed memory in the process. glibc's defaults hand big buffers back to the OS after every
+    step and fault them in again on the next: 20-40 % slower CPU steps here (bench.py --malloc)."""
+    import ctypes
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def setup_distributed(tcfg):
+    """(rank, world, device): DDP under torchrun (NCCL on GPU, gloo on CPU), else one process."""
+    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if use_cuda:
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if use_cuda else tcfg.device if tcfg.device != "auto" else "cpu")
+
+
+# bf16 dense tensor-core peak per device (vendor datasheets), matched against the CUDA device name
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "B200": 2250e12}
+
+
+def peak_flops(tcfg, device):
+    if tcfg.peak_flops:
+        return tcfg.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS.items():
+            if key in name:
+                return peak
+    return 0.0  # unknown: no MFU
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    iters: int
+    batch_seqs: int   # global
+    micro: int        # per rank per forward
+    accum: int
+    lr: float
+    warmup: int
+    D: float          # tokens consumed
+    N: int
+    Na: int
+    M_train: float
+
+    @property
+    def C(self):
+        return self.M_train * self.D
+
+
+def make_plan(mcfg, tcfg, world):
+    """Iterations, batch and learning rate from the budget: StepLaw (S15) where not given."""
+    c = flops.count(mcfg, tcfg.include_router)
+    M = flops.M_train(mcfg, tcfg.include_router)
+    budgets = {k: getattr(tcfg, k) for k in ("iters", "tokens", "compute") if getattr(tcfg, k)}
+    if len(budgets) != 1:
+        raise ValueError(f"give exactly one budget of iters, tokens and compute (got {budgets or 'none'})")
+    if tcfg.iters:
+        B = tcfg.batch_seqs or flops.steplaw_batch_seqs(flops.steplaw_tokens_for_iters(tcfg.iters), mcfg.S)
+        iters = tcfg.iters
+    else:
+        D = tcfg.tokens or flops.tokens_for_compute(mcfg, tcfg.compute, tcfg.include_router)
+        B = tcfg.batch_seqs or flops.steplaw_batch_seqs(D, mcfg.S)
+        iters = max(1, round(D / (B * mcfg.S)))
+    micro = tcfg.micro_batch or max(1, B // world)
+    accum = max(1, math.ceil(B / (world * micro)))
+    B = micro * accum * world  # the batch actually run
+    D = iters * B * mcfg.S
+    lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
+    warmup = flops.warmup_iters(iters) if tcfg.warmup < 0 else min(tcfg.warmup, iters)
+    return Plan(iters, B, micro, accum, lr, warmup, D, c.N, c.Na, M)
+
+
+def lr_at(step, plan, min_lr):
+    """Linear warmup to the peak, then cosine to min_lr (SPEC §5)."""
+    if step < plan.warmup:
+        return plan.lr * (step + 1) / plan.warmup
+    t = (step - plan.warmup) / max(1, plan.iters - plan.warmup)
+    return min_lr + 0.5 * (plan.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model, plan, tcfg, device):
+    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=plan.lr, betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, batch=8):
+    """BPC per validation split (SPEC §6): summed NLL in nats / (ln 2 · characters of the targets)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    device = model.wte.weight.device
+    for name, tokens in val_splits.items():
+        nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
+        windows = list(data.eval_windows(tokens, S, eval_tokens, rank, world))
+        for i in range(0, len(windows), batch):
+            x, y = (np.stack(t) for t in zip(*windows[i:i + batch]))
+            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with autocast:
+                logits, _, _ = model(xt, yt)
+            nll[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), yt.flatten(), reduction="sum")
+            nll[1] += float(table[y].sum())
+        if world > 1:
+            dist.all_reduce(nll)
+        out[name] = data.bpc(nll[0].item(), nll[1].item())
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, state):
+    """Atomic: a temporary file, then a rename. A crash mid-write leaves the previous checkpoint whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, mcfg, tcfg, meta):
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved_m, saved_t = state["config"]["model"], state["config"]["train"]
+    diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
+    diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
+             if saved_t.get(k) != getattr(tcfg, k)]
+    diff += [f"data {k}: checkpoint {state['data'][k]!r}, now {meta[k]!r}" for k in ("tokenizer", "vocab_size")
+             if state["data"][k] != meta[k]]
+    if diff:
+        raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
+    return state
+
+
+def truncate_log(path, step):
+    """On resume, drop the log lines a killed run wrote after its last checkpoint."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# ----------------------------------------------------------------------------- training
+def resolve_model_config(mvals, given, meta, data_dir):
+    """GPTConfig from the config, with vocab_size from the data unless given (then it must cover it)."""
+    if "vocab_size" in given:
+        if mvals["vocab_size"] < meta["vocab_size"]:
+            raise ValueError(f"model.vocab_size={mvals['vocab_size']} is smaller than the vocabulary of "
+                             f"{data_dir} ({meta['vocab_size']}, tokenizer {meta['tokenizer']})")
+    else:  # round up to a multiple of 64 (friendlier matmul shapes), as nanoGPT's 50304
+        mvals = {**mvals, "vocab_size": meta["vocab_size"] if meta["vocab_size"] <= 256
+                 else 64 * math.ceil(meta["vocab_size"] / 64)}
+    return GPTConfig(**mvals)
+
+
+def prepare_data(tcfg, rank):
+    """meta.json of the run's data; the default corpus is prepared on first use (by rank 0)."""
+    path = Path(tcfg.data)
+    default = {data.default_dir(t): t for t in ("byte", "cl100k_base", "gpt2", "o200k_base")}
+    if not (path / "meta.json").exists() and tcfg.data in default:
+        if rank == 0:
+            data.prepare_default(tcfg.data, default[tcfg.data])
+        if dist.is_initialized():
+            dist.barrier()
+    return data.load_meta(path)
+
+
+def train(argv):
+    mvals, tcfg, given, resume = load_config(argv)
+    rank, world, device = setup_distributed(tcfg)
+    master = rank == 0
+    if device.type == "cpu":
+        tune_malloc()
+    torch.manual_seed(tcfg.seed)
+    meta = prepare_data(tcfg, rank)
+    mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
+    plan = make_plan(mcfg, tcfg, world)
+    train_tokens = data.open_split(tcfg.data, "train", meta)
+    val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
+    table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
+    loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = GPT(mcfg).to(device)
+    optimizer = make_optimizer(model, plan, tcfg, device)
+    out = Path(tcfg.out_dir)
+    ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
+    step, last_ckpt = 0, None
+    if resume:
+        state = load_checkpoint(ckpt_path, mcfg, tcfg, meta)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step = last_ckpt = state["step"]
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
+        if resume:
+            truncate_log(log_path, step)
+        else:
+            log_path.unlink(missing_ok=True)
+    fwd = torch.compile(model) if tcfg.compile else model
+    if world > 1:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+
+    eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
+    ckpt_every = tcfg.ckpt_interval or eval_every
+    peak = peak_flops(tcfg, device)
+    run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
+               batch_seqs=plan.batch_seqs, micro=plan.micro, accum=plan.accum, world=world, lr=plan.lr,
+               warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
+               tokenizer=meta["tokenizer"], device=str(device), dtype=dtype)
+    if master:
+        print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
+              f"M_train={plan.M_train:.3g} FLOPs/token")
+        print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
+              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
+              f"{loader.unique_tokens:,} unique tokens; micro {plan.micro} × accum {plan.accum} × world {world}; "
+              f"{device} {dtype}{' compiled' if tcfg.compile else ''}")
+
+    def log(record):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(at_step):
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
+                "step": at_step, "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
+                "data": {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
+                "rng": {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
+        return at_step
+
+    end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
+    # the bar on a terminal only; logs (SLURM, CI, a pipe) get one line per evaluation instead
+    bar = tqdm(total=plan.iters, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True,
+               desc="train")
+    sums = torch.zeros(3, device=device)  # loss, ce, balance over the log interval's micro-batches
+    load_sum, data_time = None, 0.0
+    last_bpc, last_time, last_step = {}, time.perf_counter(), step
+    model.train()
+    while step < end:
+        lr = lr_at(step, plan, tcfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batches = loader.next_step(plan.micro, plan.accum, rank, world)
+        data_time += time.perf_counter() - t0
+        for j, (x, y) in enumerate(batches):
+            x = torch.from_numpy(x).to(device, non_blocking=True)
+            y = torch.from_numpy(y).to(device, non_blocking=True)
+            sync = contextlib.nullcontext() if world == 1 or j == plan.accum - 1 else fwd.no_sync()
+            with sync, autocast:
+                _, loss, stats = fwd(x, y)
+                (loss / plan.accum).backward()
+            sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
+            load = stats["load"].float()
+            load_sum = load if load_sum is None else load_sum + load
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
+        if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
+            n = (step - last_step) * plan.accum
+            if world > 1:
+                dist.all_reduce(sums)
+                dist.all_reduce(load_sum)
+                n *= world
+            loss_v, ce_v, bal_v = (sums / n).tolist()
+            if not all(map(math.isfinite, (loss_v, grad_norm.item()))):
+                where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none: no checkpoint was written"
+                raise FloatingPointError(f"the loss became {loss_v} (gradient norm {grad_norm.item()}) between "
+                                         f"steps {last_step + 1} and {step}; the last good checkpoint is {where}")
+            now = time.perf_counter()
+            tok_s = (step - last_step) * plan.batch_seqs * mcfg.S / (now - last_time)
+            mfu = tok_s * plan.M_train / (world * peak) if peak else None
+            # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
+            per_layer = (load_sum.max(-1).values * load_sum.shape[-1] / load_sum.sum(-1)).tolist() if load_sum.numel() else []
+            record = {"kind": "train", "step": step, "tokens": step * plan.batch_seqs * mcfg.S,
+                      "epoch": loader.epoch, "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v,
+                      "grad_norm": grad_norm.item(), "load_max_over_mean": per_layer,
+                      "tokens_per_s": tok_s, "mfu": mfu, "data_share": data_time / (now - last_time)}
+            log(record)
+            bar.set_postfix_str(f"loss {loss_v:.3f} " + "".join(f"{k} {v:.3f} " for k, v in last_bpc.items())
+                                + f"{tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else ""))
+            sums.zero_()
+            load_sum, data_time = None, 0.0
+            last_time, last_step = now, step
+        if is_eval:
+            last_bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table,
+                                                          autocast, rank, world, plan.micro).items()}
+            log({"kind": "eval", "step": step, "tokens": step * plan.batch_seqs * mcfg.S, "epoch": loader.epoch,
+                 "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v, **last_bpc})
+            if master:
+                tqdm.write(f"step {step}/{plan.iters}: loss {loss_v:.4f} balance {bal_v:.3f} epoch {loader.epoch:.2f} "
+                           + " ".join(f"{k} {v:.4f}" for k, v in last_bpc.items()) + f" {tok_s:,.0f} tok/s")
+            last_time = time.perf_counter()  # evaluation time is not training throughput
+        if is_ckpt:
+            last_ckpt = checkpoint(step)
+    bar.close()
+    summary = {**run, "step": step, "finished": step >= plan.iters, "final": last_bpc,
+               "config": {"model": asdict(mcfg), "train": asdict(tcfg)}}
+    if master:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(("finished" if summary["finished"] else f"stopped at step {step} of {plan.iters} (resume with --resume)")
+              + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {loader.epoch:.2f} epochs; "
+              + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in last_bpc.items()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def main():
+    try:
+        train(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
