@@ -255,6 +255,9 @@ def main(argv=None):
             with open(a.config, "rb") as fh:
                 cfg = tomllib.load(fh)
             shape = shape_from_dict({**cfg.get("model", {}), **given}, a.config)
+            budget = cfg.get("train", {})  # a run config's budget, unless --D or --C says otherwise
+            if a.D is None and a.C is None:
+                a.C, a.D = budget.get("compute") or None, budget.get("tokens") or None
         else:
             shape = Shape(**given)
     except (OSError, tomllib.TOMLDecodeError, ValueError) as e:

@@ -179,3 +179,21 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("sweep"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_run_config_resolves(path):
+    m, t, _, _ = train.load_config([str(path)])
+    mcfg = GPTConfig(**{"vocab_size": 65536, **m})
+    plan = train.make_plan(mcfg, t, world=8)
+    assert plan.iters >= 1 and plan.lr > 0 and plan.batch_seqs % 8 == 0
+    if t.compute:
+        assert plan.C == pytest.approx(t.compute, rel=0.01)
+
+
+def test_toy_config_is_the_default():
+    m, t, _, _ = train.load_config([str(ROOT / "configs" / "toy.toml")])
+    assert GPTConfig(**m) == GPTConfig() and t == train.TrainConfig()
