@@ -212,16 +212,15 @@ def make_plan(mcfg, tcfg, world):
     if len(budgets) != 1:
         raise ValueError(f"give exactly one budget of iters, tokens and compute (got {budgets or 'none'})")
     if tcfg.iters:
-        B = tcfg.batch_seqs or flops.steplaw_batch_seqs(flops.steplaw_tokens_for_iters(tcfg.iters), mcfg.S)
-        iters = tcfg.iters
+        D = flops.steplaw_tokens_for_iters(tcfg.iters)
     else:
         D = tcfg.tokens or flops.tokens_for_compute(mcfg, tcfg.compute, tcfg.include_router)
-        B = tcfg.batch_seqs or flops.steplaw_batch_seqs(D, mcfg.S)
-        iters = max(1, round(D / (B * mcfg.S)))
-    micro = tcfg.micro_batch or max(1, B // world)
-    accum = max(1, math.ceil(B / (world * micro)))
-    B = micro * accum * world  # the batch actually run
-    D = iters * B * mcfg.S
+    B = tcfg.batch_seqs or flops.steplaw_batch_seqs(D, mcfg.S)
+    micro = tcfg.micro_batch or math.ceil(B / world)
+    accum = math.ceil(B / (world * micro))
+    B = micro * accum * world  # the batch actually run: B rounded up to whole micro-batches on every rank
+    iters = tcfg.iters or max(1, round(D / (B * mcfg.S)))
+    D = iters * B * mcfg.S  # tokens consumed
     lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
     warmup = flops.warmup_iters(iters) if tcfg.warmup < 0 else min(tcfg.warmup, iters)
     return Plan(iters, B, micro, accum, lr, warmup, D, c.N, c.Na, M)

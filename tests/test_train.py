@@ -87,6 +87,10 @@ def test_plan_follows_steplaw():
     assert plan.warmup == flops.warmup_iters(plan.iters)
     two = train.make_plan(mcfg, train.TrainConfig(tokens=1e7, micro_batch=3), world=2)
     assert two.batch_seqs % 6 == 0 and two.batch_seqs >= B and two.accum == math.ceil(B / 6)
+    assert two.D == pytest.approx(1e7, rel=0.01)  # fewer iterations for the rounded-up batch
+    for world in (3, 7, 8):  # a batch that does not divide by the ranks grows by less than one sequence a rank
+        plan = train.make_plan(mcfg, tcfg, world=world)
+        assert plan.accum == 1 and B <= plan.batch_seqs < B + world and plan.D == pytest.approx(1e7, rel=0.01)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
