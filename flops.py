@@ -184,6 +184,46 @@ def dense_shape(N, L, S, Dh=64, alpha=2.77):
     return Shape(scheme="dense", L=L, Dm=Dm, H=H, Dh=Dh, Dffn=Dffn, S=S)
 
 
+def moe_candidates(backbone, W, include_router=True, De_multiple=8):
+    """Every MoE on a fixed backbone with total expert width Dse + E·De = W and Dse = K·De (SPEC §6):
+    De a multiple of De_multiple dividing W, then any K with K <= E = W/De − K. N is fixed up to the router."""
+    out = []
+    for De in range(De_multiple, W // 2 + 1, De_multiple):
+        if W % De:
+            continue
+        n = W // De  # slots of width De: K shared (as Dse = K·De) plus E routed
+        for K in range(1, n // 2 + 1):
+            s = Shape(**{**_backbone_fields(backbone), "E": n - K, "K": K, "De": De, "Dse": K * De})
+            out.append((count(s, include_router).ra, s))
+    return out
+
+
+def _backbone_fields(b):
+    return {k: getattr(b, k) for k in ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")}
+
+
+def solve_moe(backbone, W, ra, include_router=True, De_multiple=8, E_pref=64, tol=0.01, N_ref=None):
+    """The MoE on the backbone with r_a within tol (relative) of the target and E nearest E_pref: the
+    paper keeps E ≈ 80–90 and moves K and De, which also keeps the router's Dm·E, and so N, steady.
+    With N_ref, only shapes whose N is within tol of it count. A target out of reach is refused with
+    the reachable range and the nearest feasible shape."""
+    cands = moe_candidates(backbone, W, include_router, De_multiple)
+    if N_ref:
+        cands = [(r, s) for r, s in cands if abs(count(s, include_router).N / N_ref - 1) <= tol]
+    if not cands:
+        raise ValueError(f"no expert width De that is a multiple of {De_multiple} divides the total width W={W}"
+                         + (f" with N within {100 * tol:g} % of {N_ref:,}" if N_ref else ""))
+    near = [(r, s) for r, s in cands if abs(r / ra - 1) <= tol]
+    if not near:
+        lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
+        r, s = min(cands, key=lambda c: abs(c[0] - ra))
+        why = ("attention and the dense layers alone are too large a share of N" if ra < lo
+               else "K·De would exceed the total expert width" if ra > hi else "no shape lands close enough")
+        raise ValueError(f"ra={ra:.4f} is out of reach on this backbone ({why}): reachable {lo:.4f}..{hi:.4f}; "
+                         f"nearest feasible ra={r:.4f} with E={s.E}, K={s.K}, De={s.De}, Dse={s.Dse}")
+    return min(near, key=lambda c: (abs(math.log(c[1].E / E_pref)), abs(c[0] - ra)))[1]
+
+
 def summary(s, include_router=True, D=None, C=None):
     """Everything above for one shape, as a dict of plain numbers (the CLI's --json)."""
     c = count(s, include_router)

@@ -132,7 +132,10 @@ def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
     e_S, order_S = e_TK.flatten().sort(stable=True)      # S = TK slots, grouped by expert
     tok_S = order_S // K                                  # the token behind each slot
     inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=e_TK.device))
-    offs_E = torch.searchsorted(e_S, torch.arange(E, device=e_TK.device), right=True, out_int32=True)
+    # group e ends where ids > e begin; the last group ends at TK by construction, so no row of the
+    # grouped GEMMs is ever left unwritten (grouped_mm skips rows past the last offset)
+    ends = torch.searchsorted(e_S, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
+    offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
     xs_SD = Dispatch.apply(x_TD, tok_S, inv_S, K)
     h_SF2 = gmm(xs_SD, w13_EDF2, offs_E)
     h1_SF, h3_SF = h_SF2.chunk(2, dim=-1)

@@ -457,7 +457,8 @@ def train(argv):
             last_bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table,
                                                           autocast, rank, world, plan.micro).items()}
             log({"kind": "eval", "step": step, "tokens": step * plan.batch_seqs * mcfg.S, "epoch": loader.epoch,
-                 "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v, **last_bpc})
+                 "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v, "load_max_over_mean": per_layer,
+                 "tokens_per_s": tok_s, **last_bpc})
             if master:
                 tqdm.write(f"step {step}/{plan.iters}: loss {loss_v:.4f} balance {bal_v:.3f} epoch {loader.epoch:.2f} "
                            + " ".join(f"{k} {v:.4f}" for k, v in last_bpc.items()) + f" {tok_s:,.0f} tok/s")

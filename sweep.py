@@ -1,0 +1,472 @@
+"""Activation-rate sweeps at fixed N and C, with dense baselines and data reuse (SPEC §6–8).
+
+    python sweep.py                                        # the CPU toy sweep: plan, run, report (~30 min)
+    python sweep.py plan configs/sweep-7b.toml [--json] [--allow-unequal]
+    python sweep.py run configs/sweep-toy.toml [--out=runs/sweep-toy] [--nproc=8] [--only=3] [--emit=slurm]
+    python sweep.py report runs/sweep-toy [--split=val]
+
+A sweep fixes the MoE backbone (L, Dm, H, Dh, layout) and the total expert width Dse + E·De = μ·Dm,
+so N is fixed; each target r_a picks (E, K, De) with Dse = K·De, and each run trains on
+D = C / M_train tokens: sparser models see more. Dense baselines of the same N, with their own shape,
+train at C and at "2C". Data-reuse variants: none (fresh tokens), strict (the unique tokens of the dense
+baseline at C, epochs = D/D̂) and loose (two epochs over D/2). A plan that breaks equal resources is
+refused with the numbers (SPEC §8).
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import flops
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
+REUSE = ("none", "strict", "loose")
+BACKBONE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")
+# what the sweep decides for every run; [train] may set anything else train.py knows
+SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "unique_tokens", "out_dir",
+               "include_router", "stop_at")
+
+
+@dataclass
+class Sweep:
+    compute: float                 # C of every MoE run and of the dense baseline at C (FLOPs)
+    ra: list = field(default_factory=list)      # target activation rates ...
+    K: list = field(default_factory=list)       # ... or experts per token, with De fixed
+    De: int = 0                    # the expert width for a K list
+    reuse: list = field(default_factory=lambda: ["none"])
+    dense_2C: float = 2.0          # the "2C" baseline's multiple of C (paper: 1.75 at 2B, 1.91 at 7B)
+    include_router: bool = True
+    E_pref: int = 64               # among shapes of equal r_a, prefer E nearest this
+    De_multiple: int = 8           # expert widths considered
+    tolerance: float = 0.01        # |N/N_dense − 1| and |C/C_dense − 1| allowed (SPEC §8)
+
+
+@dataclass
+class Arm:
+    """The MoE backbone or the dense baseline, with multipliers on its StepLaw lr and batch."""
+    shape: flops.Shape
+    mu: float = 0.0
+    lr_mult: float = 1.0
+    batch_mult: float = 1.0
+
+
+@dataclass
+class Run:
+    name: str
+    kind: str        # moe | dense
+    reuse: str
+    shape: dict
+    N: int
+    Na: int
+    ra: float
+    M_train: float
+    iters: int
+    batch_seqs: int
+    lr: float
+    D: int
+    C: float
+    unique_tokens: int
+    epochs: float
+
+    @property
+    def batch_tokens(self):
+        return self.batch_seqs * self.shape["S"]
+
+
+# ----------------------------------------------------------------------------- the sweep file
+def load_sweep(path):
+    """(Sweep, MoE Arm, dense Arm, [train] overrides) from a sweep TOML; errors name the file and key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    for table in cfg:
+        if table not in ("sweep", "moe", "dense", "train"):
+            raise ValueError(f"{path}: unknown table [{table}]: expected [sweep], [moe], [dense] and [train]")
+    sweep = _dataclass_from(Sweep, cfg.get("sweep", {}), path, "sweep")
+    if bool(sweep.ra) == bool(sweep.K):
+        raise ValueError(f"{path}: [sweep] needs exactly one of ra (target activation rates) and K")
+    for r in sweep.ra:
+        if not _type_ok(r, float) or not 0 < r <= 1:
+            raise ValueError(f"{path}: sweep.ra entries are fractions in (0, 1], got {r!r} (write 0.2 for 20 %)")
+    for k in sweep.K:
+        if not _type_ok(k, int) or k < 1:
+            raise ValueError(f"{path}: sweep.K entries are positive integers, got {k!r}")
+    if sweep.K and not sweep.De:
+        raise ValueError(f"{path}: [sweep] K = {sweep.K} needs De, the expert width")
+    for r in sweep.reuse:
+        if r not in REUSE:
+            raise ValueError(f"{path}: sweep.reuse {r!r} is unknown: expected some of {', '.join(REUSE)}")
+    moe = _arm(cfg, "moe", path, needs_mu=True)
+    dense = _arm(cfg, "dense", path, needs_mu=False)
+    train_over = cfg.get("train", {})
+    import train  # torch comes with it: only where runs are made
+    known = {f.name for f in fields(train.TrainConfig)}
+    for key in train_over:
+        if key not in known or key in SWEEP_OWNED:
+            raise ValueError(f"{path}: train.{key} is {'set by the sweep for every run' if key in known else 'unknown'}")
+    return sweep, moe, dense, train_over
+
+
+def _type_ok(v, want):
+    if isinstance(v, bool):
+        return want is bool
+    return isinstance(v, (int, float)) if want is float else isinstance(v, want)
+
+
+def _dataclass_from(cls, table, path, name):
+    types = {f.name: f.type for f in fields(cls)}
+    for key, v in table.items():
+        if key not in types:
+            raise ValueError(f"{path}: unknown key {name}.{key} (expected one of {', '.join(types)})")
+        if not _type_ok(v, types[key]):
+            raise ValueError(f"{path}: {name}.{key} = {v!r}: expected {types[key].__name__}")
+    for f in fields(cls):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in table:
+            raise ValueError(f"{path}: {name}.{f.name} is required")
+    return cls(**table)
+
+
+def _arm(cfg, name, path, needs_mu):
+    table = dict(cfg.get(name, {}))
+    if not table:
+        raise ValueError(f"{path}: the [{name}] table is missing")
+    extra = {k: table.pop(k) for k in ("mu", "lr_mult", "batch_mult") if k in table}
+    if needs_mu and "mu" not in extra:
+        raise ValueError(f"{path}: [moe] needs mu, the total expert width (Dse + E·De)/Dm that fixes N")
+    for k in table:
+        if k not in BACKBONE:
+            raise ValueError(f"{path}: unknown key {name}.{k} (expected {', '.join(BACKBONE)}, mu, lr_mult, batch_mult)")
+    if name == "dense":
+        table["scheme"] = "dense"
+    try:
+        shape = flops.Shape(**table)
+    except ValueError as e:
+        raise ValueError(f"{path}: [{name}] {e}") from None
+    return Arm(shape, **{k: float(v) for k, v in extra.items()})
+
+
+# ----------------------------------------------------------------------------- the plan
+def make_run(name, kind, reuse, shape, arm, C, include_router, unique_tokens=None):
+    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers)."""
+    M = flops.M_train(shape, include_router)
+    D_target = C / M
+    if D_target < shape.S:
+        raise ValueError(f"{name}: C={C:.3g} buys {D_target:.3g} tokens, less than one sequence of S={shape.S}; "
+                         f"C must be at least M_train·S = {M * shape.S:.3g}")
+    B = max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S))
+    iters = max(1, round(D_target / (B * shape.S)))
+    D = iters * B * shape.S
+    c = flops.count(shape, include_router)
+    unique = D + 1 if unique_tokens is None else unique_tokens  # windows of S+1 share a token: D + 1 is one epoch
+    return Run(name, kind, reuse, asdict(shape), c.N, c.Na, c.ra, M, iters, B,
+               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1))
+
+
+def moe_shapes(sweep, moe, N_dense):
+    W = round(moe.mu * moe.shape.Dm)
+    if sweep.ra:
+        return [flops.solve_moe(moe.shape, W, ra, sweep.include_router, sweep.De_multiple, sweep.E_pref,
+                                sweep.tolerance, N_ref=N_dense) for ra in sweep.ra]
+    if W % sweep.De:
+        raise ValueError(f"De={sweep.De} does not divide the total expert width μ·Dm = {W}")
+    shapes = []
+    for K in sweep.K:
+        E = W // sweep.De - K
+        if not 1 <= K <= E:
+            raise ValueError(f"K={K} is out of reach: K·De = {K * sweep.De} of a total width {W} leaves E={E} "
+                             f"routed experts (K <= E needs K <= {W // sweep.De // 2})")
+        shapes.append(flops.Shape(**{k: getattr(moe.shape, k) for k in BACKBONE}, E=E, K=K, De=sweep.De,
+                                  Dse=K * sweep.De))
+    return shapes
+
+
+def plan(sweep, moe, dense):
+    """Dense baselines at C and 2C, then every MoE shape under every reuse variant."""
+    C, r = sweep.compute, sweep.include_router
+    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r)
+    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r)]
+    for s in moe_shapes(sweep, moe, dense_C.N):
+        ra = flops.count(s, r).ra
+        for reuse in sweep.reuse:
+            name = f"moe-ra{100 * ra:.1f}-E{s.E}-K{s.K}-De{s.De}" + ("" if reuse == "none" else f"-{reuse}")
+            run = make_run(name, "moe", reuse, s, moe, C, r)
+            if reuse == "strict":    # the unique tokens of the dense baseline at C
+                run.unique_tokens = dense_C.unique_tokens
+            elif reuse == "loose":   # two epochs over half the tokens
+                run.unique_tokens = run.D // 2 + 1
+            run.epochs = run.D / (run.unique_tokens - 1)
+            runs.append(run)
+    return runs
+
+
+def check_equal(runs, tolerance):
+    """SPEC §8: every MoE's N and C within tolerance of the dense baseline at C; strict reuse on the
+    dense baseline's unique tokens. Returns the violations, one line each, with the numbers."""
+    ref = runs[0]
+    bad = []
+    for run in runs:
+        if run.kind != "moe":
+            continue
+        if abs(run.N / ref.N - 1) > tolerance:
+            bad.append(f"{run.name}: N = {run.N:,} is {100 * (run.N / ref.N - 1):+.2f} % from the dense N = {ref.N:,}")
+        if abs(run.C / ref.C - 1) > tolerance:
+            bad.append(f"{run.name}: C = {run.C:.4g} is {100 * (run.C / ref.C - 1):+.2f} % from the dense C = "
+                       f"{ref.C:.4g} (too few iterations to round to; raise C)")
+        if run.reuse == "strict" and run.unique_tokens != ref.unique_tokens:
+            bad.append(f"{run.name}: {run.unique_tokens:,} unique tokens, the dense baseline {ref.unique_tokens:,}")
+    return bad
+
+
+def format_plan(runs):
+    head = (f"{'run':34}{'E':>4}{'K':>4}{'De':>6}{'Dse':>6}{'N':>15}{'Na':>15}{'r_a':>8}{'M_train':>10}"
+            f"{'D':>10}{'C':>10}{'unique':>10}{'epochs':>7}{'lr':>10}{'B':>6}{'iters':>8}")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        s = r.shape
+        moe = r.kind == "moe"
+        lines.append(f"{r.name:34}{s['E'] if moe else '':>4}{s['K'] if moe else '':>4}{s['De'] if moe else '':>6}"
+                     f"{s['Dse'] if moe else '':>6}{r.N:>15,}{r.Na:>15,}{100 * r.ra:>7.2f}%{r.M_train:>10.3g}"
+                     f"{r.D:>10.3g}{r.C:>10.3g}{r.unique_tokens - 1:>10.3g}{r.epochs:>7.2f}{r.lr:>10.3g}"
+                     f"{r.batch_seqs:>6}{r.iters:>8}")
+    return "\n".join(lines)
+
+
+def plan_json(runs):
+    return [{**asdict(r), "batch_tokens": r.batch_tokens, "unique_tokens": r.unique_tokens - 1} for r in runs]
+
+
+def planned(path, allow_unequal=False):
+    sweep, moe, dense, train_over = load_sweep(path)
+    runs = plan(sweep, moe, dense)
+    bad = check_equal(runs, sweep.tolerance)
+    if bad and not allow_unequal:
+        raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "
+                         + "\n  ".join(bad))
+    return sweep, runs, train_over
+
+
+# ----------------------------------------------------------------------------- running
+def train_args(run, sweep, train_over, out_dir):
+    args = [f"--{k}={v}" for k, v in run.shape.items()]
+    args += [f"--iters={run.iters}", f"--batch_seqs={run.batch_seqs}", f"--lr={run.lr!r}",
+             f"--unique_tokens={run.unique_tokens}", f"--include_router={str(sweep.include_router).lower()}",
+             f"--out_dir={out_dir}"]
+    return args + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in train_over.items()]
+
+
+def status(out_dir):
+    """finished, resumable (a checkpoint), or new."""
+    summary = Path(out_dir) / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("finished"):
+        return "finished"
+    return "resumable" if (Path(out_dir) / "ckpt.pt").exists() else "new"
+
+
+def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
+    sweep, runs, train_over = planned(path, allow_unequal)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan_json(runs), indent=1))
+    launcher = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py")]
+    failed = []
+    for i, run in enumerate(runs):
+        if only is not None and i != only:
+            continue
+        run_dir = out / run.name
+        state = status(run_dir)
+        print(f"[{i + 1}/{len(runs)}] {run.name}: {state}", flush=True)
+        if state == "finished":
+            continue
+        cmd = launcher + train_args(run, sweep, train_over, run_dir) + (["--resume"] if state == "resumable" else [])
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            failed.append(run.name)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; repeat the command to resume them")
+    return runs
+
+
+def emit_slurm(path, out, nproc, runs):
+    """An sbatch array script: one task per planned run, each resuming where it stopped."""
+    script = Path(out) / "sweep.sbatch"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=sweep-{Path(path).stem}
+#SBATCH --array=0-{len(runs) - 1}
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node={nproc}
+#SBATCH --output={Path(out).resolve()}/slurm-%A_%a.log
+# {len(runs)} runs planned from {path}; resubmitting resumes unfinished runs and skips finished ones.
+cd {ROOT}
+python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={nproc} --only=$SLURM_ARRAY_TASK_ID
+""")
+    print(f"wrote {script}: sbatch {script}")
+    return script
+
+
+# ----------------------------------------------------------------------------- reporting
+def collect(run_dir):
+    """One row per run directory holding a summary.json, in the plan's order when plan.json is there."""
+    run_dir = Path(run_dir)
+    order = {r["name"]: (i, r) for i, r in enumerate(json.loads((run_dir / "plan.json").read_text()))} \
+        if (run_dir / "plan.json").exists() else {}
+    rows = []
+    for summary in sorted(run_dir.glob("*/summary.json")):
+        s = json.loads(summary.read_text())
+        m = s["config"]["model"]
+        name = summary.parent.name
+        planned_row = order.get(name, (len(order), {}))[1]
+        moe = m["scheme"] != "dense"
+        rows.append({"run": name, "kind": "moe" if moe else "dense", "reuse": planned_row.get("reuse", "none"),
+                     "E": m["E"] if moe else "", "K": m["K"] if moe else "", "De": m["De"] if moe else "",
+                     "Dse": m["Dse"] if moe else "", "ra": s["ra"], "N": s["N"], "C": s["C"], "D": s["D"],
+                     "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": s["finished"],
+                     **{f"bpc_{k.removeprefix('bpc_')}": v for k, v in s["final"].items()}})
+    rows.sort(key=lambda r: order.get(r["run"], (len(order),))[0])
+    if not rows:
+        raise ValueError(f"{run_dir}: no run directory with a summary.json")
+    return rows
+
+
+def markdown(rows, splits):
+    cols = ["run", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs"] + [f"BPC {s}" for s in splits]
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["run"] + ("" if r["finished"] else " (unfinished)"), f"{100 * r['ra']:.2f} %", r["E"], r["K"],
+                 r["De"], r["Dse"], f"{r['N']:,}", f"{r['C']:.3g}", f"{r['D']:.3g}", f"{r['unique_tokens']:.3g}",
+                 f"{r['epochs']:.2f}"] + [f"{r[f'bpc_{s}']:.4f}" if f"bpc_{s}" in r else "" for s in splits]
+        out.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(out)
+
+
+def text_plot(rows, split, width=60, height=16):
+    """BPC against r_a as characters: o MoE (s strict, l loose), - dense at C, = dense at 2C."""
+    moe = [r for r in rows if r["kind"] == "moe" and f"bpc_{split}" in r]
+    dense = {r["run"]: r[f"bpc_{split}"] for r in rows if r["kind"] == "dense" and f"bpc_{split}" in r}
+    ys = [r[f"bpc_{split}"] for r in moe] + list(dense.values())
+    if not moe or not ys:
+        return "(nothing to plot)"
+    x0, x1 = min(r["ra"] for r in moe), max(r["ra"] for r in moe)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.05 or 0.01
+    y0, y1 = y0 - pad, y1 + pad
+    grid = [[" "] * width for _ in range(height)]
+
+    def row_of(y):
+        return min(height - 1, max(0, round((y1 - y) / (y1 - y0) * (height - 1))))
+    for name, mark in (("dense-C", "-"), ("dense-2C", "=")):
+        if name in dense:
+            grid[row_of(dense[name])] = [mark] * width
+    for r in moe:
+        col = 0 if x1 == x0 else round((r["ra"] - x0) / (x1 - x0) * (width - 1))
+        grid[row_of(r[f"bpc_{split}"])][col] = {"none": "o", "strict": "s", "loose": "l"}[r["reuse"]]
+    lines = [f"{y1 - (y1 - y0) * i / (height - 1):7.4f} |" + "".join(g) for i, g in enumerate(grid)]
+    lines.append(" " * 8 + "+" + "-" * width)
+    lines.append(" " * 9 + f"r_a {100 * x0:.1f} %" + " " * (width - 22) + f"{100 * x1:.1f} %")
+    lines.append(f"BPC ({split}) against r_a: o MoE, s strict reuse, l loose reuse; - dense at C, = dense at 2C")
+    return "\n".join(lines)
+
+
+def plot(rows, split, path):
+    """Fig. 1b of the paper: BPC against r_a, with the dense baselines as lines. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for reuse, style in (("none", "o-"), ("strict", "s--"), ("loose", "^:")):
+        pts = sorted((r["ra"], r[f"bpc_{split}"]) for r in rows if r["kind"] == "moe" and r["reuse"] == reuse
+                     and f"bpc_{split}" in r)
+        if pts:
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, label=f"MoE ({reuse} reuse)")
+    for name, color in (("dense-C", "tab:red"), ("dense-2C", "tab:green")):
+        for r in rows:
+            if r["run"] == name and f"bpc_{split}" in r:
+                ax.axhline(r[f"bpc_{split}"], color=color, ls="--", label=name.replace("-", " at "))
+    ax.set_xlabel("activation rate r_a (%)")
+    ax.set_ylabel(f"BPC ({split})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(run_dir, split=None):
+    rows = collect(run_dir)
+    splits = sorted({k.removeprefix("bpc_") for r in rows for k in r if k.startswith("bpc_")},
+                    key=lambda s: (s != "val", s))
+    split = split or (splits[0] if splits else None)
+    if split not in splits:
+        raise ValueError(f"no BPC for split {split!r} in {run_dir} (have {', '.join(splits) or 'none'})")
+    md = markdown(rows, splits)
+    run_dir = Path(run_dir)
+    (run_dir / "report.md").write_text(md + "\n")
+    with open(run_dir / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+    print(md)
+    print()
+    print(text_plot(rows, split))
+    png = plot(rows, split, run_dir / "report.png")
+    print(f"\nwrote {run_dir / 'report.md'}, {run_dir / 'report.csv'}"
+          + (f", {png}" if png else " (pip install matplotlib for report.png)"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd")
+    q = sub.add_parser("plan", allow_abbrev=False, help="print the runs of a sweep")
+    q.add_argument("sweep")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--allow-unequal", action="store_true", help="plan even when N, C or D are not equal")
+    r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) every planned run through train.py")
+    r.add_argument("sweep")
+    r.add_argument("--out", help="the sweep's folder (default runs/<sweep file name>)")
+    r.add_argument("--nproc", type=int, default=1, help="processes per run under torchrun (GPUs of one node)")
+    r.add_argument("--only", type=int, help="run only the run with this index in the plan (0-based)")
+    r.add_argument("--emit", choices=("slurm",), help="write an sbatch array script instead of running")
+    r.add_argument("--allow-unequal", action="store_true")
+    t = sub.add_parser("report", allow_abbrev=False, help="tables and a plot of a sweep's final BPCs")
+    t.add_argument("dir")
+    t.add_argument("--split", help="the validation split to plot (default val)")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd is None:  # the CPU toy, end to end
+            out = ROOT / "runs" / DEFAULT_SWEEP.stem
+            sweep, runs, _ = planned(DEFAULT_SWEEP)
+            print(format_plan(runs), flush=True)
+            run_sweep(DEFAULT_SWEEP, out)
+            report(out)
+        elif a.cmd == "plan":
+            _, runs, _ = planned(a.sweep, a.allow_unequal)
+            print(json.dumps(plan_json(runs), indent=1) if a.json else format_plan(runs))
+        elif a.cmd == "run":
+            out = a.out or ROOT / "runs" / Path(a.sweep).stem
+            if a.emit:
+                emit_slurm(a.sweep, out, a.nproc, planned(a.sweep, a.allow_unequal)[1])
+            else:
+                run_sweep(a.sweep, out, a.nproc, a.only, a.allow_unequal)
+        else:
+            report(a.dir, a.split)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

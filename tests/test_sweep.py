@@ -1,0 +1,203 @@
+"""sweep.py: plans against the paper, equal resources and refusals, the runner, the report."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import flops
+import sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = json.loads((Path(__file__).parent / "paper_tables.json").read_text())["rows"]
+
+
+def plan_of(name):
+    return sweep.planned(ROOT / "configs" / f"sweep-{name}.toml")[1]
+
+
+@pytest.mark.parametrize("name,tables,dense_rows", [("2b", (10,), (1, 2)), ("7b", (12,), (5, 6))])
+def test_paper_plans_reproduce_the_paper(name, tables, dense_rows):
+    runs = plan_of(name)
+    moe = {(r.shape["E"], r.shape["K"], r.shape["De"], r.shape["Dse"]): r for r in runs if r.reuse == "none"}
+    rows = [r for r in ROWS if r["table"] in tables and r.get("mu", 21.0) in (21.0, 22.5)]
+    assert len(rows) >= 8
+    for row in rows:  # the same shape, and D, iterations, lr within a few percent of the printed values
+        run = moe[(row["E"], row["K"], row["De"], row["Dse"])]
+        assert abs(100 * run.ra - row["ra_pct"]) < 0.1
+        assert run.D == pytest.approx(row["D"], rel=0.035) and run.iters == pytest.approx(row["iters"], rel=0.07)
+        assert run.lr == pytest.approx(row["eta"], rel=0.035)
+    dense = [r for r in runs if r.kind == "dense"]
+    for run, row_no in zip(dense, dense_rows):  # Table 13: the dense baselines at C and "2C"
+        row = next(r for r in ROWS if r["table"] == 13 and r["row"] == row_no)
+        assert run.N == pytest.approx(row["N"], rel=0.01) and run.D == pytest.approx(row["D"], rel=0.035)
+        assert run.iters == pytest.approx(row["iters"], rel=0.035)
+
+
+def test_7b_strict_reuse_is_on_68b_unique_tokens():
+    strict = [r for r in plan_of("7b") if r.reuse == "strict"]
+    assert strict and all(r.unique_tokens - 1 == pytest.approx(68e9, rel=0.005) for r in strict)
+    best = next(r for r in strict if r.shape["K"] == 6)
+    assert best.epochs == pytest.approx(4.65, abs=0.01)  # SPEC §7
+
+
+@pytest.mark.parametrize("name", ["toy", "gpu", "2b", "7b"])
+def test_plan_invariants(name):
+    s, moe_arm, dense_arm, _ = sweep.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
+    runs = sweep.plan(s, moe_arm, dense_arm)
+    ref = runs[0]
+    W = round(moe_arm.mu * moe_arm.shape.Dm)
+    assert [r.name for r in runs[:2]] == ["dense-C", "dense-2C"] and runs[1].C == pytest.approx(s.dense_2C * ref.C, rel=0.01)
+    for r in runs:
+        shape = flops.Shape(**r.shape)
+        assert r.D == r.iters * r.batch_seqs * shape.S and r.C == pytest.approx(flops.compute(shape, r.D))
+        if r.kind == "dense":
+            continue
+        assert shape.Dse == shape.K * shape.De and shape.Dse + shape.E * shape.De == W  # N fixed (SPEC §6)
+        assert abs(r.N / ref.N - 1) <= 0.01 and abs(r.C / ref.C - 1) <= 0.01  # SPEC §8
+        if r.reuse == "strict":
+            assert r.unique_tokens == ref.unique_tokens and r.epochs == pytest.approx(r.D / ref.D, rel=1e-3)
+        if r.reuse == "loose":
+            assert r.epochs == pytest.approx(2.0, rel=1e-3)
+    assert sweep.check_equal(runs, 0.01) == []
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+MICRO = """[sweep]
+compute = {compute}
+ra = {ra}
+reuse = {reuse}
+E_pref = 40
+tolerance = 0.02
+[moe]
+scheme = "1dense"
+L = 2
+Dm = 32
+H = 2
+Dh = 16
+Dffn = 88
+S = 32
+mu = 12.0
+[dense]
+L = 2
+Dm = {dense_Dm}
+H = 3
+Dh = 16
+Dffn = 128
+S = 32
+[train]
+data = "{data}"
+eval_tokens = 512
+"""
+
+
+def micro(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48):
+    return write(tmp_path, MICRO.format(data=data, compute=compute, ra=ra, reuse=reuse, dense_Dm=dense_Dm))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(ra="[0.10]"), r"ra=0.1000 is out of reach on this backbone \(attention and the dense layers alone "
+                        r"are too large a share of N\): reachable 0.3578..1.0000; nearest feasible ra=0.3578"),
+    (dict(ra="[0.40]"), r"nearest feasible ra=0.4129 with E=45, K=3, De=8, Dse=24"),
+    (dict(compute="1e5"), r"C=1e\+05 buys 0.\d+ tokens, less than one sequence of S=32"),
+    (dict(compute="2e7"), r"C = .* is -12.81 % from the dense C = .* \(too few iterations"),
+    (dict(dense_Dm=96), r"no expert width .* with N within 2 % of"),
+])
+def test_unreachable_plans_are_refused_with_the_numbers(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.planned(micro(tmp_path, **kw))
+
+
+def test_k_beyond_the_total_width_is_refused(tmp_path):
+    text = MICRO.format(data="x", compute="2e9", ra="[0.4]", reuse='["none"]', dense_Dm=48)
+    path = write(tmp_path, text.replace("ra = [0.4]", "K = [3, 30]\nDe = 8"))
+    with pytest.raises(ValueError, match=r"K=30 is out of reach: K·De = 240 of a total width 384 leaves E=18"):
+        sweep.planned(path)
+
+
+def test_unequal_plans_need_allow_unequal(tmp_path):
+    path = micro(tmp_path, compute="2e7")
+    with pytest.raises(ValueError, match="breaks equal resources"):
+        sweep.planned(path)
+    _, runs, _ = sweep.planned(path, allow_unequal=True)
+    assert len(runs) == 4
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("mu = 12.0\n", ""), r"\[moe\] needs mu"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nbogus = 1"), r"unknown key sweep.bogus"),
+    (lambda t: t.replace("compute = 2e9", 'compute = "lots"'), r"sweep.compute = 'lots': expected float"),
+    (lambda t: t.replace('reuse = ["none"]', 'reuse = ["twice"]'), r"sweep.reuse 'twice' is unknown"),
+    (lambda t: t.replace("eval_tokens = 512", "iters = 5"), r"train.iters is set by the sweep"),
+    (lambda t: t.replace("eval_tokens = 512", "evals = 5"), r"train.evals is unknown"),
+    (lambda t: t.replace("[dense]", "[baseline]"), r"unknown table \[baseline\]"),
+    (lambda t: t.replace("ra = [0.413, 0.496]\n", ""), r"needs exactly one of ra .* and K"),
+    (lambda t: t.replace("Dh = 16\nDffn = 88", "Dh = 16\nDffn = 88\nE = 4"), r"unknown key moe.E"),
+    (lambda t: t.replace("compute = 2e9\n", ""), r"sweep.compute is required"),
+    (lambda t: t.replace("ra = [0.413, 0.496]", "ra = [20, 30]"), r"fractions in \(0, 1\], got 20 \(write 0.2 for 20 %\)"),
+])
+def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
+    path = write(tmp_path, edit(micro(tmp_path).read_text()), "bad.toml")
+    with pytest.raises(ValueError, match=message):
+        sweep.load_sweep(path)
+    with pytest.raises(ValueError, match="no such file|No such file"):
+        sweep.load_sweep(tmp_path / "missing.toml")
+
+
+def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_data):
+    path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]')
+    s, runs, train_over = sweep.planned(path)
+    out = tmp_path / "out"
+    # an interrupted run: the first MoE run stopped after 3 steps, as a killed job leaves it (with a checkpoint)
+    victim = runs[2]
+    cmd = [sys.executable, str(ROOT / "train.py"), *sweep.train_args(victim, s, train_over, out / victim.name), "--stop_at=3"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    assert sweep.status(out / victim.name) == "resumable"
+    sweep.run_sweep(path, out)
+    assert all(sweep.status(out / r.name) == "finished" for r in runs)
+    log = [json.loads(x) for x in (out / victim.name / "log.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in log if x["kind"] == "train"]  # the stopped part's step 3, then every 10 on resume
+    assert steps == [3] + list(range(10, victim.iters, 10)) + [victim.iters]
+    stamps = {r.name: os.path.getmtime(out / r.name / "summary.json") for r in runs}
+    sweep.run_sweep(path, out)  # everything finished: nothing runs again
+    assert stamps == {r.name: os.path.getmtime(out / r.name / "summary.json") for r in runs}
+    summary = json.loads((out / runs[3].name / "summary.json").read_text())
+    assert runs[3].reuse == "strict" and summary["unique_tokens"] == runs[0].unique_tokens
+    assert summary["C"] == pytest.approx(runs[3].C) and summary["iters"] == runs[3].iters
+
+    rows = sweep.report(out)
+    assert [r["run"] for r in rows] == [r.name for r in runs]
+    md = (out / "report.md").read_text()
+    assert "| dense-C | 100.00 % |" in md and "BPC val" in md and "BPC other" in md
+    assert (out / "report.csv").read_text().splitlines()[0].startswith("run,kind,reuse,E,K,De,Dse,ra,N,C,D")
+    plot = sweep.text_plot(rows, "val")
+    assert "-" * 60 in plot and "=" * 60 in plot and "o" in plot and "s" in plot
+
+
+def test_emit_slurm_writes_an_array_job(tmp_path):
+    path = micro(tmp_path)
+    script = sweep.emit_slurm(path, tmp_path / "out", 4, sweep.planned(path)[1])
+    text = script.read_text()
+    assert "#SBATCH --array=0-3" in text and "#SBATCH --gpus-per-node=4" in text
+    assert "--only=$SLURM_ARRAY_TASK_ID" in text and "--nproc=4" in text
+
+
+def test_cli_plan_json_and_errors(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(ROOT / "configs" / "sweep-7b.toml"), "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout)
+    keys = {"name", "N", "Na", "ra", "M_train", "D", "C", "unique_tokens", "epochs", "lr", "batch_tokens"}
+    assert len(runs) == 18 and all(keys <= set(x) for x in runs)
+    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(micro(tmp_path, ra="[0.1]"))],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "out of reach" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "no run directory with a summary.json" in r.stderr
