@@ -355,6 +355,10 @@ def train(argv):
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step = last_ckpt = state["step"]
+        if step >= plan.iters and (out / "summary.json").exists():
+            if master:
+                print(f"{out} finished at step {step} already: nothing to resume")
+            return json.loads((out / "summary.json").read_text())
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))

@@ -33,6 +33,7 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     rest = train.train(tiny_run("parts") + ["--resume"])
     assert rest["finished"] and rest["final"] == whole["final"]
     assert records(tmp_path / "parts") == records(tmp_path / "whole")  # losses, bit for bit
+    assert train.train(tiny_run("parts") + ["--resume"]) == rest  # a finished run stays as it is
     assert records(tmp_path / "parts", "eval") == records(tmp_path / "whole", "eval")
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
