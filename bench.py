@@ -59,11 +59,17 @@ def bench_expert(a):
     fmoe = torch.compile(moe) if a.compile else moe
     fdense = torch.compile(dense) if a.compile else dense
 
+    def clear(module):  # as a training step does (zero_grad(set_to_none=True)): no accumulation into old grads
+        for p in [x, *module.parameters()]:
+            p.grad = None
+
     def step_moe():
+        clear(moe)
         y, balance, _ = fmoe(x)
         ((y * dy).sum() + balance).backward()
 
     def step_dense():
+        clear(dense)
         (fdense(x) * dy).sum().backward()
 
     t = interleaved({"dense": step_dense, "moe": step_moe}, a.rounds, device)

@@ -294,7 +294,10 @@ def main(argv=None):
         if a.config:
             with open(a.config, "rb") as fh:
                 cfg = tomllib.load(fh)
-            shape = shape_from_dict({**cfg.get("model", {}), **given}, a.config)
+            if "model" not in cfg:
+                raise ValueError(f"{a.config} has no [model] table" + (
+                    ": it is a sweep file, see python sweep.py plan " + a.config if "sweep" in cfg else ""))
+            shape = shape_from_dict({**cfg["model"], **given}, a.config)
             budget = cfg.get("train", {})  # a run config's budget, unless --D or --C says otherwise
             if a.D is None and a.C is None:
                 a.C, a.D = budget.get("compute") or None, budget.get("tokens") or None

@@ -134,7 +134,8 @@ def test_cli_budget_gives_steplaw():
 @pytest.mark.parametrize("args,message", [
     (["--bogus=1"], "unrecognized arguments"), (["--L=abc"], "invalid int value"),
     (["--K=9", "--E=8"], "K=9"), (["--include_router=maybe"], "expected true or false"),
-    (["--Dm"], "expected one argument"), (["missing.toml"], "missing.toml")])
+    (["--Dm"], "expected one argument"), (["missing.toml"], "missing.toml"),
+    ([str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file, see python sweep.py plan")])
 def test_cli_bad_input_is_a_usage_error(args, message):
     r = run_cli(*args)
     assert r.returncode == 2 and message in r.stderr and "usage:" in r.stderr
