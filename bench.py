@@ -136,7 +136,8 @@ def bench_step(a):
         mfu[name] = tok_s * M / peak
         print(f"  {name:6}{c.N:>12,}{c.Na:>12,}{100 * c.ra:>6.1f}%{M:>10.3g}{tok_s:>10,.0f}{tok_s * M / 1e12:>9.3g}"
               f"{100 * mfu[name]:>6.1f}%{100 * statistics.median(stats[name]['data']):>7.2f}%")
-        print(f"         shape: {', '.join(f'{k}={v}' for k, v in asdict(shape).items() if name == 'moe' or k not in ('E', 'K', 'De', 'Dse'))}")
+        shown = {k: v for k, v in asdict(shape).items() if name == "moe" or k not in ("E", "K", "De", "Dse")}
+        print("         shape: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     print(f"  MoE MFU / dense MFU {mfu['moe'] / mfu['dense']:.3f}; loader = median share of step time in Loader.next_step")
 
 
@@ -154,7 +155,8 @@ def main(argv=None):
     t.add_argument("--micro_batch", type=int, default=0)
     t.add_argument("--log_interval", type=int, default=10)
     t.add_argument("--data", default="data/shakespeare-byte")
-    t.add_argument("--peak_flops", type=float, default=0.0, help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
+    t.add_argument("--peak_flops", type=float, default=0.0,
+                   help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
     for q in (e, t):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")

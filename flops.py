@@ -11,7 +11,6 @@ N counts non-vocabulary parameters only: no embeddings, no LM head, no norms (SP
 import argparse
 import json
 import math
-import sys
 import tomllib
 from dataclasses import asdict, dataclass, fields
 
