@@ -154,7 +154,7 @@ def _arm(cfg, name, path, needs_mu):
 
 
 # ----------------------------------------------------------------------------- the plan
-def make_run(name, kind, reuse, shape, arm, C, include_router, unique_tokens=None):
+def make_run(name, kind, reuse, shape, arm, C, include_router):
     """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers)."""
     M = flops.M_train(shape, include_router)
     D_target = C / M
@@ -165,7 +165,7 @@ def make_run(name, kind, reuse, shape, arm, C, include_router, unique_tokens=Non
     iters = max(1, round(D_target / (B * shape.S)))
     D = iters * B * shape.S
     c = flops.count(shape, include_router)
-    unique = D + 1 if unique_tokens is None else unique_tokens  # windows of S+1 share a token: D + 1 is one epoch
+    unique = D + 1  # fresh tokens: windows of S+1 share a token, so D + 1 tokens make exactly one epoch
     return Run(name, kind, reuse, asdict(shape), c.N, c.Na, c.ra, M, iters, B,
                arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1))
 
