@@ -29,7 +29,7 @@ def sync(device):
 
 
 def interleaved(fns, rounds, device, warmup=2):
-    """Median seconds per call of each fn, timed in turn, round after round; and the per-round times."""
+    """Seconds per call of each fn, one list per fn: timed in turn, round after round."""
     for f in fns.values():
         for _ in range(warmup):
             f()

@@ -185,7 +185,8 @@ def dense_shape(N, L, S, Dh=64, alpha=2.77):
 
 def moe_candidates(backbone, W, include_router=True, De_multiple=8):
     """Every MoE on a fixed backbone with total expert width Dse + E·De = W and Dse = K·De (SPEC §6):
-    De a multiple of De_multiple dividing W, then any K with K <= E = W/De − K. N is fixed up to the router."""
+    De a multiple of De_multiple dividing W, then any K with K <= E = W/De − K. N is fixed up to the router.
+    Returns (Count, Shape) pairs."""
     out = []
     for De in range(De_multiple, W // 2 + 1, De_multiple):
         if W % De:
@@ -193,7 +194,7 @@ def moe_candidates(backbone, W, include_router=True, De_multiple=8):
         n = W // De  # slots of width De: K shared (as Dse = K·De) plus E routed
         for K in range(1, n // 2 + 1):
             s = Shape(**{**_backbone_fields(backbone), "E": n - K, "K": K, "De": De, "Dse": K * De})
-            out.append((count(s, include_router).ra, s))
+            out.append((count(s, include_router), s))
     return out
 
 
@@ -206,9 +207,8 @@ def solve_moe(backbone, W, ra, include_router=True, De_multiple=8, E_pref=64, to
     paper keeps E ≈ 80–90 and moves K and De, which also keeps the router's Dm·E, and so N, steady.
     With N_ref, only shapes whose N is within tol of it count. A target out of reach is refused with
     the reachable range and the nearest feasible shape."""
-    cands = moe_candidates(backbone, W, include_router, De_multiple)
-    if N_ref:
-        cands = [(r, s) for r, s in cands if abs(count(s, include_router).N / N_ref - 1) <= tol]
+    counted = moe_candidates(backbone, W, include_router, De_multiple)
+    cands = [(c.ra, s) for c, s in counted if not N_ref or abs(c.N / N_ref - 1) <= tol]
     if not cands:
         raise ValueError(f"no expert width De that is a multiple of {De_multiple} divides the total width W={W}"
                          + (f" with N within {100 * tol:g} % of {N_ref:,}" if N_ref else ""))

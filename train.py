@@ -12,6 +12,7 @@ clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory hol
 resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt and summary.json.
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -252,9 +253,9 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
     device = model.wte.weight.device
     for name, tokens in val_splits.items():
         nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
-        windows = list(data.eval_windows(tokens, S, eval_tokens, rank, world))
-        for i in range(0, len(windows), batch):
-            x, y = (np.stack(t) for t in zip(*windows[i:i + batch]))
+        windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
+        while chunk := list(itertools.islice(windows, batch)):  # streamed: a big split never sits in memory
+            x, y = (np.stack(t) for t in zip(*chunk))
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             with autocast:
                 logits, _, _ = model(xt, yt)
