@@ -154,14 +154,15 @@ def _arm(cfg, name, path, needs_mu):
 
 
 # ----------------------------------------------------------------------------- the plan
-def make_run(name, kind, reuse, shape, arm, C, include_router):
-    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers)."""
+def make_run(name, kind, reuse, shape, arm, C, include_router, world=1):
+    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers); the batch
+    is a whole number of sequences per rank, so train.py runs exactly the D and C planned here."""
     M = flops.M_train(shape, include_router)
     D_target = C / M
     if D_target < shape.S:
         raise ValueError(f"{name}: C={C:.3g} buys {D_target:.3g} tokens, less than one sequence of S={shape.S}; "
                          f"C must be at least M_train·S = {M * shape.S:.3g}")
-    B = max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S))
+    B = world * max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S / world))
     iters = max(1, round(D_target / (B * shape.S)))
     D = iters * B * shape.S
     c = flops.count(shape, include_router)
@@ -188,16 +189,16 @@ def moe_shapes(sweep, moe, N_dense):
     return shapes
 
 
-def plan(sweep, moe, dense):
-    """Dense baselines at C and 2C, then every MoE shape under every reuse variant."""
+def plan(sweep, moe, dense, world=1):
+    """Dense baselines at C and 2C, then every MoE shape under every reuse variant, for `world` ranks."""
     C, r = sweep.compute, sweep.include_router
-    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r)
-    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r)]
+    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r, world)
+    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r, world)]
     for s in moe_shapes(sweep, moe, dense_C.N):
         ra = flops.count(s, r).ra
         for reuse in sweep.reuse:
             name = f"moe-ra{100 * ra:.1f}-E{s.E}-K{s.K}-De{s.De}" + ("" if reuse == "none" else f"-{reuse}")
-            run = make_run(name, "moe", reuse, s, moe, C, r)
+            run = make_run(name, "moe", reuse, s, moe, C, r, world)
             if reuse == "strict":    # the unique tokens of the dense baseline at C
                 run.unique_tokens = dense_C.unique_tokens
             elif reuse == "loose":   # two epochs over half the tokens
@@ -243,9 +244,9 @@ def plan_json(runs):
     return [{**asdict(r), "batch_tokens": r.batch_tokens, "unique_tokens": r.unique_tokens - 1} for r in runs]
 
 
-def planned(path, allow_unequal=False):
+def planned(path, allow_unequal=False, world=1):
     sweep, moe, dense, train_over = load_sweep(path)
-    runs = plan(sweep, moe, dense)
+    runs = plan(sweep, moe, dense, world)
     bad = check_equal(runs, sweep.tolerance)
     if bad and not allow_unequal:
         raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "
@@ -271,7 +272,7 @@ def status(out_dir):
 
 
 def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
-    sweep, runs, train_over = planned(path, allow_unequal)
+    sweep, runs, train_over = planned(path, allow_unequal, nproc)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan_json(runs), indent=1))
@@ -458,7 +459,7 @@ def main(argv=None):
         elif a.cmd == "run":
             out = a.out or ROOT / "runs" / Path(a.sweep).stem
             if a.emit:
-                emit_slurm(a.sweep, out, a.nproc, planned(a.sweep, a.allow_unequal)[1])
+                emit_slurm(a.sweep, out, a.nproc, planned(a.sweep, a.allow_unequal, a.nproc)[1])
             else:
                 run_sweep(a.sweep, out, a.nproc, a.only, a.allow_unequal)
         else:

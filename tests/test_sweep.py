@@ -201,3 +201,15 @@ def test_cli_plan_json_and_errors(tmp_path):
     assert r.returncode == 2 and "out of reach" in r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "no run directory with a summary.json" in r.stderr
+
+
+def test_plans_for_several_ranks_run_as_planned():
+    # train.py rounds a batch up to whole sequences per rank: the plan must already be so, or C drifts
+    import train
+    from model import GPTConfig
+    _, runs, _ = sweep.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
+    assert all(r.batch_seqs % 8 == 0 for r in runs) and sweep.check_equal(runs, 0.01) == []
+    for r in runs[:3]:
+        shape = GPTConfig(**r.shape, vocab_size=65536)
+        tcfg = train.TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, lr=r.lr, tokens=0.0)
+        assert train.make_plan(shape, tcfg, world=8).D == r.D
