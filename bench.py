@@ -14,11 +14,17 @@ import time
 import tomllib
 from dataclasses import asdict, fields
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 import torch
+import torch.nn.functional as F
 
 import flops
 import train
-from model import GPTConfig, MoE, SwiGLU
+from model import GPTConfig, MoE, SwiGLU, gmm, routed_experts
 
 from train import tune_malloc
 
@@ -28,25 +34,59 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved(fns, rounds, device, warmup=2):
-    """Seconds per call of each fn, one list per fn: timed in turn, round after round."""
-    for f in fns.values():
-        for _ in range(warmup):
+def minor_faults():
+    """Pages the OS has mapped into this process so far (first touches of fresh memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def interleaved(fns, rounds, device, warmup=2, faults=None):
+    """Seconds per call of each fn, one list per fn: timed in turn, round after round, after `warmup`
+    untimed rounds (compilation, and the heap growing to its steady size). Page faults per fn are
+    added to `faults` when given: on a VM each costs ~20 us, so a round that grows the heap is slow."""
+    for _ in range(warmup):
+        for f in fns.values():
             f()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
             sync(device)
-            t = time.perf_counter()
+            f0, t = minor_faults(), time.perf_counter()
             f()
             sync(device)
             times[k].append(time.perf_counter() - t)
+            if faults is not None:
+                faults[k] = faults.get(k, 0) + minor_faults() - f0
     return times
+
+
+def moe_parts(moe, x, dy):
+    """Two cut-down MoE steps that locate the MoE's extra time, the routing drawn once from its router:
+    `fixed routing` is the MoE without its router; `GEMMs only` starts from rows already dispatched and
+    stops before combine (the two grouped GEMMs and the gated SwiGLU between them)."""
+    with torch.no_grad():
+        g_TK, e_TK = F.softmax(moe.router(x).float(), dim=-1).topk(moe.K, dim=-1)
+    e_S, order_S = e_TK.flatten().sort(stable=True)
+    offs_E = torch.searchsorted(e_S, torch.arange(moe.E, device=x.device), right=True, out_int32=True)
+    tok_S = order_S // moe.K
+    xs_SD, dys_SD = x.detach()[tok_S].requires_grad_(), dy[tok_S]
+    g_S1 = g_TK.flatten()[order_S].unsqueeze(-1).to(x.dtype)
+
+    def shared_loss():
+        return (moe.shared(x) * dy).sum() if moe.shared is not None else 0.0
+
+    def fixed():
+        return (routed_experts(x, g_TK, e_TK, moe.w13, moe.w2)[0] * dy).sum() + shared_loss()
+
+    def gemms():
+        h1, h3 = gmm(xs_SD, moe.w13, offs_E).chunk(2, dim=-1)
+        return (gmm(F.silu(h1) * h3 * g_S1, moe.w2, offs_E) * dys_SD).sum() + shared_loss()
+    return fixed, gemms, xs_SD
 
 
 def bench_expert(a):
     """The MoE FFN (router + routed experts + shared expert, forward + backward) against a dense
-    SwiGLU of width Dse + K·De, i.e. the same expert FLOPs; the router's are the MoE's overhead."""
+    SwiGLU of width Dse + K·De, i.e. the same expert FLOPs; the router's are the MoE's overhead.
+    --breakdown also times the parts of moe_parts and says where the MoE's extra time goes."""
     device, dtype = torch.device(a.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
     cfg = GPTConfig(scheme="full", L=1, Dm=a.Dm, H=1, E=a.E, K=a.K, De=a.De, Dse=a.Dse)
@@ -56,33 +96,45 @@ def bench_expert(a):
         torch.nn.init.normal_(p, 0.0, 0.02)
     x = torch.randn(a.T, a.Dm, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(a.T, a.Dm, device=device, dtype=dtype)
-    fmoe = torch.compile(moe) if a.compile else moe
-    fdense = torch.compile(dense) if a.compile else dense
+    fixed, gemms, xs = moe_parts(moe, x, dy)
+    maybe_compile = torch.compile if a.compile else (lambda f: f)
+    fmoe, fdense, ffixed, fgemms = map(maybe_compile, (moe, dense, fixed, gemms))
+    leaves = [x, xs, *moe.parameters(), *dense.parameters()]
 
-    def clear(module):  # as a training step does (zero_grad(set_to_none=True)): no accumulation into old grads
-        for p in [x, *module.parameters()]:
-            p.grad = None
+    def step(loss):
+        def run():
+            for p in leaves:  # as a training step does (zero_grad(set_to_none=True))
+                p.grad = None
+            loss().backward()
+        return run
 
-    def step_moe():
-        clear(moe)
+    def moe_loss():
         y, balance, _ = fmoe(x)
-        ((y * dy).sum() + balance).backward()
+        return (y * dy).sum() + balance
 
-    def step_dense():
-        clear(dense)
-        (fdense(x) * dy).sum().backward()
-
-    t = interleaved({"dense": step_dense, "moe": step_moe}, a.rounds, device)
+    fns = {"dense": step(lambda: (fdense(x) * dy).sum()), "MoE": step(moe_loss)}
+    if a.breakdown:
+        fns.update({"fixed routing": step(ffixed), "GEMMs only": step(fgemms)})
+    faults = {}
+    t = interleaved(fns, a.rounds, device, a.warmup, faults)
     flop = 6 * a.T * 3 * a.Dm * (a.Dse + a.K * a.De)  # fwd + bwd matmul FLOPs of the experts
-    ratios = [d / m for d, m in zip(t["dense"], t["moe"])]
     print(f"expert path  T={a.T} Dm={a.Dm} E={a.E} K={a.K} De={a.De} Dse={a.Dse} {a.dtype} "
           f"{'compiled' if a.compile else 'eager'} {device.type} threads={torch.get_num_threads()} "
-          f"malloc={a.malloc} rounds={a.rounds}")
-    for k in ("dense", "moe"):
+          f"malloc={a.malloc} warmup={a.warmup} rounds={a.rounds}")
+    for k in fns:
         m = statistics.median(t[k])
-        print(f"  {k:6} median {m * 1e3:8.1f} ms  {flop / m / 1e9:8.1f} GFLOP/s")
+        print(f"  {k:14} median {m * 1e3:8.1f} ms  {flop / m / 1e9:7.1f} GFLOP/s  "
+              f"page faults {faults[k] / a.rounds:,.0f}/step")
+    ratios = [d / m for d, m in zip(t["dense"], t["MoE"])]
     print(f"  dense/MoE  median of per-round ratios {statistics.median(ratios):.3f}  "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    if a.breakdown:
+        def extra(k1, k0):  # median over rounds of the per-round difference, in ms
+            return statistics.median(t1 - t0 for t1, t0 in zip(t[k1], t[k0])) * 1e3
+        print(f"  the MoE's extra time, medians of per-round differences: router (scores, top-K, balance "
+              f"loss) {extra('MoE', 'fixed routing'):.1f} ms; sort, dispatch and combine "
+              f"{extra('fixed routing', 'GEMMs only'):.1f} ms; grouped GEMMs + SwiGLU over the dense "
+              f"FFN's {extra('GEMMs only', 'dense'):.1f} ms")
 
 
 def matmul_rate(device, dtype, n=4096, rounds=5):
@@ -145,6 +197,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     e = sub.add_parser("expert", allow_abbrev=False, help="MoE FFN vs dense SwiGLU of equal active FLOPs")
+    e.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    e.add_argument("--breakdown", action="store_true", help="also time the MoE without its router, "
+                   "and its grouped GEMMs alone, to say where its extra time goes")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
         e.add_argument(f"--{name}", type=int, default=default)
     t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
@@ -162,7 +217,7 @@ def main(argv=None):
         q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         q.add_argument("--compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
         q.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-        q.add_argument("--rounds", type=int, default=9)
+        q.add_argument("--rounds", type=int, default=30 if q is e else 9)
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt), see train.tune_malloc")
     a = p.parse_args(argv)

@@ -1,26 +1,51 @@
-"""bench.py runs (tiny sizes, one round): its numbers are measured and written up, never asserted."""
+"""bench.py runs (tiny sizes, one round): its numbers are measured and written up, never asserted.
+What is asserted is that the cut-down steps of the breakdown compute what the MoE computes."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import bench
+from model import GPTConfig, MoE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def bench(*args):
+def run_bench(*args):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
 
 def test_expert_bench_runs():
-    out = bench("expert", "--T=64", "--Dm=32", "--E=4", "--K=2", "--De=16", "--Dse=16", "--rounds=1", "--compile=false")
+    out = run_bench("expert", "--T=64", "--Dm=32", "--E=4", "--K=2", "--De=16", "--Dse=16", "--rounds=1", "--warmup=1",
+                "--compile=false", "--breakdown")
     assert "dense/MoE  median of per-round ratios" in out and "GFLOP/s" in out
+    assert "fixed routing" in out and "sort, dispatch and combine" in out
+
+
+@pytest.mark.parametrize("Dse", [0, 16])
+def test_breakdown_parts_compute_the_moe_loss(Dse):
+    # Σ_t y_t·dy_t = Σ_slots o_s·dy_tok(s): without the router and before combine, the same loss and gradients
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=32, H=1, E=6, K=2, De=16, Dse=Dse))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1)
+    x, dy = torch.randn(40, 32, requires_grad=True), torch.randn(40, 32)
+    fixed, gemms, _ = bench.moe_parts(moe, x, dy)
+    y, _, _ = moe(x)
+    full = (y * dy).sum()
+    w_grads = [torch.autograd.grad(loss, moe.w13)[0] for loss in (full, fixed(), gemms())]
+    assert torch.allclose(fixed(), full, rtol=1e-5) and torch.allclose(gemms(), full, rtol=1e-5)
+    assert torch.allclose(w_grads[1], w_grads[0], atol=1e-6) and torch.allclose(w_grads[2], w_grads[0], atol=1e-6)
 
 
 def test_step_bench_runs(tiny_data, tmp_path):
     moe, dense = tmp_path / "moe.toml", tmp_path / "dense.toml"
     moe.write_text('[model]\nscheme = "1dense"\nL = 2\nDm = 32\nH = 2\nDffn = 64\nE = 4\nK = 2\nDe = 16\nDse = 16\nS = 32\n')
     dense.write_text('[model]\nscheme = "dense"\nL = 2\nDm = 32\nH = 2\nDffn = 160\nS = 32\n')
-    out = bench("step", f"--moe={moe}", f"--dense={dense}", f"--data={tiny_data}", "--iters=6", "--log_interval=2",
+    out = run_bench("step", f"--moe={moe}", f"--dense={dense}", f"--data={tiny_data}", "--iters=6", "--log_interval=2",
                 "--batch_seqs=4", "--rounds=1", "--compile=false")
     assert "MoE MFU / dense MFU" in out and "measured 4096² fp32 matmul rate" in out
