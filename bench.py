@@ -219,7 +219,8 @@ def main(argv=None):
         q.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--rounds", type=int, default=30 if q is e else 9)
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                       help="tuned: keep freed memory in the process (glibc mallopt), see train.tune_malloc")
+                       help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
+                       "see train.tune_malloc")
     a = p.parse_args(argv)
     if a.malloc == "tuned":
         tune_malloc()
