@@ -1,18 +1,28 @@
-"""Speed and memory benchmarks. Numbers go in the README with the command and the hardware.
+"""Speed and memory benchmarks, and the GPU smoke test. Numbers go in the README with the command and
+the hardware.
 
+    python bench.py gpu-check   # run first on a new GPU box: the CUDA paths against their references
     python bench.py expert      # MoE FFN vs a dense SwiGLU of the same active FLOPs (fwd + bwd)
+    python bench.py attention   # ALiBi through FlexAttention vs SDPA with a bias vs causal flash (fwd + bwd)
     python bench.py step        # whole training steps: an MoE and a dense model of the same N
+    python bench.py profile     # where the time of a training step goes, by kernel
 
 The machines are noisy: every benchmark interleaves the things it compares, round after round, and
-reports medians and the median of the per-round ratios.
+reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
 """
 import argparse
+import contextlib
 import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tomllib
 from dataclasses import asdict, fields
+from pathlib import Path
 
 try:
     import resource
@@ -22,9 +32,11 @@ except ImportError:  # not on Windows
 import torch
 import torch.nn.functional as F
 
+import data
 import flops
 import train
-from model import GPTConfig, MoE, SwiGLU, gmm, routed_experts
+from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
+                   flex_attention, flex_attention_compiled, gmm, routed_experts)
 
 from train import tune_malloc
 
@@ -119,22 +131,86 @@ def bench_expert(a):
     t = interleaved(fns, a.rounds, device, a.warmup, faults)
     flop = 6 * a.T * 3 * a.Dm * (a.Dse + a.K * a.De)  # fwd + bwd matmul FLOPs of the experts
     print(f"expert path  T={a.T} Dm={a.Dm} E={a.E} K={a.K} De={a.De} Dse={a.Dse} {a.dtype} "
-          f"{'compiled' if a.compile else 'eager'} {device.type} threads={torch.get_num_threads()} "
+          f"{'compiled' if a.compile else 'eager'} {device_name(device)} threads={torch.get_num_threads()} "
           f"malloc={a.malloc} warmup={a.warmup} rounds={a.rounds}")
+    out = {"shape": {k: getattr(a, k) for k in ("T", "Dm", "E", "K", "De", "Dse")}, "dtype": a.dtype,
+           "compiled": a.compile, "device": device_name(device), "median_ms": {}, "tflop_s": {}}
     for k in fns:
         m = statistics.median(t[k])
-        print(f"  {k:14} median {m * 1e3:8.1f} ms  {flop / m / 1e9:7.1f} GFLOP/s  "
-              f"page faults {faults[k] / a.rounds:,.0f}/step")
+        out["median_ms"][k], out["tflop_s"][k] = m * 1e3, flop / m / 1e12
+        print(f"  {k:14} median {m * 1e3:8.2f} ms  {flop / m / 1e12:8.3f} TFLOP/s  "
+              + (f"page faults {faults[k] / a.rounds:,.0f}/step" if device.type == "cpu" else ""))
     ratios = [d / m for d, m in zip(t["dense"], t["MoE"])]
+    out["dense_over_moe"] = statistics.median(ratios)
     print(f"  dense/MoE  median of per-round ratios {statistics.median(ratios):.3f}  "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
     if a.breakdown:
         def extra(k1, k0):  # median over rounds of the per-round difference, in ms
             return statistics.median(t1 - t0 for t1, t0 in zip(t[k1], t[k0])) * 1e3
+        out["extra_ms"] = {"router": extra("MoE", "fixed routing"), "sort_dispatch_combine":
+                           extra("fixed routing", "GEMMs only"), "gemms_over_dense": extra("GEMMs only", "dense")}
         print(f"  the MoE's extra time, medians of per-round differences: router (scores, top-K, balance "
-              f"loss) {extra('MoE', 'fixed routing'):.1f} ms; sort, dispatch and combine "
-              f"{extra('fixed routing', 'GEMMs only'):.1f} ms; grouped GEMMs + SwiGLU over the dense "
-              f"FFN's {extra('GEMMs only', 'dense'):.1f} ms")
+              f"loss) {extra('MoE', 'fixed routing'):.2f} ms; sort, dispatch and combine "
+              f"{extra('fixed routing', 'GEMMs only'):.2f} ms; grouped GEMMs + SwiGLU over the dense "
+              f"FFN's {extra('GEMMs only', 'dense'):.2f} ms")
+    return out
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def rel(a, b):
+    """‖a − b‖ / ‖b‖ over all elements, in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- attention
+def bench_attention(a):
+    """Causal attention forward + backward at one shape: ALiBi through FlexAttention (score_mod + causal
+    block mask, compiled), SDPA with the materialised bias (the CPU path), and for scale FlexAttention
+    and SDPA's causal kernel without any bias. FlexAttention has no backward on CPU: there, forward only."""
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    backward = device.type == "cuda"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(a.B, a.H, a.S, a.Dh, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+    dy = torch.randn_like(q)
+    bias = alibi_bias(torch.tensor(alibi_slopes(a.H), device=device), a.S, dtype)
+    mask = causal_block_mask(a.S, device)
+    flex = flex_attention_compiled() if a.compile else flex_attention  # uncompiled: a slow reference
+    alibi = alibi_score_mod(a.H)
+    variants = {"flex + ALiBi": lambda: flex(q, k, v, score_mod=alibi, block_mask=mask),
+                "SDPA + ALiBi bias": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                "flex causal": lambda: flex(q, k, v, block_mask=mask),
+                "SDPA causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+
+    def step(f):
+        def run():
+            y = f()
+            if backward:
+                q.grad = k.grad = v.grad = None
+                y.backward(dy)
+        return run
+    t = interleaved({name: step(f) for name, f in variants.items()}, a.rounds, device, a.warmup)
+    fwd = 4 * a.B * a.H * a.Dh * a.S * (a.S + 1) / 2  # QKᵀ and PV over the causal triangle
+    flop = 3 * fwd if backward else fwd
+    print(f"attention  B={a.B} H={a.H} S={a.S} Dh={a.Dh} {a.dtype} {'fwd + bwd' if backward else 'forward only'} "
+          f"{device_name(device)} flex {'compiled' if a.compile else 'eager'} warmup={a.warmup} rounds={a.rounds}; "
+          "TFLOP/s over the causal triangle"
+          + (", backward counted as 2× forward" if backward else ""))
+    out = {"shape": {k: getattr(a, k) for k in ("B", "H", "S", "Dh")}, "dtype": a.dtype, "backward": backward,
+           "device": device_name(device), "median_ms": {}, "tflop_s": {}}
+    for name in variants:
+        m = statistics.median(t[name])
+        out["median_ms"][name], out["tflop_s"][name] = m * 1e3, flop / m / 1e12
+        print(f"  {name:18} median {m * 1e3:8.3f} ms  {flop / m / 1e12:8.2f} TFLOP/s")
+    for num, den in (("flex + ALiBi", "SDPA causal"), ("flex + ALiBi", "SDPA + ALiBi bias"), ("flex + ALiBi", "flex causal")):
+        r = statistics.median(x / y for x, y in zip(t[num], t[den]))
+        out[f"{num} / {den}"] = r
+        print(f"  {num} / {den}: {r:.3f} (median of per-round ratios)")
+    return out
 
 
 def matmul_rate(device, dtype, n=4096, rounds=5):
@@ -155,7 +231,8 @@ def load_shape(path):
 
 def bench_step(a):
     """Training steps through train.py itself (loader, forward, backward, clipping, AdamW), for an MoE
-    and a dense model of the same N, one run after the other, round after round."""
+    and a dense model of the same N, one run after the other, round after round. MFU counts the FLOPs
+    executed (flops.M_exec: LM head included, causal attention), not the paper's M_train."""
     moe = load_shape(a.moe) if a.moe else flops.Shape()
     N = flops.count(moe).N
     dense = load_shape(a.dense) if a.dense else flops.dense_shape(N, L=moe.L, S=moe.S, Dh=moe.Dh)
@@ -169,64 +246,325 @@ def bench_step(a):
     common = [f"--iters={a.iters}", f"--batch_seqs={a.batch_seqs}", f"--micro_batch={a.micro_batch}",
               f"--eval_interval={a.iters}", f"--eval_tokens={moe.S + 1}", f"--log_interval={a.log_interval}",
               f"--warmup={a.iters}", f"--compile={a.compile}", f"--device={a.device}", f"--data={a.data}"]
-    stats = {"dense": {"tok_s": [], "data": []}, "moe": {"tok_s": [], "data": []}}
+    stats = {name: {"tok_s": [], "data": [], "mem": []} for name in ("dense", "moe")}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for name, shape in (("dense", dense), ("moe", moe)):
-                train.train(model_args(shape) + common + [f"--out_dir={tmp}/{name}{r}"])
+                summary = train.train(model_args(shape) + common + [f"--out_dir={tmp}/{name}{r}"])
                 logs = [json.loads(x) for x in open(f"{tmp}/{name}{r}/log.jsonl") if '"train"' in x][1:]  # after warm-up
                 stats[name]["tok_s"] += [x["tokens_per_s"] for x in logs]
                 stats[name]["data"] += [x["data_share"] for x in logs]
-    print(f"\ntraining step  {device.type} {str(dtype).replace('torch.', '')} {'compiled' if a.compile else 'eager'} "
-          f"threads={torch.get_num_threads()} batch={a.batch_seqs}x{moe.S} iters={a.iters} rounds={a.rounds}; "
-          f"MFU against the {peak_label}, {peak / 1e12:.3g} TFLOP/s")
-    print(f"  {'model':6}{'N':>12}{'Na':>12}{'r_a':>7}{'M_train':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'loader':>8}")
-    mfu = {}
+                stats[name]["mem"] += [x["peak_mem_gib"] for x in logs if "peak_mem_gib" in x]
+                stats[name]["M_exec"], stats[name]["vocab"] = summary["M_exec"], summary["config"]["model"]["vocab_size"]
+    print(f"\ntraining step  {device_name(device)} {str(dtype).replace('torch.', '')} {'compiled' if a.compile else 'eager'} "
+          f"threads={torch.get_num_threads()} batch={a.batch_seqs}x{moe.S} micro={a.micro_batch or a.batch_seqs} "
+          f"iters={a.iters} rounds={a.rounds}; MFU from the FLOPs executed (M_exec) against the {peak_label}, "
+          f"{peak / 1e12:.3g} TFLOP/s")
+    print(f"  {'model':6}{'N':>13}{'Na':>13}{'r_a':>7}{'M_exec':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+          f"{'peak GiB':>9}{'loader':>8}")
+    out = {"device": device_name(device), "peak_flops": peak, "peak_label": peak_label, "compiled": a.compile,
+           "batch_seqs": a.batch_seqs, "micro_batch": a.micro_batch or a.batch_seqs, "iters": a.iters, "models": {}}
     for name, shape in (("dense", dense), ("moe", moe)):
-        c, M = flops.count(shape), flops.M_train(shape)
-        tok_s = statistics.median(stats[name]["tok_s"])
-        mfu[name] = tok_s * M / peak
-        print(f"  {name:6}{c.N:>12,}{c.Na:>12,}{100 * c.ra:>6.1f}%{M:>10.3g}{tok_s:>10,.0f}{tok_s * M / 1e12:>9.3g}"
-              f"{100 * mfu[name]:>6.1f}%{100 * statistics.median(stats[name]['data']):>7.2f}%")
+        c, M, st = flops.count(shape), stats[name]["M_exec"], stats[name]
+        tok_s = statistics.median(st["tok_s"])
+        mem = max(st["mem"]) if st["mem"] else None
+        out["models"][name] = {"shape": asdict(shape), "N": c.N, "Na": c.Na, "ra": c.ra, "M_exec": M,
+                               "M_train": flops.M_train(shape), "vocab_size": st["vocab"], "tokens_per_s": tok_s,
+                               "mfu": tok_s * M / peak, "peak_mem_gib": mem, "loader_share": statistics.median(st["data"])}
+        print(f"  {name:6}{c.N:>13,}{c.Na:>13,}{100 * c.ra:>6.1f}%{M:>10.3g}{tok_s:>10,.0f}{tok_s * M / 1e12:>9.3g}"
+              f"{100 * tok_s * M / peak:>6.1f}%{mem if mem is not None else float('nan'):>9.1f}"
+              f"{100 * statistics.median(st['data']):>7.2f}%")
         shown = {k: v for k, v in asdict(shape).items() if name == "moe" or k not in ("E", "K", "De", "Dse")}
-        print("         shape: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
-    print(f"  MoE MFU / dense MFU {mfu['moe'] / mfu['dense']:.3f}; loader = median share of step time in Loader.next_step")
+        print("         shape: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", vocab_size={st['vocab']}")
+    out["moe_mfu_over_dense"] = out["models"]["moe"]["mfu"] / out["models"]["dense"]["mfu"]
+    print(f"  MoE MFU / dense MFU {out['moe_mfu_over_dense']:.3f}; loader = median share of step time in Loader.next_step")
+    return out
+
+
+# ----------------------------------------------------------------------------- profile
+def kernel_kind(name):
+    """A coarse kind for a CUDA kernel's name, for the profile summary."""
+    n = name.lower()
+    for kind, keys in (("attention (flex)", ("flex", "triton_tem")),  # inductor's templates: FlexAttention's
+                       ("attention (sdpa)", ("flash", "fmha", "attention")),
+                       ("grouped GEMM (experts)", ("grouped", "group_gemm", "groupproblemshape", "ptrarray")),
+                       ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "::mm", "bmm", "addmm")),
+                       ("optimizer", ("adam",)), ("communication", ("nccl",)),
+                       ("sort, top-K, gather, scatter", ("sort", "topk", "gather", "scatter", "index", "radix", "cub")),
+                       ("fused elementwise (inductor)", ("triton",))):
+        if any(k in n for k in keys):
+            return kind
+    return "other elementwise / reduction"
+
+
+def bench_profile(a):
+    """A few training steps of one model (bf16 autocast, compiled blocks, fused AdamW, as train.py runs
+    them) under torch.profiler after warm-up: GPU time by kernel kind and the top kernels."""
+    device = torch.device(a.device)
+    shape = load_shape(a.config) if a.config else flops.Shape()
+    cfg = GPTConfig(**asdict(shape), vocab_size=a.vocab_size)
+    attention = "flex" if device.type == "cuda" else "sdpa"
+    model = GPT(cfg, attention).to(device)
+    fwd = model.compile_regions() if a.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    idx = torch.randint(0, cfg.vocab_size, (a.batch_seqs, cfg.S + 1), device=device)
+
+    def step():
+        with autocast:
+            _, loss, _ = fwd(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(a.steps):
+            step()
+        sync(device)
+    if device.type == "cuda":  # the kernels themselves (an op's own events would count them twice)
+        times = {e.key: e.self_device_time_total for e in prof.key_averages()
+                 if e.device_type == torch.autograd.DeviceType.CUDA}
+    else:  # no kernels on a CPU: the ops' own time
+        times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(times.values()) or 1
+    kinds = {}
+    for name, us in times.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0) + us
+    c = flops.count(shape)
+    print(f"profile  {a.config or 'the CPU toy'}: N={c.N:,} r_a={100 * c.ra:.1f}% batch {a.batch_seqs}x{cfg.S} "
+          f"{device_name(device)} {attention}{' compiled' if a.compile else ''}; {a.steps} steps after {a.warmup}, "
+          f"{total / a.steps / 1e3:.2f} ms of {'GPU' if device.type == 'cuda' else 'CPU'} time per step")
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:32}{100 * us / total:6.1f}%  {us / a.steps / 1e3:8.2f} ms/step")
+    print("  top kernels:")
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:a.top]
+    for name, us in top:
+        print(f"  {100 * us / total:6.1f}%  {us / a.steps / 1e3:8.3f} ms  {name[:110]}")
+    return {"config": a.config, "device": device_name(device), "ms_per_step": total / a.steps / 1e3,
+            "kinds": {k: v / total for k, v in kinds.items()}, "top": [[n, us / total] for n, us in top]}
+
+
+# ----------------------------------------------------------------------------- gpu-check
+# What a user runs first on a new GPU box: every CUDA path of the project against its reference, in a
+# minute or two. On a CPU it runs what a CPU can (no FlexAttention backward, gloo for two ranks).
+def check_expert_path(device, compile):
+    """The fused expert path against the loop over experts (MoE.forward_loop), both under bf16 autocast
+    so that they route alike: outputs, balance loss and every gradient; compiled against eager over
+    two batches that route differently, with no recompilation."""
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=256, H=2, E=16, K=4, De=128, Dse=128)).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.05)
+    params = list(moe.parameters())
+
+    def run(f, x, dy, bf16=True):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            y, balance, counts = f(x)
+        return y.float(), counts.float(), torch.autograd.grad((y.float() * dy).sum() + balance, [x] + params)
+    x = torch.randn(4096, 256, device=device, requires_grad=True)
+    dy = torch.randn(4096, 256, device=device)
+    y, counts, g = run(moe, x, dy)
+    y_loop, counts_loop, g_loop = run(moe.forward_loop, x, dy)
+    y32, _, _ = run(moe.forward_loop, x, dy, bf16=False)
+    errs = {"out": rel(y, y_loop), "grads (worst)": max(rel(a, b) for a, b in zip(g, g_loop))}
+    ok = torch.equal(counts, counts_loop) and errs["out"] < 1e-2 and errs["grads (worst)"] < 2e-2
+    detail = (f"T=4096 E=16 K=4 bf16: same routing {torch.equal(counts, counts_loop)}, rel err vs loop: out "
+              f"{errs['out']:.1e}, grads {errs['grads (worst)']:.1e} (fp32 loop: out {rel(y, y32):.1e})")
+    if compile:
+        from torch._dynamo.utils import counters
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(moe, fullgraph=True)
+        worst = 0.0
+        for i in range(2):
+            xi = (torch.randn(4096, 256, device=device) * (i + 1)).requires_grad_()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                yc, cc, gc = run(compiled, xi, dy)
+            ye, ce, ge = run(moe, xi, dy)
+            ok &= torch.equal(cc, ce)
+            worst = max([worst, rel(yc, ye)] + [rel(a, b) for a, b in zip(gc, ge)])
+        ok &= worst < 1e-2 and counters["stats"]["unique_graphs"] == 1
+        detail += f"; compiled vs eager {worst:.1e}, {counters['stats']['unique_graphs']} graph for 2 routings"
+    return ok, detail
+
+
+def check_attention(device):
+    """ALiBi through FlexAttention (score_mod + causal block mask) and through SDPA with the bias, both
+    in bf16, against SDPA in fp32; T is no multiple of the 128-wide blocks and H no power of two."""
+    torch.manual_seed(0)
+    B, H, T, Dh = 2, 12, 1000, 64
+    backward = device.type == "cuda"
+    q, k, v = (torch.randn(B, H, T, Dh, device=device, requires_grad=backward) for _ in range(3))
+    dy = torch.randn(B, H, T, Dh, device=device)
+    bias = alibi_bias(torch.tensor(alibi_slopes(H), device=device), T, torch.float32)
+    flex = flex_attention_compiled() if device.type == "cuda" else flex_attention
+
+    def run(f, dtype):
+        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        y = f(qd, kd, vd).float()
+        return y, (torch.autograd.grad((y * dy).sum(), (q, k, v)) if backward else ())
+    ref, g_ref = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias), torch.float32)
+    y_flex, g_flex = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(T, device)),
+                         torch.bfloat16)
+    y_sdpa, g_sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias.bfloat16()), torch.bfloat16)
+    e_flex = max([rel(y_flex, ref)] + [rel(a, b) for a, b in zip(g_flex, g_ref)])
+    e_sdpa = max([rel(y_sdpa, ref)] + [rel(a, b) for a, b in zip(g_sdpa, g_ref)])
+    what = "output and gradients" if backward else "output (no FlexAttention backward on CPU)"
+    return e_flex < 1e-2, (f"B={B} H={H} T={T} Dh={Dh} bf16, worst rel err vs fp32 SDPA over {what}: "
+                           f"flex {e_flex:.1e}, SDPA with a bf16 bias {e_sdpa:.1e}")
+
+
+def check_training(device, compile):
+    """A dense and an MoE GPT trained for 30 steps as train.py trains them (bf16 autocast on CUDA, the
+    blocks compiled, fused AdamW): eager and compiled give the same first loss, the loss falls, and
+    nothing recompiles once the first step has been traced."""
+    from torch._dynamo.utils import counters
+    attention = "flex" if device.type == "cuda" else "sdpa"
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    details, ok = [], True
+    for scheme in ("dense", "1dense"):
+        torch.manual_seed(0)
+        cfg = GPTConfig(scheme=scheme, L=4, Dm=256, H=4, Dffn=704, E=16, K=2, De=64, Dse=128, S=256, vocab_size=512)
+        model = GPT(cfg, attention).to(device)
+        idx = torch.randint(0, 512, (8, 257), device=device)
+        x, y = idx[:, :-1], idx[:, 1:]
+        with torch.no_grad(), autocast:
+            eager_loss = model(x, y)[1].item()
+        torch._dynamo.reset()
+        counters.clear()
+        fwd = model.compile_regions() if compile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+        losses, t0 = [], None
+        for step in range(30):
+            if step == 1:
+                graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+            with autocast:
+                _, loss, _ = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        ms = (time.perf_counter() - t0) / 29 * 1e3
+        recompiled = counters["stats"]["unique_graphs"] - graphs
+        good = (all(map(math.isfinite, losses)) and abs(losses[0] / eager_loss - 1) < 1e-2
+                and losses[-1] < losses[0] - 1.0 and recompiled == 0)
+        ok &= good
+        details.append(f"{scheme}: loss {losses[0]:.3f} (eager {eager_loss:.3f}) -> {losses[-1]:.3f}, "
+                       f"{recompiled} recompiles, {ms:.1f} ms/step")
+    return ok, f"{attention}{' compiled' if compile else ''}; " + "; ".join(details)
+
+
+def check_two_ranks(device):
+    """train.py on two ranks (NCCL on GPUs, gloo on CPU) against one process, same global batch."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return None, f"{torch.cuda.device_count()} GPU here: needs two"
+    with tempfile.TemporaryDirectory() as tmp:
+        text = "".join(f"{i} the king and {i * 7 % 13} the queen of {i % 5} the sea.\n" for i in range(20000))
+        with contextlib.redirect_stdout(None):
+            data.prepare(f"{tmp}/data", {"train": [(text, True)], "val": [(text[:20000], True)]}, "byte", workers=1)
+        argv = ["--L=2", "--Dm=64", "--H=2", "--Dffn=176", "--E=8", "--K=2", "--De=32", "--Dse=64", "--S=64",
+                f"--data={tmp}/data", "--iters=10", "--batch_seqs=8", "--log_interval=1", "--eval_interval=10",
+                "--eval_tokens=4096", f"--device={device.type}", "--dtype=float32"]
+        losses = []
+        for n, out in ((1, "one"), (2, "two")):
+            launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if n > 1 else [])
+            r = subprocess.run(launch + [str(Path(__file__).with_name("train.py"))] + argv + [f"--out_dir={tmp}/{out}"],
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode:
+                return False, f"{n} rank(s): exit {r.returncode}: {r.stderr.strip()[-400:]}"
+            losses.append([json.loads(ln)["loss"] for ln in open(f"{tmp}/{out}/log.jsonl") if '"train"' in ln])
+    worst = max(abs(a / b - 1) for a, b in zip(*losses))
+    return worst < 1e-3, f"10 steps fp32, 2 ranks vs 1: worst relative loss difference {worst:.1e}"
+
+
+def gpu_check(a):
+    device = torch.device(a.device)
+    env = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        env["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    print("gpu-check  " + "  ".join(f"{k}={v}" for k, v in env.items()))
+    checks = {"expert path (fused vs loop)": lambda: check_expert_path(device, a.compile),
+              "ALiBi attention (flex, SDPA)": lambda: check_attention(device),
+              "training steps": lambda: check_training(device, a.compile),
+              "two ranks vs one": lambda: check_two_ranks(device)}
+    results, failed = {}, False
+    for name, fn in checks.items():
+        t = time.perf_counter()
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a check that crashes is a failed check; the others still run
+            ok, detail = False, f"{type(e).__name__}: {str(e).strip()[:600]}"
+        status = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        failed |= ok is False
+        results[name] = {"status": status, "detail": detail, "seconds": time.perf_counter() - t}
+        print(f"  {status}  {name:30} {detail}  ({results[name]['seconds']:.0f} s)", flush=True)
+    print("gpu-check: " + ("FAILED" if failed else "all checks passed"))
+    return {"env": env, "checks": results, "failed": failed}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("gpu-check", allow_abbrev=False, help="the smoke test to run first on a new GPU box")
     e = sub.add_parser("expert", allow_abbrev=False, help="MoE FFN vs dense SwiGLU of equal active FLOPs")
-    e.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
     e.add_argument("--breakdown", action="store_true", help="also time the MoE without its router, "
                    "and its grouped GEMMs alone, to say where its extra time goes")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
         e.add_argument(f"--{name}", type=int, default=default)
+    at = sub.add_parser("attention", allow_abbrev=False, help="FlexAttention with ALiBi vs SDPA (bias, causal)")
+    for name, default in [("B", 8), ("H", 16), ("S", 2048), ("Dh", 128)]:
+        at.add_argument(f"--{name}", type=int, default=default)
     t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
     t.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
     t.add_argument("--dense", help="TOML with the dense [model] (default: solved for the MoE's N, same L)")
     t.add_argument("--iters", type=int, default=60)
-    t.add_argument("--batch_seqs", type=int, default=16)
     t.add_argument("--micro_batch", type=int, default=0)
     t.add_argument("--log_interval", type=int, default=10)
     t.add_argument("--data", default="data/shakespeare-byte")
     t.add_argument("--peak_flops", type=float, default=0.0,
                    help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
-    for q in (e, t):
+    pr = sub.add_parser("profile", allow_abbrev=False, help="GPU time of training steps by kernel kind")
+    pr.add_argument("config", nargs="?", help="TOML with the [model] (default: the CPU toy)")
+    pr.add_argument("--vocab_size", type=int, default=256)
+    pr.add_argument("--steps", type=int, default=3, help="profiled steps")
+    pr.add_argument("--top", type=int, default=12, help="kernels listed")
+    for q in (t, pr):
+        q.add_argument("--batch_seqs", type=int, default=16)
+    for q in (g, e, at, t, pr):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
         q.add_argument("--compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
         q.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-        q.add_argument("--rounds", type=int, default=30 if q is e else 9)
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
                        "see train.tune_malloc")
+        q.add_argument("--json", help="also write the results to this JSON file")
+    for q in (e, at):
+        q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
+    for q in (e, at, t, pr):
+        q.add_argument("--warmup", type=int, default=5 if q in (e, at) else 2, help="untimed rounds (steps) first")
+        q.add_argument("--rounds", type=int, default={e: 30, at: 20, t: 9, pr: 0}[q])
     a = p.parse_args(argv)
+    if getattr(a, "dtype", None) == "auto":
+        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
     if a.malloc == "tuned":
         tune_malloc()
     if a.threads:
         torch.set_num_threads(a.threads)
-    {"expert": bench_expert, "step": bench_step}[a.what](a)
+    if a.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
+           "profile": bench_profile}[a.what]
+    result = run(a)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+    if a.what == "gpu-check" and result["failed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

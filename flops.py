@@ -124,6 +124,14 @@ def M_train(s, include_router=True):
     return 3 * M_fwd(s, include_router)
 
 
+def M_exec(s, vocab_size):
+    """Matmul FLOPs per training token that the hardware executes, for MFU only (budgets use S11):
+    3 × (2·Na with the router, 2·Dm·V for the LM head, and causal attention: 4·H·Dh per query-key pair
+    over the (S+1)/2 keys a query sees on average). The paper's M_train leaves out the LM head and
+    counts attention over the whole S×S square, which biases MFU between models of other widths."""
+    return 3 * (2 * count(s, True).Na + 2 * s.Dm * vocab_size + 2 * s.H * s.Dh * (s.S + 1) * s.L)
+
+
 def compute(s, D, include_router=True):
     """S11: C = M_train · D for D training tokens."""
     return M_train(s, include_router) * D

@@ -8,6 +8,7 @@ shapes, so torch.compile(fullgraph=True) makes one graph that survives any routi
 Shape suffixes in the hot code, with the paper's letters: T tokens, D model width (Dm), E experts,
 K experts per token, F expert width (De), V vocabulary; TK = T·K routing slots.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.flop_counter import register_flop_formula
 
 import flops
 
@@ -86,6 +89,12 @@ def _gmm_backward(ctx, dy):
 
 
 gmm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+# so that torch.utils.flop_counter.FlopCounterMode counts the experts: 2 FLOPs per multiply-add, as mm
+@register_flop_formula([torch.ops.moe_equal.gmm, torch.ops.moe_equal.gmm_wgrad])
+def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
+    return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
 
 
 # ----------------------------------------------------------------------------- dispatch / combine
@@ -176,17 +185,65 @@ def alibi_bias(slopes_H, T, dtype):
     return bias.masked_fill(rel_TT > 0, float("-inf")).to(dtype)
 
 
+# FlexAttention, the CUDA path: ALiBi is a score_mod that the fused kernel evaluates on each fp32 score,
+# and causality a block mask, so the blocks above the diagonal are skipped rather than computed and
+# masked. SDPA with the materialised [H, T, T] bias above stays the reference and the CPU path
+# (FlexAttention has no backward on CPU). It must be compiled to be fast: inside a compiled block
+# torch.compile lowers it to the fused kernels; called eagerly it needs a compiled wrapper of its own.
+@functools.cache
+def flex_attention_compiled():
+    return torch.compile(flex_attention, dynamic=False)  # made on first use: torch.compile costs ~3 s of imports
+
+
+@functools.cache
+def alibi_score_mod(H):
+    """score − m_h·(i − j) with the slopes of alibi_slopes(H) in closed form, computed in the kernel in
+    fp32: h < P takes 2^(−8(h+1)/P); the rest every other slope of the 2P sequence, 2^(−4(2(h−P)+1)/P).
+    One function per H, so that compiled code is reused rather than traced again for a new closure."""
+    P = 2 ** math.floor(math.log2(H))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        e = torch.where(h < P, (h + 1) * (8.0 / P), (2 * (h - P) + 1) * (4.0 / P))
+        return score - torch.exp2(-e) * (q_idx - kv_idx)
+    return score_mod
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+_block_masks = {}
+
+
+def causal_block_mask(T, device):
+    """The causal BlockMask for T×T attention: built once per (T, device) in eager code, traced into the
+    graph when compiling (it depends on nothing but T)."""
+    if torch.compiler.is_compiling():
+        return create_block_mask(causal, None, None, T, T, device=device)
+    key = (T, str(device))
+    if key not in _block_masks:
+        _block_masks[key] = create_block_mask(causal, None, None, T, T, device=device)
+    return _block_masks[key]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.H, self.Dh = cfg.H, cfg.Dh
         self.qkv = nn.Linear(cfg.Dm, 3 * cfg.H * cfg.Dh, bias=False)
         self.proj = nn.Linear(cfg.H * cfg.Dh, cfg.Dm, bias=False)
+        self.score_mod = alibi_score_mod(cfg.H)
 
-    def forward(self, x_BTD, bias_HTT):
+    def forward(self, x_BTD, mask):
+        """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the [H, T, T] ALiBi bias (SDPA)."""
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.H, self.Dh).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias_HTT.to(q.dtype))
+        if isinstance(mask, BlockMask):  # eager on CPU (tests only: no backward there), the slow reference
+            eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+            flex = flex_attention_compiled() if eager_cuda else flex_attention
+            y = flex(q, k, v, score_mod=self.score_mod, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 
@@ -231,6 +288,25 @@ class MoE(nn.Module):
         balance = self.E * (f_E * s_TE.mean(0)).sum()
         return y_TD.to(x_TD.dtype), balance, counts_E
 
+    def forward_loop(self, x_TD):
+        """S1–S6 written the obvious way, one expert at a time: the reference that the fused path is
+        tested against (tests/test_model.py on CPU, bench.py gpu-check in bf16 on a GPU). Slow."""
+        s_TE = F.softmax(self.router(x_TD).float(), dim=-1)
+        g_TK, e_TK = s_TE.topk(self.K, dim=-1)
+        if self.norm_topk:
+            g_TK = g_TK / g_TK.sum(-1, keepdim=True)
+        y_TD = torch.zeros_like(x_TD)
+        counts_E = torch.zeros(self.E, device=x_TD.device)
+        for i in range(self.E):
+            tok, slot = (e_TK == i).nonzero(as_tuple=True)
+            counts_E[i] = len(tok)
+            h1, h3 = (x_TD[tok] @ self.w13[i]).chunk(2, dim=-1)
+            y_TD = y_TD.index_add(0, tok, ((F.silu(h1) * h3 * g_TK[tok, slot, None].to(h3.dtype)) @ self.w2[i]).to(y_TD.dtype))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        f_E = counts_E / (self.K * len(x_TD))
+        return y_TD, self.E * (f_E * s_TE.mean(0)).sum(), counts_E
+
 
 class Block(nn.Module):
     def __init__(self, cfg, kind):
@@ -238,8 +314,8 @@ class Block(nn.Module):
         self.norm1, self.attn, self.norm2 = RMSNorm(cfg.Dm), Attention(cfg), RMSNorm(cfg.Dm)
         self.ffn = MoE(cfg) if kind == "moe" else SwiGLU(cfg.Dm, cfg.Dffn)
 
-    def forward(self, x_BTD, bias_HTT):
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), bias_HTT)
+    def forward(self, x_BTD, mask):
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask)
         h_BTD = self.norm2(x_BTD)
         if isinstance(self.ffn, SwiGLU):
             return x_BTD + self.ffn(h_BTD), None
@@ -247,10 +323,16 @@ class Block(nn.Module):
         return x_BTD + y_TD.view_as(x_BTD), (balance, counts_E)
 
 
+ATTENTION = ("sdpa", "flex")
+
+
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """attention: "sdpa" (the materialised ALiBi bias; any device) or "flex" (FlexAttention; CUDA for training)."""
+    def __init__(self, cfg: GPTConfig, attention="sdpa"):
         super().__init__()
-        self.cfg = cfg
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r} is unknown: expected one of {', '.join(ATTENTION)}")
+        self.cfg, self.attention = cfg, attention
         self.wte = nn.Embedding(cfg.vocab_size, cfg.Dm)
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in flops.layer_kinds(cfg))
         self.norm_f = RMSNorm(cfg.Dm)
@@ -282,18 +364,17 @@ class GPT(nn.Module):
         """Logits, and with targets the loss L_CE + λ·L_balance and its parts. Stats: 'ce',
         'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (S6)."""
         x = self.wte(idx_BT)
-        bias = alibi_bias(self.slopes, idx_BT.shape[1], x.dtype)
+        T = idx_BT.shape[1]
+        mask = causal_block_mask(T, x.device) if self.attention == "flex" else alibi_bias(self.slopes, T, x.dtype)
         balances, loads = [], []
         for block in self.blocks:
-            x, aux = block(x, bias)
+            x, aux = block(x, mask)
             if aux is not None:
                 balances.append(aux[0])
                 loads.append(aux[1])
-        x = self.norm_f(x)
         if targets_BT is None:
-            return self.lm_head(x[:, -1:]), None, {}
-        logits = self.lm_head(x)
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
+            return self.lm_head(self.norm_f(x[:, -1:])), None, {}
+        logits, ce = self.head(x, targets_BT)
         if balances:
             balance = torch.stack(balances).mean()
             loss = ce + self.cfg.balance_coef * balance
@@ -301,6 +382,21 @@ class GPT(nn.Module):
             balance, loss = ce.new_zeros(()), ce
         load = torch.stack(loads) if loads else ce.new_zeros(0, 0)
         return logits, loss, {"ce": ce.detach(), "balance": balance.detach(), "load": load}
+
+    def head(self, x_BTD, targets_BT):
+        """Logits and the mean cross-entropy (in fp32) over the targets that are not −1."""
+        logits = self.lm_head(self.norm_f(x_BTD))
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
+        return logits, ce
+
+    def compile_regions(self):
+        """torch.compile each block and the head on their own ("regional compilation"), in place. Blocks
+        of one kind run the same code on other weights, so they share one compiled graph and a deep model
+        compiles about as fast as a shallow one; what is lost is fusion across block boundaries."""
+        for block in self.blocks:
+            block.compile(fullgraph=True, dynamic=False)
+        self.head = torch.compile(self.head, fullgraph=True, dynamic=False)  # an instance attribute over the method
+        return self
 
     def param_counts(self):
         """(N, Na) counted from the tensors: no embeddings, no LM head, no norms (SPEC §2).
@@ -316,13 +412,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx_BT, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens continuations, conditioning on at most the last S tokens."""
-        for _ in range(max_new_tokens):
-            logits, _, _ = self(idx_BT[:, -self.cfg.S:])
-            logits = logits[:, -1].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx_BT = torch.cat([idx_BT, nxt], dim=1)
+        """Sample max_new_tokens continuations, conditioning on at most the last S tokens. Runs SDPA
+        whatever self.attention says: the length grows by one each step, and compiled FlexAttention
+        would compile again for every length."""
+        attention, self.attention = self.attention, "sdpa"
+        try:
+            for _ in range(max_new_tokens):
+                logits, _, _ = self(idx_BT[:, -self.cfg.S:])
+                logits = logits[:, -1].float() / max(temperature, 1e-6)
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                idx_BT = torch.cat([idx_BT, nxt], dim=1)
+        finally:
+            self.attention = attention
         return idx_BT

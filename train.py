@@ -60,7 +60,8 @@ class TrainConfig:
     stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
     device: str = "auto"      # auto = cuda when available, else cpu
     dtype: str = "auto"       # auto = bfloat16 autocast on cuda, float32 elsewhere
-    compile: bool = False
+    compile: bool = False     # torch.compile each block and the head (model.GPT.compile_regions)
+    attention: str = "auto"   # flex (FlexAttention) | sdpa (SDPA with the ALiBi bias); auto = flex on cuda
     peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in PEAK_FLOPS
 
 
@@ -259,11 +260,14 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
         windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
         while chunk := list(itertools.islice(windows, batch)):  # streamed: a big split never sits in memory
             x, y = (np.stack(t) for t in zip(*chunk))
+            nll[1] += float(table[y].sum())
+            if len(x) < batch:  # pad the last batch with ignored rows: a compiled model sees one shape
+                x, y = (np.concatenate([a, np.full((batch - len(a), S), fill, a.dtype)]) for a, fill in ((x, 0), (y, -1)))
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             with autocast:
                 logits, _, _ = model(xt, yt)
-            nll[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), yt.flatten(), reduction="sum")
-            nll[1] += float(table[y].sum())
+            nll[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), yt.flatten(), ignore_index=-1,
+                                                        reduction="sum")
         if world > 1:
             dist.all_reduce(nll)
         out[name] = data.bpc(nll[0].item(), nll[1].item())
@@ -345,7 +349,11 @@ def train(argv):
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT(mcfg).to(device)
+    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+    if attention not in ("flex", "sdpa") or (attention == "flex" and device.type != "cuda"):
+        raise ValueError(f"train.attention={tcfg.attention!r} on {device.type}: expected auto, sdpa, or flex "
+                         "on a CUDA device (FlexAttention has no backward on CPU)")
+    model = GPT(mcfg, attention).to(device)
     optimizer = make_optimizer(model, plan, tcfg, device)
     out = Path(tcfg.out_dir)
     ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
@@ -370,24 +378,25 @@ def train(argv):
             truncate_log(log_path, step)
         else:
             log_path.unlink(missing_ok=True)
-    fwd = torch.compile(model) if tcfg.compile else model
+    fwd = model.compile_regions() if tcfg.compile else model
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
     peak = peak_flops(tcfg, device)
+    M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
     run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
                batch_seqs=plan.batch_seqs, micro=plan.micro, accum=plan.accum, world=world, lr=plan.lr,
                warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
-               tokenizer=meta["tokenizer"], device=str(device), dtype=dtype)
+               tokenizer=meta["tokenizer"], device=str(device), dtype=dtype, attention=attention, M_exec=M_exec)
     if master:
         print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
-              f"M_train={plan.M_train:.3g} FLOPs/token")
+              f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
         print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
               f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
               f"{loader.unique_tokens:,} unique tokens; micro {plan.micro} × accum {plan.accum} × world {world}; "
-              f"{device} {dtype}{' compiled' if tcfg.compile else ''}")
+              f"{device} {dtype} {attention}{' compiled' if tcfg.compile else ''}")
 
     def log(record):
         if master:
@@ -448,13 +457,15 @@ def train(argv):
                                          f"steps {last_step + 1} and {step}; the last good checkpoint is {where}")
             now = time.perf_counter()
             tok_s = (step - last_step) * plan.batch_seqs * mcfg.S / (now - last_time)
-            mfu = tok_s * plan.M_train / (world * peak) if peak else None
+            mfu = tok_s * M_exec / (world * peak) if peak else None  # FLOPs executed, LM head included
             # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
             per_layer = (load_sum.max(-1).values * load_sum.shape[-1] / load_sum.sum(-1)).tolist() if load_sum.numel() else []
             record = {"kind": "train", "step": step, "tokens": step * plan.batch_seqs * mcfg.S,
                       "epoch": loader.epoch, "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v,
                       "grad_norm": grad_norm.item(), "load_max_over_mean": per_layer,
                       "tokens_per_s": tok_s, "mfu": mfu, "data_share": data_time / (now - last_time)}
+            if device.type == "cuda":
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             log(record)
             bar.set_postfix_str(f"loss {loss_v:.3f} " + "".join(f"{k} {v:.3f} " for k, v in last_bpc.items())
                                 + f"{tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else ""))

@@ -1,4 +1,5 @@
-"""model.py: the fused expert path against a plain loop, compile, balance loss, ALiBi, causality, counts."""
+"""model.py: the fused expert path against a plain loop, compile, balance loss, ALiBi (SDPA and FlexAttention),
+causality, counts, FLOPs."""
 import math
 
 import pytest
@@ -6,27 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import flops
-from model import GPT, MoE, GPTConfig, alibi_bias, alibi_slopes
+from torch.nn.attention.flex_attention import flex_attention
+from torch.utils.flop_counter import FlopCounterMode
 
+from model import GPT, MoE, GPTConfig, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
 
-def loop_reference(moe, x):
-    """The MoE layer written the obvious way: for each expert, its tokens, one matmul at a time (S1–S6)."""
-    s = torch.softmax(moe.router(x).float(), dim=-1)
-    g, e = s.topk(moe.K, dim=-1)
-    if moe.norm_topk:
-        g = g / g.sum(-1, keepdim=True)
-    y = torch.zeros_like(x)
-    counts = torch.zeros(moe.E)
-    for i in range(moe.E):
-        tok, slot = (e == i).nonzero(as_tuple=True)
-        counts[i] = len(tok)
-        if len(tok):
-            h1, h3 = (x[tok] @ moe.w13[i]).chunk(2, dim=-1)
-            y = y.index_add(0, tok, (F.silu(h1) * h3 * g[tok, slot, None]) @ moe.w2[i])
-    if moe.shared is not None:
-        y = y + moe.shared(x)
-    f = counts / (moe.K * len(x))
-    return y, moe.E * (f * s.mean(0)).sum(), counts
+# FlexAttention warns when it runs uncompiled: on CPU (no backward there) that is what the tests check
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
 def random_moe(seed, E, K, De, Dse, norm_topk, Dm=32, router_std=1.0):
@@ -53,7 +40,7 @@ def test_grouped_path_matches_loop(E, K, De, Dse, norm_topk, T):
     moe = random_moe(E * 100 + K * 10 + T, E, K, De, Dse, norm_topk)
     x = torch.randn(T, 32, requires_grad=True)
     y, balance, counts = moe(x)
-    y_ref, balance_ref, counts_ref = loop_reference(moe, x)
+    y_ref, balance_ref, counts_ref = moe.forward_loop(x)
     assert torch.equal(counts.float(), counts_ref)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(balance, balance_ref) < 1e-5
     dy = torch.randn_like(y)
@@ -174,6 +161,71 @@ def test_alibi_bias_penalises_distance_and_masks_the_future():
     bias = alibi_bias(torch.tensor([0.5, 0.25]), 4, torch.float32)
     assert bias[0, 3].tolist() == [-1.5, -1.0, -0.5, 0.0]
     assert bias[1, 2, :3].tolist() == [-0.5, -0.25, 0.0] and bias[1, 2, 3] == float("-inf")
+
+
+@pytest.mark.parametrize("H,T", [(8, 256), (11, 200), (12, 77)])
+def test_flex_score_mod_and_block_mask_match_the_bias(H, T):
+    # FlexAttention's ALiBi (closed-form slopes in the score_mod, causality in the block mask) against SDPA
+    # with the materialised bias; T off the 128-wide blocks and H off the powers of two included
+    torch.manual_seed(H * T)
+    q, k, v = (torch.randn(2, H, T, 16) for _ in range(3))
+    y_flex = flex_attention(q, k, v, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(T, "cpu"))
+    y_ref = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi_bias(torch.tensor(alibi_slopes(H)), T, torch.float32))
+    assert rel_err(y_flex, y_ref) < 1e-5
+
+
+def test_block_mask_skips_the_blocks_above_the_diagonal():
+    mask = causal_block_mask(300, "cpu")  # 3 blocks of 128: the last one partial
+    blocks = mask.to_dense()[0, 0]
+    assert blocks.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    q, kv = torch.arange(300)[:, None], torch.arange(300)[None, :]
+    assert torch.equal(mask.mask_mod(0, 0, q, kv), q >= kv)
+
+
+@pytest.mark.parametrize("scheme", ["dense", "1dense"])
+def test_gpt_with_flex_attention_matches_sdpa(scheme):
+    torch.manual_seed(7)
+    cfg = GPTConfig(scheme=scheme, L=2, Dm=32, H=3, Dh=8, Dffn=64, E=4, K=2, De=16, Dse=16, S=150, vocab_size=40)
+    sdpa = GPT(cfg)
+    flex = GPT(cfg, attention="flex")
+    flex.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 40, (2, 150))
+    with torch.no_grad():
+        (logits_s, loss_s, _), (logits_f, loss_f, _) = sdpa(idx, idx), flex(idx, idx)
+    assert rel_err(logits_f, logits_s) < 1e-5 and rel_err(loss_f, loss_s) < 1e-6
+    with pytest.raises(ValueError, match="attention='flash'"):
+        GPT(cfg, attention="flash")
+
+
+def test_regional_compile_matches_eager_and_shares_graphs_across_blocks():
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(8)
+    model = GPT(GPTConfig(scheme="1dense", L=5, Dm=32, H=2, Dffn=64, E=4, K=2, De=16, Dse=16, S=16, vocab_size=40))
+    idx = torch.randint(0, 40, (2, 16))
+    _, loss_e, _ = model(idx, idx)
+    g_e = torch.autograd.grad(loss_e, list(model.parameters()))
+    model.compile_regions()
+    for _ in range(2):
+        _, loss_c, _ = model(idx, idx)
+        g_c = torch.autograd.grad(loss_c, list(model.parameters()))
+        assert rel_err(loss_c, loss_e) < 1e-5 and all(rel_err(a, b) < 1e-4 for a, b in zip(g_c, g_e))
+    # one graph for the dense block, one for the four MoE blocks, one for the head: none per layer
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+
+
+@pytest.mark.parametrize("scheme", ["dense", "full", "1dense", "interleave"])
+def test_executed_flops_are_what_torch_counts(scheme):
+    # flops.M_exec against torch's FlopCounterMode over one forward + backward. SDPA with a bias runs
+    # the whole S×S square, M_exec counts the causal triangle: the square's share is added back here.
+    cfg = GPTConfig(scheme=scheme, L=3, Dm=32, H=2, Dh=24, Dffn=64, E=5, K=2, De=16, Dse=16, S=16, vocab_size=40)
+    model = GPT(cfg)
+    idx = torch.randint(0, 40, (3, 16))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    square_minus_triangle = 3 * 4 * cfg.H * cfg.Dh * (cfg.S - (cfg.S + 1) / 2) * cfg.L
+    assert counter.get_total_flops() == pytest.approx(3 * 16 * (flops.M_exec(cfg, 40) + square_minus_triangle), rel=1e-12)
 
 
 @pytest.mark.parametrize("scheme", ["dense", "1dense"])

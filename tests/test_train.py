@@ -202,3 +202,11 @@ def test_every_run_config_resolves(path):
 def test_toy_config_is_the_default():
     m, t, _, _ = train.load_config([str(ROOT / "configs" / "toy.toml")])
     assert GPTConfig(**m) == GPTConfig() and t == train.TrainConfig()
+
+
+@pytest.mark.parametrize("value", ["flex", "flash"])
+def test_attention_other_than_sdpa_on_cpu_is_refused_before_any_file(tiny_run, tmp_path, value):
+    # FlexAttention has no backward on CPU: training with it there is refused, as is an unknown value
+    with pytest.raises(ValueError, match=f"train.attention='{value}' on cpu"):
+        train.train(tiny_run("att", f"--attention={value}"))
+    assert not (tmp_path / "att").exists()
