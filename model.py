@@ -6,7 +6,8 @@ grouped GEMMs over tokens sorted by expert: dropless, no host synchronisation, n
 shapes, so torch.compile(fullgraph=True) makes one graph that survives any routing.
 
 Shape suffixes in the hot code, with the paper's letters: T tokens, D model width (Dm), E experts,
-K experts per token, F expert width (De), V vocabulary; TK = T·K routing slots.
+K experts per token, F expert width (De), V vocabulary; R = T·K routing slots (S stays the
+sequence length, as in SPEC).
 """
 import functools
 import math
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.flop_counter import register_flop_formula
@@ -85,7 +87,11 @@ def _gmm_setup(ctx, inputs, output):
 def _gmm_backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dy = dy.contiguous()  # grouped_mm's kernels reject zero-stride gradients such as that of out.sum()
-    return gmm(dy, w.transpose(1, 2), offs), gmm_wgrad(x, dy, offs), None
+    # an expert without rows gets exactly zero, not whatever grouped_mm leaves in its slot (upstream
+    # reports unwritten weight gradients for empty groups on some GPUs)
+    empty_E = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+    dw = gmm_wgrad(x, dy, offs).masked_fill(empty_E[:, None, None], 0.0)
+    return gmm(dy, w.transpose(1, 2), offs), dw, None
 
 
 gmm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
@@ -100,59 +106,59 @@ def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
 # ----------------------------------------------------------------------------- dispatch / combine
 # Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
 # token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
-def _dispatch(x_TD, tok_S):
-    return x_TD[tok_S]
+def _dispatch(x_TD, tok_R):
+    return x_TD[tok_R]
 
 
-def _combine(o_SD, inv_S, K):
-    return o_SD[inv_S].view(-1, K, o_SD.shape[-1]).sum(1)
+def _combine(o_RD, inv_R, K):
+    return o_RD[inv_R].view(-1, K, o_RD.shape[-1]).sum(1)
 
 
 class Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, tok_S, inv_S, K):
-        ctx.save_for_backward(inv_S)
+    def forward(ctx, x_TD, tok_R, inv_R, K):
+        ctx.save_for_backward(inv_R)
         ctx.K = K
-        return _dispatch(x_TD, tok_S)
+        return _dispatch(x_TD, tok_R)
 
     @staticmethod
-    def backward(ctx, dxs_SD):
-        (inv_S,) = ctx.saved_tensors
-        return _combine(dxs_SD, inv_S, ctx.K), None, None, None
+    def backward(ctx, dxs_RD):
+        (inv_R,) = ctx.saved_tensors
+        return _combine(dxs_RD, inv_R, ctx.K), None, None, None
 
 
 class Combine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o_SD, tok_S, inv_S, K):
-        ctx.save_for_backward(tok_S)
-        return _combine(o_SD, inv_S, K)
+    def forward(ctx, o_RD, tok_R, inv_R, K):
+        ctx.save_for_backward(tok_R)
+        return _combine(o_RD, inv_R, K)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        (tok_S,) = ctx.saved_tensors
-        return _dispatch(dy_TD, tok_S), None, None, None
+        (tok_R,) = ctx.saved_tensors
+        return _dispatch(dy_TD, tok_R), None, None, None
 
 
 def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
     """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of S5), dropless.
-    The TK routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e]."""
+    The R routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e]."""
     T, K = e_TK.shape
     E = w13_EDF2.shape[0]
-    e_S, order_S = e_TK.flatten().sort(stable=True)      # S = TK slots, grouped by expert
-    tok_S = order_S // K                                  # the token behind each slot
-    inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=e_TK.device))
-    # group e ends where ids > e begin; the last group ends at TK by construction, so no row of the
+    e_R, order_R = e_TK.flatten().sort(stable=True)      # the R = T·K slots, grouped by expert
+    tok_R = order_R // K                                  # the token behind each slot
+    inv_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=e_TK.device))
+    # group e ends where ids > e begin; the last group ends at R by construction, so no row of the
     # grouped GEMMs is ever left unwritten (grouped_mm skips rows past the last offset)
-    ends = torch.searchsorted(e_S, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
+    ends = torch.searchsorted(e_R, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
     offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
-    xs_SD = Dispatch.apply(x_TD, tok_S, inv_S, K)
-    h_SF2 = gmm(xs_SD, w13_EDF2, offs_E)
-    h1_SF, h3_SF = h_SF2.chunk(2, dim=-1)
+    xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
+    h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
+    h1_RF, h3_RF = h_RF2.chunk(2, dim=-1)
     # the gate scales the narrow hidden (F wide) rather than the output (D wide): same result, less memory traffic
-    a_SF = F.silu(h1_SF) * h3_SF * g_TK.flatten()[order_S].unsqueeze(-1).to(h3_SF.dtype)
-    o_SD = gmm(a_SF, w2_EFD, offs_E)
+    a_RF = F.silu(h1_RF) * h3_RF * g_TK.flatten()[order_R].unsqueeze(-1).to(h3_RF.dtype)
+    o_RD = gmm(a_RF, w2_EFD, offs_E)
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    return Combine.apply(o_SD, tok_S, inv_S, K), counts_E
+    return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
 
 
 # ----------------------------------------------------------------------------- layers
@@ -235,7 +241,7 @@ class Attention(nn.Module):
         self.score_mod = alibi_score_mod(cfg.H)
 
     def forward(self, x_BTD, mask):
-        """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the [H, T, T] ALiBi bias (SDPA)."""
+        """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the fp32 [H, T, T] ALiBi bias (SDPA)."""
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.H, self.Dh).permute(2, 0, 3, 1, 4)
         if isinstance(mask, BlockMask):  # eager on CPU (tests only: no backward there), the slow reference
@@ -243,7 +249,7 @@ class Attention(nn.Module):
             flex = flex_attention_compiled() if eager_cuda else flex_attention
             y = flex(q, k, v, score_mod=self.score_mod, block_mask=mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
 
 
@@ -269,13 +275,35 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(cfg.E, cfg.Dm, 2 * cfg.De))     # [W1ᵀ | W3ᵀ] per expert
         self.w2 = nn.Parameter(torch.empty(cfg.E, cfg.De, cfg.Dm))          # W2ᵀ per expert
         self.shared = SwiGLU(cfg.Dm, cfg.Dse) if cfg.Dse else None
+        # under DDP the ranks' micro-batches together are one micro-batch: f (S6) is counted over all
+        # of them, so the balance loss, and the run, do not depend on how many ranks share the batch
+        self.balance_group, self.balance_world = None, 1
 
-    def forward(self, x_TD):
-        # S1: gate scores in fp32, whatever the autocast dtype, so that routing is stable
-        s_TE = F.softmax(self.router(x_TD).float(), dim=-1)
+    def route(self, x_TD):
+        """S1–S4: gate scores s [T, E], gates g and experts e [T, K]. The router runs in fp32 whatever
+        the autocast dtype: in bf16 logits, near-ties flip which experts a token gets."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            z_TE = F.linear(x_TD.float(), self.router.weight.float())
+        # S1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
+        # E is no multiple of 16 (E = 40: 3e-8), so the MoE toy ended 0.014 BPC apart; these ops do not
+        e_TE = (z_TE - z_TE.amax(-1, keepdim=True).detach()).exp()
+        s_TE = e_TE / e_TE.sum(-1, keepdim=True)
         g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # S2, S3: g_i = s_i on the top K
         if self.norm_topk:
             g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # S4
+        return s_TE, g_TK, e_TK
+
+    def balance(self, s_TE, counts_E):
+        """S6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score. Under DDP,
+        f comes from every rank's counts (a constant: no gradient flows through it); each rank's p is
+        its own, and averaging the ranks' gradients makes it the mean p of the whole micro-batch."""
+        f_E = counts_E.float() / counts_E.sum()
+        if self.balance_group is not None and self.training:
+            f_E = funcol.all_reduce(f_E, "sum", self.balance_group) / self.balance_world
+        return self.E * (f_E * s_TE.mean(0)).sum()
+
+    def forward(self, x_TD):
+        s_TE, g_TK, e_TK = self.route(x_TD)
         w13, w2, xe = self.w13, self.w2, x_TD
         if torch.is_autocast_enabled(x_TD.device.type):   # custom ops are not autocast: cast by hand
             dt = torch.get_autocast_dtype(x_TD.device.type)
@@ -283,18 +311,12 @@ class MoE(nn.Module):
         y_TD, counts_E = routed_experts(xe, g_TK, e_TK, w13, w2)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)               # S5: the shared expert, ungated
-        # S6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score
-        f_E = counts_E.float() / e_TK.numel()
-        balance = self.E * (f_E * s_TE.mean(0)).sum()
-        return y_TD.to(x_TD.dtype), balance, counts_E
+        return y_TD.to(x_TD.dtype), self.balance(s_TE, counts_E), counts_E
 
     def forward_loop(self, x_TD):
         """S1–S6 written the obvious way, one expert at a time: the reference that the fused path is
         tested against (tests/test_model.py on CPU, bench.py gpu-check in bf16 on a GPU). Slow."""
-        s_TE = F.softmax(self.router(x_TD).float(), dim=-1)
-        g_TK, e_TK = s_TE.topk(self.K, dim=-1)
-        if self.norm_topk:
-            g_TK = g_TK / g_TK.sum(-1, keepdim=True)
+        s_TE, g_TK, e_TK = self.route(x_TD)
         y_TD = torch.zeros_like(x_TD)
         counts_E = torch.zeros(self.E, device=x_TD.device)
         for i in range(self.E):
@@ -304,8 +326,7 @@ class MoE(nn.Module):
             y_TD = y_TD.index_add(0, tok, ((F.silu(h1) * h3 * g_TK[tok, slot, None].to(h3.dtype)) @ self.w2[i]).to(y_TD.dtype))
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        f_E = counts_E / (self.K * len(x_TD))
-        return y_TD, self.E * (f_E * s_TE.mean(0)).sum(), counts_E
+        return y_TD, self.balance(s_TE, counts_E), counts_E
 
 
 class Block(nn.Module):
@@ -365,7 +386,9 @@ class GPT(nn.Module):
         'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (S6)."""
         x = self.wte(idx_BT)
         T = idx_BT.shape[1]
-        mask = causal_block_mask(T, x.device) if self.attention == "flex" else alibi_bias(self.slopes, T, x.dtype)
+        # the bias stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances
+        # collapse to 641 values; it is built once per forward and read by every layer
+        mask = causal_block_mask(T, x.device) if self.attention == "flex" else alibi_bias(self.slopes, T, torch.float32)
         balances, loads = [], []
         for block in self.blocks:
             x, aux = block(x, mask)
@@ -388,6 +411,12 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x_BTD))
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
         return logits, ce
+
+    def count_balance_over(self, group, world):
+        """Under DDP: each MoE layer's f (S6) over the micro-batches of all `world` ranks of `group`."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.balance_group, m.balance_world = group, world
 
     def compile_regions(self):
         """torch.compile each block and the head on their own ("regional compilation"), in place. Blocks

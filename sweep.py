@@ -154,15 +154,17 @@ def _arm(cfg, name, path, needs_mu):
 
 
 # ----------------------------------------------------------------------------- the plan
-def make_run(name, kind, reuse, shape, arm, C, include_router, world=1):
-    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers); the batch
-    is a whole number of sequences per rank, so train.py runs exactly the D and C planned here."""
+def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_batch=0):
+    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers). The batch is
+    a whole number of micro-batches (train.micro_batch, over all ranks), or of `world` ranks when the
+    whole batch is one micro-batch, so train.py runs exactly the D and C planned here, or refuses."""
     M = flops.M_train(shape, include_router)
     D_target = C / M
     if D_target < shape.S:
         raise ValueError(f"{name}: C={C:.3g} buys {D_target:.3g} tokens, less than one sequence of S={shape.S}; "
                          f"C must be at least M_train·S = {M * shape.S:.3g}")
-    B = world * max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S / world))
+    unit = micro_batch or world
+    B = unit * max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S / unit))
     iters = max(1, round(D_target / (B * shape.S)))
     D = iters * B * shape.S
     c = flops.count(shape, include_router)
@@ -189,16 +191,20 @@ def moe_shapes(sweep, moe, N_dense):
     return shapes
 
 
-def plan(sweep, moe, dense, world=1):
-    """Dense baselines at C and 2C, then every MoE shape under every reuse variant, for `world` ranks."""
+def plan(sweep, moe, dense, world=1, micro_batch=0):
+    """Dense baselines at C and 2C, then every MoE shape under every reuse variant, for `world` ranks
+    sharing micro-batches of `micro_batch` sequences (0: the whole batch)."""
+    if micro_batch % world:
+        raise ValueError(f"train.micro_batch={micro_batch} cannot be split evenly over {world} ranks: give a "
+                         f"multiple of {world} (it counts sequences per forward over all ranks)")
     C, r = sweep.compute, sweep.include_router
-    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r, world)
-    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r, world)]
+    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r, world, micro_batch)
+    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r, world, micro_batch)]
     for s in moe_shapes(sweep, moe, dense_C.N):
         ra = flops.count(s, r).ra
         for reuse in sweep.reuse:
             name = f"moe-ra{100 * ra:.1f}-E{s.E}-K{s.K}-De{s.De}" + ("" if reuse == "none" else f"-{reuse}")
-            run = make_run(name, "moe", reuse, s, moe, C, r, world)
+            run = make_run(name, "moe", reuse, s, moe, C, r, world, micro_batch)
             if reuse == "strict":    # the unique tokens of the dense baseline at C
                 run.unique_tokens = dense_C.unique_tokens
             elif reuse == "loose":   # two epochs over half the tokens
@@ -246,7 +252,7 @@ def plan_json(runs):
 
 def planned(path, allow_unequal=False, world=1):
     sweep, moe, dense, train_over = load_sweep(path)
-    runs = plan(sweep, moe, dense, world)
+    runs = plan(sweep, moe, dense, world, train_over.get("micro_batch", 0))
     bad = check_equal(runs, sweep.tolerance)
     if bad and not allow_unequal:
         raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "

@@ -43,7 +43,7 @@ class TrainConfig:
     compute: float = 0.0
     unique_tokens: float = 0.0  # D̂: train on the first D̂ tokens only, for as many epochs as needed (SPEC §6)
     batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (S15)
-    micro_batch: int = 0      # sequences per rank per forward (gradient accumulation makes up the rest); 0 = all
+    micro_batch: int = 0      # sequences per forward over all ranks (accumulation makes up the batch); 0 = the batch
     lr: float = 0.0           # peak learning rate; 0 = StepLaw (S15)
     lr_mult: float = 1.0      # multiplies the StepLaw learning rate
     min_lr: float = 1e-5
@@ -51,7 +51,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0    # max gradient norm; 0 = no clipping
     include_router: bool = True  # count the router in N, Na and C (SPEC §4)
     eval_interval: int = 0    # iterations between evaluations; 0 = five per run
     eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
@@ -68,7 +68,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- configuration
 SECTIONS = {"model": GPTConfig, "train": TrainConfig}
 # the keys that shape a run's trajectory: a checkpoint is resumed only when they match
-TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "lr", "lr_mult",
+TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr", "lr_mult",
               "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router")
 
 
@@ -194,9 +194,9 @@ def peak_flops(tcfg, device):
 @dataclass
 class Plan:
     iters: int
-    batch_seqs: int   # global
-    micro: int        # per rank per forward
-    accum: int
+    batch_seqs: int   # B: sequences per optimizer step, over all ranks
+    micro_batch: int  # sequences per forward, over all ranks: the balance loss (S6) is counted over them
+    accum: int        # micro-batches per step: B = micro_batch·accum
     lr: float
     warmup: int
     D: float          # tokens consumed
@@ -208,9 +208,18 @@ class Plan:
     def C(self):
         return self.M_train * self.D
 
+    def micro(self, world):
+        """Sequences per forward on each of `world` ranks."""
+        return self.micro_batch // world
+
+    def trajectory(self):
+        """What fixes a run's trajectory, whatever the number of ranks: a resume must find it unchanged."""
+        return {k: getattr(self, k) for k in ("iters", "batch_seqs", "micro_batch", "accum", "lr", "warmup", "D")}
+
 
 def make_plan(mcfg, tcfg, world):
-    """Iterations, batch and learning rate from the budget: StepLaw (S15) where not given."""
+    """Iterations, batch and learning rate from the budget: StepLaw (S15) where not given. The plan does
+    not depend on the number of ranks: they split each micro-batch, or the run is refused."""
     c = flops.count(mcfg, tcfg.include_router)
     M = flops.M_train(mcfg, tcfg.include_router)
     budgets = {k: getattr(tcfg, k) for k in ("iters", "tokens", "compute") if getattr(tcfg, k)}
@@ -221,14 +230,21 @@ def make_plan(mcfg, tcfg, world):
     else:
         D = tcfg.tokens or flops.tokens_for_compute(mcfg, tcfg.compute, tcfg.include_router)
     B = tcfg.batch_seqs or flops.steplaw_batch_seqs(D, mcfg.S)
-    micro = tcfg.micro_batch or math.ceil(B / world)
-    accum = math.ceil(B / (world * micro))
-    B = micro * accum * world  # the batch actually run: B rounded up to whole micro-batches on every rank
+    m = tcfg.micro_batch or B
+    if not tcfg.batch_seqs:  # StepLaw's batch, rounded to whole micro-batches
+        B = m * max(1, round(B / m))
+    if m > B or B % m:
+        raise ValueError(f"train.micro_batch={m} does not divide train.batch_seqs={B}: a step would run "
+                         f"{m * math.ceil(B / m)} sequences, not {B}; give a micro_batch that divides the batch")
+    if m % world:
+        raise ValueError(f"train.micro_batch={m}{' (the whole batch: the default)' if not tcfg.micro_batch else ''} "
+                         f"cannot be split evenly over {world} ranks: give a micro_batch that is a multiple of {world} "
+                         f"(it is a count over all ranks, so the run is the same on any number of them)")
     iters = tcfg.iters or max(1, round(D / (B * mcfg.S)))
     D = iters * B * mcfg.S  # tokens consumed
     lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
     warmup = flops.warmup_iters(iters) if tcfg.warmup < 0 else min(tcfg.warmup, iters)
-    return Plan(iters, B, micro, accum, lr, warmup, D, c.N, c.Na, M)
+    return Plan(iters, B, m, B // m, lr, warmup, D, c.N, c.Na, M)
 
 
 def lr_at(step, plan, min_lr):
@@ -283,16 +299,22 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, mcfg, tcfg, meta):
+def load_checkpoint(path, mcfg, tcfg, meta, plan):
+    """The checkpoint to resume from, refused with every difference named unless the run would continue
+    the identical trajectory: same model, same trajectory keys, same data, same plan (on any number of
+    ranks: the plan does not depend on it)."""
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     saved_m, saved_t = state["config"]["model"], state["config"]["train"]
+    saved_plan = state.get("plan", {"made by": "an earlier version without a recorded plan"})
     diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
     diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
              if saved_t.get(k) != getattr(tcfg, k)]
     diff += [f"data {k}: checkpoint {state['data'][k]!r}, now {meta[k]!r}" for k in ("tokenizer", "vocab_size")
              if state["data"][k] != meta[k]]
+    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state.get('world', '?')} "
+             f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
     if diff:
         raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
     return state
@@ -319,15 +341,21 @@ def resolve_model_config(mvals, given, meta, data_dir):
 
 
 def prepare_data(tcfg, rank):
-    """meta.json of the run's data; the default corpus is prepared on first use (by rank 0)."""
+    """meta.json of the run's data; the default corpus is prepared on first use (by rank 0), and again
+    when an older data.py prepared it."""
     path = Path(tcfg.data)
     default = {data.default_dir(t): t for t in ("byte", "cl100k_base", "gpt2", "o200k_base")}
-    if not (path / "meta.json").exists() and tcfg.data in default:
+    if tcfg.data in default and data.meta_format(path) < data.FORMAT:
         if rank == 0:
             data.prepare_default(tcfg.data, default[tcfg.data])
         if dist.is_initialized():
             dist.barrier()
-    return data.load_meta(path)
+    meta = data.load_meta(path)
+    if tcfg.unique_tokens and "shuffle_seed" not in meta["splits"]["train"]:
+        raise ValueError(f"{path}: its training documents are in input order (an older data.py prepared it), so "
+                         f"its first train.unique_tokens={tcfg.unique_tokens:.6g} tokens are no uniform sample of "
+                         f"it: prepare it again with data.py, which shuffles them")
+    return meta
 
 
 def train(argv):
@@ -346,6 +374,10 @@ def train(argv):
     loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
 
     dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"train.dtype={tcfg.dtype!r}: expected auto, float32, bfloat16 or float16")
+    if dtype == "float16" and device.type == "cuda" and mcfg.scheme != "dense":
+        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -354,14 +386,18 @@ def train(argv):
         raise ValueError(f"train.attention={tcfg.attention!r} on {device.type}: expected auto, sdpa, or flex "
                          "on a CUDA device (FlexAttention has no backward on CPU)")
     model = GPT(mcfg, attention).to(device)
+    if world > 1:
+        model.count_balance_over(dist.group.WORLD, world)
     optimizer = make_optimizer(model, plan, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 gradients underflow unscaled
     out = Path(tcfg.out_dir)
     ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
     step, last_ckpt = 0, None
     if resume:
-        state = load_checkpoint(ckpt_path, mcfg, tcfg, meta)
+        state = load_checkpoint(ckpt_path, mcfg, tcfg, meta, plan)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -387,7 +423,7 @@ def train(argv):
     peak = peak_flops(tcfg, device)
     M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
     run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
-               batch_seqs=plan.batch_seqs, micro=plan.micro, accum=plan.accum, world=world, lr=plan.lr,
+               batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum, world=world, lr=plan.lr,
                warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
                tokenizer=meta["tokenizer"], device=str(device), dtype=dtype, attention=attention, M_exec=M_exec)
     if master:
@@ -395,7 +431,8 @@ def train(argv):
               f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
         print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
               f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
-              f"{loader.unique_tokens:,} unique tokens; micro {plan.micro} × accum {plan.accum} × world {world}; "
+              f"{loader.unique_tokens:,} unique tokens; micro-batch {plan.micro_batch} ({plan.micro(world)} per rank "
+              f"× {world} ranks) × accum {plan.accum}; "
               f"{device} {dtype} {attention}{' compiled' if tcfg.compile else ''}")
 
     def log(record):
@@ -406,8 +443,9 @@ def train(argv):
     def checkpoint(at_step):
         if master:
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                "step": at_step, "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(), "world": world,
+                "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
                 "data": {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
@@ -426,7 +464,7 @@ def train(argv):
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        batches = loader.next_step(plan.micro, plan.accum, rank, world)
+        batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
         data_time += time.perf_counter() - t0
         for j, (x, y) in enumerate(batches):
             x = torch.from_numpy(x).to(device, non_blocking=True)
@@ -434,12 +472,14 @@ def train(argv):
             sync = contextlib.nullcontext() if world == 1 or j == plan.accum - 1 else fwd.no_sync()
             with sync, autocast:
                 _, loss, stats = fwd(x, y)
-                (loss / plan.accum).backward()
+                scaler.scale(loss / plan.accum).backward()
             sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
             load = stats["load"].float()
             load_sum = load if load_sum is None else load_sum + load
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)  # 0: no clipping
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
@@ -474,7 +514,7 @@ def train(argv):
             last_time, last_step = now, step
         if is_eval:
             last_bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table,
-                                                          autocast, rank, world, plan.micro).items()}
+                                                          autocast, rank, world, plan.micro(world)).items()}
             log({"kind": "eval", "step": step, "tokens": step * plan.batch_seqs * mcfg.S, "epoch": loader.epoch,
                  "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v, "load_max_over_mean": per_layer,
                  "tokens_per_s": tok_s, **last_bpc})

@@ -105,7 +105,7 @@ def test_prepare_files_txt_jsonl_and_glob(tmp_path):
     (tmp_path / "web.jsonl").write_text(json.dumps({"text": "from the web"}) + "\n\n" + json.dumps({"text": "ünï"}) + "\n")
     (tmp_path / "v1.txt").write_text("held out\n")
     meta = data.prepare_files(tmp_path / "out", [str(tmp_path / "docs"), str(tmp_path / "*.jsonl")],
-                              {"val": [str(tmp_path / "v1.txt")]}, "byte", workers=1)
+                              {"val": [str(tmp_path / "v1.txt")]}, "byte", workers=1, shuffle_seed=None)
     train_split = meta["splits"]["train"]
     assert train_split["documents"] == 4 and train_split["chars"] < train_split["bytes"]
     tokens = data.open_split(tmp_path / "out", "train")
@@ -114,6 +114,33 @@ def test_prepare_files_txt_jsonl_and_glob(tmp_path):
     assert len(decoded) == train_split["chars"] == int(data.char_table(data.ByteTokenizer())[tokens].sum())
     assert [s["split"] for s in meta["sources"]] == ["train"] * 3 + ["val"]
     assert all(len(s["sha256"]) == 64 for s in meta["sources"])
+
+
+def test_training_documents_are_shuffled_so_every_prefix_mixes_the_sources(tmp_path):
+    # three sources in sorted file order, as a real corpus (arxiv-*, code-*, web-*) would come
+    for source in ("arxiv", "code", "web"):
+        (tmp_path / f"{source}.jsonl").write_text("".join(json.dumps({"text": f"{source} {i}"}) + "\n" for i in range(30)))
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps({"text": f"val {i}"}) + "\n" for i in range(5)))
+    docs = {}
+    for seed in (1234, 1234, 7):
+        out = tmp_path / f"out{len(docs)}-{seed}"
+        meta = data.prepare_files(out, [str(tmp_path / "[acw]*.jsonl")], {"val": [str(tmp_path / "v.jsonl")]}, "byte",
+                                  workers=1, shuffle_seed=seed)
+        assert meta["format"] == data.FORMAT and meta["splits"]["train"]["shuffle_seed"] == seed
+        train = data.ByteTokenizer().decode(data.open_split(out, "train").tolist()).split("\n\n")[:-1]
+        val = data.ByteTokenizer().decode(data.open_split(out, "val").tolist()).split("\n\n")[:-1]
+        assert sorted(train) == sorted(f"{s} {i}" for s in ("arxiv", "code", "web") for i in range(30))
+        assert val == [f"val {i}" for i in range(5)]  # validation keeps its order
+        assert {d.split()[0] for d in train[:30]} == {"arxiv", "code", "web"}  # the first third mixes all three
+        docs.setdefault(seed, []).append(train)
+    assert docs[1234][0] == docs[1234][1] and docs[7][0] != docs[1234][0]  # reproducible, and the seed matters
+
+
+def test_unique_tokens_beyond_the_split_are_refused():
+    tokens = np.arange(1000, dtype=np.uint16)
+    with pytest.raises(ValueError, match="unique_tokens=1,001 is more than the training split holds"):
+        data.Loader(tokens, 32, 0, unique_tokens=1001)
+    assert data.Loader(tokens, 32, 0, unique_tokens=1000).unique_tokens == 31 * 32 + 1  # (1000 − 1) // 32 windows
 
 
 def test_big_files_are_read_in_chunks_with_the_same_tokens(tmp_path, monkeypatch):

@@ -204,12 +204,34 @@ def test_cli_plan_json_and_errors(tmp_path):
 
 
 def test_plans_for_several_ranks_run_as_planned():
-    # train.py rounds a batch up to whole sequences per rank: the plan must already be so, or C drifts
+    # the batch is a whole number of micro-batches, which split over the ranks: train.py runs the plan's D
     import train
     from model import GPTConfig
-    _, runs, _ = sweep.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
-    assert all(r.batch_seqs % 8 == 0 for r in runs) and sweep.check_equal(runs, 0.01) == []
+    _, runs, over = sweep.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
+    assert over["micro_batch"] == 16 and all(r.batch_seqs % 16 == 0 for r in runs) and sweep.check_equal(runs, 0.01) == []
     for r in runs[:3]:
         shape = GPTConfig(**r.shape, vocab_size=65536)
-        tcfg = train.TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, lr=r.lr, tokens=0.0)
+        tcfg = train.TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, micro_batch=16, lr=r.lr, tokens=0.0)
         assert train.make_plan(shape, tcfg, world=8).D == r.D
+
+
+@pytest.mark.parametrize("nproc,micro", [(1, 0), (2, 0), (2, 4), (1, 3)])
+def test_toy_sweep_runs_execute_the_planned_C_to_the_last_token(tmp_path, nproc, micro):
+    # every run's arguments, read back by train.py as it reads them, give exactly the planned D and C
+    import train
+    from model import GPTConfig
+    path = tmp_path / "s.toml"
+    path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + (f"micro_batch = {micro}\n" if micro else ""))
+    sw, runs, over = sweep.planned(path, world=nproc)
+    for r in runs:
+        mvals, tcfg, _, _ = train.load_config(sweep.train_args(r, sw, over, tmp_path / r.name))
+        plan = train.make_plan(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
+        assert (plan.D, plan.C, plan.batch_seqs, plan.iters) == (r.D, r.C, r.batch_seqs, r.iters)
+        assert plan.micro_batch == (micro or r.batch_seqs)
+
+
+def test_micro_batch_that_ranks_cannot_split_is_refused_at_plan_time(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + "micro_batch = 3\n")
+    with pytest.raises(ValueError, match="micro_batch=3 cannot be split evenly over 2 ranks"):
+        sweep.planned(path, world=2)
