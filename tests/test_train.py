@@ -72,6 +72,16 @@ def test_ddp_follows_one_process(tiny_run, tmp_path):
                           weights(tmp_path / "two")["blocks.1.ffn.router.weight"], atol=1e-5)
 
 
+def test_default_toy_config_trains_alike_on_one_and_two_ranks(tiny_data, tmp_path):
+    # the default model (E = 40, K = 2) and its StepLaw batch of 10, whole-batch micro-batches: 5 per rank on 2
+    argv = [f"--data={tiny_data}", "--iters=6", "--tokens=0", "--batch_seqs=10", "--log_interval=1", "--eval_tokens=2560"]
+    train.train(argv + [f"--out_dir={tmp_path / 'one'}"])
+    run_ddp(argv + [f"--out_dir={tmp_path / 'two'}"], nproc=2)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["balance"] - b["balance"]) < 1e-5 for a, b in zip(one, two))
+
+
 def test_two_rank_run_resumed_on_one_rank_matches_the_uninterrupted_run(tiny_run, tmp_path):
     run_ddp(tiny_run("split", "--micro_batch=2", "--stop_at=6"), nproc=2)
     resumed = train.train(tiny_run("split", "--micro_batch=2") + ["--resume"])
