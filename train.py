@@ -18,7 +18,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,116 +28,9 @@ from tqdm import tqdm
 
 import data
 import flops
+import rundir
+from config import TRAJECTORY, TrainConfig, load_config, to_toml
 from model import GPT, GPTConfig
-
-
-@dataclass
-class TrainConfig:
-    data: str = "data/shakespeare-byte"  # a folder written by data.py (the default is prepared if missing)
-    out_dir: str = "out/default"
-    seed: int = 1337
-    # the budget: one of iters, tokens (D) and compute (C, FLOPs; S11). 0 = unset
-    iters: int = 0
-    tokens: float = 2.5e6     # (the toy's budget; dropped when iters or compute is given)
-    compute: float = 0.0
-    unique_tokens: float = 0.0  # D̂: train on the first D̂ tokens only, for as many epochs as needed (SPEC §6)
-    batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (S15)
-    micro_batch: int = 0      # sequences per forward over all ranks (accumulation makes up the batch); 0 = the batch
-    lr: float = 0.0           # peak learning rate; 0 = StepLaw (S15)
-    lr_mult: float = 1.0      # multiplies the StepLaw learning rate
-    min_lr: float = 1e-5
-    warmup: int = -1          # iterations; -1 = clip(0.01·iters, 200, 2000) (SPEC §5)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0    # max gradient norm; 0 = no clipping
-    include_router: bool = True  # count the router in N, Na and C (SPEC §4)
-    eval_interval: int = 0    # iterations between evaluations; 0 = five per run
-    eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
-    log_interval: int = 10
-    ckpt_interval: int = 0    # iterations between checkpoints; 0 = at every evaluation
-    stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
-    device: str = "auto"      # auto = cuda when available, else cpu
-    dtype: str = "auto"       # auto = bfloat16 autocast on cuda, float32 elsewhere
-    compile: bool = False     # torch.compile each block and the head (model.GPT.compile_regions)
-    attention: str = "auto"   # flex (FlexAttention) | sdpa (SDPA with the ALiBi bias); auto = flex on cuda
-    peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in PEAK_FLOPS
-
-
-# ----------------------------------------------------------------------------- configuration
-SECTIONS = {"model": GPTConfig, "train": TrainConfig}
-# the keys that shape a run's trajectory: a checkpoint is resumed only when they match
-TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr", "lr_mult",
-              "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router")
-
-
-def parse_value(key, raw, typ):
-    if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}={raw}: expected true or false")
-    if typ is str:
-        return raw
-    try:
-        v = float(raw)  # so that --tokens=1e9 and --iters=2e4 read as numbers
-    except ValueError:
-        v = math.nan
-    if not math.isfinite(v) or (typ is int and not v.is_integer()):
-        raise ValueError(f"--{key}={raw}: expected {'an integer' if typ is int else 'a number'}")
-    return typ(v)
-
-
-def load_config(argv):
-    """(GPTConfig, TrainConfig, keys given explicitly, resume) from [config.toml] --key=value ... [--resume]."""
-    values = {name: {} for name in SECTIONS}
-    owner = {f.name: (sec, f.type) for sec, cls in SECTIONS.items() for f in fields(cls)}
-    resume = "--resume" in argv
-    args = [a for a in argv if a != "--resume"]
-    if args and not args[0].startswith("--"):
-        path = args.pop(0)
-        try:
-            with open(path, "rb") as f:
-                cfg = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"{path}: {e}") from None
-        for sec, table in cfg.items():
-            if sec not in SECTIONS or not isinstance(table, dict):
-                raise ValueError(f"{path}: unknown table [{sec}]: expected [model] and [train]")
-            for key, v in table.items():
-                if owner.get(key, (None,))[0] != sec:
-                    raise ValueError(f"{path}: unknown config key {sec}.{key}")
-                values[sec][key] = v
-    for arg in args:
-        key, eq, raw = arg[2:].partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ValueError(f"cannot read argument {arg!r}: expected --key=value")
-        if key not in owner:
-            raise ValueError(f"unknown config key {key!r} (in {arg})")
-        sec, typ = owner[key]
-        values[sec][key] = parse_value(key, raw, typ)
-    for sec, cls in SECTIONS.items():  # TOML may give 3 for a float field or 1e6 for an int one
-        types = {f.name: f.type for f in fields(cls)}
-        for key, v in values[sec].items():
-            if types[key] is float and isinstance(v, int) and not isinstance(v, bool):
-                values[sec][key] = float(v)
-            if types[key] is int and isinstance(v, float) and v.is_integer():
-                values[sec][key] = int(v)
-            if not isinstance(values[sec][key], types[key]):
-                raise ValueError(f"config key {key}={v!r}: expected {types[key].__name__}")
-    if {"iters", "compute"} & set(values["train"]) and "tokens" not in values["train"]:
-        values["train"]["tokens"] = 0.0  # the budget given replaces the default one
-    given = set(values["model"]) | set(values["train"])
-    return values["model"], TrainConfig(**values["train"]), given, resume
-
-
-def to_toml(sections):
-    """A flat two-table TOML document (tomllib reads, it does not write)."""
-    def value(v):
-        return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
-                   for name, table in sections.items())
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -291,21 +183,12 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, state):
-    """Atomic: a temporary file, then a rename. A crash mid-write leaves the previous checkpoint whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- resuming
 def load_checkpoint(path, mcfg, tcfg, meta, plan):
-    """The checkpoint to resume from, refused with every difference named unless the run would continue
-    the identical trajectory: same model, same trajectory keys, same data, same plan (on any number of
-    ranks: the plan does not depend on it)."""
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The one place a resume is checked. The checkpoint must be whole (rundir.read_checkpoint verifies
+    its checksum) and continue the identical trajectory: same model, trajectory keys, data and plan, on
+    any number of ranks (the plan does not depend on it). Anything else is refused, every difference named."""
+    state = rundir.read_checkpoint(path)
     saved_m, saved_t = state["config"]["model"], state["config"]["train"]
     saved_plan = state.get("plan", {"made by": "an earlier version without a recorded plan"})
     diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
@@ -320,11 +203,15 @@ def load_checkpoint(path, mcfg, tcfg, meta, plan):
     return state
 
 
-def truncate_log(path, step):
-    """On resume, drop the log lines a killed run wrote after its last checkpoint."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+def restore(state, model, optimizer, scaler, loader, device):
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -358,8 +245,59 @@ def prepare_data(tcfg, rank):
     return meta
 
 
+def train_step(fwd, model, optimizer, scaler, batches, plan, tcfg, autocast, device, world):
+    """One optimizer step over the step's micro-batches (gradients synchronised on the last one under
+    DDP): (sums of loss, CE and balance loss over the micro-batches, expert loads [Le, E], gradient norm)."""
+    sums, load_sum = torch.zeros(3, device=device), None
+    for j, (x, y) in enumerate(batches):
+        x = torch.from_numpy(x).to(device, non_blocking=True)
+        y = torch.from_numpy(y).to(device, non_blocking=True)
+        sync = contextlib.nullcontext() if world == 1 or j == plan.accum - 1 else fwd.no_sync()
+        with sync, autocast:
+            _, loss, stats = fwd(x, y)
+            scaler.scale(loss / plan.accum).backward()
+        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
+        load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)  # 0: no clipping
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, load_sum, grad_norm
+
+
+def precision(tcfg, device, mcfg):
+    """(dtype name, autocast context, attention path) for this device, refused before any work if impossible."""
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype == "float16" and device.type == "cuda" and mcfg.scheme != "dense":
+        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
+    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
+    if attention == "flex" and device.type != "cuda":
+        raise ValueError(f"train.attention='flex' on {device.type}: FlexAttention has no backward there; use sdpa")
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+    return dtype, autocast, attention
+
+
+def open_run_dir(tcfg, resume):
+    """Rank 0's hold on out_dir: the lock, and a fresh start only where no run is (or with overwrite)."""
+    out = Path(tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.Lock(out).acquire()
+    try:
+        if not resume:
+            rundir.check_new_run(out, tcfg.overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
+    if resume and tcfg.overwrite:
+        raise ValueError("--resume continues the run in out_dir and --overwrite=true deletes it: give one of them")
+    if not resume and not tcfg.overwrite:  # refused before any work (rank 0 checks again once it holds the lock)
+        rundir.check_new_run(tcfg.out_dir, overwrite=False)
     rank, world, device = setup_distributed(tcfg)
     master = rank == 0
     if device.type == "cpu":
@@ -367,53 +305,54 @@ def train(argv):
     torch.manual_seed(tcfg.seed)
     meta = prepare_data(tcfg, rank)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
+    if tcfg.eval_tokens and tcfg.eval_tokens < mcfg.S + 1:
+        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {mcfg.S + 1} tokens: "
+                         f"expected 0 (all of each split) or at least {mcfg.S + 1}")
     plan = make_plan(mcfg, tcfg, world)
+    dtype, autocast, attention = precision(tcfg, device, mcfg)
     train_tokens = data.open_split(tcfg.data, "train", meta)
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
     loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    out = Path(tcfg.out_dir)
+    ckpt_path, log_path, summary_path = out / "ckpt.pt", out / "log.jsonl", out / "summary.json"
+    lock = open_run_dir(tcfg, resume) if master else None
+    try:
+        return run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world, device, dtype, autocast,
+                            attention, resume, ckpt_path, log_path, summary_path)
+    finally:
+        if lock:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"train.dtype={tcfg.dtype!r}: expected auto, float32, bfloat16 or float16")
-    if dtype == "float16" and device.type == "cuda" and mcfg.scheme != "dense":
-        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+
+def run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world, device, dtype, autocast, attention,
+                 resume, ckpt_path, log_path, summary_path):
+    master = rank == 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
-    if attention not in ("flex", "sdpa") or (attention == "flex" and device.type != "cuda"):
-        raise ValueError(f"train.attention={tcfg.attention!r} on {device.type}: expected auto, sdpa, or flex "
-                         "on a CUDA device (FlexAttention has no backward on CPU)")
     model = GPT(mcfg, attention).to(device)
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
     optimizer = make_optimizer(model, plan, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 gradients underflow unscaled
-    out = Path(tcfg.out_dir)
-    ckpt_path, log_path = out / "ckpt.pt", out / "log.jsonl"
-    step, last_ckpt = 0, None
-    if resume:
-        state = load_checkpoint(ckpt_path, mcfg, tcfg, meta, plan)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step = last_ckpt = state["step"]
-        if step >= plan.iters and (out / "summary.json").exists():
+    step, last_ckpt, records = 0, None, []
+    if resume and ckpt_path.exists():
+        step = last_ckpt = restore(load_checkpoint(ckpt_path, mcfg, tcfg, meta, plan), model, optimizer, scaler,
+                                   loader, device)
+        summary = rundir.read_summary(summary_path)
+        if step >= plan.iters and summary and summary.get("finished") and summary.get("final"):
             if master:
-                print(f"{out} finished at step {step} already: nothing to resume")
-            return json.loads((out / "summary.json").read_text())
+                print(f"{summary_path.parent} finished at step {step} already: nothing to resume")
+            return summary
+    elif resume and not (ckpt_path.parent / "config.toml").exists():
+        raise FileNotFoundError(f"--resume: no run in {ckpt_path.parent} (no config.toml, no ckpt.pt)")
+    elif resume and master:
+        rundir.warn(f"{ckpt_path.parent}: the run stopped before its first checkpoint; starting it again from step 0")
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
-        if resume:
-            truncate_log(log_path, step)
-        else:
-            log_path.unlink(missing_ok=True)
+        rundir.write_text(ckpt_path.parent / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
+        records = rundir.truncate_log(log_path, step) if resume else []
     fwd = model.compile_regions() if tcfg.compile else model
     if world > 1:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
@@ -437,12 +376,11 @@ def train(argv):
 
     def log(record):
         if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            rundir.append_log(log_path, record)
 
     def checkpoint(at_step):
         if master:
-            save_checkpoint(ckpt_path, {
+            rundir.save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(), "world": world,
                 "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
@@ -450,6 +388,17 @@ def train(argv):
                 "rng": {"cpu": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
         return at_step
+
+    def run_eval(at_step, record):
+        bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank,
+                                                 world, plan.micro(world)).items()}
+        log({**record, "kind": "eval", "step": at_step, "tokens": at_step * plan.batch_seqs * mcfg.S,
+             "epoch": loader.epoch, **bpc})
+        if master:
+            tqdm.write(f"step {at_step}/{plan.iters}: loss {record.get('loss', math.nan):.4f} balance "
+                       f"{record.get('balance', math.nan):.3f} epoch {loader.epoch:.2f} "
+                       + " ".join(f"{k} {v:.4f}" for k, v in bpc.items()) + f" {record.get('tokens_per_s', 0):,.0f} tok/s")
+        return bpc
 
     end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
     # the bar on a terminal only; logs (SLURM, CI, a pipe) get one line per evaluation instead
@@ -466,21 +415,10 @@ def train(argv):
         t0 = time.perf_counter()
         batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
         data_time += time.perf_counter() - t0
-        for j, (x, y) in enumerate(batches):
-            x = torch.from_numpy(x).to(device, non_blocking=True)
-            y = torch.from_numpy(y).to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if world == 1 or j == plan.accum - 1 else fwd.no_sync()
-            with sync, autocast:
-                _, loss, stats = fwd(x, y)
-                scaler.scale(loss / plan.accum).backward()
-            sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
-            load = stats["load"].float()
-            load_sum = load if load_sum is None else load_sum + load
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)  # 0: no clipping
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        step_sums, step_load, grad_norm = train_step(fwd, model, optimizer, scaler, batches, plan, tcfg, autocast,
+                                                     device, world)
+        sums += step_sums
+        load_sum = step_load if load_sum is None else load_sum + step_load
         step += 1
         bar.update(1)
         is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
@@ -513,33 +451,31 @@ def train(argv):
             load_sum, data_time = None, 0.0
             last_time, last_step = now, step
         if is_eval:
-            last_bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table,
-                                                          autocast, rank, world, plan.micro(world)).items()}
-            log({"kind": "eval", "step": step, "tokens": step * plan.batch_seqs * mcfg.S, "epoch": loader.epoch,
-                 "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v, "load_max_over_mean": per_layer,
-                 "tokens_per_s": tok_s, **last_bpc})
-            if master:
-                tqdm.write(f"step {step}/{plan.iters}: loss {loss_v:.4f} balance {bal_v:.3f} epoch {loader.epoch:.2f} "
-                           + " ".join(f"{k} {v:.4f}" for k, v in last_bpc.items()) + f" {tok_s:,.0f} tok/s")
+            last_bpc = run_eval(step, {k: record[k] for k in ("lr", "loss", "ce", "balance", "load_max_over_mean",
+                                                              "tokens_per_s")})
             last_time = time.perf_counter()  # evaluation time is not training throughput
         if is_ckpt:
             last_ckpt = checkpoint(step)
     bar.close()
+    if step >= plan.iters and not last_bpc:  # resumed after the last checkpoint: finish the final evaluation
+        logged = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
+        if world == 1 and logged:
+            last_bpc = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
+        else:
+            last_bpc = run_eval(step, {})
     summary = {**run, "step": step, "finished": step >= plan.iters, "final": last_bpc,
                "config": {"model": asdict(mcfg), "train": asdict(tcfg)}}
     if master:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        rundir.write_text(summary_path, json.dumps(summary, indent=1))
         print(("finished" if summary["finished"] else f"stopped at step {step} of {plan.iters} (resume with --resume)")
               + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {loader.epoch:.2f} epochs; "
               + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in last_bpc.items()))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return summary
 
 
-def main():
+def main(argv=None):
     try:
-        train(sys.argv[1:])
+        train(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

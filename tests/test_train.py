@@ -1,4 +1,5 @@
 """train.py: exact resume, DDP against one process, budgets, the schedule, checkpoints, bad input."""
+import errno
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import flops
+import rundir
 import train
 from model import GPT, GPTConfig
 
@@ -93,7 +95,7 @@ def test_two_rank_run_resumed_on_one_rank_matches_the_uninterrupted_run(tiny_run
 
 def test_resume_with_another_micro_batch_is_refused(tiny_run, tmp_path):
     train.train(tiny_run("r", "--stop_at=6"))
-    with pytest.raises(ValueError, match="train.micro_batch: checkpoint 0, now 2"):
+    with pytest.raises(ValueError, match="train.micro_batch: the run has 0, given 2"):
         train.train(tiny_run("r", "--micro_batch=2") + ["--resume"])
 
 
@@ -185,14 +187,28 @@ def test_vocabulary_must_cover_the_data(tiny_run):
         train.train(tiny_run("v", "--vocab_size=100"))
 
 
-def test_resume_refuses_another_config(tiny_run):
+def test_resume_refuses_another_config(tiny_run, tmp_path):
     train.train(tiny_run("a", "--stop_at=2"))
-    with pytest.raises(ValueError, match=r"from another config:\n  model.L: checkpoint 2, now 3"):
+    with pytest.raises(ValueError, match=r"would change its trajectory:\n  model.L: the run has 2, given 3"):
         train.train(tiny_run("a", "--L=3") + ["--resume"])
-    with pytest.raises(ValueError, match=r"train.seed: checkpoint 1337, now 7"):
+    with pytest.raises(ValueError, match=r"train.seed: the run has 1337, given 7"):
         train.train(tiny_run("a", "--seed=7") + ["--resume"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    # a config.toml edited by hand: the checkpoint itself is compared too
+    saved = tmp_path / "a" / "config.toml"
+    saved.write_text(saved.read_text().replace("L = 2", "L = 3"))
+    with pytest.raises(ValueError, match=r"from another config:\n  model.L: checkpoint 2, now 3"):
+        train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])
+    with pytest.raises(FileNotFoundError, match="no run in"):
         train.train(tiny_run("b") + ["--resume"])
+
+
+def test_resume_needs_only_the_run_directory(tiny_run, tmp_path):
+    # started with flags, resumed with none of them: the run's config.toml says what it was
+    whole = train.train(tiny_run("whole"))
+    train.train(tiny_run("parts", "--stop_at=5"))
+    rest = train.train([f"--out_dir={tmp_path / 'parts'}", "--resume", "--eval_interval=6", "--log_interval=1"])
+    assert rest["finished"] and rest["final"] == whole["final"]
+    assert records(tmp_path / "parts") == records(tmp_path / "whole")
 
 
 def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tiny_run, tmp_path, monkeypatch):
@@ -212,17 +228,17 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoint(tiny_run, tmp_path, mon
     assert state["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    rundir.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
 
-    def crash(obj, f):
-        Path(f).write_bytes(b"partial")
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
-        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-    assert torch.load(path, weights_only=True)["step"] == 1
+    def disk_fills(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_fills)
+    with pytest.raises(rundir.RunDirError, match=r"ckpt.pt: the disk is full \(12 bytes needed, [\d,]+ free\); the previous"):
+        rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert rundir.read_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
 RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("sweep"))
@@ -246,10 +262,11 @@ def test_toy_config_is_the_default():
     assert GPTConfig(**m) == GPTConfig() and t == train.TrainConfig()
 
 
-@pytest.mark.parametrize("value", ["flex", "flash"])
-def test_attention_other_than_sdpa_on_cpu_is_refused_before_any_file(tiny_run, tmp_path, value):
+@pytest.mark.parametrize("value,message", [("flex", "train.attention='flex' on cpu: FlexAttention has no backward"),
+                                           ("flash", "train.attention='flash' is not allowed: expected auto, flex or sdpa")])
+def test_attention_other_than_sdpa_on_cpu_is_refused_before_any_file(tiny_run, tmp_path, value, message):
     # FlexAttention has no backward on CPU: training with it there is refused, as is an unknown value
-    with pytest.raises(ValueError, match=f"train.attention='{value}' on cpu"):
+    with pytest.raises(ValueError, match=message):
         train.train(tiny_run("att", f"--attention={value}"))
     assert not (tmp_path / "att").exists()
 

@@ -1,0 +1,206 @@
+"""A run's configuration: [model] (model.GPTConfig) and [train] (TrainConfig), from a TOML file and
+--key=value flags, every value checked before any work. A bad value raises one ValueError that names
+the key, the value and what is accepted (train.py turns it into exit code 2).
+
+    python train.py configs/<name>.toml --key=value …   # a config file, then overrides
+    python train.py --out_dir=out/x --resume            # the run's own config.toml, and harmless flags
+"""
+import json
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from model import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/shakespeare-byte"  # a folder written by data.py (the default is prepared if missing)
+    out_dir: str = "out/default"
+    seed: int = 1337
+    # the budget: one of iters, tokens (D) and compute (C, FLOPs; S11). 0 = unset
+    iters: int = 0
+    tokens: float = 2.5e6     # (the toy's budget; dropped when iters or compute is given)
+    compute: float = 0.0
+    unique_tokens: float = 0.0  # D̂: train on the first D̂ tokens only, for as many epochs as needed (SPEC §6)
+    batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (S15)
+    micro_batch: int = 0      # sequences per forward over all ranks (accumulation makes up the batch); 0 = the batch
+    lr: float = 0.0           # peak learning rate; 0 = StepLaw (S15)
+    lr_mult: float = 1.0      # multiplies the StepLaw learning rate
+    min_lr: float = 1e-5
+    warmup: int = -1          # iterations; -1 = clip(0.01·iters, 200, 2000) (SPEC §5)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0    # max gradient norm; 0 = no clipping
+    include_router: bool = True  # count the router in N, Na and C (SPEC §4)
+    eval_interval: int = 0    # iterations between evaluations; 0 = five per run
+    eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
+    log_interval: int = 10
+    ckpt_interval: int = 0    # iterations between checkpoints; 0 = at every evaluation
+    stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
+    device: str = "auto"      # auto = cuda when available, else cpu; or cpu, cuda, cuda:N
+    dtype: str = "auto"       # auto = bfloat16 autocast on cuda, float32 elsewhere; or float32, bfloat16, float16
+    compile: bool = False     # torch.compile each block and the head (model.GPT.compile_regions)
+    attention: str = "auto"   # flex (FlexAttention) | sdpa (SDPA with the ALiBi bias); auto = flex on cuda
+    peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in train.PEAK_FLOPS
+    overwrite: bool = False   # start afresh in an out_dir that holds a run, deleting it
+
+
+SECTIONS = {"model": GPTConfig, "train": TrainConfig}
+# what may change when a run is resumed: everything else shapes its trajectory and must stay as it was
+HARMLESS = ("stop_at", "log_interval", "eval_interval", "eval_tokens", "ckpt_interval", "compile", "peak_flops")
+# the keys a checkpoint is compared on (with the whole [model] table)
+TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr",
+              "lr_mult", "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router")
+
+
+def parse_value(key, raw, typ):
+    """A --key=value flag's value as the field's type."""
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key}={raw}: expected true or false")
+    if typ is str:
+        return raw
+    try:
+        v = float(raw)  # so that --tokens=1e9 and --iters=2e4 read as numbers
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or (typ is int and not v.is_integer()):
+        raise ValueError(f"--{key}={raw}: expected {'an integer' if typ is int else 'a number'}")
+    return typ(v)
+
+
+def read_toml(path, allowed=SECTIONS):
+    """{section: {key: value}} of a config file, with unknown tables and keys refused."""
+    owner = {f.name: sec for sec, cls in allowed.items() for f in fields(cls)}
+    try:
+        with open(path, "rb") as f:
+            cfg = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    out = {name: {} for name in allowed}
+    for sec, table in cfg.items():
+        if sec not in allowed or not isinstance(table, dict):
+            raise ValueError(f"{path}: unknown table [{sec}]: expected {' and '.join(f'[{s}]' for s in allowed)}")
+        for key, v in table.items():
+            if owner.get(key) != sec:
+                raise ValueError(f"{path}: unknown config key {sec}.{key}")
+            out[sec][key] = v
+    return out
+
+
+def coerce(sec, key, v, where=""):
+    """A TOML value as the field's type: 3 for a float field or 1e6 for an int one, but a bool is no number."""
+    typ = {f.name: f.type for f in fields(SECTIONS[sec])}[key]
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if typ is int and isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
+        raise ValueError(f"{where}{sec}.{key}={v!r}: expected {'true or false' if typ is bool else typ.__name__}")
+    return v
+
+
+def load_config(argv):
+    """(model values, TrainConfig, keys given, resume) from [config.toml] --key=value … [--resume].
+    With --resume the base is the run's own config.toml (in --out_dir, or the config file's out_dir):
+    a file or flag given with it may change only the HARMLESS keys, or repeat a value."""
+    resume = "--resume" in argv
+    args = [a for a in argv if a != "--resume"]
+    given = {name: {} for name in SECTIONS}
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        for sec, table in read_toml(path).items():
+            given[sec].update({k: coerce(sec, k, v, f"{path}: ") for k, v in table.items()})
+    owner = {f.name: (sec, f.type) for sec, cls in SECTIONS.items() for f in fields(cls)}
+    for arg in args:
+        key, eq, raw = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ValueError(f"cannot read argument {arg!r}: expected --key=value")
+        if key not in owner:
+            raise ValueError(f"unknown config key {key!r} (in {arg})")
+        sec, typ = owner[key]
+        given[sec][key] = parse_value(key, raw, typ)
+    if {"iters", "compute"} & set(given["train"]) and "tokens" not in given["train"]:
+        given["train"]["tokens"] = 0.0  # the budget given replaces the default one
+    values = {sec: dict(table) for sec, table in given.items()}
+    if resume:
+        values = resumed_values(given)
+    check_model(values["model"])
+    tcfg = TrainConfig(**values["train"])
+    check_train(tcfg)
+    return values["model"], tcfg, set(values["model"]) | set(values["train"]), resume
+
+
+def resumed_values(given):
+    """The run's saved config.toml with the given values on top, refusing any that changes the trajectory."""
+    out_dir = given["train"].get("out_dir", TrainConfig.out_dir)
+    path = Path(out_dir) / "config.toml"
+    if not path.is_file():
+        return given  # no run there: train.py says so when it finds no checkpoint either
+    saved = {sec: {k: coerce(sec, k, v, f"{path}: ") for k, v in table.items()} for sec, table in read_toml(path).items()}
+    changed = [f"{sec}.{k}: the run has {saved[sec].get(k, getattr(TrainConfig, k, None))!r}, given {v!r}"
+               for sec, table in given.items() for k, v in table.items()
+               if k not in HARMLESS and v != saved[sec].get(k, v if sec == "model" else getattr(TrainConfig, k))]
+    if changed:
+        raise ValueError(f"--resume continues the run in {out_dir} as it was configured ({path}); these would change "
+                         f"its trajectory:\n  " + "\n  ".join(changed) + "\nstart a new run in another --out_dir instead")
+    for key in ("stop_at", "overwrite"):  # what one invocation asks for, not a setting of the run
+        saved["train"].pop(key, None)
+    return {sec: {**saved[sec], **given[sec]} for sec in SECTIONS}
+
+
+def check_model(mvals):
+    """The [model] table's values, checked as GPTConfig checks them, before any data or tensor exists."""
+    for k, v in mvals.items():
+        coerce("model", k, v)
+    GPTConfig(**{"vocab_size": 256, **mvals})
+
+
+def _check(name, v, ok, allowed):
+    if not ok(v):
+        raise ValueError(f"train.{name}={v!r} is not allowed: expected {allowed}")
+
+
+def check_train(t):
+    """Every [train] value: type, finite, range, choices, and the rules between keys."""
+    for f in fields(TrainConfig):
+        coerce("train", f.name, getattr(t, f.name))
+        v = getattr(t, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
+    for name in ("seed", "iters", "batch_seqs", "micro_batch", "eval_interval", "eval_tokens", "ckpt_interval",
+                 "stop_at", "tokens", "compute", "unique_tokens", "lr", "min_lr", "weight_decay", "grad_clip",
+                 "peak_flops"):
+        _check(name, getattr(t, name), lambda v: v >= 0, "a number >= 0")
+    _check("lr_mult", t.lr_mult, lambda v: v > 0, "a number > 0")
+    _check("log_interval", t.log_interval, lambda v: v >= 1, "an integer >= 1")
+    _check("warmup", t.warmup, lambda v: v >= -1, "iterations >= 0, or -1 for clip(0.01·iters, 200, 2000)")
+    for name in ("beta1", "beta2"):
+        _check(name, getattr(t, name), lambda v: 0 <= v < 1, "a number in [0, 1)")
+    _check("dtype", t.dtype, lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+           "auto, float32, bfloat16 or float16")
+    _check("attention", t.attention, lambda v: v in ("auto", "flex", "sdpa"), "auto, flex or sdpa")
+    _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+           "auto, cpu, cuda or cuda:N")
+    _check("data", t.data, bool, "a prepared data folder")
+    _check("out_dir", t.out_dir, lambda v: v and not Path(v).is_file(), "a folder (not an existing file)")
+    budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}
+    if len(budgets) != 1:
+        raise ValueError(f"give exactly one budget of train.iters, train.tokens and train.compute (got {budgets or 'none'})")
+    if t.micro_batch and t.batch_seqs and t.micro_batch > t.batch_seqs:
+        raise ValueError(f"train.micro_batch={t.micro_batch} is more than train.batch_seqs={t.batch_seqs}: expected a "
+                         f"micro_batch that divides the batch")
+
+
+def to_toml(sections):
+    """A flat two-table TOML document (tomllib reads, it does not write)."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
+                   for name, table in sections.items())
