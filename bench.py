@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import data
 import flops
+import rundir
 import train
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
@@ -225,8 +226,11 @@ def model_args(shape):
 
 
 def load_shape(path):
-    with open(path, "rb") as f:
-        return flops.shape_from_dict(tomllib.load(f).get("model", {}), path)
+    try:
+        with open(path, "rb") as f:
+            return flops.shape_from_dict(tomllib.load(f).get("model", {}), path)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def bench_step(a):
@@ -508,6 +512,27 @@ def gpu_check(a):
     return {"env": env, "checks": results, "failed": failed}
 
 
+def at_least(low):
+    """An argparse type: an integer >= low, named in the error."""
+    def parse(raw):
+        try:
+            v = int(raw)
+        except ValueError:
+            v = low - 1
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {raw!r}")
+        return v
+    return parse
+
+
+def boolean(raw):
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
@@ -516,30 +541,30 @@ def main(argv=None):
     e.add_argument("--breakdown", action="store_true", help="also time the MoE without its router, "
                    "and its grouped GEMMs alone, to say where its extra time goes")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
-        e.add_argument(f"--{name}", type=int, default=default)
+        e.add_argument(f"--{name}", type=at_least(0 if name == "Dse" else 1), default=default)
     at = sub.add_parser("attention", allow_abbrev=False, help="FlexAttention with ALiBi vs SDPA (bias, causal)")
     for name, default in [("B", 8), ("H", 16), ("S", 2048), ("Dh", 128)]:
-        at.add_argument(f"--{name}", type=int, default=default)
+        at.add_argument(f"--{name}", type=at_least(1), default=default)
     t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
     t.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
     t.add_argument("--dense", help="TOML with the dense [model] (default: solved for the MoE's N, same L)")
-    t.add_argument("--iters", type=int, default=60)
-    t.add_argument("--micro_batch", type=int, default=0)
-    t.add_argument("--log_interval", type=int, default=10)
+    t.add_argument("--iters", type=at_least(2), default=60)
+    t.add_argument("--micro_batch", type=at_least(0), default=0)
+    t.add_argument("--log_interval", type=at_least(1), default=10)
     t.add_argument("--data", default="data/shakespeare-byte")
-    t.add_argument("--peak_flops", type=float, default=0.0,
+    t.add_argument("--peak_flops", type=float, default=0.0,  # checked by train.py's config
                    help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
     pr = sub.add_parser("profile", allow_abbrev=False, help="GPU time of training steps by kernel kind")
     pr.add_argument("config", nargs="?", help="TOML with the [model] (default: the CPU toy)")
-    pr.add_argument("--vocab_size", type=int, default=256)
-    pr.add_argument("--steps", type=int, default=3, help="profiled steps")
-    pr.add_argument("--top", type=int, default=12, help="kernels listed")
+    pr.add_argument("--vocab_size", type=at_least(1), default=256)
+    pr.add_argument("--steps", type=at_least(1), default=3, help="profiled steps")
+    pr.add_argument("--top", type=at_least(1), default=12, help="kernels listed")
     for q in (t, pr):
-        q.add_argument("--batch_seqs", type=int, default=16)
+        q.add_argument("--batch_seqs", type=at_least(1), default=16)
     for q in (g, e, at, t, pr):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--compile", type=lambda v: v.lower() in ("1", "true", "yes"), default=True)
-        q.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+        q.add_argument("--compile", type=boolean, default=True)
+        q.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
                        "see train.tune_malloc")
@@ -547,8 +572,8 @@ def main(argv=None):
     for q in (e, at):
         q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
     for q in (e, at, t, pr):
-        q.add_argument("--warmup", type=int, default=5 if q in (e, at) else 2, help="untimed rounds (steps) first")
-        q.add_argument("--rounds", type=int, default={e: 30, at: 20, t: 9, pr: 0}[q])
+        q.add_argument("--warmup", type=at_least(0), default=5 if q in (e, at) else 2, help="untimed rounds (steps) first")
+        q.add_argument("--rounds", type=at_least(1), default={e: 30, at: 20, t: 9, pr: 1}[q])
     a = p.parse_args(argv)
     if getattr(a, "dtype", None) == "auto":
         a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
@@ -558,11 +583,23 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
-           "profile": bench_profile}[a.what]
-    result = run(a)
+    if a.json and not Path(a.json).resolve().parent.is_dir():
+        p.error(f"--json={a.json}: its folder does not exist")
+    try:
+        device = torch.device(a.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={a.device}: no CUDA device here")
+        for key in ("moe", "dense", "config"):
+            if getattr(a, key, None):
+                load_shape(getattr(a, key))  # a missing file or a bad shape, named before any work
+        run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
+               "profile": bench_profile}[a.what]
+        result = run(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"bench.py {a.what}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if a.json:
-        Path(a.json).write_text(json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+        rundir.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
     if a.what == "gpu-check" and result["failed"]:
         sys.exit(1)
 

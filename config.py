@@ -129,6 +129,8 @@ def load_config(argv):
     if {"iters", "compute"} & set(given["train"]) and "tokens" not in given["train"]:
         given["train"]["tokens"] = 0.0  # the budget given replaces the default one
     values = {sec: dict(table) for sec, table in given.items()}
+    if resume and given["train"].get("overwrite"):
+        raise ValueError("--resume continues the run in out_dir and --overwrite=true deletes it: give one of them")
     if resume:
         values = resumed_values(given)
     check_model(values["model"])

@@ -12,6 +12,7 @@ and Milton's English verse from the same sdist as a second validation set of a d
 distribution, as the paper validates on data unlike its training data.
 """
 import argparse
+import codecs
 import glob
 import hashlib
 import json
@@ -130,36 +131,84 @@ def _encode(pieces):
 
 
 def read_documents(source, text_field="text"):
-    """(text, ends_document) pieces of one source: a text file in bounded chunks cut at line ends,
-    or a .jsonl file with one document per line."""
+    """(text, ends_document) pieces of one source, none longer than CHUNK_CHARS: a text file read in
+    bounded chunks, a .jsonl file one document per line, each cut where no tokenizer merges across
+    (safe_cut). Binary files, invalid UTF-8 and malformed lines are refused with the file named."""
     path = str(source)
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if not head:
+        raise ValueError(f"{path}: the file is empty: expected text")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"{path}: looks binary (a NUL byte at offset {nul}): expected UTF-8 text")
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
-                                     f"{text_field!r} ({type(e).__name__})") from None
-                yield normalise(text), True
-        return
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        yield from _text_chunks(f)
+        yield from _jsonl_documents(path, text_field)
+    else:
+        yield from _text_chunks(path)
 
 
-def _text_chunks(f):
-    buf = f.read(CHUNK_CHARS)
-    while buf:
-        more = f.read(CHUNK_CHARS)
-        if more:
-            cut = buf.rfind("\n") + 1 or len(buf)
-            yield normalise(buf[:cut]), False
-            buf = buf[cut:] + more
-        else:
-            yield normalise(buf), True
-            buf = ""
+def _jsonl_documents(path, text_field):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line") from None
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[text_field]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
+                                 f"{text_field!r} ({type(e).__name__})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n}: the field {text_field!r} holds {type(text).__name__}, expected a string")
+            text = normalise(text)
+            del line, raw
+            while len(text) > CHUNK_CHARS:  # a huge document goes out in pieces: memory follows the piece size
+                cut = safe_cut(text, CHUNK_CHARS)
+                yield text[:cut], False
+                text = text[cut:]
+            yield text, True
+
+
+def _text_chunks(path):
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, buf = 0, ""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_CHARS)
+            try:
+                buf += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start}") from None
+            offset += len(block)
+            if not block:
+                break
+            while len(buf) > CHUNK_CHARS:
+                cut = safe_cut(buf, CHUNK_CHARS)
+                yield normalise(buf[:cut]), False
+                buf = buf[cut:]
+    yield normalise(buf), True
+
+
+def safe_cut(text, limit):
+    """Where to cut text at or before limit so that the pieces tokenise exactly as the whole: after a
+    newline that a non-space character follows, where every BPE pre-tokeniser here (gpt2, cl100k, o200k)
+    starts a new piece; else before a space that a letter follows and a non-space precedes; else at
+    limit (a stretch of CHUNK_CHARS without either; never seen in text), never inside a CR LF pair."""
+    i = text.rfind("\n", 0, limit)
+    while i > 0:
+        if i + 1 < len(text) and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", 0, i)
+    j = text.rfind(" ", 0, limit)
+    while j > 0:
+        if j + 1 < len(text) and text[j + 1].isalpha() and not text[j - 1].isspace():
+            return j
+        j = text.rfind(" ", 0, j)
+    return limit - (text[limit - 1] == "\r")
 
 
 def normalise(text):
@@ -275,6 +324,8 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
         seed = shuffle_seed if split == "train" else None
         meta["splits"][split] = write_split(out, split, documents, tok, workers, shuffle_seed=seed)
         s = meta["splits"][split]
+        if not s["tokens"]:
+            raise ValueError(f"the {split} split has no text in its sources: expected at least one non-empty document")
         print(f"{out / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -282,8 +333,15 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
     return meta
 
 
-def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED):
+def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED,
+                  overwrite=False):
     """Token files from user inputs: train sources and {split name: sources} validation sets."""
+    check_out(out_dir, overwrite)
+    if "train" in vals:
+        raise ValueError("--val train=…: 'train' is the training split's name: give the validation set another name")
+    for name in vals:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
     groups = {"train": expand_sources(train), **{k: expand_sources(v) for k, v in vals.items()}}
     sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
 
@@ -330,6 +388,15 @@ def default_corpus(sdist_path):
     return {"train": [(n, t) for n, t in sorted(modern.items()) if n not in held],
             "val": [(n, modern[n]) for n, _ in HELD_OUT.values()],
             "milton": [(n, texts[("miltondata", n[:-4])]) for n in MILTON]}
+
+
+def check_out(out_dir, overwrite):
+    """A prepared folder is replaced only when asked: runs may be reading it."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out={out} is a file: expected a folder")
+    if (out / "meta.json").exists() and not overwrite:
+        raise ValueError(f"{out} holds prepared data already (meta.json): give --overwrite to prepare it again")
 
 
 def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED):
@@ -477,11 +544,18 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
     p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
                    help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
+    p.add_argument("--overwrite", action="store_true", help="prepare again into a folder that holds prepared data")
     a = p.parse_args(argv)
+    if a.workers < 0:
+        p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or a positive number")
+    if a.shuffle_seed < 0:
+        p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer >= 0")
     try:
+        get_tokenizer(a.tokenizer)
         if a.train is None:
             if a.val:
                 p.error("--val needs --train")
+            check_out(a.out or default_dir(a.tokenizer), a.overwrite)
             prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers, shuffle_seed=a.shuffle_seed)
             return
         if not a.out:
@@ -490,7 +564,7 @@ def main(argv=None):
         for i, spec in enumerate(a.val):
             name, _, src = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
             vals.setdefault(name or ("val" if i == 0 else f"val{i + 1}"), []).append(src)
-        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers, a.shuffle_seed)
+        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers, a.shuffle_seed, a.overwrite)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)

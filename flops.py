@@ -296,6 +296,12 @@ def main(argv=None):
     p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    for key in ("D", "C"):
+        v = getattr(a, key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            p.error(f"--{key}={v}: expected a finite number > 0")
+    if a.D is not None and a.C is not None:
+        p.error("--D and --C both given: give one (C = M_train·D fixes the other)")
     given = {f.name: getattr(a, f.name) for f in fields(Shape) if getattr(a, f.name) is not None}
     try:
         if a.config:

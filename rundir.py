@@ -20,8 +20,6 @@ import socket
 import sys
 from pathlib import Path
 
-import torch
-
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "summary.json")
 
 
@@ -132,6 +130,7 @@ def check_new_run(out_dir, overwrite):
 # ----------------------------------------------------------------------------- checkpoints
 def checksum(obj, h=None):
     """sha256 over a checkpoint's contents: every tensor's dtype, shape and bytes, every other value's repr."""
+    import torch  # here, not at the top: planners (sweep.py plan) write files without loading torch
     h = h or hashlib.sha256()
     if isinstance(obj, dict):
         for k in sorted(obj, key=repr):
@@ -152,6 +151,7 @@ def checksum(obj, h=None):
 
 
 def tensor_bytes(obj):
+    import torch
     if isinstance(obj, dict):
         return sum(tensor_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -161,12 +161,14 @@ def tensor_bytes(obj):
 
 def save_checkpoint(path, state):
     """Atomically, with the checksum of everything saved; refused before writing if the disk cannot hold it."""
+    import torch
     state = {**state, "sha256": checksum(state).hexdigest()}
     atomic_write(path, lambda f: torch.save(state, f), needed=tensor_bytes(state))
 
 
 def read_checkpoint(path):
     """A checkpoint whose contents match its checksum; anything else is named and refused, never loaded."""
+    import torch
     path = Path(path)
     if path.is_dir():
         raise RunDirError(f"{path} is a directory, not a checkpoint")

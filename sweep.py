@@ -14,7 +14,10 @@ refused with the numbers (SPEC §8).
 """
 import argparse
 import csv
+import io
 import json
+import math
+import signal
 import subprocess
 import sys
 import tomllib
@@ -22,6 +25,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import flops
+import rundir
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
@@ -101,17 +105,29 @@ def load_sweep(path):
             raise ValueError(f"{path}: sweep.K entries are positive integers, got {k!r}")
     if sweep.K and not sweep.De:
         raise ValueError(f"{path}: [sweep] K = {sweep.K} needs De, the expert width")
+    for key, ok, allowed in (("compute", lambda v: math.isfinite(v) and v > 0, "a finite number of FLOPs > 0"),
+                             ("dense_2C", lambda v: math.isfinite(v) and v > 0, "a finite multiple of C > 0"),
+                             ("tolerance", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+                             ("E_pref", lambda v: v >= 1, "an integer >= 1"), ("De", lambda v: v >= 0, "an integer >= 0"),
+                             ("De_multiple", lambda v: v >= 1, "an integer >= 1")):
+        if not ok(getattr(sweep, key)):
+            raise ValueError(f"{path}: sweep.{key} = {getattr(sweep, key)!r} is not allowed: expected {allowed}")
     for r in sweep.reuse:
         if r not in REUSE:
             raise ValueError(f"{path}: sweep.reuse {r!r} is unknown: expected some of {', '.join(REUSE)}")
     moe = _arm(cfg, "moe", path, needs_mu=True)
     dense = _arm(cfg, "dense", path, needs_mu=False)
     train_over = cfg.get("train", {})
-    import train  # torch comes with it: only where runs are made
-    known = {f.name for f in fields(train.TrainConfig)}
+    import config  # torch comes with it: only where runs are made
+    known = {f.name for f in fields(config.TrainConfig)}
     for key in train_over:
         if key not in known or key in SWEEP_OWNED:
             raise ValueError(f"{path}: train.{key} is {'set by the sweep for every run' if key in known else 'unknown'}")
+        train_over[key] = config.coerce("train", key, train_over[key], f"{path}: ")
+    try:
+        config.check_train(config.TrainConfig(**{**train_over, "iters": 1, "tokens": 0.0}))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return sweep, moe, dense, train_over
 
 
@@ -139,6 +155,9 @@ def _arm(cfg, name, path, needs_mu):
     if not table:
         raise ValueError(f"{path}: the [{name}] table is missing")
     extra = {k: table.pop(k) for k in ("mu", "lr_mult", "batch_mult") if k in table}
+    for k, v in extra.items():
+        if not _type_ok(v, float) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{path}: {name}.{k} = {v!r} is not allowed: expected a finite number > 0")
     if needs_mu and "mu" not in extra:
         raise ValueError(f"{path}: [moe] needs mu, the total expert width (Dse + E·De)/Dm that fixes N")
     for k in table:
@@ -270,18 +289,48 @@ def train_args(run, sweep, train_over, out_dir):
 
 
 def status(out_dir):
-    """finished, resumable (a checkpoint), or new."""
-    summary = Path(out_dir) / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("finished"):
+    """finished (a whole summary with final BPC), resumable (a run was started there), or new. A run
+    killed before its first checkpoint is resumable too: train.py --resume starts it again."""
+    summary = rundir.read_summary(Path(out_dir) / "summary.json")
+    if summary and summary.get("finished") and summary.get("final"):
         return "finished"
-    return "resumable" if (Path(out_dir) / "ckpt.pt").exists() else "new"
+    return "resumable" if any((Path(out_dir) / n).exists() for n in rundir.RUN_FILES) else "new"
+
+
+def run_child(cmd):
+    """A train.py child that ends with this process: SIGTERM when the parent dies (Linux), and when the
+    parent is interrupted or terminated."""
+    def die_with_parent():
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    child = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally runs
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc}: expected processes per run >= 1")
     sweep, runs, train_over = planned(path, allow_unequal, nproc)
+    if only is not None and not 0 <= only < len(runs):
+        raise ValueError(f"--only={only} names no run: the plan of {path} has runs 0..{len(runs) - 1}")
     out = Path(out)
+    if out.is_file():
+        raise ValueError(f"--out={out} is a file: expected a folder for the sweep's runs")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan_json(runs), indent=1))
+    rundir.write_text(out / "plan.json", json.dumps(plan_json(runs), indent=1))
     launcher = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py")]
     failed = []
@@ -294,7 +343,7 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
         if state == "finished":
             continue
         cmd = launcher + train_args(run, sweep, train_over, run_dir) + (["--resume"] if state == "resumable" else [])
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        if run_child(cmd) != 0:
             failed.append(run.name)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; repeat the command to resume them")
@@ -303,9 +352,11 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
 
 def emit_slurm(path, out, nproc, runs):
     """An sbatch array script: one task per planned run, each resuming where it stopped."""
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc}: expected processes per run >= 1")
     script = Path(out) / "sweep.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(f"""#!/bin/bash
+    rundir.write_text(script, f"""#!/bin/bash
 #SBATCH --job-name=sweep-{Path(path).stem}
 #SBATCH --array=0-{len(runs) - 1}
 #SBATCH --nodes=1
@@ -323,11 +374,19 @@ python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={
 def collect(run_dir):
     """One row per run directory holding a summary.json, in the plan's order when plan.json is there."""
     run_dir = Path(run_dir)
-    order = {r["name"]: (i, r) for i, r in enumerate(json.loads((run_dir / "plan.json").read_text()))} \
-        if (run_dir / "plan.json").exists() else {}
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such folder")
+    try:
+        order = {r["name"]: (i, r) for i, r in enumerate(json.loads((run_dir / "plan.json").read_text()))} \
+            if (run_dir / "plan.json").exists() else {}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{run_dir / 'plan.json'} is damaged ({type(e).__name__}): run sweep.py run again to rewrite it")
     rows = []
     for summary in sorted(run_dir.glob("*/summary.json")):
-        s = json.loads(summary.read_text())
+        s = rundir.read_summary(summary)
+        if s is None or not {"config", "final", "ra", "N", "C", "D"} <= set(s):
+            rundir.warn(f"{summary}: left out of the report (damaged): sweep.py run resumes that run")
+            continue
         m = s["config"]["model"]
         name = summary.parent.name
         planned_row = order.get(name, (len(order), {}))[1]
@@ -404,7 +463,7 @@ def plot(rows, split, path):
     ax.set_ylabel(f"BPC ({split})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -418,11 +477,12 @@ def report(run_dir, split=None):
         raise ValueError(f"no BPC for split {split!r} in {run_dir} (have {', '.join(splits) or 'none'})")
     md = markdown(rows, splits)
     run_dir = Path(run_dir)
-    (run_dir / "report.md").write_text(md + "\n")
-    with open(run_dir / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        w.writeheader()
-        w.writerows(rows)
+    rundir.write_text(run_dir / "report.md", md + "\n")
+    table = io.StringIO()
+    w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    rundir.write_text(run_dir / "report.csv", table.getvalue())
     print(md)
     print()
     print(text_plot(rows, split))

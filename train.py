@@ -294,10 +294,6 @@ def open_run_dir(tcfg, resume):
 
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
-    if resume and tcfg.overwrite:
-        raise ValueError("--resume continues the run in out_dir and --overwrite=true deletes it: give one of them")
-    if not resume and not tcfg.overwrite:  # refused before any work (rank 0 checks again once it holds the lock)
-        rundir.check_new_run(tcfg.out_dir, overwrite=False)
     rank, world, device = setup_distributed(tcfg)
     master = rank == 0
     if device.type == "cpu":
@@ -314,6 +310,8 @@ def train(argv):
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
     loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    if not resume and not tcfg.overwrite:  # every rank refuses before any work; rank 0 checks again, locked
+        rundir.check_new_run(tcfg.out_dir, overwrite=False)
     out = Path(tcfg.out_dir)
     ckpt_path, log_path, summary_path = out / "ckpt.pt", out / "log.jsonl", out / "summary.json"
     lock = open_run_dir(tcfg, resume) if master else None
@@ -476,7 +474,7 @@ def run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world,
 def main(argv=None):
     try:
         train(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, damaged or missing files, a full disk
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

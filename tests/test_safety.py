@@ -1,0 +1,333 @@
+"""Nothing lost, nothing silent: bad input across the five programs, and faults in a run directory.
+
+Every bad input gets exit code 2, one message that names the key or file and what is accepted, no
+traceback, and leaves an existing run directory exactly as it was. The programs run in-process
+(main(argv)), so an unexpected exception fails the test as a traceback would fail a user."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import data
+import flops
+import rundir
+import sweep
+import train
+from tests.conftest import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY_SWEEP = (ROOT / "configs" / "sweep-toy.toml").read_text()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished run directory that no bad input may touch."""
+    out = tmp_path_factory.mktemp("runs") / "done"
+    train.train(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=4", "--batch_seqs=4",
+                              "--eval_tokens=1024"])
+    return out
+
+
+def snapshot(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def sweep_file(tmp, **changes):
+    """The toy sweep file with [section] key = value lines replaced or added."""
+    text = TOY_SWEEP
+    for key, value in changes.items():
+        section, name = key.split("__")
+        lines, out, inside = text.splitlines(), [], False
+        for line in lines:
+            if line.startswith("["):
+                if inside:
+                    out.append(f"{name} = {value}")
+                    inside = False
+                inside = line.split("#")[0].strip() == f"[{section}]"
+            if not (inside and line.split("=")[0].strip() == name):
+                out.append(line)
+        if inside:
+            out.append(f"{name} = {value}")
+        text = "\n".join(out) + "\n"
+    path = tmp / f"sweep-{len(list(tmp.glob('sweep-*')))}.toml"
+    path.write_text(text)
+    return path
+
+
+def text_file(tmp, name, content):
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# (program, argv from (tmp, run, data) , what the message must name)
+CASES = [
+    # train.py: types, ranges, choices and rules between keys, all before any work
+    ("train", lambda t, r, d: ["--iters=true"], "--iters=true: expected an integer"),
+    ("train", lambda t, r, d: [str(text_file(t, "b.toml", "[train]\niters = true\n"))], "train.iters=True: expected int"),
+    ("train", lambda t, r, d: ["--grad_clip=-1"], "train.grad_clip=-1.0 is not allowed"),
+    ("train", lambda t, r, d: ["--weight_decay=-5"], "train.weight_decay=-5.0 is not allowed"),
+    ("train", lambda t, r, d: ["--iters=-3"], "train.iters=-3 is not allowed"),
+    ("train", lambda t, r, d: ["--tokens=-1"], "train.tokens=-1.0 is not allowed"),
+    ("train", lambda t, r, d: ["--iters=4", "--batch_seqs=-2"], "train.batch_seqs=-2 is not allowed"),
+    ("train", lambda t, r, d: ["--tokens=inf"], "--tokens=inf: expected a number"),
+    ("train", lambda t, r, d: [str(text_file(t, "inf.toml", "[train]\ntokens = inf\n"))], "train.tokens=inf"),
+    ("train", lambda t, r, d: ["--device=tpu"], "train.device='tpu' is not allowed"),
+    ("train", lambda t, r, d: ["--dtype=int8"], "train.dtype='int8' is not allowed"),
+    ("train", lambda t, r, d: [f"--out_dir={text_file(t, 'afile', 'x')}"], "train.out_dir="),
+    ("train", lambda t, r, d: ["--iters=4", "--eval_tokens=10"], "train.eval_tokens=10 is less than one window"),
+    ("train", lambda t, r, d: ["--log_interval=0"], "train.log_interval=0 is not allowed"),
+    ("train", lambda t, r, d: ["--lr=-1"], "train.lr=-1.0 is not allowed"),
+    ("train", lambda t, r, d: ["--beta1=1.5"], "train.beta1=1.5 is not allowed"),
+    ("train", lambda t, r, d: ["--beta2=1"], "train.beta2=1.0 is not allowed"),
+    ("train", lambda t, r, d: ["--seed=-1"], "train.seed=-1 is not allowed"),
+    ("train", lambda t, r, d: ["--lr=nan"], "--lr=nan: expected a number"),
+    ("train", lambda t, r, d: ["--iters=4", "--micro_batch=8", "--batch_seqs=4"], "train.micro_batch=8 is more than"),
+    ("train", lambda t, r, d: ["--iters=4", "--micro_batch=3", "--batch_seqs=4"], "micro_batch=3 does not divide"),
+    ("train", lambda t, r, d: ["--warmup=-2"], "train.warmup=-2 is not allowed"),
+    ("train", lambda t, r, d: ["--lr_mult=0"], "train.lr_mult=0.0 is not allowed"),
+    ("train", lambda t, r, d: ["--attention=flash"], "train.attention='flash' is not allowed"),
+    ("train", lambda t, r, d: ["--attention=flex", "--iters=4"], "train.attention='flex' on cpu"),
+    ("train", lambda t, r, d: ["--compile=maybe"], "--compile=maybe: expected true or false"),
+    ("train", lambda t, r, d: ["--ckpt_interval=-1"], "train.ckpt_interval=-1 is not allowed"),
+    ("train", lambda t, r, d: ["--stop_at=-1"], "train.stop_at=-1 is not allowed"),
+    ("train", lambda t, r, d: ["--peak_flops=-5"], "train.peak_flops=-5.0 is not allowed"),
+    ("train", lambda t, r, d: ["--iters=5", "--compute=1e12"], "give exactly one budget"),
+    ("train", lambda t, r, d: ["--L=0"], "L=0 is not allowed"),
+    ("train", lambda t, r, d: ["--K=9", "--E=8"], "K=9 is not allowed"),
+    ("train", lambda t, r, d: ["--De=20"], "De=20 is not allowed"),
+    ("train", lambda t, r, d: ["--scheme=sparse"], "scheme='sparse' is unknown"),
+    ("train", lambda t, r, d: ["--balance_coef=-1"], "balance_coef=-1.0 is not allowed"),
+    ("train", lambda t, r, d: ["--vocab_size=100", "--iters=4"], "vocab_size=100 is smaller than the vocabulary"),
+    ("train", lambda t, r, d: ["--bogus=1"], "unknown config key 'bogus'"),
+    ("train", lambda t, r, d: [str(t / "missing.toml")], "missing.toml"),
+    ("train", lambda t, r, d: [str(text_file(t, "u.toml", "[optim]\nlr = 3\n"))], "unknown table [optim]"),
+    ("train", lambda t, r, d: ["--iters=4", "--unique_tokens=1e12"], "is more than the training split holds"),
+    ("train", lambda t, r, d: ["--iters=4", f"--data={t / 'nodata'}"], "meta.json is missing"),
+    ("train", lambda t, r, d: ["--iters=4"], "holds a run (config.toml, log.jsonl, ckpt.pt, summary.json)"),
+    ("train", lambda t, r, d: ["--iters=4", "--resume", "--overwrite=true"], "give one of them"),
+    ("train", lambda t, r, d: ["--iters=4", "--resume", "--seed=7"], "train.seed: the run has 1337, given 7"),
+    ("train", lambda t, r, d: ["--iters=4", "--resume", "--lr=0.5"], "train.lr: the run has 0.0, given 0.5"),
+    # sweep.py
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="inf"))], "sweep.compute = inf is not allowed"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="-1e13"))], "sweep.compute = -10000000000000.0 is not allowed"),
+    ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--nproc=0", f"--out={t / 's'}"],
+     "--nproc=0: expected processes per run >= 1"),
+    ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--only=99", f"--out={t / 's'}"],
+     "--only=99 names no run"),
+    ("sweep", lambda t, r, d: ["plan", str(t / "nosuch.toml")], "nosuch.toml"),
+    ("sweep", lambda t, r, d: ["report", str(t / "nosuchdir")], "no such folder"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__reuse='["sometimes"]'))], "sweep.reuse 'sometimes'"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__ra="[1.5]"))], "sweep.ra entries are fractions"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__tolerance="2.0"))], "sweep.tolerance = 2.0"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__micro_batch="-1"))], "train.micro_batch=-1"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__bogus="1"))], "train.bogus is unknown"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__iters="5"))], "train.iters is set by the sweep"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, moe__mu="-2.0"))], "moe.mu = -2.0 is not allowed"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "L=True is not allowed"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__seed="true"))], "train.seed=True: expected int"),
+    # flops.py
+    ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number > 0"),
+    ("flops", lambda t, r, d: ["--C=-1e12"], "--C=-1000000000000.0: expected a finite number > 0"),
+    ("flops", lambda t, r, d: ["--D=1e9", "--C=1e18"], "--D and --C both given"),
+    ("flops", lambda t, r, d: ["--K=0"], "K=0 is not allowed"),
+    ("flops", lambda t, r, d: [str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file"),
+    ("flops", lambda t, r, d: ["--L=abc"], "argument --L: invalid int value: 'abc'"),
+    ("flops", lambda t, r, d: [str(t / "gone.toml")], "gone.toml"),
+    # data.py
+    ("data", lambda t, r, d: ["--train", str(t / "nomatch*.txt"), f"--out={t / 'o1'}"], "no input files match"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "empty.txt", "")), f"--out={t / 'o2'}"], "empty.txt: the file is empty"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "bin.txt", b"ab\x00\x01cd")), f"--out={t / 'o3'}"],
+     "bin.txt: looks binary (a NUL byte at offset 2)"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "bad.txt", b"fine text\n\xff\xfe more")), f"--out={t / 'o4'}"],
+     "bad.txt: invalid UTF-8 at byte 10"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "n.jsonl", '{"text": 3}\n')), f"--out={t / 'o5'}"],
+     "n.jsonl:1: the field 'text' holds int"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "x.jsonl", '{"txt": "a"}\n')), f"--out={t / 'o6'}"],
+     "x.jsonl:1: expected a JSON object with a string field 'text'"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "a.txt", "some text\n")), "--val",
+                              f"train={text_file(t, 'b.txt', 'other text')}", f"--out={t / 'o7'}"], "'train' is the training split"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "c.txt", "some text\n")), f"--out={d}"], "holds prepared data already"),
+    ("data", lambda t, r, d: ["--workers=-1"], "--workers=-1"),
+    ("data", lambda t, r, d: ["--tokenizer=nope", "--train", "x", "--out=y"], "tokenizer 'nope' could not be loaded"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "d.txt", "text")), f"--out={text_file(t, 'ofile', 'x')}"],
+     "is a file: expected a folder"),
+    # bench.py
+    ("bench", lambda t, r, d: ["expert", "--T=0"], "argument --T: expected an integer >= 1, got '0'"),
+    ("bench", lambda t, r, d: ["expert", "--K=9", "--E=8", "--compile=false"], "K=9 is not allowed"),
+    ("bench", lambda t, r, d: ["step", f"--moe={t / 'missing-moe.toml'}"], "missing-moe.toml"),
+    ("bench", lambda t, r, d: ["attention", "--S=0"], "argument --S: expected an integer >= 1"),
+    ("bench", lambda t, r, d: ["expert", "--compile=sure"], "argument --compile: expected true or false"),
+    ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "its folder does not exist"),
+    ("bench", lambda t, r, d: ["gpu-check", "--device=cuda"], "--device=cuda: no CUDA device here"),
+]
+PROGRAMS = {"train": train.main, "sweep": sweep.main, "flops": flops.main, "data": data.main, "bench": bench.main}
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 60 and {c[0] for c in CASES} == set(PROGRAMS)
+
+
+@pytest.mark.parametrize("program,argv,message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_exits_2_naming_it_and_touches_no_run(program, argv, message, finished_run, tiny_data, tmp_path,
+                                                        capsys):
+    before = snapshot(finished_run)
+    args = argv(tmp_path, finished_run, tiny_data)
+    if program == "train":  # every train.py case aims at the finished run, unless it names another folder
+        config = args[:1] if args and not args[0].startswith("--") else []
+        args = config + TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={finished_run}"] + args[len(config):]
+    with pytest.raises(SystemExit) as exit_:
+        PROGRAMS[program](args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert snapshot(finished_run) == before
+
+
+# ----------------------------------------------------------------------------- faults in a run directory
+def tiny(tiny_data, out, *extra):
+    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=8", "--batch_seqs=4", "--eval_interval=4",
+                         "--eval_tokens=1024", "--log_interval=1", *extra]
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import rundir, time, sys; rundir.Lock(sys.argv[1]).acquire(); "
+                               "print('held', flush=True); time.sleep(60)", str(out)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = run_main(tiny(tiny_data, out), capsys)
+        assert code == 2 and f"is in use by process {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: the lock is taken over, and that is said
+    train.train(tiny(tiny_data, out))
+    assert f"the last writer (process {holder.pid}" in capsys.readouterr().err
+
+
+def test_a_kill_before_the_summary_is_finished_by_resume(tiny_data, tmp_path):
+    whole = train.train(tiny(tiny_data, tmp_path / "a"))
+    (tmp_path / "a" / "summary.json").unlink()  # killed after the final checkpoint, before the summary
+    again = train.train(tiny(tiny_data, tmp_path / "a") + ["--resume"])
+    assert again["finished"] and again["final"] == whole["final"]
+    # killed even before the final evaluation was logged: it is run again, to the same numbers
+    log = tmp_path / "a" / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if not ('"eval"' in line and '"step": 8,' in line)))
+    (tmp_path / "a" / "summary.json").write_text("")  # and a summary left empty by a kill mid-write
+    assert sweep.status(tmp_path / "a") == "resumable"
+    again = train.train(tiny(tiny_data, tmp_path / "a") + ["--resume"])
+    assert again["final"] == pytest.approx(whole["final"], abs=1e-6)
+    assert sweep.status(tmp_path / "a") == "finished"
+
+
+def test_a_torn_log_line_is_dropped_with_a_warning(tiny_data, tmp_path, capsys):
+    whole = train.train(tiny(tiny_data, tmp_path / "whole"))
+    train.train(tiny(tiny_data, tmp_path / "torn", "--stop_at=4"))
+    with open(tmp_path / "torn" / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')  # killed mid-line
+    capsys.readouterr()
+    rest = train.train(tiny(tiny_data, tmp_path / "torn") + ["--resume"])
+    assert "dropped a torn last line" in capsys.readouterr().err and rest["final"] == whole["final"]
+
+
+def test_an_empty_summary_is_left_out_of_the_report_with_a_warning(tiny_data, tmp_path, capsys):
+    train.train(tiny(tiny_data, tmp_path / "one"))
+    train.train(tiny(tiny_data, tmp_path / "two", "--seed=3"))
+    (tmp_path / "two" / "summary.json").write_text("")
+    rows = sweep.report(tmp_path)
+    assert [r["run"] for r in rows] == ["one"] and "two/summary.json: left out of the report" in capsys.readouterr().err
+
+
+def damage(kind, path):
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "directory":
+        path.unlink()
+        path.mkdir()
+    elif kind == "flipped":  # one byte inside the tensor data: torch.load alone would not notice
+        state = rundir.read_checkpoint(path)
+        raw = bytearray(path.read_bytes())
+        needle = state["model"]["wte.weight"][0, :4].numpy().tobytes()
+        at = bytes(raw).index(needle)
+        raw[at + 1] ^= 0x40
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "is damaged and was not loaded: it cannot be read"), ("empty", "is damaged and was not loaded"),
+    ("text", "is damaged and was not loaded"), ("directory", "is a directory, not a checkpoint"),
+    ("flipped", "is damaged and was not loaded: its contents do not match the checksum")])
+def test_a_damaged_checkpoint_is_named_and_never_loaded(tiny_data, tmp_path, capsys, kind, message):
+    train.train(tiny(tiny_data, tmp_path / "r", "--stop_at=4"))
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    damage(kind, ckpt)
+    before = snapshot(tmp_path / "r")
+    code, err = run_main(tiny(tiny_data, tmp_path / "r") + ["--resume"], capsys)
+    assert code == 2 and f"{ckpt} {message}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_overwrite_replaces_a_run_only_when_asked(tiny_data, tmp_path):
+    first = train.train(tiny(tiny_data, tmp_path / "r"))
+    second = train.train(tiny(tiny_data, tmp_path / "r", "--seed=5", "--overwrite=true"))
+    assert second["config"]["train"]["seed"] == 5 and second["final"] != first["final"]
+    assert max(r["step"] for r in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines())) == 8
+
+
+def test_a_killed_sweep_takes_its_training_child_with_it(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import sys, sweep; sweep.run_child([sys.executable, '-c', "
+         "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)', sys.argv[1]])",
+         str(pid_file)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)  # no handler runs: the kernel's parent-death signal ends the child
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the child outlived its killed parent")
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_pieces_tokenise_exactly_as_the_whole_document(tmp_path, monkeypatch, suffix):
+    # documents are cut into pieces for bounded memory; the pieces encode to the tokens of the whole
+    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    text = ("First line.\n\n\nSecond  paragraph with  spaces,\r\nand CRLF; then numbers 12345 678.\n"
+            "\n  indented\tand tabbed\n" + "word " * 40 + "\n\n\n\n\nnaïve café — “quoted”\nend\n") * 3
+    path = tmp_path / f"doc{suffix}"
+    path.write_text(json.dumps({"text": text}) + "\n" if suffix == ".jsonl" else text, newline="")
+    pieces = list(data.read_documents(path))
+    assert len(pieces) > 5 and all(len(p) <= 64 for p, _ in pieces) and [e for _, e in pieces][-1]
+    for name in ("byte", "cl100k_base"):
+        tok = data.get_tokenizer(name)
+        assert sum((tok.encode(p) for p, _ in pieces), []) == tok.encode(data.normalise(text))
