@@ -525,14 +525,6 @@ def at_least(low):
     return parse
 
 
-def boolean(raw):
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {raw!r}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
@@ -563,7 +555,7 @@ def main(argv=None):
         q.add_argument("--batch_seqs", type=at_least(1), default=16)
     for q in (g, e, at, t, pr):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--compile", type=boolean, default=True)
+        q.add_argument("--compile", type=flops.parse_bool, default=True)
         q.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "

@@ -3,7 +3,7 @@
 the key, the value and what is accepted (train.py turns it into exit code 2).
 
     python train.py configs/<name>.toml --key=value …   # a config file, then overrides
-    python train.py --out_dir=out/x --resume            # the run's own config.toml, and harmless flags
+    python train.py --out_dir=out/x --resume            # the run's own config.toml, and flags on top
 """
 import json
 import math
@@ -49,11 +49,11 @@ class TrainConfig:
 
 
 SECTIONS = {"model": GPTConfig, "train": TrainConfig}
-# what may change when a run is resumed: everything else shapes its trajectory and must stay as it was
-HARMLESS = ("stop_at", "log_interval", "eval_interval", "eval_tokens", "ckpt_interval", "compile", "peak_flops")
-# the keys a checkpoint is compared on (with the whole [model] table)
+# what shapes a run's trajectory: a resume is refused when one of these (or any [model] key) differs from
+# its checkpoint's; the others (stop_at, the intervals, eval_tokens, compile, device, …) may change
 TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr",
-              "lr_mult", "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router")
+              "lr_mult", "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router", "dtype",
+              "attention")
 
 
 def parse_value(key, raw, typ):
@@ -108,8 +108,8 @@ def coerce(sec, key, v, where=""):
 
 def load_config(argv):
     """(model values, TrainConfig, keys given, resume) from [config.toml] --key=value … [--resume].
-    With --resume the base is the run's own config.toml (in --out_dir, or the config file's out_dir):
-    a file or flag given with it may change only the HARMLESS keys, or repeat a value."""
+    With --resume the base is the run's own config.toml (in --out_dir, or the config file's out_dir), and
+    what is given goes on top: train.load_checkpoint then refuses what changes the trajectory."""
     resume = "--resume" in argv
     args = [a for a in argv if a != "--resume"]
     given = {name: {} for name in SECTIONS}
@@ -140,18 +140,12 @@ def load_config(argv):
 
 
 def resumed_values(given):
-    """The run's saved config.toml with the given values on top, refusing any that changes the trajectory."""
-    out_dir = given["train"].get("out_dir", TrainConfig.out_dir)
-    path = Path(out_dir) / "config.toml"
+    """The run's saved config.toml with the given values on top. Whether they change its trajectory is
+    checked in one place, against the checkpoint (train.load_checkpoint), which names every difference."""
+    path = Path(given["train"].get("out_dir", TrainConfig.out_dir)) / "config.toml"
     if not path.is_file():
         return given  # no run there: train.py says so when it finds no checkpoint either
     saved = {sec: {k: coerce(sec, k, v, f"{path}: ") for k, v in table.items()} for sec, table in read_toml(path).items()}
-    changed = [f"{sec}.{k}: the run has {saved[sec].get(k, getattr(TrainConfig, k, None))!r}, given {v!r}"
-               for sec, table in given.items() for k, v in table.items()
-               if k not in HARMLESS and v != saved[sec].get(k, v if sec == "model" else getattr(TrainConfig, k))]
-    if changed:
-        raise ValueError(f"--resume continues the run in {out_dir} as it was configured ({path}); these would change "
-                         f"its trajectory:\n  " + "\n  ".join(changed) + "\nstart a new run in another --out_dir instead")
     for key in ("stop_at", "overwrite"):  # what one invocation asks for, not a setting of the run
         saved["train"].pop(key, None)
     return {sec: {**saved[sec], **given[sec]} for sec in SECTIONS}

@@ -277,7 +277,7 @@ def shape_from_dict(d, where):
         raise ValueError(f"{where}: {e}") from None
 
 
-def _bool(v):
+def parse_bool(v):
     if v.lower() in ("1", "true", "yes", "on"):
         return True
     if v.lower() in ("0", "false", "no", "off"):
@@ -291,7 +291,7 @@ def main(argv=None):
     p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
     for f in fields(Shape):
         p.add_argument(f"--{f.name}", type=f.type if f.type is not str else str, default=None)
-    p.add_argument("--include_router", type=_bool, default=True, help="count the router's Dm·E per MoE layer (default true)")
+    p.add_argument("--include_router", type=parse_bool, default=True, help="count the router's Dm·E per MoE layer (default true)")
     p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
     p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")

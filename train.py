@@ -299,13 +299,15 @@ def train(argv):
     if device.type == "cpu":
         tune_malloc()
     torch.manual_seed(tcfg.seed)
+    # everything that the config alone decides is checked before any data is read or prepared
+    shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing below needs it
+    if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
+        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
+                         f"expected 0 (all of each split) or at least {shape.S + 1}")
+    plan = make_plan(shape, tcfg, world)
+    dtype, autocast, attention = precision(tcfg, device, shape)
     meta = prepare_data(tcfg, rank)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
-    if tcfg.eval_tokens and tcfg.eval_tokens < mcfg.S + 1:
-        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {mcfg.S + 1} tokens: "
-                         f"expected 0 (all of each split) or at least {mcfg.S + 1}")
-    plan = make_plan(mcfg, tcfg, world)
-    dtype, autocast, attention = precision(tcfg, device, mcfg)
     train_tokens = data.open_split(tcfg.data, "train", meta)
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))

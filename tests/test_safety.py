@@ -114,8 +114,8 @@ CASES = [
     ("train", lambda t, r, d: ["--iters=4", f"--data={t / 'nodata'}"], "meta.json is missing"),
     ("train", lambda t, r, d: ["--iters=4"], "holds a run (config.toml, log.jsonl, ckpt.pt, summary.json)"),
     ("train", lambda t, r, d: ["--iters=4", "--resume", "--overwrite=true"], "give one of them"),
-    ("train", lambda t, r, d: ["--iters=4", "--resume", "--seed=7"], "train.seed: the run has 1337, given 7"),
-    ("train", lambda t, r, d: ["--iters=4", "--resume", "--lr=0.5"], "train.lr: the run has 0.0, given 0.5"),
+    ("train", lambda t, r, d: ["--iters=4", "--resume", "--seed=7"], "ckpt.pt is from another config:\n  train.seed: checkpoint 1337, now 7"),
+    ("train", lambda t, r, d: ["--iters=4", "--resume", "--lr=0.5"], "train.lr: checkpoint 0.0, now 0.5"),
     # sweep.py
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="inf"))], "sweep.compute = inf is not allowed"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="-1e13"))], "sweep.compute = -10000000000000.0 is not allowed"),

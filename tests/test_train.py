@@ -95,7 +95,7 @@ def test_two_rank_run_resumed_on_one_rank_matches_the_uninterrupted_run(tiny_run
 
 def test_resume_with_another_micro_batch_is_refused(tiny_run, tmp_path):
     train.train(tiny_run("r", "--stop_at=6"))
-    with pytest.raises(ValueError, match="train.micro_batch: the run has 0, given 2"):
+    with pytest.raises(ValueError, match="train.micro_batch: checkpoint 0, now 2"):
         train.train(tiny_run("r", "--micro_batch=2") + ["--resume"])
 
 
@@ -189,10 +189,12 @@ def test_vocabulary_must_cover_the_data(tiny_run):
 
 def test_resume_refuses_another_config(tiny_run, tmp_path):
     train.train(tiny_run("a", "--stop_at=2"))
-    with pytest.raises(ValueError, match=r"would change its trajectory:\n  model.L: the run has 2, given 3"):
+    with pytest.raises(ValueError, match=r"from another config:\n  model.L: checkpoint 2, now 3"):
         train.train(tiny_run("a", "--L=3") + ["--resume"])
-    with pytest.raises(ValueError, match=r"train.seed: the run has 1337, given 7"):
+    with pytest.raises(ValueError, match=r"train.seed: checkpoint 1337, now 7"):
         train.train(tiny_run("a", "--seed=7") + ["--resume"])
+    with pytest.raises(ValueError, match=r"train.dtype: checkpoint 'auto', now 'float16'"):
+        train.train(tiny_run("a", "--dtype=float16") + ["--resume"])
     # a config.toml edited by hand: the checkpoint itself is compared too
     saved = tmp_path / "a" / "config.toml"
     saved.write_text(saved.read_text().replace("L = 2", "L = 3"))
