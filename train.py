@@ -10,6 +10,7 @@ The budget is iterations, tokens D or compute C (C = M_train·D, S11). Peak LR a
 StepLaw (S15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
 clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
 resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt and summary.json.
+config.py reads and checks the configuration; rundir.py keeps the run directory whole.
 """
 import contextlib
 import itertools
