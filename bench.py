@@ -32,6 +32,7 @@ except ImportError:  # not on Windows
 import torch
 import torch.nn.functional as F
 
+import config
 import data
 import flops
 import rundir
@@ -242,7 +243,7 @@ def bench_step(a):
     dense = load_shape(a.dense) if a.dense else flops.dense_shape(N, L=moe.L, S=moe.S, Dh=moe.Dh)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak, peak_label = train.peak_flops(train.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
+    peak, peak_label = train.peak_flops(config.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
     if a.peak_flops:
         peak_label = "given peak"
     elif not peak:

@@ -244,7 +244,7 @@ class Attention(nn.Module):
         """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the fp32 [H, T, T] ALiBi bias (SDPA)."""
         B, T, _ = x_BTD.shape
         q, k, v = self.qkv(x_BTD).view(B, T, 3, self.H, self.Dh).permute(2, 0, 3, 1, 4)
-        if isinstance(mask, BlockMask):  # eager on CPU (tests only: no backward there), the slow reference
+        if isinstance(mask, BlockMask):  # on CPU (tests only: no backward there) the slow eager reference
             eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
             flex = flex_attention_compiled() if eager_cuda else flex_attention
             y = flex(q, k, v, score_mod=self.score_mod, block_mask=mask)
@@ -285,7 +285,7 @@ class MoE(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             z_TE = F.linear(x_TD.float(), self.router.weight.float())
         # S1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
-        # E is no multiple of 16 (E = 40: 3e-8), so the MoE toy ended 0.014 BPC apart; these ops do not
+        # E is no multiple of 16 (E = 40: 3e-8 on the gradient); these ops do not
         e_TE = (z_TE - z_TE.amax(-1, keepdim=True).detach()).exp()
         s_TE = e_TE / e_TE.sum(-1, keepdim=True)
         g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # S2, S3: g_i = s_i on the top K

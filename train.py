@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from tqdm import tqdm
 import data
 import flops
 import rundir
-from config import TRAJECTORY, TrainConfig, load_config, to_toml
+from config import TRAJECTORY, TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
 from model import GPT, GPTConfig
 
 
