@@ -44,6 +44,9 @@ class TrainConfig:
     dtype: str = "auto"       # auto = bfloat16 autocast on cuda, float32 elsewhere; or float32, bfloat16, float16
     compile: bool = False     # torch.compile each block and the head (model.GPT.compile_regions)
     attention: str = "auto"   # flex (FlexAttention) | sdpa (SDPA with the ALiBi bias); auto = flex on cuda
+    parallel: str = "auto"    # over ranks: ddp | fsdp (FSDP2: weights, gradients and AdamW sharded); auto = ddp when it fits
+    activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in the backward
+    gpu_mem: float = 0.0      # GiB per GPU for the memory plan and parallel=auto; 0 = what CUDA reports
     peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in train.PEAK_FLOPS
     overwrite: bool = False   # start afresh in an out_dir that holds a run, deleting it
 
@@ -109,7 +112,7 @@ def coerce(sec, key, v, where=""):
 def load_config(argv):
     """(model values, TrainConfig, keys given, resume) from [config.toml] --key=value … [--resume].
     With --resume the base is the run's own config.toml (in --out_dir, or the config file's out_dir), and
-    what is given goes on top: train.load_checkpoint then refuses what changes the trajectory."""
+    what is given goes on top: checkpoint.check then refuses what changes the trajectory."""
     resume = "--resume" in argv
     args = [a for a in argv if a != "--resume"]
     given = {name: {} for name in SECTIONS}
@@ -141,7 +144,7 @@ def load_config(argv):
 
 def resumed_values(given):
     """The run's saved config.toml with the given values on top. Whether they change its trajectory is
-    checked in one place, against the checkpoint (train.load_checkpoint), which names every difference."""
+    checked in one place, against the checkpoint (checkpoint.check), which names every difference."""
     path = Path(given["train"].get("out_dir", TrainConfig.out_dir)) / "config.toml"
     if not path.is_file():
         return given  # no run there: train.py says so when it finds no checkpoint either
@@ -172,7 +175,7 @@ def check_train(t):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
     for name in ("seed", "iters", "batch_seqs", "micro_batch", "eval_interval", "eval_tokens", "ckpt_interval",
                  "stop_at", "tokens", "compute", "unique_tokens", "lr", "min_lr", "weight_decay", "grad_clip",
-                 "peak_flops"):
+                 "peak_flops", "gpu_mem"):
         _check(name, getattr(t, name), lambda v: v >= 0, "a number >= 0")
     _check("lr_mult", t.lr_mult, lambda v: v > 0, "a number > 0")
     _check("log_interval", t.log_interval, lambda v: v >= 1, "an integer >= 1")
@@ -181,6 +184,7 @@ def check_train(t):
         _check(name, getattr(t, name), lambda v: 0 <= v < 1, "a number in [0, 1)")
     _check("dtype", t.dtype, lambda v: v in ("auto", "float32", "bfloat16", "float16"),
            "auto, float32, bfloat16 or float16")
+    _check("parallel", t.parallel, lambda v: v in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp")
     _check("attention", t.attention, lambda v: v in ("auto", "flex", "sdpa"), "auto, flex or sdpa")
     _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
            "auto, cpu, cuda or cuda:N")

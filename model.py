@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
 import flops
@@ -361,6 +362,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.H)), persistent=False)
+        self.checkpointing = False  # activation checkpointing: keep each block's input, recompute the rest
         self.reset_parameters()
 
     @torch.no_grad()
@@ -391,7 +393,10 @@ class GPT(nn.Module):
         mask = causal_block_mask(T, x.device) if self.attention == "flex" else alibi_bias(self.slopes, T, torch.float32)
         balances, loads = [], []
         for block in self.blocks:
-            x, aux = block(x, mask)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x, aux = block(x, mask)
             if aux is not None:
                 balances.append(aux[0])
                 loads.append(aux[1])

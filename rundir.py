@@ -3,6 +3,7 @@
     config.toml   the resolved config (what --resume reads)
     log.jsonl     one line per log interval and per evaluation
     ckpt.pt       model, optimizer, loader, RNG, step and plan, with a checksum of all of it
+    ckpt/         the same, sharded, under FSDP (checkpoint.py)
     summary.json  written when the run stops or finishes
     .lock         held by the one process that writes here
 
@@ -20,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "summary.json")
+RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json")
 
 
 class RunDirError(ValueError):
@@ -122,9 +123,12 @@ def check_new_run(out_dir, overwrite):
                           f"--out_dir=…, or replace it with --overwrite=true")
     for name in found:
         target = out / name
-        if target.is_dir():
+        if name == "ckpt" and target.is_dir():  # a sharded checkpoint (checkpoint.py)
+            shutil.rmtree(target)
+        elif target.is_dir():
             raise RunDirError(f"{target} is a directory: remove it by hand")
-        target.unlink()
+        else:
+            target.unlink()
 
 
 # ----------------------------------------------------------------------------- checkpoints

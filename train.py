@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+import checkpoint
 import data
 import flops
+import parallel
 import rundir
-from config import TRAJECTORY, TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
+from config import TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
+from logbook import Logbook
 from model import GPT, GPTConfig
 
 
@@ -51,20 +53,6 @@ def tune_malloc():
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
-def setup_distributed(tcfg):
-    """(rank, world, device): DDP under torchrun (NCCL on GPU, gloo on CPU), else one process."""
-    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if use_cuda:
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            return rank, world, torch.device("cuda", local)
-        return rank, world, torch.device("cpu")
-    return 0, 1, torch.device("cuda" if use_cuda else tcfg.device if tcfg.device != "auto" else "cpu")
 
 
 # bf16 dense tensor-core peak per device (vendor datasheets), matched against the CUDA device name
@@ -148,18 +136,21 @@ def lr_at(step, plan, min_lr):
     return min_lr + 0.5 * (plan.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def make_optimizer(model, plan, tcfg, device):
-    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms."""
+def make_optimizer(model, plan, tcfg, device, kind):
+    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
+    FSDP has sharded the model: it then steps each rank's shards."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=plan.lr, betas=(tcfg.beta1, tcfg.beta2), fused=device.type == "cuda")
+    fused = device.type == "cuda" and kind != "fsdp"  # sharded (DTensor) parameters take the foreach path
+    return torch.optim.AdamW(groups, lr=plan.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, batch=8):
-    """BPC per validation split (SPEC §6): summed NLL in nats / (ln 2 · characters of the targets)."""
+    """BPC per validation split (SPEC §6): summed NLL in nats / (ln 2 · characters of the targets). Every
+    rank runs the same number of batches (FSDP gathers weights in every forward), padding with ignored rows."""
     was_training = model.training
     model.eval()
     out = {}
@@ -167,11 +158,13 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
     for name, tokens in val_splits.items():
         nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
         windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
-        while chunk := list(itertools.islice(windows, batch)):  # streamed: a big split never sits in memory
-            x, y = (np.stack(t) for t in zip(*chunk))
+        n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
+        for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
+            rows = list(itertools.islice(windows, batch))
+            x, y = (np.array([r[i] for r in rows], np.int64).reshape(-1, S) for i in (0, 1))
             nll[1] += float(table[y].sum())
             if len(x) < batch:  # pad the last batch with ignored rows: a compiled model sees one shape
-                x, y = (np.concatenate([a, np.full((batch - len(a), S), fill, a.dtype)]) for a, fill in ((x, 0), (y, -1)))
+                x, y = (np.concatenate([a, np.full((batch - len(a), S), fill, np.int64)]) for a, fill in ((x, 0), (y, -1)))
             xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
             with autocast:
                 logits, _, _ = model(xt, yt)
@@ -182,37 +175,6 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
         out[name] = data.bpc(nll[0].item(), nll[1].item())
     model.train(was_training)
     return out
-
-
-# ----------------------------------------------------------------------------- resuming
-def load_checkpoint(path, mcfg, tcfg, meta, plan):
-    """The one place a resume is checked. The checkpoint must be whole (rundir.read_checkpoint verifies
-    its checksum) and continue the identical trajectory: same model, trajectory keys, data and plan, on
-    any number of ranks (the plan does not depend on it). Anything else is refused, every difference named."""
-    state = rundir.read_checkpoint(path)
-    saved_m, saved_t = state["config"]["model"], state["config"]["train"]
-    saved_plan = state.get("plan", {"made by": "an earlier version without a recorded plan"})
-    diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
-    diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
-             if saved_t.get(k) != getattr(tcfg, k)]
-    diff += [f"data {k}: checkpoint {state['data'][k]!r}, now {meta[k]!r}" for k in ("tokenizer", "vocab_size")
-             if state["data"][k] != meta[k]]
-    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state.get('world', '?')} "
-             f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
-    if diff:
-        raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
-    return state
-
-
-def restore(state, model, optimizer, scaler, loader, device):
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -246,21 +208,20 @@ def prepare_data(tcfg, rank):
     return meta
 
 
-def train_step(fwd, model, optimizer, scaler, batches, plan, tcfg, autocast, device, world):
-    """One optimizer step over the step's micro-batches (gradients synchronised on the last one under
-    DDP): (sums of loss, CE and balance loss over the micro-batches, expert loads [Le, E], gradient norm)."""
+def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, grad_clip):
+    """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
+    micro-batches, expert loads [Le, E], gradient norm before clipping)."""
     sums, load_sum = torch.zeros(3, device=device), None
     for j, (x, y) in enumerate(batches):
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
-        sync = contextlib.nullcontext() if world == 1 or j == plan.accum - 1 else fwd.no_sync()
-        with sync, autocast:
+        with parallel.accumulating(fwd, kind, last=j == plan.accum - 1), autocast:
             _, loss, stats = fwd(x, y)
             scaler.scale(loss / plan.accum).backward()
         sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
         load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or math.inf)  # 0: no clipping
+    grad_norm = parallel.clip_grad_norm(model, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -295,8 +256,7 @@ def open_run_dir(tcfg, resume):
 
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
-    rank, world, device = setup_distributed(tcfg)
-    master = rank == 0
+    rank, world, device = parallel.setup_distributed(tcfg)
     if device.type == "cpu":
         tune_malloc()
     torch.manual_seed(tcfg.seed)
@@ -315,12 +275,10 @@ def train(argv):
     loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     if not resume and not tcfg.overwrite:  # every rank refuses before any work; rank 0 checks again, locked
         rundir.check_new_run(tcfg.out_dir, overwrite=False)
-    out = Path(tcfg.out_dir)
-    ckpt_path, log_path, summary_path = out / "ckpt.pt", out / "log.jsonl", out / "summary.json"
-    lock = open_run_dir(tcfg, resume) if master else None
+    lock = open_run_dir(tcfg, resume) if rank == 0 else None
     try:
-        return run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world, device, dtype, autocast,
-                            attention, resume, ckpt_path, log_path, summary_path)
+        setup = dict(tcfg=tcfg, mcfg=mcfg, plan=plan, meta=meta, rank=rank, world=world, device=device, dtype=dtype)
+        return run_training(setup, loader, val_splits, table, autocast, attention, resume)
     finally:
         if lock:
             lock.release()
@@ -328,86 +286,49 @@ def train(argv):
             dist.destroy_process_group()
 
 
-def run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world, device, dtype, autocast, attention,
-                 resume, ckpt_path, log_path, summary_path):
-    master = rank == 0
+def run_training(setup, loader, val_splits, table, autocast, attention, resume):
+    tcfg, mcfg, plan, rank, world, device, dtype = (setup[k] for k in ("tcfg", "mcfg", "plan", "rank", "world",
+                                                                        "device", "dtype"))
+    out, master = Path(tcfg.out_dir), rank == 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = GPT(mcfg, attention).to(device)
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
-    optimizer = make_optimizer(model, plan, tcfg, device)
+    kind = parallel.choose(mcfg, tcfg, plan, world, dtype, parallel.gpu_bytes(tcfg, device))
+    fwd = parallel.wrap(model, kind, tcfg, device, dtype)  # the parallelism lives here and in train_step alone
+    optimizer = make_optimizer(model, plan, tcfg, device, kind)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 gradients underflow unscaled
-    step, last_ckpt, records = 0, None, []
-    if resume and ckpt_path.exists():
-        step = last_ckpt = restore(load_checkpoint(ckpt_path, mcfg, tcfg, meta, plan), model, optimizer, scaler,
-                                   loader, device)
-        summary = rundir.read_summary(summary_path)
+    step, last_ckpt, records = 0, "none: no checkpoint was written", []
+    run = describe(setup, loader, kind, attention)
+    if resume:
+        step, where = resume_from(out, setup, model, optimizer, scaler, loader)
+        summary = rundir.read_summary(out / "summary.json")
         if step >= plan.iters and summary and summary.get("finished") and summary.get("final"):
             if master:
-                print(f"{summary_path.parent} finished at step {step} already: nothing to resume")
+                print(f"{out} finished at step {step} already: nothing to resume")
             return summary
-    elif resume and not (ckpt_path.parent / "config.toml").exists():
-        raise FileNotFoundError(f"--resume: no run in {ckpt_path.parent} (no config.toml, no ckpt.pt)")
-    elif resume and master:
-        rundir.warn(f"{ckpt_path.parent}: the run stopped before its first checkpoint; starting it again from step 0")
+        last_ckpt = f"{where} (step {step})" if step else last_ckpt
     if master:
-        rundir.write_text(ckpt_path.parent / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
-        records = rundir.truncate_log(log_path, step) if resume else []
-    fwd = model.compile_regions() if tcfg.compile else model
-    if world > 1:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+        rundir.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
+        records = rundir.truncate_log(out / "log.jsonl", step) if resume else []
+
+    def save(at_step):
+        path = checkpoint.save(out, kind == "fsdp", model, optimizer, {
+            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(),
+            "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
+            "data": {"tokenizer": setup["meta"]["tokenizer"], "vocab_size": setup["meta"]["vocab_size"]},
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, rank, world)
+        return f"{path} (step {at_step})"
+
+    def run_eval():
+        return evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, plan.micro(world))
 
     eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
-    peak = peak_flops(tcfg, device)
-    M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
-    run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
-               batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum, world=world, lr=plan.lr,
-               warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
-               tokenizer=meta["tokenizer"], device=str(device), dtype=dtype, attention=attention, M_exec=M_exec)
-    if master:
-        print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
-              f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
-        print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
-              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
-              f"{loader.unique_tokens:,} unique tokens; micro-batch {plan.micro_batch} ({plan.micro(world)} per rank "
-              f"× {world} ranks) × accum {plan.accum}; "
-              f"{device} {dtype} {attention}{' compiled' if tcfg.compile else ''}")
-
-    def log(record):
-        if master:
-            rundir.append_log(log_path, record)
-
-    def checkpoint(at_step):
-        if master:
-            rundir.save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(), "world": world,
-                "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
-                "data": {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"]},
-                "rng": {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}})
-        return at_step
-
-    def run_eval(at_step, record):
-        bpc = {f"bpc_{k}": v for k, v in evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank,
-                                                 world, plan.micro(world)).items()}
-        log({**record, "kind": "eval", "step": at_step, "tokens": at_step * plan.batch_seqs * mcfg.S,
-             "epoch": loader.epoch, **bpc})
-        if master:
-            tqdm.write(f"step {at_step}/{plan.iters}: loss {record.get('loss', math.nan):.4f} balance "
-                       f"{record.get('balance', math.nan):.3f} epoch {loader.epoch:.2f} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in bpc.items()) + f" {record.get('tokens_per_s', 0):,.0f} tok/s")
-        return bpc
-
     end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
-    # the bar on a terminal only; logs (SLURM, CI, a pipe) get one line per evaluation instead
-    bar = tqdm(total=plan.iters, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True,
-               desc="train")
-    sums = torch.zeros(3, device=device)  # loss, ce, balance over the log interval's micro-batches
-    load_sum, data_time = None, 0.0
-    last_bpc, last_time, last_step = {}, time.perf_counter(), step
+    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, run["M_exec"], peak_flops(tcfg, device))
     model.train()
     while step < end:
         lr = lr_at(step, plan, tcfg.min_lr)
@@ -415,68 +336,107 @@ def run_training(tcfg, mcfg, plan, meta, loader, val_splits, table, rank, world,
             group["lr"] = lr
         t0 = time.perf_counter()
         batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
-        data_time += time.perf_counter() - t0
-        step_sums, step_load, grad_norm = train_step(fwd, model, optimizer, scaler, batches, plan, tcfg, autocast,
-                                                     device, world)
-        sums += step_sums
-        load_sum = step_load if load_sum is None else load_sum + step_load
+        book.data_time += time.perf_counter() - t0
+        book.add(*train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, tcfg.grad_clip))
         step += 1
-        bar.update(1)
         is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
+        record = {}
         if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
-            n = (step - last_step) * plan.accum
-            if world > 1:
-                dist.all_reduce(sums)
-                dist.all_reduce(load_sum)
-                n *= world
-            loss_v, ce_v, bal_v = (sums / n).tolist()
-            if not all(map(math.isfinite, (loss_v, grad_norm.item()))):
-                where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none: no checkpoint was written"
-                raise FloatingPointError(f"the loss became {loss_v} (gradient norm {grad_norm.item()}) between "
-                                         f"steps {last_step + 1} and {step}; the last good checkpoint is {where}")
-            now = time.perf_counter()
-            tok_s = (step - last_step) * plan.batch_seqs * mcfg.S / (now - last_time)
-            mfu = tok_s * M_exec / (world * peak) if peak else None  # FLOPs executed, LM head included
-            # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
-            per_layer = (load_sum.max(-1).values * load_sum.shape[-1] / load_sum.sum(-1)).tolist() if load_sum.numel() else []
-            record = {"kind": "train", "step": step, "tokens": step * plan.batch_seqs * mcfg.S,
-                      "epoch": loader.epoch, "lr": lr, "loss": loss_v, "ce": ce_v, "balance": bal_v,
-                      "grad_norm": grad_norm.item(), "load_max_over_mean": per_layer,
-                      "tokens_per_s": tok_s, "mfu": mfu, "data_share": data_time / (now - last_time)}
-            if device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            log(record)
-            bar.set_postfix_str(f"loss {loss_v:.3f} " + "".join(f"{k} {v:.3f} " for k, v in last_bpc.items())
-                                + f"{tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else ""))
-            sums.zero_()
-            load_sum, data_time = None, 0.0
-            last_time, last_step = now, step
+            record = book.train_record(step, lr, loader.epoch, last_ckpt)
         if is_eval:
-            last_bpc = run_eval(step, {k: record[k] for k in ("lr", "loss", "ce", "balance", "load_max_over_mean",
-                                                              "tokens_per_s")})
-            last_time = time.perf_counter()  # evaluation time is not training throughput
+            book.eval_record(step, loader.epoch, run_eval(), record)
         if is_ckpt:
-            last_ckpt = checkpoint(step)
-    bar.close()
-    if step >= plan.iters and not last_bpc:  # resumed after the last checkpoint: finish the final evaluation
+            last_ckpt = save(step)
+    book.close()
+    final = book.last_bpc
+    if step >= plan.iters and not final:  # resumed after the last checkpoint: finish the final evaluation
         logged = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
-        if world == 1 and logged:
-            last_bpc = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
-        else:
-            last_bpc = run_eval(step, {})
-    summary = {**run, "step": step, "finished": step >= plan.iters, "final": last_bpc,
+        final = ({k: v for k, v in logged[-1].items() if k.startswith("bpc_")} if world == 1 and logged
+                 else book.eval_record(step, loader.epoch, run_eval(), {}))
+    return finish(out, run, setup, step, loader.epoch, final)
+
+
+def describe(setup, loader, kind, attention):
+    """The run's numbers for summary.json, printed once by rank 0."""
+    tcfg, mcfg, plan, world = setup["tcfg"], setup["mcfg"], setup["plan"], setup["world"]
+    M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
+    run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
+               batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum, world=world, lr=plan.lr,
+               warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
+               tokenizer=setup["meta"]["tokenizer"], device=str(setup["device"]), dtype=setup["dtype"],
+               attention=attention, parallel=kind, activation_checkpointing=tcfg.activation_checkpointing,
+               M_exec=M_exec)
+    if setup["rank"] == 0:
+        print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
+              f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
+        print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
+              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
+              f"{loader.unique_tokens:,} unique tokens; micro-batch {plan.micro_batch} ({plan.micro(world)} per rank "
+              f"× {world} ranks) × accum {plan.accum}; {setup['device']} {setup['dtype']} {attention} {kind}"
+              f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
+    return run
+
+
+def resume_from(out, setup, model, optimizer, scaler, loader):
+    """(step, checkpoint path) to continue from: the newest checkpoint in out, verified, checked and loaded;
+    step 0 when the run stopped before its first one."""
+    got = checkpoint.read(out, setup["rank"], setup["world"])
+    if got is None:
+        if not (out / "config.toml").exists():
+            raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
+        if setup["rank"] == 0:
+            rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
+        return 0, None
+    form, path, state = got
+    checkpoint.check(state, path, setup["mcfg"], setup["tcfg"], setup["meta"], setup["plan"])
+    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, setup["device"]), path
+
+
+def finish(out, run, setup, step, epoch, final):
+    tcfg, mcfg, plan = setup["tcfg"], setup["mcfg"], setup["plan"]
+    summary = {**run, "step": step, "finished": step >= plan.iters, "final": final,
                "config": {"model": asdict(mcfg), "train": asdict(tcfg)}}
-    if master:
-        rundir.write_text(summary_path, json.dumps(summary, indent=1))
+    if setup["rank"] == 0:
+        rundir.write_text(out / "summary.json", json.dumps(summary, indent=1))
         print(("finished" if summary["finished"] else f"stopped at step {step} of {plan.iters} (resume with --resume)")
-              + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {loader.epoch:.2f} epochs; "
-              + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in last_bpc.items()))
+              + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
+              + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in final.items()))
     return summary
 
 
-def main(argv=None):
+def show_plan(argv):
+    """--plan [--nproc=N]: the per-rank memory of the config's plan on N ranks; nothing is allocated."""
+    nproc = [a for a in argv if a.startswith("--nproc=")]
     try:
-        train(sys.argv[1:] if argv is None else argv)
+        world = int(nproc[-1].split("=", 1)[1]) if nproc else 1
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ValueError(f"{nproc[-1]}: expected a number of ranks >= 1")
+    mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
+    vocab = mvals.get("vocab_size") or plan_vocab(tcfg.data)
+    mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
+    plan = make_plan(mcfg, tcfg, world)
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the plan is for GPUs
+    capacity = int(tcfg.gpu_mem * parallel.GiB) if tcfg.gpu_mem else None
+    text, _, _ = parallel.format_plan(mcfg, tcfg, plan, world, dtype, capacity)
+    print(f"model {mcfg.scheme}: N={plan.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), plan {plan.iters} iters × "
+          f"{plan.batch_seqs} seqs × {mcfg.S} tokens")
+    print(text)
+
+
+def plan_vocab(data_dir):
+    """The vocabulary the run would have: its data's, rounded as resolve_model_config rounds it; cl100k_base's
+    when the data is not prepared here (the paper's tokenizer)."""
+    path = Path(data_dir) / "meta.json"
+    v = json.loads(path.read_text())["vocab_size"] if path.exists() else 100277
+    return v if v <= 256 else 64 * math.ceil(v / 64)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        show_plan(argv) if "--plan" in argv else train(argv)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, damaged or missing files, a full disk
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

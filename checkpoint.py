@@ -1,0 +1,182 @@
+"""A run's checkpoint, whole or sharded, and the one place where a resume is checked.
+
+    ckpt.pt            one process or DDP: rank 0 writes everything (rundir.save_checkpoint, checksummed)
+    ckpt/step-<n>/     FSDP: torch.distributed.checkpoint (DCP) writes each rank's shards, rank 0 extra.pt
+                       (loader, RNG, step, plan, config; checksummed as ckpt.pt is)
+    ckpt/latest.json   names the last whole step-<n>/ with the sha256 of each of its files. It is written
+                       last and atomically, so a save killed halfway leaves the previous step loadable.
+
+Weights and AdamW state go through torch.distributed.checkpoint.state_dict, keyed by parameter name,
+so either form loads into a plain, DDP or FSDP model on any number of ranks: DCP reshards the shards
+to whatever the new ranks hold. Whether the trajectory may continue is decided by check() alone.
+"""
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import rundir
+from config import TRAJECTORY
+
+SHARDED = "ckpt"
+
+
+def found(out):
+    """The newest checkpoint in out: ('pt', path, None) or ('dcp', folder, manifest), or None."""
+    out = Path(out)
+    whole = out / "ckpt.pt"
+    manifest = read_manifest(out / SHARDED)
+    if manifest and whole.exists():  # a kill between writing one form and deleting the other: the newer
+        step = rundir.read_checkpoint(whole)["step"]
+        return ("pt", whole, None) if step > manifest["step"] else ("dcp", out / SHARDED / manifest["dir"], manifest)
+    if manifest:
+        return "dcp", out / SHARDED / manifest["dir"], manifest
+    return ("pt", whole, None) if whole.exists() else None
+
+
+def read_manifest(folder):
+    path = Path(folder) / "latest.json"
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if isinstance(manifest, dict) and {"step", "dir", "files"} <= set(manifest):
+            return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    raise rundir.RunDirError(f"{path} is damaged and was not loaded: it does not name a checkpoint")
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the check
+def check(state, path, mcfg, tcfg, meta, plan):
+    """The one place a resume is checked: the checkpoint must continue the identical trajectory, with the
+    same model, trajectory keys, data and plan, on any number of ranks (the plan does not depend on it).
+    Anything else is refused, every difference named."""
+    saved_m, saved_t = state["config"]["model"], state["config"]["train"]
+    saved_plan = state.get("plan", {"made by": "an earlier version without a recorded plan"})
+    diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
+    diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
+             if saved_t.get(k) != getattr(tcfg, k)]
+    diff += [f"data {k}: checkpoint {state['data'][k]!r}, now {meta[k]!r}" for k in ("tokenizer", "vocab_size")
+             if state["data"][k] != meta[k]]
+    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state.get('world', '?')} "
+             f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
+    if diff:
+        raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
+
+
+# ----------------------------------------------------------------------------- saving
+def model_and_optimizer(model, optimizer, full):
+    """Weights and AdamW state keyed by parameter name: whole tensors (full) or this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=full, cpu_offload=full))
+
+
+def save(out, sharded, model, optimizer, extra, rank, world):
+    """Write step extra['step'] in the run's form (sharded under FSDP), then delete the other form.
+    Returns the path written."""
+    out = Path(out)
+    if not sharded:
+        weights, adam = model_and_optimizer(model, optimizer, full=True)
+        if rank == 0:
+            rundir.save_checkpoint(out / "ckpt.pt", {"model": weights, "optimizer": adam, **extra})
+            shutil.rmtree(out / SHARDED, ignore_errors=True)
+        return out / "ckpt.pt"
+    import torch.distributed.checkpoint as dcp
+    name = f"step-{extra['step']:08d}"
+    folder = out / SHARDED / name
+    if rank == 0:  # a folder of this step from a save that was killed: written again from nothing
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    dist.barrier()
+    weights, adam = model_and_optimizer(model, optimizer, full=False)
+    dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
+    if rank == 0:
+        rundir.save_checkpoint(folder / "extra.pt", extra)
+    dist.barrier()  # every rank's files are written and synced (DCP fsyncs them)
+    mine = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
+    if rank == 0:
+        mine.update({p.name: sha256(p) for p in (folder / ".metadata", folder / "extra.pt")})
+    hashes = [None] * world
+    dist.all_gather_object(hashes, mine)
+    if rank == 0:
+        files = {k: v for h in hashes for k, v in h.items()}
+        rundir.write_text(out / SHARDED / "latest.json", json.dumps({"step": extra["step"], "dir": name,
+                                                                     "world": world, "files": files}, indent=1))
+        for old in (out / SHARDED).glob("step-*"):  # the previous step, and any half-written one
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        (out / "ckpt.pt").unlink(missing_ok=True)
+    dist.barrier()
+    return folder
+
+
+# ----------------------------------------------------------------------------- loading
+def verify(folder, manifest, rank, world):
+    """Every rank hashes a share of the files against the manifest; any mismatch is named, on every rank."""
+    names = sorted(manifest["files"])
+    bad = []
+    for name in names[rank::world]:
+        path = folder / name
+        if not path.exists():
+            bad.append(f"{path} is missing")
+        elif sha256(path) != manifest["files"][name]:
+            bad.append(f"{path} is damaged: its contents do not match the sha256 in {folder.parent / 'latest.json'}")
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, bad)
+        bad = [b for rank_bad in every for b in rank_bad]
+    if bad:
+        raise rundir.RunDirError("the checkpoint was not loaded:\n  " + "\n  ".join(bad))
+
+
+def read(out, rank, world):
+    """(form, path, state without weights) of the newest checkpoint in out, verified; None when there is none."""
+    got = found(out)
+    if got is None:
+        return None
+    form, path, manifest = got
+    if form == "pt":
+        return form, path, rundir.read_checkpoint(path)
+    verify(path, manifest, rank, world)
+    return form, path, rundir.read_checkpoint(path / "extra.pt")
+
+
+def restore(form, path, state, model, optimizer, scaler, loader, device):
+    """Load the weights and AdamW state into the model as it is now (plain, DDP or FSDP), then the rest."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    if form == "pt" and state["optimizer"]["state"] and isinstance(next(iter(state["optimizer"]["state"])), int):
+        model.load_state_dict(state["model"])  # a checkpoint of an earlier train.py: optimizer keyed by index
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        if form == "pt":
+            weights, adam, full = state["model"], state["optimizer"], True
+        else:
+            import torch.distributed.checkpoint as dcp
+            weights, adam = model_and_optimizer(model, optimizer, full=False)
+            both = {"model": weights, "optimizer": adam}
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint: what is meant here
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                dcp.load(both, checkpoint_id=path)
+            weights, adam, full = both["model"], both["optimizer"], False
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
+                       options=StateDictOptions(full_state_dict=full))
+    scaler.load_state_dict(state["scaler"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return state["step"]

@@ -1,0 +1,83 @@
+"""What a training run reports, and when it must stop: the loss and its parts summed over each log
+interval (over all ranks), expert loads, throughput and MFU, one log.jsonl line per interval and per
+evaluation, the progress bar on a terminal (one line per evaluation in a log file instead), and the
+NaN policy: a non-finite loss stops the run, naming the last good checkpoint.
+"""
+import math
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import rundir
+
+
+class Logbook:
+    def __init__(self, log_path, plan, S, step, rank, world, device, M_exec, peak):
+        self.log_path, self.plan, self.S, self.world, self.device = log_path, plan, S, world, device
+        self.master, self.M_exec, self.peak = rank == 0, M_exec, peak
+        self.sums = torch.zeros(3, device=device)  # loss, ce, balance over the interval's micro-batches
+        self.load_sum, self.data_time, self.last_bpc = None, 0.0, {}
+        self.last_time, self.last_step = time.perf_counter(), step
+        self.bar = tqdm(total=plan.iters, initial=step, disable=not (self.master and sys.stderr.isatty()),
+                        dynamic_ncols=True, desc="train")
+
+    def write(self, record):
+        if self.master:
+            rundir.append_log(self.log_path, record)
+
+    def add(self, step_sums, step_load, grad_norm):
+        """One optimizer step's sums (train.train_step)."""
+        self.sums += step_sums
+        self.load_sum = step_load if self.load_sum is None else self.load_sum + step_load
+        self.grad_norm = grad_norm
+        self.bar.update(1)
+
+    def train_record(self, step, lr, epoch, last_ckpt):
+        """The interval's means over all ranks, logged; a non-finite loss raises FloatingPointError."""
+        plan = self.plan
+        n = (step - self.last_step) * plan.accum * self.world
+        if self.world > 1:
+            dist.all_reduce(self.sums)
+            dist.all_reduce(self.load_sum)
+        loss, ce, balance = (self.sums / n).tolist()
+        grad_norm = self.grad_norm.item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"the loss became {loss} (gradient norm {grad_norm}) between steps "
+                                     f"{self.last_step + 1} and {step}; the last good checkpoint is {last_ckpt}")
+        now = time.perf_counter()
+        tok_s = (step - self.last_step) * plan.batch_seqs * self.S / (now - self.last_time)
+        mfu = tok_s * self.M_exec / (self.world * self.peak) if self.peak else None  # FLOPs executed, head included
+        load = self.load_sum  # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
+        per_layer = (load.max(-1).values * load.shape[-1] / load.sum(-1)).tolist() if load.numel() else []
+        record = {"kind": "train", "step": step, "tokens": step * plan.batch_seqs * self.S, "epoch": epoch, "lr": lr,
+                  "loss": loss, "ce": ce, "balance": balance, "grad_norm": grad_norm, "load_max_over_mean": per_layer,
+                  "tokens_per_s": tok_s, "mfu": mfu, "data_share": self.data_time / (now - self.last_time)}
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.write(record)
+        self.bar.set_postfix_str(f"loss {loss:.3f} " + "".join(f"{k} {v:.3f} " for k, v in self.last_bpc.items())
+                                 + f"{tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else ""))
+        self.sums.zero_()
+        self.load_sum, self.data_time = None, 0.0
+        self.last_time, self.last_step = now, step
+        return record
+
+    def eval_record(self, step, epoch, bpc, record):
+        """An evaluation's BPC per split, with the training record of the same step (if any)."""
+        self.last_bpc = {f"bpc_{k}": v for k, v in bpc.items()}
+        keep = ("lr", "loss", "ce", "balance", "load_max_over_mean", "tokens_per_s")
+        self.write({**{k: record[k] for k in keep if k in record}, "kind": "eval", "step": step,
+                    "tokens": step * self.plan.batch_seqs * self.S, "epoch": epoch, **self.last_bpc})
+        if self.master:
+            tqdm.write(f"step {step}/{self.plan.iters}: loss {record.get('loss', math.nan):.4f} balance "
+                       f"{record.get('balance', math.nan):.3f} epoch {epoch:.2f} "
+                       + " ".join(f"{k} {v:.4f}" for k, v in self.last_bpc.items())
+                       + f" {record.get('tokens_per_s', 0):,.0f} tok/s")
+        self.last_time = time.perf_counter()  # evaluation time is not training throughput
+        return self.last_bpc
+
+    def close(self):
+        self.bar.close()
