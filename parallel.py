@@ -70,11 +70,16 @@ def wrap(model, kind, tcfg, device, dtype):
         return torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True)
     if kind == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import Shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
+        world = dist.get_world_size()
+
+        def placement(p):
+            return Shard(shard_dim(tuple(p.shape), world))
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)  # the root: embedding, final norm and LM head
+            fully_shard(block, mp_policy=mp, shard_placement_fn=placement)
+        fully_shard(model, mp_policy=mp, shard_placement_fn=placement)  # the root: embedding, final norm, LM head
     return fwd
 
 
@@ -118,21 +123,32 @@ def param_shapes(mcfg):
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def local_numel(shape, world, rank):
-    """Elements of rank's shard: FSDP2 splits dim 0 as torch.chunk does, ceil(d0/world) rows per rank."""
-    rows = math.ceil(shape[0] / world) if shape else 1
-    mine = max(0, min(rows, shape[0] - rank * rows)) if shape else (1 if rank == 0 else 0)
-    return mine * math.prod(shape[1:])
+def shard_dim(shape, world):
+    """The dim FSDP splits a tensor on: the first that the ranks divide, else the one padded least. FSDP2
+    would split dim 0, as torch.chunk does; E = 78 experts over 32 ranks would then allocate 96."""
+    return next((d for d, n in enumerate(shape) if n % world == 0),
+                min(range(len(shape)), key=lambda d: math.ceil(shape[d] / world) * world - shape[d]))
+
+
+def shard_numel(shape, world, rank):
+    """(allocated, held) elements of rank's shard. The split dim d gets ceil(n_d/world) slices per rank
+    (torch.chunk's rule), and every rank's weight and gradient shard is allocated padded to that many;
+    what a rank holds (and AdamW's moments copy) is its share of the real slices, fewer on the last ranks."""
+    d = shard_dim(shape, world)
+    per_rank = math.ceil(shape[d] / world)
+    held = max(0, min(per_rank, shape[d] - rank * per_rank))
+    rest = math.prod(shape) // shape[d]
+    return per_rank * rest, held * rest
 
 
 def state_bytes(shapes, kind, world, rank=0):
-    """(params, grads, optimizer) bytes on `rank`: fp32 weights and gradients, AdamW's two moments and
-    its fp32 step count (one 4-byte scalar per parameter tensor, on every rank)."""
+    """(params, grads, optimizer) bytes allocated on `rank`: fp32 weights and gradients, AdamW's two
+    moments and its fp32 step count (one 4-byte scalar per parameter tensor, on every rank)."""
     if kind == "fsdp":
-        n = sum(local_numel(s, world, rank) for s in shapes.values())
+        allocated, held = (sum(n) for n in zip(*(shard_numel(s, world, rank) for s in shapes.values())))
     else:
-        n = sum(math.prod(s) for s in shapes.values())
-    return 4 * n, 4 * n, 8 * n + 4 * len(shapes)
+        allocated = held = sum(math.prod(s) for s in shapes.values())
+    return 4 * allocated, 4 * allocated, 8 * held + 4 * len(shapes)
 
 
 def working_bytes(mcfg, shapes, kind, dtype):
@@ -149,36 +165,55 @@ def working_bytes(mcfg, shapes, kind, dtype):
     return b * (2 * block + root) + (b + 4) * block
 
 
-def activation_bytes(mcfg, seqs, dtype, kind, checkpointing):
-    """Bytes autograd keeps for `seqs` sequences (S tokens each) until the backward, counted tensor by
-    tensor from model.py (a memory-efficient attention kernel: q, k, v, output and logsumexp, no T×T
-    matrix), plus the working set of the backward: one layer's activations again and the head's logit
-    gradients. Under autocast the residual stream stays fp32; FSDP's bf16 weights make it bf16."""
+def saved_bytes(mcfg, seqs, dtype, kind, checkpointing, attention="flex"):
+    """Bytes autograd keeps from the forward of `seqs` sequences (S tokens each) for the backward,
+    counted tensor by tensor from model.py. Under autocast the residual stream stays fp32; FSDP's bf16
+    weights make it bf16. With activation checkpointing only each block's input is kept."""
     a = 2 if dtype in ("bfloat16", "float16") else 4       # matmul inputs and outputs
     r = a if kind == "fsdp" else 4                        # the residual stream
-    T, Dm, HD, V = seqs * mcfg.S, mcfg.Dm, mcfg.H * mcfg.Dh, mcfg.vocab_size
-    norm = r * Dm + 4
-    attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H       # qkv input, q k v, output, proj input, lse
-    dense = norm + a * Dm + 4 * a * mcfg.Dffn            # w13 input, w13 output (2F), silu, product
-
-    def moe():
-        routed = mcfg.K * (a * (Dm + 5 * mcfg.De) + 28)    # dispatched x, h13 (2De), silu, product, gated; ids
-        router = 4 * Dm + 8 * mcfg.E                      # fp32 input, exp and scores
-        shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0
-        return norm + router + routed + shared
-    layers = [attn + (dense if kind_ == "dense" else moe()) for kind_ in flops.layer_kinds(mcfg)]
-    head = norm + a * Dm + 4 * V + 8                     # norm, LM head input, fp32 log-softmax
-    head_backward = (4 + a) * V                          # the logits' gradient, fp32 and cast
-    kept = T * (len(layers) * r * Dm) if checkpointing else T * sum(layers)  # checkpointing: block inputs only
-    return kept + T * (max(layers) + head + head_backward)
+    T = seqs * mcfg.S
+    bias = 4 * mcfg.H * mcfg.S ** 2 if attention == "sdpa" else 0  # the fp32 ALiBi bias, one for all layers
+    if checkpointing:
+        return T * (8 + mcfg.L * r * mcfg.Dm + head_bytes(mcfg, a, r)) + bias
+    layers = sum(layer_bytes(mcfg, kind_, a, r, attention) for kind_ in flops.layer_kinds(mcfg))
+    return T * (8 + layers + head_bytes(mcfg, a, r)) + bias  # 8: the token ids
 
 
-def memory(mcfg, plan, kind, world, dtype, checkpointing, rank=0, shapes=None):
+def layer_bytes(mcfg, kind, a, r, attention="flex"):
+    """Per token, what one layer keeps: attention, then a dense FFN or an MoE layer."""
+    Dm, HD = mcfg.Dm, mcfg.H * mcfg.Dh
+    norm = 2 * r * Dm + 4                                # input, normalised input and 1/rms (torch's composite)
+    if attention == "flex":                              # FlexAttention: q, k, v, output and logsumexp
+        attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H   # (+ qkv input and proj input)
+    else:                                                # SDPA's math path (CPU): q, k, v in the bias's fp32
+        attn = norm + a * Dm + 12 * HD + a * HD + 4 * mcfg.H * mcfg.S  # and the T×T probabilities
+    if kind == "dense":
+        return attn + norm + a * Dm + 4 * a * mcfg.Dffn  # w13 input, w13 output (2F), silu, product
+    router = 4 * Dm + 8 * mcfg.E                         # its fp32 input, the exponentials and the scores
+    routed = mcfg.K * (a * (Dm + 5 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, product,
+    shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0  # gated; slot ids and gate
+    return attn + norm + router + routed + shared
+
+
+def head_bytes(mcfg, a, r):
+    return 2 * r * mcfg.Dm + 4 + a * mcfg.Dm + 4 * mcfg.vocab_size  # norm, LM head input, fp32 log-softmax
+
+
+def activation_bytes(mcfg, seqs, dtype, kind, checkpointing, attention="flex"):
+    """saved_bytes, plus the working set of the backward: one layer's activations again (recomputed
+    under checkpointing, or the gradients of what it kept) and the logits' gradient, fp32 and cast."""
+    a = 2 if dtype in ("bfloat16", "float16") else 4
+    r = a if kind == "fsdp" else 4
+    layer = max(layer_bytes(mcfg, kind_, a, r, attention) for kind_ in flops.layer_kinds(mcfg))
+    return saved_bytes(mcfg, seqs, dtype, kind, checkpointing, attention) + seqs * mcfg.S * (layer + (4 + a) * mcfg.vocab_size)
+
+
+def memory(mcfg, plan, kind, world, dtype, checkpointing, rank=0, shapes=None, attention="flex"):
     """Memory of one rank under `kind` ('single', 'ddp' or 'fsdp') for one micro-batch of the plan."""
     shapes = shapes or param_shapes(mcfg)
     params, grads, optimizer = state_bytes(shapes, kind, world, rank)
     return Memory(params, grads, optimizer, working_bytes(mcfg, shapes, kind, dtype),
-                  activation_bytes(mcfg, plan.micro(world), dtype, kind, checkpointing))
+                  activation_bytes(mcfg, plan.micro(world), dtype, kind, checkpointing, attention))
 
 
 def largest_micro(mcfg, plan, kind, world, dtype, checkpointing, capacity, shapes):
@@ -226,5 +261,5 @@ def format_plan(mcfg, tcfg, plan, world, dtype, capacity):
                                                                 "activations", "total"))
                      + f"  {fits:<4}  {largest}")
     lines.append(f"GiB per rank; train.parallel={tcfg.parallel!r} chooses {chosen}"
-                 + (f" with activation checkpointing {'on' if tcfg.activation_checkpointing else 'off'}"))
+                 + f" with activation checkpointing {'on' if tcfg.activation_checkpointing else 'off'}")
     return "\n".join(lines), rows, chosen

@@ -1,0 +1,219 @@
+"""parallel.py and checkpoint.py: FSDP2 against one process, sharded checkpoints that resume on any
+number of ranks, activation checkpointing, and the memory plan against the real tensors."""
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import parallel
+import rundir
+import train
+from config import TrainConfig, read_toml
+from model import GPT, GPTConfig
+from tests.test_train import records, run_ddp, weights
+
+ROOT = Path(__file__).resolve().parent.parent
+DENSE = ["--scheme=dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=80"]
+
+
+def sharded_weights(out_dir, like):
+    """The weights of a sharded (DCP) checkpoint, read into whole tensors shaped as `like`'s."""
+    manifest = json.loads((Path(out_dir) / "ckpt" / "latest.json").read_text())
+    state = {"model": {k: torch.empty_like(v) for k, v in like.items()}}
+    dcp.load(state, checkpoint_id=Path(out_dir) / "ckpt" / manifest["dir"])
+    return state["model"]
+
+
+def assert_same_run(a_dir, b_dir, tol=1e-5):
+    a, b = records(a_dir), records(b_dir)
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"] and x["tokens"] == y["tokens"]
+        assert abs(x["loss"] - y["loss"]) < tol and abs(x["balance"] - y["balance"]) < tol
+    ea, eb = records(a_dir, "eval"), records(b_dir, "eval")
+    assert [e["step"] for e in ea] == [e["step"] for e in eb]
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+
+@pytest.mark.parametrize("model, extra", [("moe", ["--micro_batch=2"]), ("dense", [])], ids=["moe-accum2", "dense"])
+def test_fsdp_on_two_ranks_follows_one_process(tiny_run, tmp_path, model, extra):
+    shape = (DENSE if model == "dense" else []) + extra
+    one = train.train(tiny_run("one", *shape))
+    run_ddp(tiny_run("two", *shape, "--parallel=fsdp"), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["parallel"] == "fsdp" and two["final"] == pytest.approx(one["final"], abs=1e-5)
+    assert not (tmp_path / "two" / "ckpt.pt").exists()
+    whole = weights(tmp_path / "one")
+    sharded = sharded_weights(tmp_path / "two", whole)
+    assert all(torch.allclose(whole[k], sharded[k], atol=1e-5) for k in whole)
+
+
+def test_fsdp_composes_with_compile_and_activation_checkpointing(tiny_run, tmp_path):
+    train.train(tiny_run("one", "--micro_batch=2"))
+    run_ddp(tiny_run("two", "--micro_batch=2", "--parallel=fsdp", "--compile=true", "--activation_checkpointing=true"),
+            nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_killed_fsdp_run_resumes_on_two_and_on_one_rank(tiny_run, tmp_path):
+    train.train(tiny_run("whole"))
+    run_ddp(tiny_run("a", "--parallel=fsdp", "--stop_at=6"), nproc=2)
+    # what a kill during the next save leaves: a half-written step folder that latest.json does not name
+    half = tmp_path / "a" / "ckpt" / "step-00000009"
+    shutil.copytree(tmp_path / "a" / "ckpt" / "step-00000006", half)
+    (half / "__1_0.distcp").write_bytes(b"torn")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run_ddp(["--out_dir=" + str(tmp_path / "a"), "--resume"], nproc=2)  # resharded onto 2 ranks again
+    train.train(["--out_dir=" + str(tmp_path / "b"), "--resume"])       # and onto one process
+    assert_same_run(tmp_path / "whole", tmp_path / "a")
+    assert_same_run(tmp_path / "whole", tmp_path / "b")
+    assert not half.exists()  # the next save cleared it
+    assert (tmp_path / "b" / "ckpt.pt").exists() and not (tmp_path / "b" / "ckpt").exists()  # one form at a time
+    whole = weights(tmp_path / "whole")
+    resumed = sharded_weights(tmp_path / "a", whole)
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(tiny_run, tmp_path):
+    train.train(tiny_run("whole"))
+    train.train(tiny_run("a", "--stop_at=6"))
+    run_ddp(["--out_dir=" + str(tmp_path / "a"), "--resume", "--parallel=fsdp"], nproc=2)
+    assert_same_run(tmp_path / "whole", tmp_path / "a")
+    assert (tmp_path / "a" / "ckpt" / "latest.json").exists() and not (tmp_path / "a" / "ckpt.pt").exists()
+
+
+def test_a_damaged_shard_is_named_and_not_loaded(tiny_run, tmp_path):
+    run_ddp(tiny_run("a", "--parallel=fsdp", "--stop_at=6"), nproc=2)
+    shard = tmp_path / "a" / "ckpt" / "step-00000006" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--out_dir={tmp_path / 'a'}", "--resume"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "__1_0.distcp is damaged" in r.stderr
+    (tmp_path / "a" / "ckpt" / "latest.json").write_text("{not json")
+    with pytest.raises(rundir.RunDirError, match="latest.json is damaged"):
+        train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])
+
+
+def test_resharding_that_breaks_the_batch_rules_is_refused(tiny_run, tmp_path):
+    run_ddp(tiny_run("a", "--parallel=fsdp", "--micro_batch=2", "--stop_at=6"), nproc=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                        str(ROOT / "train.py"), f"--out_dir={tmp_path / 'a'}", "--resume"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "train.micro_batch=2 cannot be split evenly over 4 ranks" in r.stderr
+    assert "[rank0]: Traceback" not in r.stderr  # (torchrun prints its own when a rank exits 2)
+    assert train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])["finished"]  # 1 rank: 2 per forward
+
+
+def test_activation_checkpointing_changes_memory_not_the_run(tiny_run, tmp_path):
+    train.train(tiny_run("plain"))
+    train.train(tiny_run("ckpt", "--activation_checkpointing=true"))
+    assert records(tmp_path / "plain") == records(tmp_path / "ckpt")
+    assert records(tmp_path / "plain", "eval") == records(tmp_path / "ckpt", "eval")
+
+
+# ----------------------------------------------------------------------------- the memory plan
+def test_planned_state_bytes_equal_the_fsdp_tensors_on_every_rank():
+    # 3 ranks: no dim of the probe's model divides by 3, so shards are padded and the last rank holds less
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                        str(ROOT / "tests" / "fsdp_probe.py")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = sorted((json.loads(m) for m in re.findall(r"\{[^{}]*\}", r.stdout)), key=lambda x: x["rank"])
+    assert [x["rank"] for x in ranks] == [0, 1, 2]
+    for x in ranks:
+        assert x["measured"] == x["planned"]  # parameters, gradients, AdamW: to the byte
+    assert ranks[2]["planned"][2] < ranks[0]["planned"][2]  # the last rank holds fewer slices
+
+
+def test_planned_state_bytes_equal_one_process_tensors():
+    cfg = GPTConfig(vocab_size=259, scheme="interleave", L=4, Dm=40, H=3, Dh=12, Dffn=70, S=16, E=5, K=2, De=16, Dse=0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.S))
+    model(x, x)[1].backward()
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    measured = (nbytes(model.parameters()), nbytes(p.grad for p in model.parameters()),
+                nbytes(v for s in opt.state.values() for v in s.values()))
+    assert measured == parallel.state_bytes(parallel.param_shapes(cfg), "single", 1)
+
+
+@pytest.mark.parametrize("cfg", [
+    GPTConfig(vocab_size=256, scheme="dense", L=2, Dm=128, H=4, Dh=32, Dffn=352, S=128),
+    GPTConfig(vocab_size=256, L=3, Dm=64, H=2, Dh=32, Dffn=176, E=16, K=2, De=32, Dse=64, S=128),
+    GPTConfig(vocab_size=512, scheme="full", L=2, Dm=64, H=4, Dh=16, E=8, K=4, De=16, Dse=0, S=64)],
+    ids=["dense", "1dense", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_planned_activations_match_what_autograd_saves(cfg, dtype, checkpointing):
+    """Every tensor autograd keeps for the backward (storages counted once, weights and their bf16
+    casts left out: the plan counts those apart), against parallel.saved_bytes for CPU's SDPA."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.checkpointing = checkpointing
+    weights_ = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights_ and not (tuple(t.shape) in shapes and t.dtype == torch.bfloat16):
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+    x = torch.randint(0, cfg.vocab_size, (3, cfg.S))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(x, x)
+    planned = parallel.saved_bytes(cfg, 3, dtype, "ddp", checkpointing, attention="sdpa")
+    assert planned == pytest.approx(sum(saved.values()), rel=0.06)
+
+
+def test_memory_plan_for_the_7b_moe_needs_fsdp_on_80gb_gpus(capsys):
+    train.main(["configs/moe-7b.toml", "--plan", "--nproc=32", "--gpu_mem=80"])
+    out = capsys.readouterr().out
+    rows = {(r.split()[0], r.split()[1]): r.split() for r in out.splitlines() if r.split()[:1] in (["ddp"], ["fsdp"])}
+    assert rows[("ddp", "off")][8] == "NO" and rows[("ddp", "on")][8] == "NO"
+    assert rows[("fsdp", "off")][8] == "yes" and rows[("fsdp", "on")][8] == "yes"
+    assert float(rows[("ddp", "off")][2]) * 4 > 100  # params + grads + AdamW: 16 bytes per parameter, > 100 GiB
+    assert "chooses fsdp" in out
+
+
+def test_memory_plan_state_is_sharded_over_the_ranks():
+    mcfg = GPTConfig(**{**read_toml("configs/moe-7b.toml")["model"], "vocab_size": 100288})
+    tcfg = TrainConfig(compute=2.86e21, tokens=0, micro_batch=32)
+    plan = train.make_plan(mcfg, tcfg, 32)
+    ddp = parallel.memory(mcfg, plan, "ddp", 32, "bfloat16", False)
+    fsdp = parallel.memory(mcfg, plan, "fsdp", 32, "bfloat16", False)
+    assert ddp.state / fsdp.state == pytest.approx(32, rel=0.001)  # every tensor has a dim that 32 divides
+    assert parallel.choose(mcfg, tcfg, plan, 32, "bfloat16", 80 * parallel.GiB) == "fsdp"
+    assert parallel.choose(mcfg, TrainConfig(compute=1e20, tokens=0, micro_batch=32, parallel="ddp"), plan, 32,
+                           "bfloat16", 80 * parallel.GiB) == "ddp"  # asked for: honoured
+    small = GPTConfig(vocab_size=256)
+    assert parallel.choose(small, tcfg, train.make_plan(small, TrainConfig(iters=10, tokens=0, micro_batch=32), 32), 32,
+                           "bfloat16", 80 * parallel.GiB) == "ddp"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plan", "--nproc=0"], "--nproc=0: expected a number of ranks >= 1"),
+    (["--plan", "--nproc=x"], "--nproc=x: expected a number of ranks >= 1"),
+    (["configs/moe-7b.toml", "--plan", "--nproc=3"], "cannot be split evenly over 3 ranks"),
+    (["--plan", "--parallel=zero3"], "train.parallel='zero3' is not allowed: expected auto, ddp or fsdp"),
+    (["--plan", "--gpu_mem=-1"], "train.gpu_mem=-1.0 is not allowed")])
+def test_bad_plan_arguments_exit_2(argv, message):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
