@@ -12,9 +12,11 @@ each op, so the two round differently. Expert parallelism is out of scope: every
 every expert.
 """
 import contextlib
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -56,7 +58,7 @@ def choose(mcfg, tcfg, plan, world, dtype, capacity):
         return tcfg.parallel
     if capacity is None:
         return "ddp"
-    need = memory(mcfg, plan, "ddp", world, dtype, tcfg.activation_checkpointing).total
+    need = memory(mcfg, plan.micro(world), "ddp", world, dtype, tcfg.activation_checkpointing).total
     return "ddp" if need <= capacity - RESERVE else "fsdp"
 
 
@@ -208,25 +210,28 @@ def activation_bytes(mcfg, seqs, dtype, kind, checkpointing, attention="flex"):
     return saved_bytes(mcfg, seqs, dtype, kind, checkpointing, attention) + seqs * mcfg.S * (layer + (4 + a) * mcfg.vocab_size)
 
 
-def memory(mcfg, plan, kind, world, dtype, checkpointing, rank=0, shapes=None, attention="flex"):
-    """Memory of one rank under `kind` ('single', 'ddp' or 'fsdp') for one micro-batch of the plan."""
+def memory(mcfg, seqs, kind, world, dtype, checkpointing, rank=0, shapes=None, attention="flex"):
+    """Memory of one rank under `kind` ('single', 'ddp' or 'fsdp') for a micro-batch of `seqs` sequences
+    per rank."""
     shapes = shapes or param_shapes(mcfg)
     params, grads, optimizer = state_bytes(shapes, kind, world, rank)
     return Memory(params, grads, optimizer, working_bytes(mcfg, shapes, kind, dtype),
-                  activation_bytes(mcfg, plan.micro(world), dtype, kind, checkpointing, attention))
+                  activation_bytes(mcfg, seqs, dtype, kind, checkpointing, attention))
 
 
-def largest_micro(mcfg, plan, kind, world, dtype, checkpointing, capacity, shapes):
+def largest_micro(mcfg, batch_seqs, kind, world, dtype, checkpointing, capacity, shapes):
     """The largest micro_batch (over all ranks) that divides the batch, splits over the ranks and fits."""
-    fits = [m for m in range(world, plan.batch_seqs + 1, world) if plan.batch_seqs % m == 0
-            and memory(mcfg, _with_micro(plan, m), kind, world, dtype, checkpointing, 0, shapes).total
-            <= capacity - RESERVE]
+    fits = [m for m in range(world, batch_seqs + 1, world) if batch_seqs % m == 0
+            and memory(mcfg, m // world, kind, world, dtype, checkpointing, 0, shapes).total <= capacity - RESERVE]
     return max(fits, default=0)
 
 
-def _with_micro(plan, m):
-    from dataclasses import replace
-    return replace(plan, micro_batch=m, accum=plan.batch_seqs // m)
+def plan_vocab(data_dir):
+    """The vocabulary a run would have: its data's, rounded as train.py rounds it; cl100k_base's (the
+    paper's tokenizer) when the data is not prepared here."""
+    path = Path(data_dir) / "meta.json"
+    v = json.loads(path.read_text())["vocab_size"] if path.exists() else 100277
+    return v if v <= 256 else 64 * math.ceil(v / 64)
 
 
 def plan_table(mcfg, tcfg, plan, world, dtype, capacity):
@@ -236,8 +241,8 @@ def plan_table(mcfg, tcfg, plan, world, dtype, capacity):
     rows = []
     for kind in kinds:
         for ckpt in (False, True):
-            m = memory(mcfg, plan, kind, world, dtype, ckpt, 0, shapes)
-            largest = largest_micro(mcfg, plan, kind, world, dtype, ckpt, capacity, shapes) if capacity else None
+            m = memory(mcfg, plan.micro(world), kind, world, dtype, ckpt, 0, shapes)
+            largest = largest_micro(mcfg, plan.batch_seqs, kind, world, dtype, ckpt, capacity, shapes) if capacity else None
             rows.append(dict(parallel=kind, activation_checkpointing=ckpt, params=m.params, grads=m.grads,
                              optimizer=m.optimizer, working=m.working, activations=m.activations, total=m.total,
                              fits=None if capacity is None else m.total <= capacity - RESERVE,

@@ -265,6 +265,36 @@ def format_plan(runs):
     return "\n".join(lines)
 
 
+def memory_plan(runs, train_over, world, gpu_mem):
+    """Per run, the GiB per rank of one micro-batch under DDP and FSDP (parallel.py's plan, with the sweep's
+    dtype and activation checkpointing), what train.py would choose, and a warning for each run that
+    fits neither way on GPUs of gpu_mem GiB. Loads torch: only sweep.py plan --gpu_mem asks for it."""
+    import parallel
+    from model import GPTConfig
+    dtype = train_over.get("dtype", "auto")
+    dtype = "bfloat16" if dtype == "auto" else dtype
+    ckpt = bool(train_over.get("activation_checkpointing", False))
+    capacity = int(gpu_mem * parallel.GiB) - parallel.RESERVE
+    vocab = train_over.get("vocab_size") or parallel.plan_vocab(train_over.get("data", "data/shakespeare-byte"))
+    lines, warnings = [f"{'run':34}{'micro/rank':>11}{'DDP GiB':>9}{'FSDP GiB':>10}  parallel on {world} × "
+                       f"{gpu_mem:g} GiB ({dtype}, activation checkpointing {'on' if ckpt else 'off'})"], []
+    for r in runs:
+        mcfg = GPTConfig(**{**r.shape, "vocab_size": vocab})
+        seqs = (train_over.get("micro_batch") or r.batch_seqs) // world
+        shapes = parallel.param_shapes(mcfg)
+        ddp, fsdp = (parallel.memory(mcfg, seqs, kind, world, dtype, ckpt, 0, shapes).total for kind in ("ddp", "fsdp"))
+        asked = train_over.get("parallel", "auto")
+        kind = ("single" if world == 1 else asked if asked != "auto" else "ddp" if ddp <= capacity else "fsdp")
+        need = fsdp if kind == "fsdp" else ddp
+        if need > capacity:
+            warnings.append(f"{r.name}: needs {need / parallel.GiB:.1f} GiB per rank under {kind}, more than "
+                            f"{capacity / parallel.GiB:.1f} GiB usable of {gpu_mem:g}: give activation_checkpointing = "
+                            f"true, a smaller micro_batch or more ranks")
+        lines.append(f"{r.name:34}{seqs:>11}{ddp / parallel.GiB:>9.1f}{fsdp / parallel.GiB:>10.1f}  {kind}"
+                     + ("" if need <= capacity else "  DOES NOT FIT"))
+    return "\n".join(lines), warnings
+
+
 def plan_json(runs):
     return [{**asdict(r), "batch_tokens": r.batch_tokens, "unique_tokens": r.unique_tokens - 1} for r in runs]
 
@@ -501,6 +531,8 @@ def main(argv=None):
     q.add_argument("sweep")
     q.add_argument("--json", action="store_true")
     q.add_argument("--allow-unequal", action="store_true", help="plan even when N, C or D are not equal")
+    q.add_argument("--nproc", type=int, default=1, help="ranks per run (the batch is planned for them)")
+    q.add_argument("--gpu_mem", type=float, help="GiB per GPU: add each run's memory per rank, warn where it cannot fit")
     r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) every planned run through train.py")
     r.add_argument("sweep")
     r.add_argument("--out", help="the sweep's folder (default runs/<sweep file name>)")
@@ -520,8 +552,15 @@ def main(argv=None):
             run_sweep(DEFAULT_SWEEP, out)
             report(out)
         elif a.cmd == "plan":
-            _, runs, _ = planned(a.sweep, a.allow_unequal)
+            if a.nproc < 1 or not (a.gpu_mem is None or 0 < a.gpu_mem < 1e6):
+                raise ValueError(f"--nproc={a.nproc} --gpu_mem={a.gpu_mem}: expected ranks >= 1 and GiB per GPU > 0")
+            _, runs, train_over = planned(a.sweep, a.allow_unequal, a.nproc)
             print(json.dumps(plan_json(runs), indent=1) if a.json else format_plan(runs))
+            if a.gpu_mem:
+                table, warnings = memory_plan(runs, train_over, a.nproc, a.gpu_mem)
+                print(table)
+                for w in warnings:
+                    rundir.warn(w)
         elif a.cmd == "run":
             out = a.out or ROOT / "runs" / Path(a.sweep).stem
             if a.emit:

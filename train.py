@@ -414,7 +414,7 @@ def show_plan(argv):
     if world < 1:
         raise ValueError(f"{nproc[-1]}: expected a number of ranks >= 1")
     mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
-    vocab = mvals.get("vocab_size") or plan_vocab(tcfg.data)
+    vocab = mvals.get("vocab_size") or parallel.plan_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
     plan = make_plan(mcfg, tcfg, world)
     dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the plan is for GPUs
@@ -423,14 +423,6 @@ def show_plan(argv):
     print(f"model {mcfg.scheme}: N={plan.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), plan {plan.iters} iters × "
           f"{plan.batch_seqs} seqs × {mcfg.S} tokens")
     print(text)
-
-
-def plan_vocab(data_dir):
-    """The vocabulary the run would have: its data's, rounded as resolve_model_config rounds it; cl100k_base's
-    when the data is not prepared here (the paper's tokenizer)."""
-    path = Path(data_dir) / "meta.json"
-    v = json.loads(path.read_text())["vocab_size"] if path.exists() else 100277
-    return v if v <= 256 else 64 * math.ceil(v / 64)
 
 
 def main(argv=None):

@@ -197,8 +197,8 @@ def test_memory_plan_state_is_sharded_over_the_ranks():
     mcfg = GPTConfig(**{**read_toml("configs/moe-7b.toml")["model"], "vocab_size": 100288})
     tcfg = TrainConfig(compute=2.86e21, tokens=0, micro_batch=32)
     plan = train.make_plan(mcfg, tcfg, 32)
-    ddp = parallel.memory(mcfg, plan, "ddp", 32, "bfloat16", False)
-    fsdp = parallel.memory(mcfg, plan, "fsdp", 32, "bfloat16", False)
+    ddp = parallel.memory(mcfg, plan.micro(32), "ddp", 32, "bfloat16", False)
+    fsdp = parallel.memory(mcfg, plan.micro(32), "fsdp", 32, "bfloat16", False)
     assert ddp.state / fsdp.state == pytest.approx(32, rel=0.001)  # every tensor has a dim that 32 divides
     assert parallel.choose(mcfg, tcfg, plan, 32, "bfloat16", 80 * parallel.GiB) == "fsdp"
     assert parallel.choose(mcfg, TrainConfig(compute=1e20, tokens=0, micro_batch=32, parallel="ddp"), plan, 32,
@@ -217,3 +217,17 @@ def test_memory_plan_state_is_sharded_over_the_ranks():
 def test_bad_plan_arguments_exit_2(argv, message):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_plan_shows_memory_per_run_and_warns_where_it_cannot_fit():
+    def plan(*args):
+        return subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", "configs/sweep-7b.toml", *args],
+                              capture_output=True, text=True, cwd=ROOT)
+    ok, tight = plan("--nproc=8", "--gpu_mem=80"), plan("--nproc=8", "--gpu_mem=24")
+    assert ok.returncode == tight.returncode == 0
+    rows = [line.split() for line in ok.stdout.splitlines() if line.startswith(("dense-C ", "moe-ra20.1"))][-2:]
+    assert [r[-1] for r in rows] == ["fsdp", "fsdp"] and all(float(r[2]) > 80 > float(r[3]) for r in rows)
+    assert "warning" not in ok.stderr
+    assert "DOES NOT FIT" in tight.stdout and "dense-C: needs 30.2 GiB per rank under fsdp" in tight.stderr
+    bad = plan("--nproc=0", "--gpu_mem=80")
+    assert bad.returncode == 2 and "--nproc=0" in bad.stderr and "Traceback" not in bad.stderr
