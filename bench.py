@@ -465,7 +465,7 @@ def check_training(device, compile):
 
 
 def check_two_ranks(device):
-    """train.py on two ranks (NCCL on GPUs, gloo on CPU) against one process, same global batch."""
+    """train.py on two ranks, DDP and FSDP (NCCL on GPUs, gloo on CPU), against one process, same global batch."""
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         return None, f"{torch.cuda.device_count()} GPU here: needs two"
     with tempfile.TemporaryDirectory() as tmp:
@@ -475,16 +475,18 @@ def check_two_ranks(device):
         argv = ["--L=2", "--Dm=64", "--H=2", "--Dffn=176", "--E=8", "--K=2", "--De=32", "--Dse=64", "--S=64",
                 f"--data={tmp}/data", "--iters=10", "--batch_seqs=8", "--log_interval=1", "--eval_interval=10",
                 "--eval_tokens=4096", f"--device={device.type}", "--dtype=float32"]
-        losses = []
-        for n, out in ((1, "one"), (2, "two")):
+        losses = {}
+        for n, out in ((1, "one"), (2, "ddp"), (2, "fsdp")):
             launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if n > 1 else [])
-            r = subprocess.run(launch + [str(Path(__file__).with_name("train.py"))] + argv + [f"--out_dir={tmp}/{out}"],
+            r = subprocess.run(launch + [str(Path(__file__).with_name("train.py"))] + argv
+                               + [f"--out_dir={tmp}/{out}"] + ([f"--parallel={out}"] if n > 1 else []),
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if r.returncode:
-                return False, f"{n} rank(s): exit {r.returncode}: {r.stderr.strip()[-400:]}"
-            losses.append([json.loads(ln)["loss"] for ln in open(f"{tmp}/{out}/log.jsonl") if '"train"' in ln])
-    worst = max(abs(a / b - 1) for a, b in zip(*losses))
-    return worst < 1e-3, f"10 steps fp32, 2 ranks vs 1: worst relative loss difference {worst:.1e}"
+                return False, f"{out}: exit {r.returncode}: {r.stderr.strip()[-400:]}"
+            losses[out] = [json.loads(ln)["loss"] for ln in open(f"{tmp}/{out}/log.jsonl") if '"train"' in ln]
+    worst = {k: max(abs(a / b - 1) for a, b in zip(losses[k], losses["one"])) for k in ("ddp", "fsdp")}
+    return max(worst.values()) < 1e-3, ("10 steps fp32, 2 ranks vs 1, worst relative loss difference: "
+                                        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
 
 def gpu_check(a):

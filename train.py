@@ -3,14 +3,16 @@
     python train.py                                   # the CPU toy: a 1dense+SE MoE at r_a ≈ 20 %
     python train.py configs/<name>.toml --iters=2000  # a config file, then --key=value overrides
     python train.py --out_dir=out/x --resume          # continue a stopped or killed run exactly
-    torchrun --standalone --nproc_per_node=8 train.py configs/<name>.toml     # DDP, one node
+    torchrun --standalone --nproc_per_node=8 train.py configs/<name>.toml     # DDP or FSDP, one node
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py …
+    python train.py configs/moe-7b.toml --plan --nproc=32 --gpu_mem=80       # memory per rank; nothing runs
 
 The budget is iterations, tokens D or compute C (C = M_train·D, S11). Peak LR and batch follow
 StepLaw (S15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
 clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
-resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt and summary.json.
-config.py reads and checks the configuration; rundir.py keeps the run directory whole.
+resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt/ under FSDP) and
+summary.json. config.py reads and checks the configuration; parallel.py shares the run over the ranks;
+checkpoint.py saves, checks and restores; logbook.py logs; rundir.py keeps the run directory whole.
 """
 import contextlib
 import itertools
