@@ -59,6 +59,15 @@ def test_fsdp_on_two_ranks_follows_one_process(tiny_run, tmp_path, model, extra)
     assert all(torch.allclose(whole[k], sharded[k], atol=1e-5) for k in whole)
 
 
+def test_fsdp_in_bf16_computes_from_bf16_weights_and_stays_close(tiny_run, tmp_path):
+    # MixedPrecisionPolicy (bf16 weights and residual stream, fp32 reduction) against bf16 autocast on one
+    # process: other rounding, the same run within bf16's precision
+    train.train(tiny_run("one", "--dtype=bfloat16"))
+    run_ddp(tiny_run("two", "--dtype=bfloat16", "--parallel=fsdp"), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", tol=0.05)
+    assert 0 < abs(records(tmp_path / "one")[-1]["loss"] - records(tmp_path / "two")[-1]["loss"])
+
+
 def test_fsdp_composes_with_compile_and_activation_checkpointing(tiny_run, tmp_path):
     train.train(tiny_run("one", "--micro_batch=2"))
     run_ddp(tiny_run("two", "--micro_batch=2", "--parallel=fsdp", "--compile=true", "--activation_checkpointing=true"),
