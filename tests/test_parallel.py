@@ -1,12 +1,15 @@
 """parallel.py and checkpoint.py: FSDP2 against one process, sharded checkpoints that resume on any
 number of ranks, activation checkpointing, and the memory plan against the real tensors."""
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,24 @@ from tests.test_train import records, run_ddp, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSE = ["--scheme=dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=80"]
+
+
+def cmdline(proc):
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")  # empty for a zombie
+    except OSError:
+        return ""
+
+
+def lock_free(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def sharded_weights(out_dir, like):
@@ -92,6 +113,32 @@ def test_killed_fsdp_run_resumes_on_two_and_on_one_rank(tiny_run, tmp_path):
     whole = weights(tmp_path / "whole")
     resumed = sharded_weights(tmp_path / "a", whole)
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
+
+
+def test_fsdp_run_killed_by_sigkill_resumes_from_its_last_whole_checkpoint(tiny_run, tmp_path):
+    argv = tiny_run("killed", "--iters=40", "--ckpt_interval=2", "--eval_interval=20")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *argv, "--parallel=fsdp"], env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "ckpt" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.exists() and json.loads(latest.read_text() or "{}").get("step", 0) >= 6):
+        time.sleep(0.02)
+    ours = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and cmdline(p).find(str(tmp_path)) >= 0]
+    for pid in ours:  # both ranks (torchrun starts them in sessions of their own) and torchrun, wherever they are
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    job.wait()
+    while not lock_free(tmp_path / "killed" / ".lock") and time.time() < deadline:  # every thread of rank 0 gone
+        time.sleep(0.02)
+    stopped = json.loads(latest.read_text())["step"]
+    assert 6 <= stopped < 40
+    train.train(tiny_run("killed", "--iters=40", "--ckpt_interval=2", "--eval_interval=20") + ["--resume"])
+    train.train(tiny_run("whole", "--iters=40", "--ckpt_interval=2", "--eval_interval=20"))
+    a, b = records(tmp_path / "killed"), records(tmp_path / "whole")
+    assert [r["step"] for r in a] == list(range(1, 41)) == [r["step"] for r in b]
+    assert all(abs(x["loss"] - y["loss"]) < 1e-5 for x, y in zip(a, b))
 
 
 def test_a_one_process_checkpoint_resumes_under_fsdp(tiny_run, tmp_path):
