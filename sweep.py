@@ -17,11 +17,13 @@ import csv
 import io
 import json
 import math
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import tomllib
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import flops
@@ -33,7 +35,7 @@ REUSE = ("none", "strict", "loose")
 BACKBONE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")
 # what the sweep decides for every run; [train] may set anything else train.py knows
 SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "unique_tokens", "out_dir",
-               "include_router", "stop_at")
+               "include_router", "stop_at", "warmup", "seed")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class Sweep:
     K: list = field(default_factory=list)       # ... or experts per token, with De fixed
     De: int = 0                    # the expert width for a K list
     reuse: list = field(default_factory=lambda: ["none"])
+    reuse_at: list = field(default_factory=list)  # target r_a of the strict/loose arms; [] = every r_a; ["best"] = the
+    #                                               r_a whose no-reuse arm has the lowest mean BPC, once all have run
+    seeds: list = field(default_factory=list)     # every arm once per seed (init and data order; same data); [] = one
+    warmup_frac: float = 0.0       # warmup as a share of each run's iterations; 0 = the paper's clip(0.01·iters, 200, 2000)
     dense_2C: float = 2.0          # the "2C" baseline's multiple of C (paper: 1.75 at 2B, 1.91 at 7B)
     include_router: bool = True
     E_pref: int = 64               # among shapes of equal r_a, prefer E nearest this
@@ -61,7 +67,7 @@ class Arm:
 
 @dataclass
 class Run:
-    name: str
+    name: str        # the arm, then -s<seed> when the sweep has seeds
     kind: str        # moe | dense
     reuse: str
     shape: dict
@@ -76,6 +82,10 @@ class Run:
     C: float
     unique_tokens: int
     epochs: float
+    arm: str = ""    # the name without the seed: what report averages over
+    seed: int = 0    # 0: train.py's default
+    warmup: int = 0
+    ra_target: float = 0.0
 
     @property
     def batch_tokens(self):
@@ -112,6 +122,17 @@ def load_sweep(path):
                              ("De_multiple", lambda v: v >= 1, "an integer >= 1")):
         if not ok(getattr(sweep, key)):
             raise ValueError(f"{path}: sweep.{key} = {getattr(sweep, key)!r} is not allowed: expected {allowed}")
+    for v in sweep.seeds:
+        if not _type_ok(v, int) or v < 0:
+            raise ValueError(f"{path}: sweep.seeds entries are integers >= 0, got {v!r}")
+    if len(set(sweep.seeds)) != len(sweep.seeds):
+        raise ValueError(f"{path}: sweep.seeds {sweep.seeds} repeats a seed")
+    if not 0 <= sweep.warmup_frac < 1:
+        raise ValueError(f"{path}: sweep.warmup_frac = {sweep.warmup_frac!r} is not allowed: expected a share of the "
+                         f"iterations in [0, 1) (0: the paper's rule)")
+    if sweep.reuse_at != ["best"] and any(v not in sweep.ra for v in sweep.reuse_at):
+        raise ValueError(f"{path}: sweep.reuse_at = {sweep.reuse_at} must name entries of sweep.ra {sweep.ra}, or be "
+                         f'["best"]')
     for r in sweep.reuse:
         if r not in REUSE:
             raise ValueError(f"{path}: sweep.reuse {r!r} is unknown: expected some of {', '.join(REUSE)}")
@@ -173,7 +194,7 @@ def _arm(cfg, name, path, needs_mu):
 
 
 # ----------------------------------------------------------------------------- the plan
-def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_batch=0):
+def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_batch=0, warmup_frac=0.0):
     """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers). The batch is
     a whole number of micro-batches (train.micro_batch, over all ranks), or of `world` ranks when the
     whole batch is one micro-batch, so train.py runs exactly the D and C planned here, or refuses."""
@@ -188,8 +209,9 @@ def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_ba
     D = iters * B * shape.S
     c = flops.count(shape, include_router)
     unique = D + 1  # fresh tokens: windows of S+1 share a token, so D + 1 tokens make exactly one epoch
+    warmup = max(1, round(warmup_frac * iters)) if warmup_frac else flops.warmup_iters(iters)
     return Run(name, kind, reuse, asdict(shape), c.N, c.Na, c.ra, M, iters, B,
-               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1))
+               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1), name, 0, warmup)
 
 
 def moe_shapes(sweep, moe, N_dense):
@@ -210,27 +232,61 @@ def moe_shapes(sweep, moe, N_dense):
     return shapes
 
 
-def plan(sweep, moe, dense, world=1, micro_batch=0):
-    """Dense baselines at C and 2C, then every MoE shape under every reuse variant, for `world` ranks
-    sharing micro-batches of `micro_batch` sequences (0: the whole batch)."""
+def plan(sweep, moe, dense, world=1, micro_batch=0, best_ra=None):
+    """Dense baselines at C and 2C, then every MoE shape under every reuse variant (the strict and loose
+    ones at reuse_at only; at the best r_a once best_ra is known), for `world` ranks sharing micro-batches
+    of `micro_batch` sequences (0: the whole batch); all of it once per seed, seed by seed."""
     if micro_batch % world:
         raise ValueError(f"train.micro_batch={micro_batch} cannot be split evenly over {world} ranks: give a "
                          f"multiple of {world} (it counts sequences per forward over all ranks)")
     C, r = sweep.compute, sweep.include_router
-    dense_C = make_run("dense-C", "dense", "none", dense.shape, dense, C, r, world, micro_batch)
-    runs = [dense_C, make_run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C, r, world, micro_batch)]
-    for s in moe_shapes(sweep, moe, dense_C.N):
+
+    def run(name, kind, reuse, shape, arm, C_run):
+        return make_run(name, kind, reuse, shape, arm, C_run, r, world, micro_batch, sweep.warmup_frac)
+    dense_C = run("dense-C", "dense", "none", dense.shape, dense, C)
+    arms = [dense_C, run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C)]
+    targets = sweep.ra or [None] * len(sweep.K)
+    for target, s in zip(targets, moe_shapes(sweep, moe, dense_C.N)):
         ra = flops.count(s, r).ra
         for reuse in sweep.reuse:
+            if reuse != "none" and not reused_here(sweep, target, best_ra):
+                continue
             name = f"moe-ra{100 * ra:.1f}-E{s.E}-K{s.K}-De{s.De}" + ("" if reuse == "none" else f"-{reuse}")
-            run = make_run(name, "moe", reuse, s, moe, C, r, world, micro_batch)
+            moe_run = run(name, "moe", reuse, s, moe, C)
+            moe_run.ra_target = target or 0.0
             if reuse == "strict":    # the unique tokens of the dense baseline at C
-                run.unique_tokens = dense_C.unique_tokens
+                moe_run.unique_tokens = dense_C.unique_tokens
             elif reuse == "loose":   # two epochs over half the tokens
-                run.unique_tokens = run.D // 2 + 1
-            run.epochs = run.D / (run.unique_tokens - 1)
-            runs.append(run)
-    return runs
+                moe_run.unique_tokens = moe_run.D // 2 + 1
+            moe_run.epochs = moe_run.D / (moe_run.unique_tokens - 1)
+            arms.append(moe_run)
+    if not sweep.seeds:
+        return arms
+    return [replace(a, name=f"{a.name}-s{seed}", seed=seed) for seed in sweep.seeds for a in arms]
+
+
+def reused_here(sweep, target, best_ra):
+    if sweep.reuse_at == ["best"]:
+        return best_ra is not None and target == best_ra
+    return not sweep.reuse_at or target in sweep.reuse_at
+
+
+def best_ra(sweep, runs, out):
+    """For reuse_at = ["best"]: the target r_a whose no-reuse MoE arm has the lowest mean BPC on the first
+    validation split over every seed, once all of them have finished in out; else None."""
+    if sweep.reuse_at != ["best"] or out is None:
+        return None
+    means = {}
+    for target in {r.ra_target for r in runs if r.kind == "moe" and r.reuse == "none"}:
+        bpcs = []
+        for r in runs:
+            if r.kind == "moe" and r.reuse == "none" and r.ra_target == target:
+                s = rundir.read_summary(Path(out) / r.name / "summary.json")
+                if not (s and s.get("finished") and s.get("final")):
+                    return None
+                bpcs.append(s["final"].get("bpc_val", next(iter(s["final"].values()))))
+        means[target] = sum(bpcs) / len(bpcs)
+    return min(means, key=means.get) if means else None
 
 
 def check_equal(runs, tolerance):
@@ -253,15 +309,19 @@ def check_equal(runs, tolerance):
 
 def format_plan(runs):
     head = (f"{'run':34}{'E':>4}{'K':>4}{'De':>6}{'Dse':>6}{'N':>15}{'Na':>15}{'r_a':>8}{'M_train':>10}"
-            f"{'D':>10}{'C':>10}{'unique':>10}{'epochs':>7}{'lr':>10}{'B':>6}{'iters':>8}")
+            f"{'D':>10}{'C':>10}{'unique':>10}{'epochs':>7}{'lr':>10}{'B':>6}{'iters':>8}{'warmup':>7}")
     lines = [head, "-" * len(head)]
     for r in runs:
+        if r.seed and r.seed != runs[0].seed:  # the same arms again for the next seeds: one line says so
+            lines.append(f"... and the same {sum(x.seed == runs[0].seed for x in runs)} arms for each of the seeds "
+                         f"{sorted({x.seed for x in runs})}")
+            break
         s = r.shape
         moe = r.kind == "moe"
         lines.append(f"{r.name:34}{s['E'] if moe else '':>4}{s['K'] if moe else '':>4}{s['De'] if moe else '':>6}"
                      f"{s['Dse'] if moe else '':>6}{r.N:>15,}{r.Na:>15,}{100 * r.ra:>7.2f}%{r.M_train:>10.3g}"
                      f"{r.D:>10.3g}{r.C:>10.3g}{r.unique_tokens - 1:>10.3g}{r.epochs:>7.2f}{r.lr:>10.3g}"
-                     f"{r.batch_seqs:>6}{r.iters:>8}")
+                     f"{r.batch_seqs:>6}{r.iters:>8}{r.warmup:>7}")
     return "\n".join(lines)
 
 
@@ -299,9 +359,13 @@ def plan_json(runs):
     return [{**asdict(r), "batch_tokens": r.batch_tokens, "unique_tokens": r.unique_tokens - 1} for r in runs]
 
 
-def planned(path, allow_unequal=False, world=1):
+def planned(path, allow_unequal=False, world=1, out=None):
+    """The sweep's runs; with out (the sweep's folder), reuse_at = ["best"] is resolved from its results."""
     sweep, moe, dense, train_over = load_sweep(path)
     runs = plan(sweep, moe, dense, world, train_over.get("micro_batch", 0))
+    best = best_ra(sweep, runs, out)
+    if best is not None:
+        runs = plan(sweep, moe, dense, world, train_over.get("micro_batch", 0), best)
     bad = check_equal(runs, sweep.tolerance)
     if bad and not allow_unequal:
         raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "
@@ -314,7 +378,7 @@ def train_args(run, sweep, train_over, out_dir):
     args = [f"--{k}={v}" for k, v in run.shape.items()]
     args += [f"--iters={run.iters}", f"--batch_seqs={run.batch_seqs}", f"--lr={run.lr!r}",
              f"--unique_tokens={run.unique_tokens}", f"--include_router={str(sweep.include_router).lower()}",
-             f"--out_dir={out_dir}"]
+             f"--warmup={run.warmup}", f"--out_dir={out_dir}"] + ([f"--seed={run.seed}"] if run.seed else [])
     return args + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in train_over.items()]
 
 
@@ -351,25 +415,35 @@ def run_child(cmd):
 
 
 def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
+    """Run every planned run that has not finished (resuming the started ones). With reuse_at = ["best"],
+    the reuse arms join the plan once the no-reuse arms have all finished: a second pass runs them."""
     if nproc < 1:
         raise ValueError(f"--nproc={nproc}: expected processes per run >= 1")
-    sweep, runs, train_over = planned(path, allow_unequal, nproc)
-    if only is not None and not 0 <= only < len(runs):
-        raise ValueError(f"--only={only} names no run: the plan of {path} has runs 0..{len(runs) - 1}")
     out = Path(out)
     if out.is_file():
         raise ValueError(f"--out={out} is a file: expected a folder for the sweep's runs")
-    out.mkdir(parents=True, exist_ok=True)
-    rundir.write_text(out / "plan.json", json.dumps(plan_json(runs), indent=1))
+    done = set()
+    while True:
+        sweep, runs, train_over = planned(path, allow_unequal, nproc, out)
+        if only is not None and not 0 <= only < len(runs):
+            raise ValueError(f"--only={only} names no run: the plan of {path} has runs 0..{len(runs) - 1}")
+        todo = [(i, r) for i, r in enumerate(runs) if r.name not in done and (only is None or i == only)]
+        if not todo:
+            return runs
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(out / "plan.json", json.dumps(plan_json(runs), indent=1))
+        run_all(todo, len(runs), sweep, train_over, out, nproc)
+        done |= {r.name for _, r in todo}
+
+
+def run_all(todo, total, sweep, train_over, out, nproc):
     launcher = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py")]
     failed = []
-    for i, run in enumerate(runs):
-        if only is not None and i != only:
-            continue
+    for i, run in todo:
         run_dir = out / run.name
         state = status(run_dir)
-        print(f"[{i + 1}/{len(runs)}] {run.name}: {state}", flush=True)
+        print(f"[{i + 1}/{total}] {run.name}: {state}", flush=True)
         if state == "finished":
             continue
         cmd = launcher + train_args(run, sweep, train_over, run_dir) + (["--resume"] if state == "resumable" else [])
@@ -377,7 +451,6 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
             failed.append(run.name)
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; repeat the command to resume them")
-    return runs
 
 
 def emit_slurm(path, out, nproc, runs):
@@ -397,6 +470,9 @@ cd {ROOT}
 python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={nproc} --only=$SLURM_ARRAY_TASK_ID
 """)
     print(f"wrote {script}: sbatch {script}")
+    if load_sweep(path)[0].reuse_at == ["best"]:
+        print("reuse_at = best: its strict and loose arms join the plan once the no-reuse arms have finished; "
+              "emit the script again then")
     return script
 
 
@@ -421,7 +497,10 @@ def collect(run_dir):
         name = summary.parent.name
         planned_row = order.get(name, (len(order), {}))[1]
         moe = m["scheme"] != "dense"
-        rows.append({"run": name, "kind": "moe" if moe else "dense", "reuse": planned_row.get("reuse", "none"),
+        seed = s["config"]["train"].get("seed", 0)
+        arm = planned_row.get("arm") or re.sub(r"-s\d+$", "", name)
+        rows.append({"run": name, "arm": arm, "seed": seed, "kind": "moe" if moe else "dense",
+                     "reuse": planned_row.get("reuse", "none"),
                      "E": m["E"] if moe else "", "K": m["K"] if moe else "", "De": m["De"] if moe else "",
                      "Dse": m["Dse"] if moe else "", "ra": s["ra"], "N": s["N"], "C": s["C"], "D": s["D"],
                      "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": s["finished"],
@@ -432,21 +511,49 @@ def collect(run_dir):
     return rows
 
 
-def markdown(rows, splits):
-    cols = ["run", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs"] + [f"BPC {s}" for s in splits]
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+def arms(rows, splits):
+    """One row per arm: its runs over the seeds, with the mean, standard deviation (n − 1) and values of
+    each split's BPC. An arm with one seed has sd 0."""
+    out = {}
     for r in rows:
-        cells = [r["run"] + ("" if r["finished"] else " (unfinished)"), f"{100 * r['ra']:.2f} %", r["E"], r["K"],
+        out.setdefault(r["arm"], []).append(r)
+    table = []
+    for arm, runs in out.items():
+        row = {k: runs[0][k] for k in ("arm", "kind", "reuse", "E", "K", "De", "Dse", "ra", "N", "C", "D",
+                                       "unique_tokens", "epochs")}
+        row.update(seeds=[r["seed"] for r in runs], finished=all(r["finished"] for r in runs))
+        for s in splits:
+            values = [r[f"bpc_{s}"] for r in runs if f"bpc_{s}" in r]
+            if values:
+                row[f"bpc_{s}"] = statistics.fmean(values)
+                row[f"sd_{s}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                row[f"values_{s}"] = values
+        table.append(row)
+    return table
+
+
+def markdown(table, splits):
+    """The arms, BPC as mean ± sd over the seeds, and each seed's value of the first split."""
+    n = max(len(r["seeds"]) for r in table)
+    cols = ["arm", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs"] + \
+        [f"BPC {s}" + (" (mean ± sd)" if n > 1 else "") for s in splits] + ([f"{splits[0]} per seed"] if n > 1 else [])
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in table:
+        cells = [r["arm"] + ("" if r["finished"] else " (unfinished)"), f"{100 * r['ra']:.2f} %", r["E"], r["K"],
                  r["De"], r["Dse"], f"{r['N']:,}", f"{r['C']:.3g}", f"{r['D']:.3g}", f"{r['unique_tokens']:.3g}",
-                 f"{r['epochs']:.2f}"] + [f"{r[f'bpc_{s}']:.4f}" if f"bpc_{s}" in r else "" for s in splits]
+                 f"{r['epochs']:.2f}"]
+        cells += [(f"{r[f'bpc_{s}']:.4f}" + (f" ± {r[f'sd_{s}']:.4f}" if n > 1 else "")) if f"bpc_{s}" in r else ""
+                  for s in splits]
+        if n > 1:
+            cells.append(", ".join(f"{v:.4f}" for v in r.get(f"values_{splits[0]}", [])))
         out.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(out)
 
 
-def text_plot(rows, split, width=60, height=16):
-    """BPC against r_a as characters: o MoE (s strict, l loose), - dense at C, = dense at 2C."""
-    moe = [r for r in rows if r["kind"] == "moe" and f"bpc_{split}" in r]
-    dense = {r["run"]: r[f"bpc_{split}"] for r in rows if r["kind"] == "dense" and f"bpc_{split}" in r}
+def text_plot(table, split, width=60, height=16):
+    """Mean BPC against r_a as characters: o MoE (s strict, l loose), - dense at C, = dense at 2C."""
+    moe = [r for r in table if r["kind"] == "moe" and f"bpc_{split}" in r]
+    dense = {r["arm"]: r[f"bpc_{split}"] for r in table if r["kind"] == "dense" and f"bpc_{split}" in r}
     ys = [r[f"bpc_{split}"] for r in moe] + list(dense.values())
     if not moe or not ys:
         return "(nothing to plot)"
@@ -467,31 +574,36 @@ def text_plot(rows, split, width=60, height=16):
     lines = [f"{y1 - (y1 - y0) * i / (height - 1):7.4f} |" + "".join(g) for i, g in enumerate(grid)]
     lines.append(" " * 8 + "+" + "-" * width)
     lines.append(" " * 9 + f"r_a {100 * x0:.1f} %" + " " * (width - 22) + f"{100 * x1:.1f} %")
-    lines.append(f"BPC ({split}) against r_a: o MoE, s strict reuse, l loose reuse; - dense at C, = dense at 2C")
+    lines.append(f"mean BPC ({split}) against r_a: o MoE, s strict reuse, l loose reuse; - dense at C, = dense at 2C")
     return "\n".join(lines)
 
 
-def plot(rows, split, path):
-    """Fig. 1b of the paper: BPC against r_a, with the dense baselines as lines. Needs matplotlib."""
+def plot(table, split, path):
+    """Fig. 1b of the paper: mean BPC against r_a with error bars of one standard deviation over the
+    seeds, and the dense baselines as bands (mean ± sd). Needs matplotlib; None without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for reuse, style in (("none", "o-"), ("strict", "s--"), ("loose", "^:")):
-        pts = sorted((r["ra"], r[f"bpc_{split}"]) for r in rows if r["kind"] == "moe" and r["reuse"] == reuse
-                     and f"bpc_{split}" in r)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n = max(len(r["seeds"]) for r in table)
+    for reuse, style in (("none", "o-"), ("strict", "s"), ("loose", "^")):
+        pts = sorted((r["ra"], r[f"bpc_{split}"], r[f"sd_{split}"]) for r in table
+                     if r["kind"] == "moe" and r["reuse"] == reuse and f"bpc_{split}" in r)
         if pts:
-            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], style, label=f"MoE ({reuse} reuse)")
+            ax.errorbar([100 * x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts], fmt=style,
+                        capsize=3, label=f"MoE ({reuse} reuse)" if reuse != "none" else "MoE")
     for name, color in (("dense-C", "tab:red"), ("dense-2C", "tab:green")):
-        for r in rows:
-            if r["run"] == name and f"bpc_{split}" in r:
-                ax.axhline(r[f"bpc_{split}"], color=color, ls="--", label=name.replace("-", " at "))
+        for r in table:
+            if r["arm"] == name and f"bpc_{split}" in r:
+                y, e = r[f"bpc_{split}"], r[f"sd_{split}"]
+                ax.axhline(y, color=color, ls="--", lw=1, label=name.replace("-", " at "))
+                ax.axhspan(y - e, y + e, color=color, alpha=0.15, lw=0)
     ax.set_xlabel("activation rate r_a (%)")
-    ax.set_ylabel(f"BPC ({split})")
-    ax.legend()
+    ax.set_ylabel(f"BPC ({split})" + (f", mean ± sd over {n} seeds" if n > 1 else ""))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
@@ -499,27 +611,29 @@ def plot(rows, split, path):
 
 
 def report(run_dir, split=None):
+    """report.md (one row per arm: mean ± sd over seeds), report.csv (one row per run), report.png."""
     rows = collect(run_dir)
     splits = sorted({k.removeprefix("bpc_") for r in rows for k in r if k.startswith("bpc_")},
                     key=lambda s: (s != "val", s))
     split = split or (splits[0] if splits else None)
     if split not in splits:
         raise ValueError(f"no BPC for split {split!r} in {run_dir} (have {', '.join(splits) or 'none'})")
-    md = markdown(rows, splits)
+    table = arms(rows, splits)
+    md = markdown(table, splits)
     run_dir = Path(run_dir)
     rundir.write_text(run_dir / "report.md", md + "\n")
-    table = io.StringIO()
-    w = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    per_run = io.StringIO()
+    w = csv.DictWriter(per_run, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()
     w.writerows(rows)
-    rundir.write_text(run_dir / "report.csv", table.getvalue())
+    rundir.write_text(run_dir / "report.csv", per_run.getvalue())
     print(md)
     print()
-    print(text_plot(rows, split))
-    png = plot(rows, split, run_dir / "report.png")
+    print(text_plot(table, split))
+    png = plot(table, split, run_dir / "report.png")
     print(f"\nwrote {run_dir / 'report.md'}, {run_dir / 'report.csv'}"
           + (f", {png}" if png else " (pip install matplotlib for report.png)"))
-    return rows
+    return table
 
 
 # ----------------------------------------------------------------------------- command line

@@ -98,8 +98,9 @@ eval_tokens = 512
 """
 
 
-def micro(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48):
-    return write(tmp_path, MICRO.format(data=data, compute=compute, ra=ra, reuse=reuse, dense_Dm=dense_Dm))
+def micro(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48, extra=""):
+    text = MICRO.format(data=data, compute=compute, ra=ra, reuse=reuse, dense_Dm=dense_Dm)
+    return write(tmp_path, text.replace("tolerance = 0.02\n", "tolerance = 0.02\n" + extra))
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -135,6 +136,11 @@ def test_unequal_plans_need_allow_unequal(tmp_path):
     (lambda t: t.replace("compute = 2e9", "compute = 2e9\nbogus = 1"), r"unknown key sweep.bogus"),
     (lambda t: t.replace("compute = 2e9", 'compute = "lots"'), r"sweep.compute = 'lots': expected float"),
     (lambda t: t.replace('reuse = ["none"]', 'reuse = ["twice"]'), r"sweep.reuse 'twice' is unknown"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nseeds = [1, 1]"), r"sweep.seeds \[1, 1\] repeats a seed"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nseeds = [-1]"), r"sweep.seeds entries are integers >= 0"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nwarmup_frac = 1.5"), r"sweep.warmup_frac = 1.5 is not allowed"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nreuse_at = [0.3]"), r"sweep.reuse_at = \[0.3\] must name entries"),
+    (lambda t: t.replace("eval_tokens = 512", "eval_tokens = 512\nseed = 3"), r"train.seed is set by the sweep"),
     (lambda t: t.replace("eval_tokens = 512", "iters = 5"), r"train.iters is set by the sweep"),
     (lambda t: t.replace("eval_tokens = 512", "evals = 5"), r"train.evals is unknown"),
     (lambda t: t.replace("[dense]", "[baseline]"), r"unknown table \[baseline\]"),
@@ -173,12 +179,67 @@ def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_
     assert summary["C"] == pytest.approx(runs[3].C) and summary["iters"] == runs[3].iters
 
     rows = sweep.report(out)
-    assert [r["run"] for r in rows] == [r.name for r in runs]
+    assert [r["arm"] for r in rows] == [r.name for r in runs] and all(r["seeds"] == [1337] for r in rows)
     md = (out / "report.md").read_text()
     assert "| dense-C | 100.00 % |" in md and "BPC val" in md and "BPC other" in md
-    assert (out / "report.csv").read_text().splitlines()[0].startswith("run,kind,reuse,E,K,De,Dse,ra,N,C,D")
+    assert (out / "report.csv").read_text().splitlines()[0].startswith("run,arm,seed,kind,reuse,E,K,De,Dse,ra,N,C,D")
     plot = sweep.text_plot(rows, "val")
     assert "-" * 60 in plot and "=" * 60 in plot and "o" in plot and "s" in plot
+
+
+def test_seeds_warmup_and_reuse_at_shape_the_plan(tmp_path):
+    path = micro(tmp_path, reuse='["none", "strict", "loose"]', extra="seeds = [7, 8, 9]\nwarmup_frac = 0.1\n"
+                 "reuse_at = [0.413]\n")
+    s, runs, train_over = sweep.planned(path)
+    arms = [r.arm for r in runs if r.seed == 7]
+    assert arms == ["dense-C", "dense-2C", "moe-ra41.3-E45-K3-De8", "moe-ra41.3-E45-K3-De8-strict",
+                    "moe-ra41.3-E45-K3-De8-loose", "moe-ra49.6-E42-K6-De8"]  # reuse at 41.3 % only
+    assert [r.name for r in runs] == [f"{a}-s{seed}" for seed in (7, 8, 9) for a in arms]  # seed by seed
+    for r in runs:
+        args = sweep.train_args(r, s, train_over, tmp_path / r.name)
+        assert f"--seed={r.seed}" in args and f"--warmup={r.warmup}" in args
+        assert r.warmup == max(1, round(0.1 * r.iters))  # the same share for every arm
+    same_arm = [r for r in runs if r.arm == "dense-C"]
+    assert len({(r.iters, r.batch_seqs, r.lr, r.D, r.unique_tokens) for r in same_arm}) == 1  # only the seed differs
+    paper = sweep.planned(micro(tmp_path))[1]
+    assert all(r.warmup == flops.warmup_iters(r.iters) and r.seed == 0 and r.name == r.arm for r in paper)
+
+
+def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_path, monkeypatch):
+    path = micro(tmp_path, reuse='["none", "strict"]', extra='seeds = [1, 2]\nreuse_at = ["best"]\n')
+    s, runs, _ = sweep.planned(path, out=tmp_path / "out")
+    assert [r.reuse for r in runs] == ["none"] * 8  # not yet known
+    bpc = {"moe-ra41.3-E45-K3-De8": [2.0, 2.2], "moe-ra49.6-E42-K6-De8": [2.05, 2.06]}  # means 2.10 and 2.055
+
+    def fake_run(todo, total, sweep_, train_over, out, nproc):
+        for _, r in todo:
+            (out / r.name).mkdir(parents=True)
+            final = {"bpc_val": bpc.get(r.arm, [3.0, 3.0])[r.seed - 1]}
+            (out / r.name / "summary.json").write_text(json.dumps({"finished": True, "final": final}))
+    monkeypatch.setattr(sweep, "run_all", fake_run)
+    runs = sweep.run_sweep(path, tmp_path / "out")
+    assert [r.name for r in runs if r.reuse == "strict"] == ["moe-ra49.6-E42-K6-De8-strict-s1",
+                                                            "moe-ra49.6-E42-K6-De8-strict-s2"]
+    assert all((tmp_path / "out" / r.name / "summary.json").exists() for r in runs)
+
+
+def test_report_gives_mean_and_sd_over_seeds(tmp_path):
+    rows = [{"run": f"{arm}-s{seed}", "arm": arm, "seed": seed, "kind": kind, "reuse": "none", "E": "", "K": "",
+             "De": "", "Dse": "", "ra": ra, "N": 10, "C": 1.0, "D": 5.0, "unique_tokens": 6, "epochs": 1.0,
+             "finished": True, "bpc_val": v}
+            for arm, kind, ra, values in (("dense-C", "dense", 1.0, (2.0, 2.2, 2.4)), ("moe-a", "moe", 0.2, (1.9, 1.9, 1.9)))
+            for seed, v in zip((1, 2, 3), values)]
+    table = sweep.arms(rows, ["val"])
+    assert table[0]["bpc_val"] == pytest.approx(2.2) and table[0]["sd_val"] == pytest.approx(0.2)
+    assert table[1]["sd_val"] == 0 and table[1]["seeds"] == [1, 2, 3]
+    md = sweep.markdown(table, ["val"])
+    assert "| dense-C | 100.00 % |" in md and "2.2000 ± 0.2000" in md and "2.0000, 2.2000, 2.4000" in md
+    png = sweep.plot(table, "val", tmp_path / "r.png")
+    try:
+        import matplotlib  # noqa: F401
+        assert png and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert png is None and not (tmp_path / "r.png").exists()
 
 
 def test_emit_slurm_writes_an_array_job(tmp_path):
