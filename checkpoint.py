@@ -180,3 +180,29 @@ def restore(form, path, state, model, optimizer, scaler, loader, device):
     if device.type == "cuda" and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     return state["step"]
+
+
+def load_model(run_dir, device="cpu"):
+    """(GPT in eval mode, the checkpoint's state without weights) from a run directory's newest checkpoint,
+    whole or sharded, on one process: for sampling and evaluation, not for resuming."""
+    from model import GPT, GPTConfig
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    got = read(run_dir, 0, 1)
+    if got is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint in it (ckpt.pt or ckpt/latest.json)")
+    form, path, state = got
+    model = GPT(GPTConfig(**state["config"]["model"]))
+    if form == "pt":
+        weights = state.pop("model")
+    else:
+        import torch.distributed.checkpoint as dcp
+        weights = {"model": model.state_dict()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(weights, checkpoint_id=path)
+        weights = weights["model"]
+    model.load_state_dict(weights)
+    state.pop("optimizer", None)
+    return model.to(device).eval(), state

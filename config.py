@@ -38,6 +38,7 @@ class TrainConfig:
     eval_interval: int = 0    # iterations between evaluations; 0 = five per run
     eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
     log_interval: int = 10
+    sample_tokens: int = 200  # text sampled from the model when the run finishes (one process or DDP); 0 = none
     ckpt_interval: int = 0    # iterations between checkpoints; 0 = at every evaluation
     stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
     device: str = "auto"      # auto = cuda when available, else cpu; or cpu, cuda, cuda:N
@@ -173,7 +174,7 @@ def check_train(t):
         v = getattr(t, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
-    for name in ("seed", "iters", "batch_seqs", "micro_batch", "eval_interval", "eval_tokens", "ckpt_interval",
+    for name in ("seed", "iters", "batch_seqs", "micro_batch", "sample_tokens", "eval_interval", "eval_tokens", "ckpt_interval",
                  "stop_at", "tokens", "compute", "unique_tokens", "lr", "min_lr", "weight_decay", "grad_clip",
                  "peak_flops", "gpu_mem"):
         _check(name, getattr(t, name), lambda v: v >= 0, "a number >= 0")

@@ -445,15 +445,16 @@ class GPT(nn.Module):
         return N, Na
 
     @torch.no_grad()
-    def generate(self, idx_BT, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample max_new_tokens continuations, conditioning on at most the last S tokens. Runs SDPA
+    def generate(self, idx_BT, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab=None):
+        """Sample max_new_tokens continuations, conditioning on at most the last S tokens, from the first
+        `vocab` logits (the tokenizer's; vocab_size may be rounded up past it). Runs SDPA
         whatever self.attention says: the length grows by one each step, and compiled FlexAttention
         would compile again for every length."""
         attention, self.attention = self.attention, "sdpa"
         try:
             for _ in range(max_new_tokens):
                 logits, _, _ = self(idx_BT[:, -self.cfg.S:])
-                logits = logits[:, -1].float() / max(temperature, 1e-6)
+                logits = logits[:, -1, :vocab].float() / max(temperature, 1e-6)
                 if top_k is not None:
                     kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

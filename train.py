@@ -36,6 +36,7 @@ import rundir
 from config import TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
 from logbook import Logbook
 from model import GPT, GPTConfig
+from sample import sample_text
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -355,7 +356,17 @@ def run_training(setup, loader, val_splits, table, autocast, attention, resume):
         logged = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
         final = ({k: v for k, v in logged[-1].items() if k.startswith("bpc_")} if world == 1 and logged
                  else book.eval_record(step, loader.epoch, run_eval(), {}))
-    return finish(out, run, setup, step, loader.epoch, final)
+    summary = finish(out, run, setup, step, loader.epoch, final)
+    if master and kind != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
+        show_sample(model, setup["meta"], tcfg.sample_tokens, out)
+    return summary
+
+
+def show_sample(model, meta, tokens, out):
+    """A few lines of what the model writes, so that a newcomer sees it learned (python sample.py for more)."""
+    with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every length
+        text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"])
+    print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
 
 
 def describe(setup, loader, kind, attention):

@@ -38,5 +38,6 @@ def tiny_run(tiny_data, tmp_path):
     """argv for a 12-iteration run of a tiny MoE on the tiny corpus, logging every step."""
     def argv(out="run", *extra):
         return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={tmp_path / out}", "--iters=12", "--batch_seqs=4",
-                             "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", *extra]
+                             "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0",
+                             *extra]
     return argv

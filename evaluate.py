@@ -1,0 +1,74 @@
+"""BPC of a run's checkpoint (whole or sharded) on any prepared data, per split, without training (SPEC §6):
+
+    python evaluate.py out/default                                 # the run's own validation splits
+    python evaluate.py out/default --data=data/other --eval_tokens=0 --splits=val,train [--json]
+
+The data must be tokenised as the run's was (the same tokenizer, within the model's vocabulary). The
+numbers are those train.py logs: summed NLL in nats / (ln 2 · characters), over the first eval_tokens
+tokens of each split (0: all of it).
+"""
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+
+import checkpoint
+import data
+import train
+
+
+def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="cpu"):
+    """({split: BPC}, checkpoint state) of run_dir's checkpoint on data_dir (default: the run's own data), in
+    batches of the run's micro-batch per rank, as train.py evaluated it: one process repeats its numbers."""
+    model, state = checkpoint.load_model(run_dir, device)
+    plan = state.get("plan", {})
+    batch = max(1, plan.get("micro_batch", 8) // state.get("world", 1))
+    saved = state["config"]["train"]
+    data_dir = data_dir or saved["data"]
+    meta = data.load_meta(data_dir)
+    if meta["tokenizer"] != state["data"]["tokenizer"] or meta["vocab_size"] > model.cfg.vocab_size:
+        raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocabulary {meta['vocab_size']:,}); "
+                         f"the run in {run_dir} with {state['data']['tokenizer']} (vocabulary {model.cfg.vocab_size:,}): "
+                         f"prepare the data with data.py --tokenizer={state['data']['tokenizer']}")
+    names = splits or [s for s in meta["splits"] if s != "train"]
+    for s in names:
+        if s not in meta["splits"]:
+            raise ValueError(f"--splits: {data_dir} has no split {s!r} (it has {', '.join(meta['splits'])})")
+    eval_tokens = saved.get("eval_tokens", 0) if eval_tokens is None else eval_tokens
+    if eval_tokens and eval_tokens < model.cfg.S + 1:
+        raise ValueError(f"--eval_tokens={eval_tokens}: expected 0 (all of each split) or at least S+1 = {model.cfg.S + 1}")
+    tokens = {s: data.open_split(data_dir, s, meta) for s in names}
+    table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
+    dtype = saved.get("dtype", "auto")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and dtype != "float32" \
+        else contextlib.nullcontext()
+    return train.evaluate(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run directory written by train.py")
+    p.add_argument("--data", help="a folder written by data.py (default: the run's own)")
+    p.add_argument("--splits", help="comma-separated splits (default: every split but train)")
+    p.add_argument("--eval_tokens", type=int, help="tokens per split; 0 = all (default: the run's eval_tokens)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        if a.eval_tokens is not None and a.eval_tokens < 0:
+            raise ValueError(f"--eval_tokens={a.eval_tokens}: expected 0 (all of each split) or a positive count")
+        bpc, state = evaluate_run(a.run_dir, a.data, a.splits.split(",") if a.splits else None, a.eval_tokens, a.device)
+    except (ValueError, OSError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if a.json:
+        print(json.dumps({"run": a.run_dir, "step": state["step"], **{f"bpc_{k}": v for k, v in bpc.items()}}))
+    else:
+        print(f"{a.run_dir} (step {state['step']}): " + ", ".join(f"BPC {k} {v:.4f}" for k, v in bpc.items()))
+    return bpc
+
+
+if __name__ == "__main__":
+    main()

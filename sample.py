@@ -1,0 +1,57 @@
+"""Text from a run's checkpoint (whole or sharded), as nanoGPT's sample.py:
+
+    python sample.py out/default --prompt="ROMEO:" --tokens=300
+    python sample.py out/default --samples=3 --temperature=0.8 --top_k=50 --seed=7
+"""
+import argparse
+import sys
+
+import torch
+
+import checkpoint
+import data
+
+
+def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):
+    """The prompt and `tokens` sampled tokens after it, decoded. Its own generator: the global RNG is untouched."""
+    device = next(model.parameters()).device
+    model.eval()  # also: no balance loss, so no collective under DDP
+    ids = tokenizer.encode(prompt) or tokenizer.encode("\n")
+    generator = torch.Generator(device).manual_seed(seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model.generate(idx, tokens, temperature, top_k, generator, vocab)
+    return tokenizer.decode(out[0].tolist())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="sample.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run directory written by train.py")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--tokens", type=int, default=300, help="tokens to sample after the prompt")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        for name, ok, allowed in (("tokens", a.tokens >= 1, "an integer >= 1"), ("samples", a.samples >= 1, "an integer >= 1"),
+                                  ("temperature", a.temperature > 0, "a number > 0"), ("top_k", a.top_k >= 0, "an integer >= 0")):
+            if not ok:
+                raise ValueError(f"--{name}={getattr(a, name)}: expected {allowed}")
+        model, state = checkpoint.load_model(a.run_dir, a.device)
+        tokenizer = data.get_tokenizer(state["data"]["tokenizer"])
+        print(f"{a.run_dir}: step {state['step']}, {model.cfg.scheme}, tokenizer {state['data']['tokenizer']}",
+              file=sys.stderr)
+        for i in range(a.samples):
+            if i:
+                print("\n" + "-" * 40)
+            print(sample_text(model, tokenizer, a.prompt, a.tokens, a.temperature, a.top_k or None, a.seed + i,
+                              state["data"]["vocab_size"]))
+    except (ValueError, OSError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
