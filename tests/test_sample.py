@@ -8,7 +8,6 @@ import pytest
 
 import evaluate
 import flops
-import sample
 import train
 from config import load_config
 from model import GPTConfig
