@@ -132,7 +132,7 @@ CASES = [
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__iters="5"))], "train.iters is set by the sweep"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, moe__mu="-2.0"))], "moe.mu = -2.0 is not allowed"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "L=True is not allowed"),
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__seed="true"))], "train.seed=True: expected int"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__log_interval="true"))], "train.log_interval=True: expected int"),
     # flops.py
     ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number > 0"),
     ("flops", lambda t, r, d: ["--C=-1e12"], "--C=-1000000000000.0: expected a finite number > 0"),
