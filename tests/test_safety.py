@@ -251,7 +251,7 @@ def test_an_empty_summary_is_left_out_of_the_report_with_a_warning(tiny_data, tm
     train.train(tiny(tiny_data, tmp_path / "two", "--seed=3"))
     (tmp_path / "two" / "summary.json").write_text("")
     rows = sweep.report(tmp_path)
-    assert [r["run"] for r in rows] == ["one"] and "two/summary.json: left out of the report" in capsys.readouterr().err
+    assert [r["arm"] for r in rows] == ["one"] and "two/summary.json: left out of the report" in capsys.readouterr().err
 
 
 def damage(kind, path):
