@@ -64,7 +64,7 @@ def choose(mcfg, tcfg, plan, world, dtype, capacity):
 
 def wrap(model, kind, tcfg, device, dtype):
     """The module the training step calls: the model itself, DDP around it, or the model sharded in place.
-    Compiled first, sharded second (torchtitan's order): FSDP's hooks stay outside the compiled blocks."""
+    Compiled first, sharded second, as torchtitan does (tested together on CPU: tests/test_parallel.py)."""
     model.checkpointing = tcfg.activation_checkpointing
     fwd = model.compile_regions() if tcfg.compile else model
     if kind == "ddp":
