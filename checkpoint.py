@@ -103,7 +103,11 @@ def save(out, sharded, model, optimizer, extra, rank, world):
         folder.mkdir(parents=True)
     dist.barrier()
     weights, adam = model_and_optimizer(model, optimizer, full=False)
-    dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
+    try:
+        dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
+    except dcp.api.CheckpointException as e:  # a full disk on some rank, say (a BaseException: named here)
+        raise rundir.RunDirError(f"{folder}: the sharded checkpoint could not be written ({str(e)[:300]}); the "
+                                 f"previous one, named in {out / SHARDED / 'latest.json'}, is untouched") from None
     if rank == 0:
         rundir.save_checkpoint(folder / "extra.pt", extra)
     dist.barrier()  # every rank's files are written and synced (DCP fsyncs them)
