@@ -539,7 +539,8 @@ def markdown(table, splits):
         [f"BPC {s}" + (" (mean ± sd)" if n > 1 else "") for s in splits] + ([f"{splits[0]} per seed"] if n > 1 else [])
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
-        cells = [r["arm"] + ("" if r["finished"] else " (unfinished)"), f"{100 * r['ra']:.2f} %", r["E"], r["K"],
+        partial = f" ({len(r['seeds'])} of {n} seeds)" if len(r["seeds"]) < n else ""
+        cells = [r["arm"] + ("" if r["finished"] else " (unfinished)") + partial, f"{100 * r['ra']:.2f} %", r["E"], r["K"],
                  r["De"], r["Dse"], f"{r['N']:,}", f"{r['C']:.3g}", f"{r['D']:.3g}", f"{r['unique_tokens']:.3g}",
                  f"{r['epochs']:.2f}"]
         cells += [(f"{r[f'bpc_{s}']:.4f}" + (f" ± {r[f'sd_{s}']:.4f}" if n > 1 else "")) if f"bpc_{s}" in r else ""

@@ -234,6 +234,8 @@ def test_report_gives_mean_and_sd_over_seeds(tmp_path):
     assert table[1]["sd_val"] == 0 and table[1]["seeds"] == [1, 2, 3]
     md = sweep.markdown(table, ["val"])
     assert "| dense-C | 100.00 % |" in md and "2.2000 ± 0.2000" in md and "2.0000, 2.2000, 2.4000" in md
+    partial = sweep.markdown(sweep.arms(rows[:4], ["val"]), ["val"])  # moe-a has 1 of the 3 seeds so far
+    assert "| moe-a (1 of 3 seeds) |" in partial
     png = sweep.plot(table, "val", tmp_path / "r.png")
     try:
         import matplotlib  # noqa: F401
