@@ -13,13 +13,9 @@ baseline at C, epochs = D/D̂) and loose (two epochs over D/2). A plan that brea
 refused with the numbers (SPEC §8).
 """
 import argparse
-import csv
-import io
 import json
 import math
-import re
 import signal
-import statistics
 import subprocess
 import sys
 import tomllib
@@ -28,6 +24,7 @@ from pathlib import Path
 
 import flops
 import rundir
+from sweep_report import report
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
@@ -474,167 +471,6 @@ python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={
         print("reuse_at = best: its strict and loose arms join the plan once the no-reuse arms have finished; "
               "emit the script again then")
     return script
-
-
-# ----------------------------------------------------------------------------- reporting
-def collect(run_dir):
-    """One row per run directory holding a summary.json, in the plan's order when plan.json is there."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such folder")
-    try:
-        order = {r["name"]: (i, r) for i, r in enumerate(json.loads((run_dir / "plan.json").read_text()))} \
-            if (run_dir / "plan.json").exists() else {}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir / 'plan.json'} is damaged ({type(e).__name__}): run sweep.py run again to rewrite it")
-    rows = []
-    for summary in sorted(run_dir.glob("*/summary.json")):
-        s = rundir.read_summary(summary)
-        if s is None or not {"config", "final", "ra", "N", "C", "D"} <= set(s):
-            rundir.warn(f"{summary}: left out of the report (damaged): sweep.py run resumes that run")
-            continue
-        m = s["config"]["model"]
-        name = summary.parent.name
-        planned_row = order.get(name, (len(order), {}))[1]
-        moe = m["scheme"] != "dense"
-        seed = s["config"]["train"].get("seed", 0)
-        arm = planned_row.get("arm") or re.sub(r"-s\d+$", "", name)
-        rows.append({"run": name, "arm": arm, "seed": seed, "kind": "moe" if moe else "dense",
-                     "reuse": planned_row.get("reuse", "none"),
-                     "E": m["E"] if moe else "", "K": m["K"] if moe else "", "De": m["De"] if moe else "",
-                     "Dse": m["Dse"] if moe else "", "ra": s["ra"], "N": s["N"], "C": s["C"], "D": s["D"],
-                     "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": s["finished"],
-                     **{f"bpc_{k.removeprefix('bpc_')}": v for k, v in s["final"].items()}})
-    rows.sort(key=lambda r: order.get(r["run"], (len(order),))[0])
-    if not rows:
-        raise ValueError(f"{run_dir}: no run directory with a summary.json")
-    return rows
-
-
-def arms(rows, splits):
-    """One row per arm: its runs over the seeds, with the mean, standard deviation (n − 1) and values of
-    each split's BPC. An arm with one seed has sd 0."""
-    out = {}
-    for r in rows:
-        out.setdefault(r["arm"], []).append(r)
-    table = []
-    for arm, runs in out.items():
-        row = {k: runs[0][k] for k in ("arm", "kind", "reuse", "E", "K", "De", "Dse", "ra", "N", "C", "D",
-                                       "unique_tokens", "epochs")}
-        row.update(seeds=[r["seed"] for r in runs], finished=all(r["finished"] for r in runs))
-        for s in splits:
-            values = [r[f"bpc_{s}"] for r in runs if f"bpc_{s}" in r]
-            if values:
-                row[f"bpc_{s}"] = statistics.fmean(values)
-                row[f"sd_{s}"] = statistics.stdev(values) if len(values) > 1 else 0.0
-                row[f"values_{s}"] = values
-        table.append(row)
-    return table
-
-
-def markdown(table, splits):
-    """The arms, BPC as mean ± sd over the seeds, and each seed's value of the first split."""
-    n = max(len(r["seeds"]) for r in table)
-    cols = ["arm", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs"] + \
-        [f"BPC {s}" + (" (mean ± sd)" if n > 1 else "") for s in splits] + ([f"{splits[0]} per seed"] if n > 1 else [])
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in table:
-        partial = f" ({len(r['seeds'])} of {n} seeds)" if len(r["seeds"]) < n else ""
-        cells = [r["arm"] + ("" if r["finished"] else " (unfinished)") + partial, f"{100 * r['ra']:.2f} %", r["E"], r["K"],
-                 r["De"], r["Dse"], f"{r['N']:,}", f"{r['C']:.3g}", f"{r['D']:.3g}", f"{r['unique_tokens']:.3g}",
-                 f"{r['epochs']:.2f}"]
-        cells += [(f"{r[f'bpc_{s}']:.4f}" + (f" ± {r[f'sd_{s}']:.4f}" if n > 1 else "")) if f"bpc_{s}" in r else ""
-                  for s in splits]
-        if n > 1:
-            cells.append(", ".join(f"{v:.4f}" for v in r.get(f"values_{splits[0]}", [])))
-        out.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(out)
-
-
-def text_plot(table, split, width=60, height=16):
-    """Mean BPC against r_a as characters: o MoE (s strict, l loose), - dense at C, = dense at 2C."""
-    moe = [r for r in table if r["kind"] == "moe" and f"bpc_{split}" in r]
-    dense = {r["arm"]: r[f"bpc_{split}"] for r in table if r["kind"] == "dense" and f"bpc_{split}" in r}
-    ys = [r[f"bpc_{split}"] for r in moe] + list(dense.values())
-    if not moe or not ys:
-        return "(nothing to plot)"
-    x0, x1 = min(r["ra"] for r in moe), max(r["ra"] for r in moe)
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or 0.01
-    y0, y1 = y0 - pad, y1 + pad
-    grid = [[" "] * width for _ in range(height)]
-
-    def row_of(y):
-        return min(height - 1, max(0, round((y1 - y) / (y1 - y0) * (height - 1))))
-    for name, mark in (("dense-C", "-"), ("dense-2C", "=")):
-        if name in dense:
-            grid[row_of(dense[name])] = [mark] * width
-    for r in moe:
-        col = 0 if x1 == x0 else round((r["ra"] - x0) / (x1 - x0) * (width - 1))
-        grid[row_of(r[f"bpc_{split}"])][col] = {"none": "o", "strict": "s", "loose": "l"}[r["reuse"]]
-    lines = [f"{y1 - (y1 - y0) * i / (height - 1):7.4f} |" + "".join(g) for i, g in enumerate(grid)]
-    lines.append(" " * 8 + "+" + "-" * width)
-    lines.append(" " * 9 + f"r_a {100 * x0:.1f} %" + " " * (width - 22) + f"{100 * x1:.1f} %")
-    lines.append(f"mean BPC ({split}) against r_a: o MoE, s strict reuse, l loose reuse; - dense at C, = dense at 2C")
-    return "\n".join(lines)
-
-
-def plot(table, split, path):
-    """Fig. 1b of the paper: mean BPC against r_a with error bars of one standard deviation over the
-    seeds, and the dense baselines as bands (mean ± sd). Needs matplotlib; None without it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    n = max(len(r["seeds"]) for r in table)
-    for reuse, style in (("none", "o-"), ("strict", "s"), ("loose", "^")):
-        pts = sorted((r["ra"], r[f"bpc_{split}"], r[f"sd_{split}"]) for r in table
-                     if r["kind"] == "moe" and r["reuse"] == reuse and f"bpc_{split}" in r)
-        if pts:
-            ax.errorbar([100 * x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts], fmt=style,
-                        capsize=3, label=f"MoE ({reuse} reuse)" if reuse != "none" else "MoE")
-    for name, color in (("dense-C", "tab:red"), ("dense-2C", "tab:green")):
-        for r in table:
-            if r["arm"] == name and f"bpc_{split}" in r:
-                y, e = r[f"bpc_{split}"], r[f"sd_{split}"]
-                ax.axhline(y, color=color, ls="--", lw=1, label=name.replace("-", " at "))
-                ax.axhspan(y - e, y + e, color=color, alpha=0.15, lw=0)
-    ax.set_xlabel("activation rate r_a (%)")
-    ax.set_ylabel(f"BPC ({split})" + (f", mean ± sd over {n} seeds" if n > 1 else ""))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
-
-
-def report(run_dir, split=None):
-    """report.md (one row per arm: mean ± sd over seeds), report.csv (one row per run), report.png."""
-    rows = collect(run_dir)
-    splits = sorted({k.removeprefix("bpc_") for r in rows for k in r if k.startswith("bpc_")},
-                    key=lambda s: (s != "val", s))
-    split = split or (splits[0] if splits else None)
-    if split not in splits:
-        raise ValueError(f"no BPC for split {split!r} in {run_dir} (have {', '.join(splits) or 'none'})")
-    table = arms(rows, splits)
-    md = markdown(table, splits)
-    run_dir = Path(run_dir)
-    rundir.write_text(run_dir / "report.md", md + "\n")
-    per_run = io.StringIO()
-    w = csv.DictWriter(per_run, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-    w.writeheader()
-    w.writerows(rows)
-    rundir.write_text(run_dir / "report.csv", per_run.getvalue())
-    print(md)
-    print()
-    print(text_plot(table, split))
-    png = plot(table, split, run_dir / "report.png")
-    print(f"\nwrote {run_dir / 'report.md'}, {run_dir / 'report.csv'}"
-          + (f", {png}" if png else " (pip install matplotlib for report.png)"))
-    return table
 
 
 # ----------------------------------------------------------------------------- command line

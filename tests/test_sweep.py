@@ -9,6 +9,7 @@ import pytest
 
 import flops
 import sweep
+import sweep_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = json.loads((Path(__file__).parent / "paper_tables.json").read_text())["rows"]
@@ -183,7 +184,7 @@ def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_
     md = (out / "report.md").read_text()
     assert "| dense-C | 100.00 % |" in md and "BPC val" in md and "BPC other" in md
     assert (out / "report.csv").read_text().splitlines()[0].startswith("run,arm,seed,kind,reuse,E,K,De,Dse,ra,N,C,D")
-    plot = sweep.text_plot(rows, "val")
+    plot = sweep_report.text_plot(rows, "val")
     assert "-" * 60 in plot and "=" * 60 in plot and "o" in plot and "s" in plot
 
 
@@ -229,14 +230,14 @@ def test_report_gives_mean_and_sd_over_seeds(tmp_path):
              "finished": True, "bpc_val": v}
             for arm, kind, ra, values in (("dense-C", "dense", 1.0, (2.0, 2.2, 2.4)), ("moe-a", "moe", 0.2, (1.9, 1.9, 1.9)))
             for seed, v in zip((1, 2, 3), values)]
-    table = sweep.arms(rows, ["val"])
+    table = sweep_report.arms(rows, ["val"])
     assert table[0]["bpc_val"] == pytest.approx(2.2) and table[0]["sd_val"] == pytest.approx(0.2)
     assert table[1]["sd_val"] == 0 and table[1]["seeds"] == [1, 2, 3]
-    md = sweep.markdown(table, ["val"])
+    md = sweep_report.markdown(table, ["val"])
     assert "| dense-C | 100.00 % |" in md and "2.2000 ± 0.2000" in md and "2.0000, 2.2000, 2.4000" in md
-    partial = sweep.markdown(sweep.arms(rows[:4], ["val"]), ["val"])  # moe-a has 1 of the 3 seeds so far
+    partial = sweep_report.markdown(sweep_report.arms(rows[:4], ["val"]), ["val"])  # moe-a has 1 of the 3 seeds so far
     assert "| moe-a (1 of 3 seeds) |" in partial
-    png = sweep.plot(table, "val", tmp_path / "r.png")
+    png = sweep_report.plot(table, "val", tmp_path / "r.png")
     try:
         import matplotlib  # noqa: F401
         assert png and (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
