@@ -1,0 +1,179 @@
+"""The GPU smoke test (python bench.py gpu-check): every CUDA path of the project against its reference,
+in a minute or two. On a CPU it runs what a CPU can (no FlexAttention backward, gloo for two ranks).
+"""
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+from bench import device_name, rel
+from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
+                   flex_attention_compiled)
+
+
+def check_expert_path(device, compile):
+    """The fused expert path against the loop over experts (MoE.forward_loop), both under bf16 autocast
+    so that they route alike: outputs, balance loss and every gradient; compiled against eager over
+    two batches that route differently, with no recompilation."""
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=256, H=2, E=16, K=4, De=128, Dse=128)).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.05)
+    params = list(moe.parameters())
+
+    def run(f, x, dy, bf16=True):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            y, balance, counts = f(x)
+        return y.float(), counts.float(), torch.autograd.grad((y.float() * dy).sum() + balance, [x] + params)
+    x = torch.randn(4096, 256, device=device, requires_grad=True)
+    dy = torch.randn(4096, 256, device=device)
+    y, counts, g = run(moe, x, dy)
+    y_loop, counts_loop, g_loop = run(moe.forward_loop, x, dy)
+    y32, _, _ = run(moe.forward_loop, x, dy, bf16=False)
+    errs = {"out": rel(y, y_loop), "grads (worst)": max(rel(a, b) for a, b in zip(g, g_loop))}
+    ok = torch.equal(counts, counts_loop) and errs["out"] < 1e-2 and errs["grads (worst)"] < 2e-2
+    detail = (f"T=4096 E=16 K=4 bf16: same routing {torch.equal(counts, counts_loop)}, rel err vs loop: out "
+              f"{errs['out']:.1e}, grads {errs['grads (worst)']:.1e} (fp32 loop: out {rel(y, y32):.1e})")
+    if compile:
+        from torch._dynamo.utils import counters
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(moe, fullgraph=True)
+        worst = 0.0
+        for i in range(2):
+            xi = (torch.randn(4096, 256, device=device) * (i + 1)).requires_grad_()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                yc, cc, gc = run(compiled, xi, dy)
+            ye, ce, ge = run(moe, xi, dy)
+            ok &= torch.equal(cc, ce)
+            worst = max([worst, rel(yc, ye)] + [rel(a, b) for a, b in zip(gc, ge)])
+        ok &= worst < 1e-2 and counters["stats"]["unique_graphs"] == 1
+        detail += f"; compiled vs eager {worst:.1e}, {counters['stats']['unique_graphs']} graph for 2 routings"
+    return ok, detail
+
+
+def check_attention(device):
+    """ALiBi through FlexAttention (score_mod + causal block mask) and through SDPA with the bias, both
+    in bf16, against SDPA in fp32; T is no multiple of the 128-wide blocks and H no power of two."""
+    torch.manual_seed(0)
+    B, H, T, Dh = 2, 12, 1000, 64
+    backward = device.type == "cuda"
+    q, k, v = (torch.randn(B, H, T, Dh, device=device, requires_grad=backward) for _ in range(3))
+    dy = torch.randn(B, H, T, Dh, device=device)
+    bias = alibi_bias(torch.tensor(alibi_slopes(H), device=device), T, torch.float32)
+    flex = flex_attention_compiled() if device.type == "cuda" else flex_attention
+
+    def run(f, dtype):
+        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        y = f(qd, kd, vd).float()
+        return y, (torch.autograd.grad((y * dy).sum(), (q, k, v)) if backward else ())
+    ref, g_ref = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias), torch.float32)
+    y_flex, g_flex = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(T, device)),
+                         torch.bfloat16)
+    y_sdpa, g_sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias.bfloat16()), torch.bfloat16)
+    e_flex = max([rel(y_flex, ref)] + [rel(a, b) for a, b in zip(g_flex, g_ref)])
+    e_sdpa = max([rel(y_sdpa, ref)] + [rel(a, b) for a, b in zip(g_sdpa, g_ref)])
+    what = "output and gradients" if backward else "output (no FlexAttention backward on CPU)"
+    return e_flex < 1e-2, (f"B={B} H={H} T={T} Dh={Dh} bf16, worst rel err vs fp32 SDPA over {what}: "
+                           f"flex {e_flex:.1e}, SDPA with a bf16 bias {e_sdpa:.1e}")
+
+
+def check_training(device, compile):
+    """A dense and an MoE GPT trained for 30 steps as train.py trains them (bf16 autocast on CUDA, the
+    blocks compiled, fused AdamW): eager and compiled give the same first loss, the loss falls, and
+    nothing recompiles once the first step has been traced."""
+    from torch._dynamo.utils import counters
+    attention = "flex" if device.type == "cuda" else "sdpa"
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    details, ok = [], True
+    for scheme in ("dense", "1dense"):
+        torch.manual_seed(0)
+        cfg = GPTConfig(scheme=scheme, L=4, Dm=256, H=4, Dffn=704, E=16, K=2, De=64, Dse=128, S=256, vocab_size=512)
+        model = GPT(cfg, attention).to(device)
+        idx = torch.randint(0, 512, (8, 257), device=device)
+        x, y = idx[:, :-1], idx[:, 1:]
+        with torch.no_grad(), autocast:
+            eager_loss = model(x, y)[1].item()
+        torch._dynamo.reset()
+        counters.clear()
+        fwd = model.compile_regions() if compile else model
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+        losses, t0 = [], None
+        for step in range(30):
+            if step == 1:
+                graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
+            with autocast:
+                _, loss, _ = fwd(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        ms = (time.perf_counter() - t0) / 29 * 1e3
+        recompiled = counters["stats"]["unique_graphs"] - graphs
+        good = (all(map(math.isfinite, losses)) and abs(losses[0] / eager_loss - 1) < 1e-2
+                and losses[-1] < losses[0] - 1.0 and recompiled == 0)
+        ok &= good
+        details.append(f"{scheme}: loss {losses[0]:.3f} (eager {eager_loss:.3f}) -> {losses[-1]:.3f}, "
+                       f"{recompiled} recompiles, {ms:.1f} ms/step")
+    return ok, f"{attention}{' compiled' if compile else ''}; " + "; ".join(details)
+
+
+def check_two_ranks(device):
+    """train.py on two ranks, DDP and FSDP (NCCL on GPUs, gloo on CPU), against one process, same global batch."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return None, f"{torch.cuda.device_count()} GPU here: needs two"
+    with tempfile.TemporaryDirectory() as tmp:
+        text = "".join(f"{i} the king and {i * 7 % 13} the queen of {i % 5} the sea.\n" for i in range(20000))
+        with contextlib.redirect_stdout(None):
+            data.prepare(f"{tmp}/data", {"train": [(text, True)], "val": [(text[:20000], True)]}, "byte", workers=1)
+        argv = ["--L=2", "--Dm=64", "--H=2", "--Dffn=176", "--E=8", "--K=2", "--De=32", "--Dse=64", "--S=64",
+                f"--data={tmp}/data", "--iters=10", "--batch_seqs=8", "--log_interval=1", "--eval_interval=10",
+                "--eval_tokens=4096", f"--device={device.type}", "--dtype=float32"]
+        losses = {}
+        for n, out in ((1, "one"), (2, "ddp"), (2, "fsdp")):
+            launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if n > 1 else [])
+            r = subprocess.run(launch + [str(Path(__file__).with_name("train.py"))] + argv
+                               + [f"--out_dir={tmp}/{out}"] + ([f"--parallel={out}"] if n > 1 else []),
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if r.returncode:
+                return False, f"{out}: exit {r.returncode}: {r.stderr.strip()[-400:]}"
+            losses[out] = [json.loads(ln)["loss"] for ln in open(f"{tmp}/{out}/log.jsonl") if '"train"' in ln]
+    worst = {k: max(abs(a / b - 1) for a, b in zip(losses[k], losses["one"])) for k in ("ddp", "fsdp")}
+    return max(worst.values()) < 1e-3, ("10 steps fp32, 2 ranks vs 1, worst relative loss difference: "
+                                        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+def gpu_check(a):
+    device = torch.device(a.device)
+    env = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if device.type == "cuda":
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        env["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    print("gpu-check  " + "  ".join(f"{k}={v}" for k, v in env.items()))
+    checks = {"expert path (fused vs loop)": lambda: check_expert_path(device, a.compile),
+              "ALiBi attention (flex, SDPA)": lambda: check_attention(device),
+              "training steps": lambda: check_training(device, a.compile),
+              "two ranks vs one": lambda: check_two_ranks(device)}
+    results, failed = {}, False
+    for name, fn in checks.items():
+        t = time.perf_counter()
+        try:
+            ok, detail = fn()
+        except Exception as e:  # a check that crashes is a failed check; the others still run
+            ok, detail = False, f"{type(e).__name__}: {str(e).strip()[:600]}"
+        status = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        failed |= ok is False
+        results[name] = {"status": status, "detail": detail, "seconds": time.perf_counter() - t}
+        print(f"  {status}  {name:30} {detail}  ({results[name]['seconds']:.0f} s)", flush=True)
+    print("gpu-check: " + ("FAILED" if failed else "all checks passed"))
+    return {"env": env, "checks": results, "failed": failed}
