@@ -348,6 +348,12 @@ class Block(nn.Module):
 ATTENTION = ("sdpa", "flex")
 
 
+def padded_vocab(v):
+    """The model's vocabulary for a tokenizer of v tokens: a multiple of 64 (friendlier matmul shapes, as
+    nanoGPT's 50304) above byte level."""
+    return v if v <= 256 else 64 * math.ceil(v / 64)
+
+
 class GPT(nn.Module):
     """attention: "sdpa" (the materialised ALiBi bias; any device) or "flex" (FlexAttention; CUDA for training)."""
     def __init__(self, cfg: GPTConfig, attention="sdpa"):

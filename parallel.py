@@ -230,8 +230,8 @@ def plan_vocab(data_dir):
     """The vocabulary a run would have: its data's, rounded as train.py rounds it; cl100k_base's (the
     paper's tokenizer) when the data is not prepared here."""
     path = Path(data_dir) / "meta.json"
-    v = json.loads(path.read_text())["vocab_size"] if path.exists() else 100277
-    return v if v <= 256 else 64 * math.ceil(v / 64)
+    from model import padded_vocab
+    return padded_vocab(json.loads(path.read_text())["vocab_size"] if path.exists() else 100277)
 
 
 def plan_table(mcfg, tcfg, plan, world, dtype, capacity):

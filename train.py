@@ -35,7 +35,7 @@ import parallel
 import rundir
 from config import TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
 from logbook import Logbook
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, padded_vocab
 from sample import sample_text
 
 
@@ -187,9 +187,8 @@ def resolve_model_config(mvals, given, meta, data_dir):
         if mvals["vocab_size"] < meta["vocab_size"]:
             raise ValueError(f"model.vocab_size={mvals['vocab_size']} is smaller than the vocabulary of "
                              f"{data_dir} ({meta['vocab_size']}, tokenizer {meta['tokenizer']})")
-    else:  # round up to a multiple of 64 (friendlier matmul shapes), as nanoGPT's 50304
-        mvals = {**mvals, "vocab_size": meta["vocab_size"] if meta["vocab_size"] <= 256
-                 else 64 * math.ceil(meta["vocab_size"] / 64)}
+    else:
+        mvals = {**mvals, "vocab_size": padded_vocab(meta["vocab_size"])}
     return GPTConfig(**mvals)
 
 
