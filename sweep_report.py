@@ -127,12 +127,14 @@ def plot(table, split, path):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     n = max(len(r["seeds"]) for r in table)
-    for reuse, style in (("none", "o-"), ("strict", "s"), ("loose", "^")):
+    ras = [100 * r["ra"] for r in table if r["kind"] == "moe"]
+    nudge = 0.012 * (max(ras) - min(ras)) if ras else 0.0  # reuse arms drawn just beside their r_a, not on it
+    for reuse, style, dx in (("none", "o-", 0), ("strict", "s", -nudge), ("loose", "^", nudge)):
         pts = sorted((r["ra"], r[f"bpc_{split}"], r[f"sd_{split}"]) for r in table
                      if r["kind"] == "moe" and r["reuse"] == reuse and f"bpc_{split}" in r)
         if pts:
-            ax.errorbar([100 * x for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts], fmt=style,
-                        capsize=3, label=f"MoE ({reuse} reuse)" if reuse != "none" else "MoE")
+            ax.errorbar([100 * x + dx for x, _, _ in pts], [y for _, y, _ in pts], yerr=[e for _, _, e in pts],
+                        fmt=style, capsize=3, label=f"MoE ({reuse} reuse)" if reuse != "none" else "MoE")
     for name, color in (("dense-C", "tab:red"), ("dense-2C", "tab:green")):
         for r in table:
             if r["arm"] == name and f"bpc_{split}" in r:
