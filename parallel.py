@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import flops
+from model import GPT, padded_vocab
 
 GiB = 2**30
 RESERVE = 2 * GiB  # per GPU, kept out of the plan: CUDA context, NCCL buffers, allocator slack
@@ -119,7 +120,6 @@ class Memory:
 
 def param_shapes(mcfg):
     """{name: shape} of the model's distinct parameters, from a model on the meta device (nothing allocated)."""
-    from model import GPT
     with torch.device("meta"):
         model = GPT(mcfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -230,7 +230,6 @@ def plan_vocab(data_dir):
     """The vocabulary a run would have: its data's, rounded as train.py rounds it; cl100k_base's (the
     paper's tokenizer) when the data is not prepared here."""
     path = Path(data_dir) / "meta.json"
-    from model import padded_vocab
     return padded_vocab(json.loads(path.read_text())["vocab_size"] if path.exists() else 100277)
 
 
