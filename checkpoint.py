@@ -12,6 +12,8 @@ to whatever the new ranks hold. Whether the trajectory may continue is decided b
 """
 import hashlib
 import json
+import os
+import re
 import shutil
 import warnings
 from dataclasses import asdict
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import rundir
 from config import TRAJECTORY
 
@@ -30,9 +33,13 @@ def found(out):
     """The newest checkpoint in out: ('pt', path, None) or ('dcp', folder, manifest), or None."""
     out = Path(out)
     whole = out / "ckpt.pt"
+    rundir.refuse_link(whole)
+    rundir.refuse_link(out / SHARDED)
     manifest = read_manifest(out / SHARDED)
     if manifest and whole.exists():  # a kill between writing one form and deleting the other: the newer
-        step = rundir.read_checkpoint(whole)["step"]
+        step = rundir.read_checkpoint(whole).get("step")
+        if not rundir.is_count(step):
+            raise rundir.RunDirError(f"{whole} was not loaded: it has no valid step (not a checkpoint of this train.py)")
         return ("pt", whole, None) if step > manifest["step"] else ("dcp", out / SHARDED / manifest["dir"], manifest)
     if manifest:
         return "dcp", out / SHARDED / manifest["dir"], manifest
@@ -40,21 +47,27 @@ def found(out):
 
 
 def read_manifest(folder):
+    """ckpt/latest.json: the step, its folder step-<n> and the sha256 of each of its files (plain names)."""
     path = Path(folder) / "latest.json"
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None
     try:
-        manifest = json.loads(path.read_text())
-        if isinstance(manifest, dict) and {"step", "dir", "files"} <= set(manifest):
-            return manifest
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
+        manifest = json.loads(rundir.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        manifest = None
+    if (isinstance(manifest, dict) and rundir.is_count(manifest.get("step"))
+            and manifest.get("dir") == f"step-{manifest['step']:08d}" and isinstance(manifest.get("files"), dict)
+            and all(re.fullmatch(r"[\w.]+", k) and k.strip(".") and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
+                    for k, v in manifest["files"].items())):
+        rundir.refuse_link(Path(folder) / manifest["dir"])
+        return manifest
     raise rundir.RunDirError(f"{path} is damaged and was not loaded: it does not name a checkpoint")
 
 
 def sha256(path):
+    """A file's sha256, read without following a link."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(rundir.open_nofollow(path, os.O_RDONLY), "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
@@ -65,17 +78,25 @@ def check(state, path, mcfg, tcfg, meta, plan):
     """The one place a resume is checked: the checkpoint must continue the identical trajectory, with the
     same model, trajectory keys, data and plan, on any number of ranks (the plan does not depend on it).
     Anything else is refused, every difference named."""
-    saved_m, saved_t = state["config"]["model"], state["config"]["train"]
-    saved_plan = state.get("plan", {"made by": "an earlier version without a recorded plan"})
+    saved_m, saved_t, saved_plan = state["config"]["model"], state["config"]["train"], state["plan"]
     diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
     diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
              if saved_t.get(k) != getattr(tcfg, k)]
-    diff += [f"data {k}: checkpoint {state['data'][k]!r}, now {meta[k]!r}" for k in ("tokenizer", "vocab_size")
-             if state["data"][k] != meta[k]]
-    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state.get('world', '?')} "
+    diff += data.differences(state["data"], meta, tcfg.data)
+    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
              f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
     if diff:
         raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
+
+
+def state_problem(state, whole):
+    """What makes a checksummed checkpoint unusable here, or None (a file of another program, say)."""
+    want = {"step": int, "world": int, "plan": dict, "config": dict, "data": dict, "loader": dict, "rng": dict,
+            "scaler": dict} | ({"model": dict, "optimizer": dict} if whole else {})
+    bad = [k for k, t in want.items() if not isinstance(state.get(k), t)]
+    if not bad and not all(isinstance(state["config"].get(k), dict) for k in ("model", "train")):
+        bad = ["config"]
+    return f"it has no valid {', '.join(bad)}" if bad else None
 
 
 # ----------------------------------------------------------------------------- saving
@@ -153,10 +174,14 @@ def read(out, rank, world):
     if got is None:
         return None
     form, path, manifest = got
-    if form == "pt":
-        return form, path, rundir.read_checkpoint(path)
-    verify(path, manifest, rank, world)
-    return form, path, rundir.read_checkpoint(path / "extra.pt")
+    if form == "dcp":
+        verify(path, manifest, rank, world)
+    file = path if form == "pt" else path / "extra.pt"
+    state = rundir.read_checkpoint(file)
+    problem = state_problem(state, whole=form == "pt")
+    if problem:
+        raise rundir.RunDirError(f"{file} was not loaded: {problem} (not a checkpoint of this train.py)")
+    return form, path, state
 
 
 def restore(form, path, state, model, optimizer, scaler, loader, device):

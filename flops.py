@@ -39,30 +39,38 @@ class Shape:
             self.Dh = self.Dm // self.H
 
 
+# the largest value of each dimension: far beyond any model trained so far, and small enough that no
+# tensor size, parameter count or FLOP count overflows on the way to the memory check that follows
+LIMITS = {"L": 4096, "Dm": 2**20, "H": 2**14, "Dh": 2**16, "Dffn": 2**22, "E": 2**20, "De": 2**22, "Dse": 2**22,
+          "S": 2**22}
+
+
 def check_shape(s):
     """Raise one ValueError naming the field and what is allowed (before any tensor exists)."""
     if s.scheme not in SCHEMES:
         raise ValueError(f"scheme={s.scheme!r} is unknown: expected one of {', '.join(SCHEMES)}")
     for name in ("L", "Dm", "H", "S"):
-        _require(name, getattr(s, name), lambda v: v >= 1, "a positive integer")
-    _require("Dh", s.Dh, lambda v: v >= 0, "a positive integer, or 0 for Dm // H")
+        _require(name, getattr(s, name), lambda v: 1 <= v <= LIMITS[name], f"an integer in 1..{LIMITS[name]:,}")
+    _require("Dh", s.Dh, lambda v: 0 <= v <= LIMITS["Dh"], f"an integer in 1..{LIMITS['Dh']:,}, or 0 for Dm // H")
     if s.Dh == 0 and s.Dm % s.H:
         raise ValueError(f"H={s.H} does not divide Dm={s.Dm}: set Dh explicitly (H·Dh need not equal Dm)")
     if s.scheme in ("dense", "1dense", "interleave"):
-        _require("Dffn", s.Dffn, lambda v: v >= 1, f"a positive integer for scheme={s.scheme!r}")
+        _require("Dffn", s.Dffn, lambda v: 1 <= v <= LIMITS["Dffn"], f"an integer in 1..{LIMITS['Dffn']:,} for "
+                 f"scheme={s.scheme!r}")
     if s.scheme == "interleave" and s.L < 2:
         raise ValueError(f"L={s.L} is too small for scheme='interleave': expected L >= 2")
     if s.scheme == "dense":
         return
-    _require("E", s.E, lambda v: v >= 1, "a positive integer")
-    _require("De", s.De, lambda v: v >= 1, "a positive integer")
-    _require("Dse", s.Dse, lambda v: v >= 0, "0 (no shared expert) or a positive integer")
+    _require("E", s.E, lambda v: 1 <= v <= LIMITS["E"], f"an integer in 1..{LIMITS['E']:,}")
+    _require("De", s.De, lambda v: 1 <= v <= LIMITS["De"], f"an integer in 1..{LIMITS['De']:,}")
+    _require("Dse", s.Dse, lambda v: 0 <= v <= LIMITS["Dse"], f"0 (no shared expert) or an integer up to {LIMITS['Dse']:,}")
     _require("K", s.K, lambda v: 1 <= v <= s.E, f"an integer with 1 <= K <= E={s.E}")
 
 
 def _require(name, value, ok, allowed):
     if not isinstance(value, int) or isinstance(value, bool) or not ok(value):
-        raise ValueError(f"{name}={value!r} is not allowed: expected {allowed}")
+        shown = f"{value:.4g}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1e16 else repr(value)
+        raise ValueError(f"{name}={shown} is not allowed: expected {allowed}")
 
 
 def layer_kinds(s):

@@ -35,11 +35,11 @@ class GPTConfig(flops.Shape):
 
     def __post_init__(self):
         super().__post_init__()
-        flops._require("vocab_size", self.vocab_size, lambda v: v >= 1, "a positive integer")
-        for name in ("balance_coef", "init_std"):
+        flops._require("vocab_size", self.vocab_size, lambda v: 1 <= v <= 2**32, "an integer in 1..2^32")
+        for name in ("balance_coef", "init_std"):  # λ = 0.01 in the paper; std 0.02 as in GPT-2
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}={v!r} is not allowed: expected a finite number >= 0")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise ValueError(f"{name}={v!r} is not allowed: expected a number in 0..1")
         if self.scheme == "dense":
             return
         if self.norm_topk and self.K == 1:

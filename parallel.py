@@ -12,7 +12,6 @@ each op, so the two round differently. Expert parallelism is out of scope: every
 every expert.
 """
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import flops
 from model import GPT, padded_vocab
 
@@ -42,6 +42,13 @@ def setup_distributed(tcfg):
             return rank, world, torch.device("cuda", local)
         return rank, world, torch.device("cpu")
     return 0, 1, torch.device("cuda" if use_cuda else tcfg.device if tcfg.device != "auto" else "cpu")
+
+
+def device_of(tcfg):
+    """The device a run of this config gets on this machine (rank 0's, under torchrun)."""
+    if tcfg.device.startswith("cuda") or (tcfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device(tcfg.device if tcfg.device.startswith("cuda:") else "cuda")
+    return torch.device("cpu")
 
 
 def gpu_bytes(tcfg, device):
@@ -226,11 +233,46 @@ def largest_micro(mcfg, batch_seqs, kind, world, dtype, checkpointing, capacity,
     return max(fits, default=0)
 
 
+def host_bytes():
+    """The machine's physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(mcfg, tcfg, plan, world, dtype, device, attention):
+    """Refuse, before any tensor exists, a run that cannot fit its device. First the fp32 weights,
+    gradients and AdamW moments (16 bytes per parameter, counted without building anything; sharded over
+    the ranks at best), then on CPU the whole memory plan, activations included, against the machine's
+    memory. On a GPU the plan beyond that is an estimate: train.py warns instead (parallel.choose)."""
+    capacity = gpu_bytes(tcfg, device) if device.type == "cuda" else host_bytes()
+    if not capacity:
+        return
+    where = f"the GPU ({capacity / GiB:.1f} GiB)" if device.type == "cuda" else f"this machine ({capacity / GiB:.1f} GiB)"
+    params = flops.count(mcfg, True).N + mcfg.vocab_size * mcfg.Dm * (1 if mcfg.tie_embeddings else 2)
+    state = 16 * params / world
+    shape = ", ".join(f"{k}={getattr(mcfg, k):,}" for k in ("L", "Dm", "H", "Dh", "Dffn", "E", "De", "Dse", "vocab_size"))
+    if state > capacity:
+        raise ValueError(f"the model ({shape}) has {params:.3g} parameters: their weights, gradients and AdamW "
+                         f"moments need {state / GiB:.4g} GiB per rank{' (sharded)' if world > 1 else ''}, more than "
+                         f"{where}: give a smaller model{' or more ranks' if device.type == 'cuda' else ''}")
+    if device.type == "cuda":
+        return
+    need = memory(mcfg, plan.micro(world), "fsdp" if tcfg.parallel == "fsdp" and world > 1 else "ddp", world,
+                  dtype, tcfg.activation_checkpointing, attention=attention)
+    if need.total > capacity:
+        raise ValueError(f"a micro-batch of {plan.micro(world):,} sequences of model.S={mcfg.S:,} tokens per rank "
+                         f"(train.micro_batch={tcfg.micro_batch or 'the whole batch of ' + str(plan.batch_seqs)}) needs "
+                         f"{need.activations / GiB:.4g} GiB of activations beside the model's {need.state / GiB:.4g} "
+                         f"GiB, more than {where}: give a smaller train.micro_batch (or train.batch_seqs)")
+
+
 def plan_vocab(data_dir):
     """The vocabulary a run would have: its data's, rounded as train.py rounds it; cl100k_base's (the
     paper's tokenizer) when the data is not prepared here."""
-    path = Path(data_dir) / "meta.json"
-    return padded_vocab(json.loads(path.read_text())["vocab_size"] if path.exists() else 100277)
+    prepared = (Path(data_dir) / "meta.json").exists()
+    return padded_vocab(data.load_meta(data_dir)["vocab_size"] if prepared else 100277)
 
 
 def plan_table(mcfg, tcfg, plan, world, dtype, capacity):

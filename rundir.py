@@ -8,20 +8,25 @@
     .lock         held by the one process that writes here
 
 Every file is written atomically: a temporary file of this process, flushed, synced and renamed, so a
-kill leaves the old file or the new one, never half of one. A new run refuses a folder that holds a run
-unless told to replace it; a second writer is refused with the holder's pid; a damaged file is named
-and never loaded; a full disk is reported with the file, the bytes needed and the bytes free.
+kill leaves the old file or the new one, never half of one. No file of a run is opened through a
+symbolic link: a run file that is a link is refused, named. A new run refuses a folder that holds a
+run unless told to replace it, and then the old run is moved aside and deleted only once the new run
+has written its config; a second writer is refused with the holder's pid; a damaged file is named and
+never loaded; a full disk is reported with the file, the bytes needed and the bytes free.
 """
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json")
+ASIDE = ".replaced"  # where --overwrite keeps the old run until the new one has written its config
 
 
 class RunDirError(ValueError):
@@ -32,17 +37,78 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM, raised wherever the program is, so that every cleanup runs (the
+    temporary files of atomic writes, the lock). The programs end it with one line, exit 128 + signal."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def code(self):
+        return 128 + self.signum
+
+    @property
+    def what(self):
+        return "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
+
+
+def interrupted(e):
+    """The Interrupted behind a KeyboardInterrupt (Python raises a plain one before stop_on_signals runs)."""
+    return e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+
+
+def stop_on_signals():
+    """From now on SIGINT and SIGTERM raise Interrupted in the main thread."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- opening without links
+def open_nofollow(path, flags, mode=0o644):
+    """os.open that never goes through a symbolic link at path: a link there is refused, named."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or Path(path).is_symlink():
+            raise link_refused(path) from None
+        raise
+
+
+def link_refused(path):
+    return RunDirError(f"{path} is a symbolic link: a run's files are never opened through a link (it could "
+                       f"point anywhere); remove the link")
+
+
+def refuse_link(path):
+    if Path(path).is_symlink():
+        raise link_refused(path)
+
+
+def read_bytes(path):
+    """A file's bytes, refusing a symbolic link."""
+    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:
+        return f.read()
+
+
 # ----------------------------------------------------------------------------- atomic writes
 def atomic_write(path, write, needed=0):
     """write(f) into a temporary file beside path, then flush, fsync and rename it over path. With the
-    disk full (or fewer than `needed` bytes free), nothing is left behind and path is untouched."""
+    disk full (or fewer than `needed` bytes free), nothing is left behind and path is untouched. Neither
+    path nor the temporary file is ever a symbolic link that the write would go through."""
     path = Path(path)
+    refuse_link(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     free = shutil.disk_usage(path.parent).free
     if needed > free:
         raise disk_full(path, needed, free)
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover of a dead process with this pid (a link is removed, not followed)
+        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -61,6 +127,36 @@ def atomic_write(path, write, needed=0):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_folder(new, old):
+    """Put the folder new in old's place (old may not exist), then delete what old held. On Linux the two
+    are exchanged in one step (renameat2 RENAME_EXCHANGE), so a kill at any point leaves one whole folder
+    at old; elsewhere old is renamed aside first and deleted once new is in place."""
+    new, old = Path(new), Path(old)
+    refuse_link(old)
+    if not old.exists():
+        os.rename(new, old)
+        return
+    if _exchange(new, old):
+        shutil.rmtree(new)  # it holds the old contents now
+        return
+    aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside)
+
+
+def _exchange(a, b):
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
 def disk_full(path, needed, free):
@@ -87,7 +183,7 @@ class Lock:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return self
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -114,21 +210,79 @@ class Lock:
             self.fd = None
 
 
-def check_new_run(out_dir, overwrite):
-    """Refuse to start a run where one is, unless overwrite: then delete its files (after the lock is held)."""
+def run_files(out_dir):
+    """The run files in out_dir (a link counts, to be refused)."""
     out = Path(out_dir)
-    found = [name for name in RUN_FILES if (out / name).exists()]
+    return [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+
+
+def check_new_run(out_dir, overwrite):
+    """Refuse to start a run where one is, unless overwrite: then the run's files are checked (nothing is
+    touched here) and returned, to be moved aside."""
+    out = Path(out_dir)
+    found = run_files(out)
     if found and not overwrite:
         raise RunDirError(f"{out} holds a run ({', '.join(found)}): continue it with --resume, start another with "
                           f"--out_dir=…, or replace it with --overwrite=true")
+    return check_run_files(out)
+
+
+def check_run_files(out_dir):
+    """The run files in out_dir, each what a run writes there (no link; a folder only for ckpt/)."""
+    out = Path(out_dir)
+    found = run_files(out)
     for name in found:
         target = out / name
-        if name == "ckpt" and target.is_dir():  # a sharded checkpoint (checkpoint.py)
-            shutil.rmtree(target)
-        elif target.is_dir():
-            raise RunDirError(f"{target} is a directory: remove it by hand")
+        refuse_link(target)
+        if target.is_dir() != (name == "ckpt"):
+            raise RunDirError(f"{target} is a {'folder' if target.is_dir() else 'file'} where a run keeps a "
+                              f"{'file' if target.is_dir() else 'folder'}: train.py did not write it; move it away by hand")
+    return found
+
+
+class Aside:
+    """--overwrite's hold on the old run: its files moved into out_dir/.replaced/ (renames, nothing
+    copied), deleted once the new run has written its config, put back if the new run fails before.
+    A kill in between leaves them there; recover() puts them back or deletes them, whichever was due."""
+
+    def __init__(self, out_dir):
+        self.out = Path(out_dir)
+        self.path = self.out / ASIDE
+
+    def move(self, names):
+        if not names:
+            return self
+        self.path.mkdir()
+        for name in names:
+            os.rename(self.out / name, self.path / name)
+        write_text(self.path / ".moved", "")  # every file is aside: a config.toml in out_dir is the new run's
+        return self
+
+    def discard(self):
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+    def restore(self):
+        if not self.path.exists():
+            return
+        for p in self.path.iterdir():
+            if p.name != ".moved" and not ((self.out / p.name).exists() or (self.out / p.name).is_symlink()):
+                os.rename(p, self.out / p.name)
+        left = [p.name for p in self.path.iterdir() if p.name != ".moved"]
+        if left:
+            warn(f"{self.path} keeps {', '.join(left)}: the run in {self.out} has files of the same names")
         else:
-            target.unlink()
+            shutil.rmtree(self.path)
+
+    def recover(self):
+        """Called with the lock held, before anything else: finish what a killed --overwrite left."""
+        if not self.path.is_dir() or self.path.is_symlink():
+            return
+        if (self.path / ".moved").exists() and (self.out / "config.toml").exists():
+            self.discard()  # the new run had written its config: the old one was due for deletion
+        else:
+            warn(f"{self.out}: an --overwrite was stopped before the new run began; the old run is put back")
+            self.restore()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -174,12 +328,16 @@ def read_checkpoint(path):
     """A checkpoint whose contents match its checksum; anything else is named and refused, never loaded."""
     import torch
     path = Path(path)
+    refuse_link(path)
     if path.is_dir():
         raise RunDirError(f"{path} is a directory, not a checkpoint")
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except RunDirError:
+        raise
     except Exception as e:  # truncated, empty, text, not a zip: torch raises many kinds
         raise RunDirError(f"{path} is damaged and was not loaded: it cannot be read as a checkpoint "
                           f"({type(e).__name__}: {str(e).strip()[:120]})") from None
@@ -192,49 +350,87 @@ def read_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------- log and summary
+LOG_KINDS = ("train", "eval")
+
+
 def append_log(path, record):
     """One line, flushed: a kill loses at most the line being written, which read_log then drops."""
-    with open(path, "a") as f:
+    fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
 
 
 def read_log(path):
-    """The records of log.jsonl; a torn last line (a kill mid-write) is dropped with a warning."""
+    """The records of log.jsonl, each a JSON object with a kind and a step; a torn last line (a kill
+    mid-write) is dropped with a warning, any other damage is named with its line."""
     path = Path(path)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return []
-    lines = path.read_text(errors="replace").split("\n")
+    lines = read_bytes(path).decode("utf-8", errors="replace").split("\n")
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if any(rest.strip() for rest in lines[n:]):
                 raise RunDirError(f"{path}:{n} is damaged (not a JSON line) and is not the last line") from None
             warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
+            continue
+        if not (isinstance(record, dict) and record.get("kind") in LOG_KINDS and is_count(record.get("step"))):
+            raise RunDirError(f"{path}:{n} is damaged: expected a JSON object with a kind ({' or '.join(LOG_KINDS)}) "
+                              f"and a step (an integer >= 0)")
+        records.append(record)
     return records
+
+
+def is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def truncate_log(path, step):
     """On resume: keep the records up to the checkpoint's step (a killed run may have logged past it)."""
-    records = [r for r in read_log(path) if r.get("step", 0) <= step]
+    records = [r for r in read_log(path) if r["step"] <= step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
+
+
+def summary_problem(summary):
+    """What makes a summary.json unusable, or None: the fields that train.py, sweep.py and the report read."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if not isinstance(summary.get("finished"), bool) or not is_count(summary.get("step")):
+        return "no finished (true or false) and step (an integer >= 0)"
+    final = summary.get("final")
+    if not isinstance(final, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in final.items()):
+        return "final is not a table of bits per character"
+    config = summary.get("config")
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("train"), dict)):
+        return "config has no [model] and [train] tables"
+    return None
 
 
 def read_summary(path):
     """summary.json, or None when it is missing or damaged (then it is written again, with a warning)."""
     path = Path(path)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None
+    refuse_link(path)
     try:
-        summary = json.loads(path.read_text())
-        if isinstance(summary, dict):
-            return summary
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
-    warn(f"{path} is damaged (not a JSON object): it is ignored and will be written again")
+        summary = json.loads(read_bytes(path))
+        problem = summary_problem(summary)
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        problem = "not a JSON object"
+    if problem is None:
+        return summary
+    warn(f"{path} is damaged ({problem}): it is ignored and will be written again")
     return None
+
+
+def finished(summary):
+    """Whether a run with this summary (from read_summary) has finished, with its final evaluation."""
+    return bool(summary and summary["finished"] and summary["final"])

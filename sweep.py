@@ -80,7 +80,7 @@ class Run:
     unique_tokens: int
     epochs: float
     arm: str = ""    # the name without the seed: what report averages over
-    seed: int = 0    # 0: train.py's default
+    seed: int = None  # None: train.py's default (a sweep without seeds)
     warmup: int = 0
     ra_target: float = 0.0
 
@@ -208,7 +208,7 @@ def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_ba
     unique = D + 1  # fresh tokens: windows of S+1 share a token, so D + 1 tokens make exactly one epoch
     warmup = max(1, round(warmup_frac * iters)) if warmup_frac else flops.warmup_iters(iters)
     return Run(name, kind, reuse, asdict(shape), c.N, c.Na, c.ra, M, iters, B,
-               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1), name, 0, warmup)
+               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1), name, None, warmup)
 
 
 def moe_shapes(sweep, moe, N_dense):
@@ -279,7 +279,7 @@ def best_ra(sweep, runs, out):
         for r in runs:
             if r.kind == "moe" and r.reuse == "none" and r.ra_target == target:
                 s = rundir.read_summary(Path(out) / r.name / "summary.json")
-                if not (s and s.get("finished") and s.get("final")):
+                if not rundir.finished(s):
                     return None
                 bpcs.append(s["final"].get("bpc_val", next(iter(s["final"].values()))))
         means[target] = sum(bpcs) / len(bpcs)
@@ -309,7 +309,7 @@ def format_plan(runs):
             f"{'D':>10}{'C':>10}{'unique':>10}{'epochs':>7}{'lr':>10}{'B':>6}{'iters':>8}{'warmup':>7}")
     lines = [head, "-" * len(head)]
     for r in runs:
-        if r.seed and r.seed != runs[0].seed:  # the same arms again for the next seeds: one line says so
+        if r.seed is not None and r.seed != runs[0].seed:  # the same arms again for the next seeds: one line says so
             lines.append(f"... and the same {sum(x.seed == runs[0].seed for x in runs)} arms for each of the seeds "
                          f"{sorted({x.seed for x in runs})}")
             break
@@ -357,7 +357,8 @@ def plan_json(runs):
 
 
 def planned(path, allow_unequal=False, world=1, out=None):
-    """The sweep's runs; with out (the sweep's folder), reuse_at = ["best"] is resolved from its results."""
+    """The sweep's runs, each through train.py's own checks (check_runs); with out (the sweep's folder),
+    reuse_at = ["best"] is resolved from its results."""
     sweep, moe, dense, train_over = load_sweep(path)
     runs = plan(sweep, moe, dense, world, train_over.get("micro_batch", 0))
     best = best_ra(sweep, runs, out)
@@ -367,7 +368,70 @@ def planned(path, allow_unequal=False, world=1, out=None):
     if bad and not allow_unequal:
         raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "
                          + "\n  ".join(bad))
+    check_runs(runs, sweep, train_over, world, out or Path("runs") / Path(path).stem)
     return sweep, runs, train_over
+
+
+def run_setup(run, sweep, train_over, out, world=1, device=None, prepare=False):
+    """What train.py makes of a run's command line, through its own checks (train.check_run): the same
+    function, so a plan that train.py would refuse is refused here, before any run starts."""
+    import train
+    try:
+        mvals, tcfg, given, _ = train.load_config(train_args(run, sweep, train_over, Path(out) / run.name))
+        return train.check_run(mvals, tcfg, given, False, world, device, prepare=prepare)
+    except ValueError as e:
+        raise ValueError(f"run {run.name}: train.py refuses it: {e}") from None
+
+
+def check_runs(runs, sweep, train_over, world, out, device=None, prepare=False):
+    """Every run through train.py's checks; each must also come out as planned, to the token."""
+    setups = {}
+    for run in runs:
+        setup = setups[run.name] = run_setup(run, sweep, train_over, out, world, device, prepare)
+        got = setup.plan
+        if (got.D, got.iters, got.batch_seqs, got.lr, got.warmup) != (run.D, run.iters, run.batch_seqs, run.lr, run.warmup):
+            raise ValueError(f"run {run.name}: train.py would run D={got.D:,} in {got.iters} iters × {got.batch_seqs}, "
+                             f"lr {got.lr:.4g}, warmup {got.warmup}; the sweep planned D={run.D:,} in {run.iters} × "
+                             f"{run.batch_seqs}, lr {run.lr:.4g}, warmup {run.warmup}")
+    return setups
+
+
+def check_existing(runs, setups, out):
+    """Refuse, before any run starts, a run folder of out that holds a run of another plan (another C, lr,
+    shape, data, …): a run is its whole plan, and one that differs is never reused or continued."""
+    import config
+    bad = []
+    for run in runs:
+        folder = Path(out) / run.name
+        saved = saved_config(folder)
+        if saved is None:
+            continue
+        setup = setups[run.name]
+        want = {"model": asdict(setup.mcfg), "train": asdict(setup.tcfg)}
+        diff = [f"model.{k}: run {saved['model'].get(k)!r}, plan {v!r}" for k, v in want["model"].items()
+                if saved["model"].get(k) != v]
+        diff += [f"train.{k}: run {saved['train'].get(k)!r}, plan {want['train'][k]!r}" for k in config.RESULT_KEYS
+                 if saved["train"].get(k) != want["train"][k]]
+        summary = rundir.read_summary(folder / "summary.json")
+        if summary and setup.meta:
+            import data
+            diff += data.differences(summary.get("data"), setup.meta, setup.tcfg.data)
+        if diff:
+            bad.append(f"{folder}: " + "; ".join(diff))
+    if bad:
+        raise ValueError(f"{out} holds runs of another plan, which are never reused or continued (remove them, or "
+                         f"give another --out):\n  " + "\n  ".join(bad))
+
+
+def saved_config(folder):
+    """{model: …, train: …} of a run folder (its config.toml, else its summary's), or None when it has none."""
+    import config
+    path = Path(folder) / "config.toml"
+    if path.exists() or path.is_symlink():
+        rundir.refuse_link(path)
+        return config.read_toml(path)
+    summary = rundir.read_summary(Path(folder) / "summary.json")
+    return summary["config"] if summary else None
 
 
 # ----------------------------------------------------------------------------- running
@@ -375,17 +439,22 @@ def train_args(run, sweep, train_over, out_dir):
     args = [f"--{k}={v}" for k, v in run.shape.items()]
     args += [f"--iters={run.iters}", f"--batch_seqs={run.batch_seqs}", f"--lr={run.lr!r}",
              f"--unique_tokens={run.unique_tokens}", f"--include_router={str(sweep.include_router).lower()}",
-             f"--warmup={run.warmup}", f"--out_dir={out_dir}"] + ([f"--seed={run.seed}"] if run.seed else [])
+             f"--warmup={run.warmup}", f"--out_dir={out_dir}"] + ([f"--seed={run.seed}"] if run.seed is not None else [])
     return args + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in train_over.items()]
+
+
+def train_args_config(run, sweep, train_over, out):
+    """The run's TrainConfig as train.py reads its command line."""
+    import train
+    return train.load_config(train_args(run, sweep, train_over, Path(out) / run.name))[1]
 
 
 def status(out_dir):
     """finished (a whole summary with final BPC), resumable (a run was started there), or new. A run
     killed before its first checkpoint is resumable too: train.py --resume starts it again."""
-    summary = rundir.read_summary(Path(out_dir) / "summary.json")
-    if summary and summary.get("finished") and summary.get("final"):
+    if rundir.finished(rundir.read_summary(Path(out_dir) / "summary.json")):
         return "finished"
-    return "resumable" if any((Path(out_dir) / n).exists() for n in rundir.RUN_FILES) else "new"
+    return "resumable" if rundir.run_files(out_dir) else "new"
 
 
 def run_child(cmd):
@@ -427,6 +496,10 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
         todo = [(i, r) for i, r in enumerate(runs) if r.name not in done and (only is None or i == only)]
         if not todo:
             return runs
+        import parallel  # torch: the runs are about to start here
+        device = parallel.device_of(train_args_config(runs[0], sweep, train_over, out))
+        setups = check_runs(runs, sweep, train_over, nproc, out, device, prepare=True)
+        check_existing(runs, setups, out)
         out.mkdir(parents=True, exist_ok=True)
         rundir.write_text(out / "plan.json", json.dumps(plan_json(runs), indent=1))
         run_all(todo, len(runs), sweep, train_over, out, nproc)

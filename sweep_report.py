@@ -19,20 +19,23 @@ def collect(run_dir):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such folder")
-    try:
-        order = {r["name"]: (i, r) for i, r in enumerate(json.loads((run_dir / "plan.json").read_text()))} \
-            if (run_dir / "plan.json").exists() else {}
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{run_dir / 'plan.json'} is damaged ({type(e).__name__}): run sweep.py run again to rewrite it")
+    order = {r["name"]: (i, r) for i, r in enumerate(read_plan(run_dir / "plan.json"))}
     rows = []
     for summary in sorted(run_dir.glob("*/summary.json")):
         s = rundir.read_summary(summary)
-        if s is None or not {"config", "final", "ra", "N", "C", "D"} <= set(s):
+        if s is None or not all(isinstance(s.get(k), (int, float)) for k in ("ra", "N", "C", "D", "unique_tokens", "epochs")):
             rundir.warn(f"{summary}: left out of the report (damaged): sweep.py run resumes that run")
             continue
         m = s["config"]["model"]
         name = summary.parent.name
+        if order and name not in order:
+            rundir.warn(f"{summary}: left out of the report: {name} is no run of {run_dir / 'plan.json'}")
+            continue
         planned_row = order.get(name, (len(order), {}))[1]
+        differ = plan_differences(planned_row, s)
+        if differ:
+            raise ValueError(f"{summary} is a run of another plan than {run_dir / 'plan.json'} ({'; '.join(differ)}): "
+                             f"its numbers would be reported under this plan; remove the run, and sweep.py run runs it again")
         moe = m["scheme"] != "dense"
         seed = s["config"]["train"].get("seed", 0)
         arm = planned_row.get("arm") or re.sub(r"-s\d+$", "", name)
@@ -46,6 +49,33 @@ def collect(run_dir):
     if not rows:
         raise ValueError(f"{run_dir}: no run directory with a summary.json")
     return rows
+
+
+def read_plan(path):
+    """The runs of a sweep's plan.json ([] when there is none), each with the fields the report reads."""
+    if not Path(path).exists():
+        return []
+    try:
+        runs = json.loads(rundir.read_bytes(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+        runs = type(e).__name__
+    fields = {"name": str, "arm": str, "reuse": str, "shape": dict, "iters": int, "batch_seqs": int, "D": int,
+              "lr": float, "warmup": int}
+    if not (isinstance(runs, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())
+                                           for r in runs)):
+        raise ValueError(f"{path} is damaged (not a list of runs with {', '.join(fields)}): sweep.py run rewrites it")
+    return runs
+
+
+def plan_differences(planned, summary):
+    """Where a run's summary differs from its row of plan.json: the shape, the budget and schedule, the seed."""
+    model = summary["config"]["model"]
+    diff = [f"model.{k}: run {model.get(k)!r}, plan {v!r}" for k, v in planned.get("shape", {}).items() if model.get(k) != v]
+    diff += [f"{k}: run {summary.get(k)!r}, plan {planned[k]!r}" for k in ("iters", "batch_seqs", "D", "lr", "warmup")
+             if k in planned and summary.get(k) != planned[k]]
+    if planned.get("seed") is not None and summary["config"]["train"].get("seed") != planned["seed"]:
+        diff.append(f"seed: run {summary['config']['train'].get('seed')!r}, plan {planned['seed']!r}")
+    return diff
 
 
 def arms(rows, splits):

@@ -33,7 +33,7 @@ import data
 import flops
 import parallel
 import rundir
-from config import TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
+from config import MAX_TOKENS, TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
 from logbook import Logbook
 from model import GPT, GPTConfig, padded_vocab
 from sample import sample_text
@@ -124,9 +124,24 @@ def make_plan(mcfg, tcfg, world):
         raise ValueError(f"train.micro_batch={m}{' (the whole batch: the default)' if not tcfg.micro_batch else ''} "
                          f"cannot be split evenly over {world} ranks: give a micro_batch that is a multiple of {world} "
                          f"(it is a count over all ranks, so the run is the same on any number of them)")
+    budget = next(f"train.{k}={v:.4g}" for k, v in budgets.items())
+    if D / (B * mcfg.S) > MAX_TOKENS:
+        raise ValueError(f"{budget} makes {D / (B * mcfg.S):.3g} iterations: expected a budget of at most 2^53 tokens")
     iters = tcfg.iters or max(1, round(D / (B * mcfg.S)))
     D = iters * B * mcfg.S  # tokens consumed
+    if D > MAX_TOKENS:
+        raise ValueError(f"{budget} plans D = {iters:,} iters × train.batch_seqs={B:,} × S={mcfg.S:,} = {D:.4g} tokens: "
+                         f"expected at most 2^53 = {MAX_TOKENS:.4g}")
     lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
+    given = f"train.lr={lr:.4g}" if tcfg.lr else f"the StepLaw rate × train.lr_mult={tcfg.lr_mult:g} = {lr:.4g}"
+    if lr > 1:
+        raise ValueError(f"{given}: expected a peak learning rate of at most 1")
+    if tcfg.min_lr > lr:
+        raise ValueError(f"train.min_lr={tcfg.min_lr:g} is above the peak, {given}: the cosine would rise to the "
+                         f"end; expected min_lr <= lr")
+    if lr * tcfg.weight_decay > 1:
+        raise ValueError(f"train.weight_decay={tcfg.weight_decay:g} with {given}: AdamW multiplies every weight by "
+                         f"1 − lr·weight_decay each step; expected lr·weight_decay <= 1")
     warmup = flops.warmup_iters(iters) if tcfg.warmup < 0 else min(tcfg.warmup, iters)
     return Plan(iters, B, m, B // m, lr, warmup, D, c.N, c.Na, M)
 
@@ -180,7 +195,54 @@ def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, ba
     return out
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the checks
+@dataclass
+class Setup:
+    """A run that passed every check: what train.py will do, decided before anything is written."""
+    mcfg: GPTConfig
+    tcfg: TrainConfig
+    plan: Plan
+    resume: bool
+    meta: dict = None         # the data's meta.json (None: not prepared yet, when planning a sweep)
+    dtype: str = "float32"
+    attention: str = "sdpa"
+    train_tokens: object = None
+    val_splits: dict = None   # {name: tokens}
+
+
+def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=True):
+    """Every check train.py makes before it writes or deletes anything, in one place that sweep.py runs on
+    each of its runs too: the config (config.py), the plan, the precision on this device, the data (the
+    default corpus is prepared first when prepare), the vocabulary, the splits against S and
+    unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
+    a data folder not prepared yet leaves out what depends on the data."""
+    shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing here needs it
+    if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
+        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
+                         f"expected 0 (all of each split) or at least {shape.S + 1}")
+    plan = make_plan(shape, tcfg, world)
+    dtype, attention = precision(tcfg, device.type if device else None, shape)
+    if prepare:
+        meta = prepare_data(tcfg, rank)
+    else:
+        meta = data.load_meta(tcfg.data) if (Path(tcfg.data) / "meta.json").exists() else None
+    if meta is None:
+        mcfg = GPTConfig(**{"vocab_size": parallel.plan_vocab(tcfg.data), **mvals})
+        return Setup(mcfg, tcfg, plan, resume, None, dtype, attention)
+    mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
+    train_tokens = data.open_split(tcfg.data, "train", meta)
+    data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
+    val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
+    for name, tokens in val_splits.items():
+        if len(tokens) < mcfg.S + 1:
+            raise ValueError(f"{Path(tcfg.data) / meta['splits'][name]['file']} (split {name!r}) holds {len(tokens):,} "
+                             f"tokens, fewer than one evaluation window of S+1 = {mcfg.S + 1} (model.S={mcfg.S}): give "
+                             f"it more text, or train with a smaller S")
+    if device is not None:
+        parallel.check_fits(mcfg, tcfg, plan, world, dtype, device, attention)
+    return Setup(mcfg, tcfg, plan, resume, meta, dtype, attention, train_tokens, val_splits)
+
+
 def resolve_model_config(mvals, given, meta, data_dir):
     """GPTConfig from the config, with vocab_size from the data unless given (then it must cover it)."""
     if "vocab_size" in given:
@@ -197,19 +259,30 @@ def prepare_data(tcfg, rank):
     when an older data.py prepared it."""
     path = Path(tcfg.data)
     default = {data.default_dir(t): t for t in ("byte", "cl100k_base", "gpt2", "o200k_base")}
-    if tcfg.data in default and data.meta_format(path) < data.FORMAT:
+    if tcfg.data in default and data.meta_format(path) != data.FORMAT:
         if rank == 0:
-            data.prepare_default(tcfg.data, default[tcfg.data])
+            data.prepare_default(tcfg.data, default[tcfg.data], overwrite=True)
         if dist.is_initialized():
             dist.barrier()
-    meta = data.load_meta(path)
-    if tcfg.unique_tokens and "shuffle_seed" not in meta["splits"]["train"]:
-        raise ValueError(f"{path}: its training documents are in input order (an older data.py prepared it), so "
-                         f"its first train.unique_tokens={tcfg.unique_tokens:.6g} tokens are no uniform sample of "
-                         f"it: prepare it again with data.py, which shuffles them")
-    return meta
+    return data.load_meta(path)
 
 
+def precision(tcfg, device_type, mcfg):
+    """(dtype name, attention path) on this kind of device (None: not known yet), refused if impossible."""
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    if dtype == "float16" and device_type == "cuda" and mcfg.scheme != "dense":
+        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
+    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device_type == "cuda" else "sdpa")
+    if attention == "flex" and device_type not in ("cuda", None):
+        raise ValueError(f"train.attention='flex' on {device_type}: FlexAttention has no backward there; use sdpa")
+    return dtype, attention
+
+
+def autocast_for(device, dtype):
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- training
 def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, grad_clip):
     """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
     micro-batches, expert loads [Le, E], gradient norm before clipping)."""
@@ -230,135 +303,136 @@ def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, dev
     return sums, load_sum, grad_norm
 
 
-def precision(tcfg, device, mcfg):
-    """(dtype name, autocast context, attention path) for this device, refused before any work if impossible."""
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype == "float16" and device.type == "cuda" and mcfg.scheme != "dense":
-        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
-    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device.type == "cuda" else "sdpa")
-    if attention == "flex" and device.type != "cuda":
-        raise ValueError(f"train.attention='flex' on {device.type}: FlexAttention has no backward there; use sdpa")
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
-    return dtype, autocast, attention
-
-
 def open_run_dir(tcfg, resume):
-    """Rank 0's hold on out_dir: the lock, and a fresh start only where no run is (or with overwrite)."""
+    """Rank 0's hold on out_dir: the lock, what a killed --overwrite left finished, the run files checked
+    (no link, no stranger), and with --overwrite the old run moved aside (rundir.Aside)."""
     out = Path(tcfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = rundir.Lock(out).acquire()
     try:
-        if not resume:
-            rundir.check_new_run(out, tcfg.overwrite)
+        aside = rundir.Aside(out)
+        aside.recover()
+        if resume:
+            rundir.check_run_files(out)
+        else:
+            aside.move(rundir.check_new_run(out, tcfg.overwrite))
     except BaseException:
         lock.release()
         raise
-    return lock
+    return lock, aside
 
 
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
     rank, world, device = parallel.setup_distributed(tcfg)
-    if device.type == "cpu":
-        tune_malloc()
-    torch.manual_seed(tcfg.seed)
-    # everything that the config alone decides is checked before any data is read or prepared
-    shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing below needs it
-    if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
-        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
-                         f"expected 0 (all of each split) or at least {shape.S + 1}")
-    plan = make_plan(shape, tcfg, world)
-    dtype, autocast, attention = precision(tcfg, device, shape)
-    meta = prepare_data(tcfg, rank)
-    mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
-    train_tokens = data.open_split(tcfg.data, "train", meta)
-    val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
-    table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
-    loader = data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
-    if not resume and not tcfg.overwrite:  # every rank refuses before any work; rank 0 checks again, locked
-        rundir.check_new_run(tcfg.out_dir, overwrite=False)
-    lock = open_run_dir(tcfg, resume) if rank == 0 else None
+    lock = aside = None
     try:
-        setup = dict(tcfg=tcfg, mcfg=mcfg, plan=plan, meta=meta, rank=rank, world=world, device=device, dtype=dtype)
-        return run_training(setup, loader, val_splits, table, autocast, attention, resume)
+        if device.type == "cpu":
+            tune_malloc()
+        run = check_run(mvals, tcfg, given, resume, world, device, rank)
+        if not resume:  # every rank refuses before any work; rank 0 checks again, locked
+            rundir.check_new_run(tcfg.out_dir, tcfg.overwrite)
+        if world > 1:
+            dist.barrier()  # every rank has checked before rank 0 writes a file
+        if rank == 0:
+            lock, aside = open_run_dir(tcfg, resume)
+        return run_training(run, rank, world, device, aside)
     finally:
+        if aside:
+            aside.restore()  # the new run failed before its config was written: the old run is put back
         if lock:
             lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_training(setup, loader, val_splits, table, autocast, attention, resume):
-    tcfg, mcfg, plan, rank, world, device, dtype = (setup[k] for k in ("tcfg", "mcfg", "plan", "rank", "world",
-                                                                        "device", "dtype"))
+def run_training(run, rank, world, device, aside):
+    tcfg, mcfg, plan, resume = run.tcfg, run.mcfg, run.plan, run.resume
     out, master = Path(tcfg.out_dir), rank == 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = GPT(mcfg, attention).to(device)
+    autocast = autocast_for(device, run.dtype)
+    loader = data.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    table = data.char_table(data.get_tokenizer(run.meta["tokenizer"]))
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg, run.attention).to(device)
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
-    kind = parallel.choose(mcfg, tcfg, plan, world, dtype, parallel.gpu_bytes(tcfg, device))
-    fwd = parallel.wrap(model, kind, tcfg, device, dtype)  # the parallelism lives here and in train_step alone
+    kind = parallel.choose(mcfg, tcfg, plan, world, run.dtype, parallel.gpu_bytes(tcfg, device))
+    fwd = parallel.wrap(model, kind, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
     optimizer = make_optimizer(model, plan, tcfg, device, kind)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 gradients underflow unscaled
-    step, last_ckpt, records = 0, "none: no checkpoint was written", []
-    run = describe(setup, loader, kind, attention)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
+    step, last_ckpt, records = 0, None, []
+    numbers = describe(run, loader, kind, rank, world, device)
     if resume:
-        step, where = resume_from(out, setup, model, optimizer, scaler, loader)
+        step, where = resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
         summary = rundir.read_summary(out / "summary.json")
-        if step >= plan.iters and summary and summary.get("finished") and summary.get("final"):
+        if step >= plan.iters and rundir.finished(summary):
             if master:
                 print(f"{out} finished at step {step} already: nothing to resume")
             return summary
-        last_ckpt = f"{where} (step {step})" if step else last_ckpt
+        last_ckpt = f"{where} (step {step})" if step else None
     if master:
         rundir.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
+        aside.discard()  # the new run has written its config: the run it replaces goes now
         records = rundir.truncate_log(out / "log.jsonl", step) if resume else []
 
     def save(at_step):
         path = checkpoint.save(out, kind == "fsdp", model, optimizer, {
             "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(),
-            "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
-            "data": {"tokenizer": setup["meta"]["tokenizer"], "vocab_size": setup["meta"]["vocab_size"]},
+            "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, rank, world)
         return f"{path} (step {at_step})"
 
     def run_eval():
-        return evaluate(model, val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, plan.micro(world))
+        return evaluate(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, plan.micro(world))
 
     eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
     end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
-    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, run["M_exec"], peak_flops(tcfg, device))
+    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device))
     model.train()
-    while step < end:
-        lr = lr_at(step, plan, tcfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
-        book.data_time += time.perf_counter() - t0
-        book.add(*train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, tcfg.grad_clip))
-        step += 1
-        is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
-        record = {}
-        if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
-            record = book.train_record(step, lr, loader.epoch, last_ckpt)
-        if is_eval:
-            book.eval_record(step, loader.epoch, run_eval(), record)
-        if is_ckpt:
-            last_ckpt = save(step)
-    book.close()
-    final = book.last_bpc
-    if step >= plan.iters and not final:  # resumed after the last checkpoint: finish the final evaluation
-        logged = [r for r in records if r.get("kind") == "eval" and r.get("step") == step]
-        final = ({k: v for k, v in logged[-1].items() if k.startswith("bpc_")} if world == 1 and logged
-                 else book.eval_record(step, loader.epoch, run_eval(), {}))
-    summary = finish(out, run, setup, step, loader.epoch, final)
+    try:
+        while step < end:
+            lr = lr_at(step, plan, tcfg.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
+            book.data_time += time.perf_counter() - t0
+            book.add(*train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, tcfg.grad_clip))
+            step += 1
+            is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
+            record = {}
+            if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
+                record = book.train_record(step, lr, loader.epoch, last_ckpt or "none: no checkpoint was written")
+            if is_eval:
+                book.eval_record(step, loader.epoch, run_eval(), record)
+            if is_ckpt:
+                last_ckpt = save(step)
+        book.close()
+        final = book.last_bpc
+        if step >= plan.iters and not final:  # resumed after the last checkpoint: finish the final evaluation
+            logged = [r for r in records if r["kind"] == "eval" and r["step"] == step]
+            final = ({k: v for k, v in logged[-1].items() if k.startswith("bpc_")} if world == 1 and logged
+                     else book.eval_record(step, loader.epoch, run_eval(), {}))
+        summary = finish(out, numbers, run, rank, step, loader.epoch, final)
+    except KeyboardInterrupt as e:
+        book.close()
+        raise stopped(e, out, step, plan, last_ckpt) from None
     if master and kind != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
-        show_sample(model, setup["meta"], tcfg.sample_tokens, out)
+        show_sample(model, run.meta, tcfg.sample_tokens, out)
     return summary
+
+
+def stopped(e, out, step, plan, last_ckpt):
+    """Ctrl-C or SIGTERM during training: the Interrupted that says, in one line, how to go on."""
+    stop = rundir.interrupted(e)
+    stop.message = (f"{stop.what} at step {step} of {plan.iters}; " + (
+        f"the last checkpoint is {last_ckpt}: resume with python train.py --out_dir={out} --resume" if last_ckpt
+        else f"no checkpoint was written: python train.py --out_dir={out} --resume starts it again"))
+    return stop
 
 
 def show_sample(model, meta, tokens, out):
@@ -368,47 +442,47 @@ def show_sample(model, meta, tokens, out):
     print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
 
 
-def describe(setup, loader, kind, attention):
+def describe(run, loader, kind, rank, world, device):
     """The run's numbers for summary.json, printed once by rank 0."""
-    tcfg, mcfg, plan, world = setup["tcfg"], setup["mcfg"], setup["plan"], setup["world"]
+    tcfg, mcfg, plan = run.tcfg, run.mcfg, run.plan
     M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
-    run = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C, iters=plan.iters,
-               batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum, world=world, lr=plan.lr,
-               warmup=plan.warmup, unique_tokens=loader.unique_tokens, epochs=plan.D / (loader.n_windows * mcfg.S),
-               tokenizer=setup["meta"]["tokenizer"], device=str(setup["device"]), dtype=setup["dtype"],
-               attention=attention, parallel=kind, activation_checkpointing=tcfg.activation_checkpointing,
-               M_exec=M_exec)
-    if setup["rank"] == 0:
+    numbers = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C,
+                   iters=plan.iters, batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum,
+                   world=world, lr=plan.lr, warmup=plan.warmup, unique_tokens=loader.unique_tokens,
+                   epochs=plan.D / (loader.n_windows * mcfg.S), tokenizer=run.meta["tokenizer"], device=str(device),
+                   dtype=run.dtype, attention=run.attention, parallel=kind,
+                   activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec)
+    if rank == 0:
         print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
               f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
         print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
-              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {run['epochs']:.2f} epochs over "
+              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {numbers['epochs']:.2f} epochs over "
               f"{loader.unique_tokens:,} unique tokens; micro-batch {plan.micro_batch} ({plan.micro(world)} per rank "
-              f"× {world} ranks) × accum {plan.accum}; {setup['device']} {setup['dtype']} {attention} {kind}"
+              f"× {world} ranks) × accum {plan.accum}; {device} {run.dtype} {run.attention} {kind}"
               f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
-    return run
+    return numbers
 
 
-def resume_from(out, setup, model, optimizer, scaler, loader):
+def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device):
     """(step, checkpoint path) to continue from: the newest checkpoint in out, verified, checked and loaded;
     step 0 when the run stopped before its first one."""
-    got = checkpoint.read(out, setup["rank"], setup["world"])
+    got = checkpoint.read(out, rank, world)
     if got is None:
         if not (out / "config.toml").exists():
             raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
-        if setup["rank"] == 0:
+        if rank == 0:
             rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
         return 0, None
     form, path, state = got
-    checkpoint.check(state, path, setup["mcfg"], setup["tcfg"], setup["meta"], setup["plan"])
-    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, setup["device"]), path
+    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.plan)
+    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, device), path
 
 
-def finish(out, run, setup, step, epoch, final):
-    tcfg, mcfg, plan = setup["tcfg"], setup["mcfg"], setup["plan"]
-    summary = {**run, "step": step, "finished": step >= plan.iters, "final": final,
-               "config": {"model": asdict(mcfg), "train": asdict(tcfg)}}
-    if setup["rank"] == 0:
+def finish(out, numbers, run, rank, step, epoch, final):
+    tcfg, mcfg, plan = run.tcfg, run.mcfg, run.plan
+    summary = {**numbers, "step": step, "finished": step >= plan.iters, "final": final,
+               "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta)}
+    if rank == 0:
         rundir.write_text(out / "summary.json", json.dumps(summary, indent=1))
         print(("finished" if summary["finished"] else f"stopped at step {step} of {plan.iters} (resume with --resume)")
               + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
@@ -423,8 +497,8 @@ def show_plan(argv):
         world = int(nproc[-1].split("=", 1)[1]) if nproc else 1
     except ValueError:
         world = 0
-    if world < 1:
-        raise ValueError(f"{nproc[-1]}: expected a number of ranks >= 1")
+    if not 1 <= world <= 2**20:
+        raise ValueError(f"{nproc[-1]}: expected a number of ranks in 1..2^20")
     mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
     vocab = mvals.get("vocab_size") or parallel.plan_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
@@ -439,11 +513,18 @@ def show_plan(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    rundir.stop_on_signals()
     try:
         show_plan(argv) if "--plan" in argv else train(argv)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, damaged or missing files, a full disk
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, whatever rank 0 was doing
+        stop = rundir.interrupted(e)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: {getattr(stop, 'message', stop.what + ' before training began: nothing to resume')}",
+                  file=sys.stderr)
+        sys.exit(stop.code)
 
 
 if __name__ == "__main__":

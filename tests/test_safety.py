@@ -275,7 +275,7 @@ def damage(kind, path):
 
 @pytest.mark.parametrize("kind,message", [
     ("truncated", "is damaged and was not loaded: it cannot be read"), ("empty", "is damaged and was not loaded"),
-    ("text", "is damaged and was not loaded"), ("directory", "is a directory, not a checkpoint"),
+    ("text", "is damaged and was not loaded"), ("directory", "is a folder where a run keeps a file"),
     ("flipped", "is damaged and was not loaded: its contents do not match the checksum")])
 def test_a_damaged_checkpoint_is_named_and_never_loaded(tiny_data, tmp_path, capsys, kind, message):
     train.train(tiny(tiny_data, tmp_path / "r", "--stop_at=4"))

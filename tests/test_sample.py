@@ -82,7 +82,8 @@ def test_evaluate_refuses_data_of_another_tokenizer_and_unknown_splits(runs, tmp
                        / "meta.json").read_text())
     other = tmp_path / "other"
     other.mkdir()
-    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base", "vocab_size": 100277}))
+    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer": "cl100k_base", "vocab_size": 100277,
+                                                        "eot": 100257, "dtype": "uint32"}))
     r = cli("evaluate.py", root / "whole", f"--data={other}")
     assert r.returncode == 2 and "tokenised with cl100k_base" in r.stderr and "--tokenizer=byte" in r.stderr
     r = cli("evaluate.py", root / "whole", "--splits=test")

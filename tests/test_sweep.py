@@ -3,10 +3,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+import data
 import flops
 import sweep
 import sweep_report
@@ -203,11 +205,21 @@ def test_seeds_warmup_and_reuse_at_shape_the_plan(tmp_path):
     same_arm = [r for r in runs if r.arm == "dense-C"]
     assert len({(r.iters, r.batch_seqs, r.lr, r.D, r.unique_tokens) for r in same_arm}) == 1  # only the seed differs
     paper = sweep.planned(micro(tmp_path))[1]
-    assert all(r.warmup == flops.warmup_iters(r.iters) and r.seed == 0 and r.name == r.arm for r in paper)
+    assert all(r.warmup == flops.warmup_iters(r.iters) and r.seed is None and r.name == r.arm for r in paper)
+    assert not any(a.startswith("--seed") for a in sweep.train_args(paper[0], s, train_over, tmp_path))
+    s0, zero, over0 = sweep.planned(micro(tmp_path, extra="seeds = [0, 1]\n"))
+    assert [a for a in sweep.train_args(zero[0], s0, over0, tmp_path) if a.startswith("--seed")] == ["--seed=0"]
 
 
-def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_path, monkeypatch):
-    path = micro(tmp_path, reuse='["none", "strict"]', extra='seeds = [1, 2]\nreuse_at = ["best"]\n')
+def finished_summary(run, sweep_, train_over, out, bpc):
+    """The summary.json that train.py would write for a run of the plan, with the given final BPC."""
+    setup = sweep.run_setup(run, sweep_, train_over, out)
+    return {"finished": True, "step": run.iters, "final": {"bpc_val": bpc}, "data": data.identity(setup.meta),
+            "config": {"model": asdict(setup.mcfg), "train": asdict(setup.tcfg)}}
+
+
+def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_path, tiny_data, monkeypatch):
+    path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]', extra='seeds = [1, 2]\nreuse_at = ["best"]\n')
     s, runs, _ = sweep.planned(path, out=tmp_path / "out")
     assert [r.reuse for r in runs] == ["none"] * 8  # not yet known
     bpc = {"moe-ra41.3-E45-K3-De8": [2.0, 2.2], "moe-ra49.6-E42-K6-De8": [2.05, 2.06]}  # means 2.10 and 2.055
@@ -215,8 +227,8 @@ def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_
     def fake_run(todo, total, sweep_, train_over, out, nproc):
         for _, r in todo:
             (out / r.name).mkdir(parents=True)
-            final = {"bpc_val": bpc.get(r.arm, [3.0, 3.0])[r.seed - 1]}
-            (out / r.name / "summary.json").write_text(json.dumps({"finished": True, "final": final}))
+            summary = finished_summary(r, sweep_, train_over, out, bpc.get(r.arm, [3.0, 3.0])[r.seed - 1])
+            (out / r.name / "summary.json").write_text(json.dumps(summary))
     monkeypatch.setattr(sweep, "run_all", fake_run)
     runs = sweep.run_sweep(path, tmp_path / "out")
     assert [r.name for r in runs if r.reuse == "strict"] == ["moe-ra49.6-E42-K6-De8-strict-s1",
