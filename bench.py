@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import config
 import flops
+import parallel
 import rundir
 import train
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
@@ -222,31 +223,38 @@ def model_args(shape):
     return [f"--{f.name}={getattr(shape, f.name)}" for f in fields(flops.Shape)]
 
 
-def load_shape(path):
+def load_shape(path, flag="--config"):
+    """The [model] shape of a TOML file given with flag, the flag and the file named on any error."""
     try:
         with open(path, "rb") as f:
-            return flops.shape_from_dict(tomllib.load(f).get("model", {}), path)
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+            model = tomllib.load(f).get("model", {})
+        if not isinstance(model, dict):
+            raise ValueError("[model] is not a table")
+        return flops.shape_from_dict(model, path)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{flag}={path}: {e}") from None
 
 
 def bench_step(a):
     """Training steps through train.py itself (loader, forward, backward, clipping, AdamW), for an MoE
     and a dense model of the same N, one run after the other, round after round. MFU counts the FLOPs
     executed (flops.M_exec: LM head included, causal attention), not the paper's M_train."""
-    moe = load_shape(a.moe) if a.moe else flops.Shape()
+    moe = load_shape(a.moe, "--moe") if a.moe else flops.Shape()
     N = flops.count(moe).N
-    dense = load_shape(a.dense) if a.dense else flops.dense_shape(N, L=moe.L, S=moe.S, Dh=moe.Dh)
+    dense = load_shape(a.dense, "--dense") if a.dense else flops.dense_shape(N, L=moe.L, S=moe.S, Dh=moe.Dh)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    common = [f"--iters={a.iters}", f"--batch_seqs={a.batch_seqs}", f"--micro_batch={a.micro_batch}",
+              f"--eval_interval={a.iters}", f"--eval_tokens={moe.S + 1}", f"--log_interval={a.log_interval}",
+              f"--warmup={a.iters}", f"--compile={a.compile}", f"--device={a.device}", f"--data={a.data}"]
+    for shape in (dense, moe):  # train.py's own checks on both runs, before anything is measured
+        mvals, tcfg, given, _ = train.load_config(model_args(shape) + common)
+        train.check_run(mvals, tcfg, given, False, 1, device)
     peak, peak_label = train.peak_flops(config.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
     if a.peak_flops:
         peak_label = "given peak"
     elif not peak:
         peak, peak_label = matmul_rate(device, dtype), "measured 4096² fp32 matmul rate"
-    common = [f"--iters={a.iters}", f"--batch_seqs={a.batch_seqs}", f"--micro_batch={a.micro_batch}",
-              f"--eval_interval={a.iters}", f"--eval_tokens={moe.S + 1}", f"--log_interval={a.log_interval}",
-              f"--warmup={a.iters}", f"--compile={a.compile}", f"--device={a.device}", f"--data={a.data}"]
     stats = {name: {"tok_s": [], "data": [], "mem": []} for name in ("dense", "moe")}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
@@ -349,20 +357,51 @@ def bench_profile(a):
             "kinds": {k: v / total for k, v in kinds.items()}, "top": [[n, us / total] for n, us in top]}
 
 
-def at_least(low):
-    """An argparse type: an integer >= low, named in the error."""
+def at_least(low, high=2**20):
+    """An argparse type: an integer in low..high, named in the error."""
     def parse(raw):
         try:
             v = int(raw)
         except ValueError:
             v = low - 1
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {raw!r}")
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {low}..{high:,}, got {raw!r}")
         return v
     return parse
 
 
-def main(argv=None):
+def bench_bytes(a):
+    """About how much memory a benchmark of these sizes takes (fp32, forward and backward), to refuse the
+    impossible before allocating: expert and attention from their tensors, step and profile from
+    train.py's memory plan."""
+    if a.what == "expert":
+        width = a.Dse + a.K * a.De
+        params = a.E * 3 * a.Dm * a.De + a.Dm * a.E + 3 * a.Dm * a.Dse + 3 * a.Dm * width
+        return 4 * (3 * params + a.T * (8 * a.Dm + a.K * (2 * a.Dm + 6 * a.De) + 6 * width + 2 * a.E))
+    if a.what == "attention":
+        return 4 * (12 * a.B * a.H * a.S * a.Dh + a.H * a.S ** 2 + 3 * a.B * a.H * a.S ** 2)
+    if a.what in ("step", "profile"):
+        import parallel
+        shapes = [load_shape(getattr(a, k), f"--{k}") if getattr(a, k, None) else flops.Shape() for k in ("moe", "config")]
+        cfg = GPTConfig(**asdict(shapes[0] if a.what == "step" else shapes[1]), vocab_size=getattr(a, "vocab_size", 256))
+        return parallel.memory(cfg, a.batch_seqs, "single", 1, "float32", False, attention="sdpa").total
+    return 0
+
+
+def check_memory(a, device):
+    """Refuse a benchmark that cannot fit the device's memory, naming its sizes."""
+    import parallel
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else parallel.host_bytes()
+    need = bench_bytes(a)
+    if capacity and need > capacity:
+        sizes = {"expert": "--T, --Dm, --E, --K, --De, --Dse", "attention": "--B, --H, --S, --Dh",
+                 "step": "--batch_seqs or the model of --moe", "profile": "--batch_seqs, --vocab_size or the model"}[a.what]
+        raise ValueError(f"{a.what} at these sizes needs about {need / 2**30:.4g} GiB, more than the "
+                         f"{capacity / 2**30:.1f} GiB of {device_name(device)}: give smaller {sizes}")
+
+
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     g = sub.add_parser("gpu-check", allow_abbrev=False, help="the smoke test to run first on a new GPU box")
@@ -370,14 +409,15 @@ def main(argv=None):
     e.add_argument("--breakdown", action="store_true", help="also time the MoE without its router, "
                    "and its grouped GEMMs alone, to say where its extra time goes")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
-        e.add_argument(f"--{name}", type=at_least(0 if name == "Dse" else 1), default=default)
+        e.add_argument(f"--{name}", type=at_least(0 if name == "Dse" else 1, 2**24 if name == "T" else flops.LIMITS.get(name, 2**20)),
+                       default=default)
     at = sub.add_parser("attention", allow_abbrev=False, help="FlexAttention with ALiBi vs SDPA (bias, causal)")
     for name, default in [("B", 8), ("H", 16), ("S", 2048), ("Dh", 128)]:
-        at.add_argument(f"--{name}", type=at_least(1), default=default)
+        at.add_argument(f"--{name}", type=at_least(1, flops.LIMITS.get(name, 2**20)), default=default)
     t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
     t.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
     t.add_argument("--dense", help="TOML with the dense [model] (default: solved for the MoE's N, same L)")
-    t.add_argument("--iters", type=at_least(2), default=60)
+    t.add_argument("--iters", type=at_least(2, 10**6), default=60)
     t.add_argument("--micro_batch", type=at_least(0), default=0)
     t.add_argument("--log_interval", type=at_least(1), default=10)
     t.add_argument("--data", default="data/shakespeare-byte")
@@ -385,15 +425,15 @@ def main(argv=None):
                    help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
     pr = sub.add_parser("profile", allow_abbrev=False, help="GPU time of training steps by kernel kind")
     pr.add_argument("config", nargs="?", help="TOML with the [model] (default: the CPU toy)")
-    pr.add_argument("--vocab_size", type=at_least(1), default=256)
-    pr.add_argument("--steps", type=at_least(1), default=3, help="profiled steps")
-    pr.add_argument("--top", type=at_least(1), default=12, help="kernels listed")
+    pr.add_argument("--vocab_size", type=at_least(1, 2**32), default=256)
+    pr.add_argument("--steps", type=at_least(1, 10**4), default=3, help="profiled steps")
+    pr.add_argument("--top", type=at_least(1, 10**4), default=12, help="kernels listed")
     for q in (t, pr):
         q.add_argument("--batch_seqs", type=at_least(1), default=16)
     for q in (g, e, at, t, pr):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         q.add_argument("--compile", type=flops.parse_bool, default=True)
-        q.add_argument("--threads", type=at_least(0), default=0, help="CPU threads (0 = torch's default)")
+        q.add_argument("--threads", type=at_least(0, 1024), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
                        "see train.tune_malloc")
@@ -401,35 +441,54 @@ def main(argv=None):
     for q in (e, at):
         q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
     for q in (e, at, t, pr):
-        q.add_argument("--warmup", type=at_least(0), default=5 if q in (e, at) else 2, help="untimed rounds (steps) first")
-        q.add_argument("--rounds", type=at_least(1), default={e: 30, at: 20, t: 9, pr: 1}[q])
+        q.add_argument("--warmup", type=at_least(0, 10**4), default=5 if q in (e, at) else 2,
+                       help="untimed rounds (steps) first")
+        q.add_argument("--rounds", type=at_least(1, 10**4), default={e: 30, at: 20, t: 9, pr: 1}[q])
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
-    if getattr(a, "dtype", None) == "auto":
-        a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
-    if a.malloc == "tuned":
-        tune_malloc()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if a.json and not Path(a.json).resolve().parent.is_dir():
-        p.error(f"--json={a.json}: its folder does not exist")
+    rundir.stop_on_signals()
+    if a.json is not None and (not a.json.strip() or Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):
+        p.error(f"--json={a.json!r}: expected a file in a folder that exists")
+    if getattr(a, "peak_flops", 0.0) is not None and not 0 <= getattr(a, "peak_flops", 0.0) <= 1e30:
+        p.error(f"--peak_flops={a.peak_flops}: expected FLOP/s in 0..1e30 (0: the datasheet's, or a measured matmul)")
+    for key in ("moe", "dense", "config", "data"):
+        if getattr(a, key, None) is not None and not getattr(a, key).strip():
+            p.error(f"--{key}='': expected a file" if key != "data" else "--data='': expected a folder written by data.py")
     try:
-        device = torch.device(a.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device={a.device}: no CUDA device here")
+        device = parallel.parse_device(a.device)
+        if getattr(a, "dtype", None) == "auto":
+            a.dtype = "bf16" if device.type == "cuda" else "fp32"
         for key in ("moe", "dense", "config"):
             if getattr(a, key, None):
-                load_shape(getattr(a, key))  # a missing file or a bad shape, named before any work
+                load_shape(getattr(a, key), f"--{key}")  # a missing file or a bad shape, named before any work
+        check_memory(a, device)
+        if a.malloc == "tuned":
+            tune_malloc()
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
         from gpucheck import gpu_check  # its own file; it uses bench's helpers
         run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
                "profile": bench_profile}[a.what]
         result = run(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"bench.py {a.what}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        stop = rundir.interrupted(e)
+        print(f"bench.py {a.what}: {stop.what}; nothing was written", file=sys.stderr)
+        sys.exit(stop.code)
     if a.json:
-        rundir.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+        try:
+            rundir.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+        except (ValueError, OSError) as e:
+            print(f"bench.py {a.what}: error: --json={a.json}: {e}", file=sys.stderr)
+            sys.exit(2)
     if a.what == "gpu-check" and result["failed"]:
         sys.exit(1)
 

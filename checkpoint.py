@@ -215,6 +215,8 @@ def load_model(run_dir, device="cpu"):
     """(GPT in eval mode, the checkpoint's state without weights) from a run directory's newest checkpoint,
     whole or sharded, on one process: for sampling and evaluation, not for resuming."""
     from model import GPT, GPTConfig
+    if not str(run_dir).strip():
+        raise FileNotFoundError("run_dir '': expected a run directory written by train.py")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")

@@ -111,8 +111,6 @@ def coerce(sec, key, v, where=""):
         v = int(v)
     if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
         raise ValueError(f"{where}{sec}.{key}={v!r}: expected {'true or false' if typ is bool else typ.__name__}")
-    if typ is int and not -2**63 <= v < 2**63:
-        raise ValueError(f"{where}{sec}.{key}={v:.4g} is not allowed: expected an integer within ±2^63")
     return v
 
 

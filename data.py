@@ -235,10 +235,10 @@ def expand_sources(specs, flag="--train"):
         else:
             found = sorted(Path(q) for q in glob.glob(spec)) if any(c in spec for c in "*?[") else [p]
         if not found:
-            raise ValueError(f"no input files match {spec!r}")
+            raise ValueError(f"{flag}: no input files match {spec!r}")
         for q in found:
             if not q.is_file():
-                raise ValueError(f"input {str(q)!r} is not a file")
+                raise ValueError(f"{flag}: input {str(q)!r} is not a file")
         files.extend(found)
     return files
 
@@ -656,8 +656,8 @@ def bpc(nll_nats, chars):
 MAX_WORKERS = 256
 
 
-def main(argv=None):
-    rundir.stop_on_signals()
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
@@ -670,6 +670,12 @@ def main(argv=None):
     p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
                    help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
     p.add_argument("--overwrite", action="store_true", help="prepare again into a folder that holds prepared data")
+    return p
+
+
+def main(argv=None):
+    rundir.stop_on_signals()
+    p = parser()
     a = p.parse_args(argv)
     if not 0 <= a.workers <= MAX_WORKERS:
         p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or up to {MAX_WORKERS} processes")
@@ -681,6 +687,9 @@ def main(argv=None):
         p.error("--text_field='': expected the name of the field that holds the text of a .jsonl line")
     try:
         get_tokenizer(a.tokenizer)
+    except ValueError as e:
+        p.error(f"--tokenizer={a.tokenizer!r}: {e}")
+    try:
         if a.train is None:
             if a.val:
                 p.error("--val needs --train")

@@ -16,18 +16,24 @@ import torch
 
 import checkpoint
 import data
+import parallel
+import rundir
 import train
 
 
 def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="cpu"):
     """({split: BPC}, checkpoint state) of run_dir's checkpoint on data_dir (default: the run's own data), in
     batches of the run's micro-batch per rank, as train.py evaluated it: one process repeats its numbers."""
+    device = torch.device(device)
     model, state = checkpoint.load_model(run_dir, device)
     plan = state.get("plan", {})
     batch = max(1, plan.get("micro_batch", 8) // state.get("world", 1))
     saved = state["config"]["train"]
     data_dir = data_dir or saved["data"]
-    meta = data.load_meta(data_dir)
+    try:
+        meta = data.load_meta(data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"--data={data_dir}: {e}") from None
     if meta["tokenizer"] != state["data"]["tokenizer"] or meta["vocab_size"] > model.cfg.vocab_size:
         raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocabulary {meta['vocab_size']:,}); "
                          f"the run in {run_dir} with {state['data']['tokenizer']} (vocabulary {model.cfg.vocab_size:,}): "
@@ -42,27 +48,43 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
     tokens = {s: data.open_split(data_dir, s, meta) for s in names}
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
     dtype = saved.get("dtype", "auto")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and dtype != "float32" \
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != "float32" \
         else contextlib.nullcontext()
     return train.evaluate(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
 
 
-def main(argv=None):
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by train.py")
     p.add_argument("--data", help="a folder written by data.py (default: the run's own)")
     p.add_argument("--splits", help="comma-separated splits (default: every split but train)")
     p.add_argument("--eval_tokens", type=int, help="tokens per split; 0 = all (default: the run's eval_tokens)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
+    rundir.stop_on_signals()
+    if a.eval_tokens is not None and not 0 <= a.eval_tokens < 2**63:
+        p.error(f"--eval_tokens={a.eval_tokens}: expected 0 (all of each split) or a positive count")
+    if a.data is not None and not a.data.strip():
+        p.error("--data='': expected a folder written by data.py")
+    if a.splits is not None and not all(a.splits.split(",")):
+        p.error(f"--splits={a.splits!r}: expected split names separated by commas")
     try:
-        if a.eval_tokens is not None and a.eval_tokens < 0:
-            raise ValueError(f"--eval_tokens={a.eval_tokens}: expected 0 (all of each split) or a positive count")
-        bpc, state = evaluate_run(a.run_dir, a.data, a.splits.split(",") if a.splits else None, a.eval_tokens, a.device)
+        device = parallel.parse_device(a.device)
+        bpc, state = evaluate_run(a.run_dir, a.data, a.splits.split(",") if a.splits else None, a.eval_tokens, device)
     except (ValueError, OSError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        stop = rundir.interrupted(e)
+        print(f"evaluate.py: {stop.what}", file=sys.stderr)
+        sys.exit(stop.code)
     if a.json:
         print(json.dumps({"run": a.run_dir, "step": state["step"], **{f"bpc_{k}": v for k, v in bpc.items()}}))
     else:

@@ -293,7 +293,8 @@ def parse_bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
-def main(argv=None):
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
                                 description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (SPEC §4-5).")
     p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
@@ -303,29 +304,36 @@ def main(argv=None):
     p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
     p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
-    for key in ("D", "C"):
-        v = getattr(a, key)
-        if v is not None and not (math.isfinite(v) and v > 0):
-            p.error(f"--{key}={v}: expected a finite number > 0")
+    source = {"D": "--D", "C": "--C"}
     if a.D is not None and a.C is not None:
         p.error("--D and --C both given: give one (C = M_train·D fixes the other)")
     given = {f.name: getattr(a, f.name) for f in fields(Shape) if getattr(a, f.name) is not None}
     try:
-        if a.config:
+        if a.config is not None:
             with open(a.config, "rb") as fh:
                 cfg = tomllib.load(fh)
-            if "model" not in cfg:
+            if not isinstance(cfg.get("model"), dict):
                 raise ValueError(f"{a.config} has no [model] table" + (
                     ": it is a sweep file, see python sweep.py plan " + a.config if "sweep" in cfg else ""))
             shape = shape_from_dict({**cfg["model"], **given}, a.config)
-            budget = cfg.get("train", {})  # a run config's budget, unless --D or --C says otherwise
-            if a.D is None and a.C is None:
+            budget = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+            if a.D is None and a.C is None:  # a run config's budget, unless --D or --C says otherwise
                 a.C, a.D = budget.get("compute") or None, budget.get("tokens") or None
+                source = {"D": f"{a.config}: train.tokens", "C": f"{a.config}: train.compute"}
         else:
             shape = Shape(**given)
     except (OSError, tomllib.TOMLDecodeError, ValueError) as e:
-        p.error(str(e))
+        p.error(f"{e}" if a.config is None or a.config in str(e) else f"{a.config}: {e}")
+    for key, hi in (("D", 2**53), ("C", 1e30)):  # the ranges of train.tokens and train.compute
+        v = getattr(a, key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
+            p.error(f"{source[key]}={v}: expected a finite number in (0, {hi:.3g}]")
     r = summary(shape, a.include_router, D=a.D, C=a.C)
     print(json.dumps(r) if a.json else format_summary(r))
 

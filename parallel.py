@@ -14,6 +14,7 @@ every expert.
 import contextlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def setup_distributed(tcfg):
             return rank, world, torch.device("cuda", local)
         return rank, world, torch.device("cpu")
     return 0, 1, torch.device("cuda" if use_cuda else tcfg.device if tcfg.device != "auto" else "cpu")
+
+
+def parse_device(name, flag="--device"):
+    """A --device of the tools (cpu, cuda or cuda:N), refused where there is no such device."""
+    if not (name in ("cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", name)):
+        raise ValueError(f"{flag}={name!r}: expected cpu, cuda or cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"{flag}={name}: no such CUDA device here")
+    return device
 
 
 def device_of(tcfg):

@@ -4,12 +4,15 @@
     python sample.py out/default --samples=3 --temperature=0.8 --top_k=50 --seed=7
 """
 import argparse
+import math
 import sys
 
 import torch
 
 import checkpoint
 import data
+import parallel
+import rundir
 
 
 def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):
@@ -23,7 +26,8 @@ def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, s
     return tokenizer.decode(out[0].tolist())
 
 
-def main(argv=None):
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="sample.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by train.py")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
@@ -32,14 +36,24 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    return p
+
+
+def main(argv=None):
+    p = parser()
     a = p.parse_args(argv)
+    rundir.stop_on_signals()
+    for name, ok, allowed in (("tokens", 1 <= a.tokens <= 10**6, "an integer in 1..1,000,000"),
+                              ("samples", 1 <= a.samples <= 1000, "an integer in 1..1000"),
+                              ("temperature", math.isfinite(a.temperature) and a.temperature > 0, "a finite number > 0"),
+                              ("top_k", a.top_k >= 0, "an integer >= 0 (0: all tokens)"),
+                              ("seed", 0 <= a.seed < 2**63, "an integer in 0..2^63-1")):
+        if not ok:
+            p.error(f"--{name}={getattr(a, name)}: expected {allowed}")
     try:
-        for name, ok, allowed in (("tokens", a.tokens >= 1, "an integer >= 1"), ("samples", a.samples >= 1, "an integer >= 1"),
-                                  ("temperature", a.temperature > 0, "a number > 0"), ("top_k", a.top_k >= 0, "an integer >= 0")):
-            if not ok:
-                raise ValueError(f"--{name}={getattr(a, name)}: expected {allowed}")
-        model, state = checkpoint.load_model(a.run_dir, a.device)
+        device = parallel.parse_device(a.device)
+        model, state = checkpoint.load_model(a.run_dir, device)
         tokenizer = data.get_tokenizer(state["data"]["tokenizer"])
         print(f"{a.run_dir}: step {state['step']}, {model.cfg.scheme}, tokenizer {state['data']['tokenizer']}",
               file=sys.stderr)
@@ -51,6 +65,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        stop = rundir.interrupted(e)
+        print(f"\nsample.py: {stop.what}", file=sys.stderr)
+        sys.exit(stop.code)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ def load_sweep(path):
     try:
         with open(path, "rb") as f:
             cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: {e}") from None
     for table in cfg:
-        if table not in ("sweep", "moe", "dense", "train"):
+        if table not in ("sweep", "moe", "dense", "train") or not isinstance(cfg[table], dict):
             raise ValueError(f"{path}: unknown table [{table}]: expected [sweep], [moe], [dense] and [train]")
     sweep = _dataclass_from(Sweep, cfg.get("sweep", {}), path, "sweep")
     if bool(sweep.ra) == bool(sweep.K):
@@ -108,20 +108,21 @@ def load_sweep(path):
         if not _type_ok(r, float) or not 0 < r <= 1:
             raise ValueError(f"{path}: sweep.ra entries are fractions in (0, 1], got {r!r} (write 0.2 for 20 %)")
     for k in sweep.K:
-        if not _type_ok(k, int) or k < 1:
-            raise ValueError(f"{path}: sweep.K entries are positive integers, got {k!r}")
+        if not _type_ok(k, int) or not 1 <= k <= flops.LIMITS["E"]:
+            raise ValueError(f"{path}: sweep.K entries are integers in 1..{flops.LIMITS['E']}, got {k!r}")
     if sweep.K and not sweep.De:
         raise ValueError(f"{path}: [sweep] K = {sweep.K} needs De, the expert width")
-    for key, ok, allowed in (("compute", lambda v: math.isfinite(v) and v > 0, "a finite number of FLOPs > 0"),
-                             ("dense_2C", lambda v: math.isfinite(v) and v > 0, "a finite multiple of C > 0"),
+    for key, ok, allowed in (("compute", lambda v: 0 < v <= 1e30, "FLOPs in (0, 1e30]"),
+                             ("dense_2C", lambda v: 0 < v <= 1e3, "a multiple of C in (0, 1000]"),
                              ("tolerance", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-                             ("E_pref", lambda v: v >= 1, "an integer >= 1"), ("De", lambda v: v >= 0, "an integer >= 0"),
-                             ("De_multiple", lambda v: v >= 1, "an integer >= 1")):
+                             ("E_pref", lambda v: 1 <= v <= flops.LIMITS["E"], f"an integer in 1..{flops.LIMITS['E']}"),
+                             ("De", lambda v: 0 <= v <= flops.LIMITS["De"], f"an integer in 0..{flops.LIMITS['De']}"),
+                             ("De_multiple", lambda v: 1 <= v <= flops.LIMITS["De"], f"an integer in 1..{flops.LIMITS['De']}")):
         if not ok(getattr(sweep, key)):
             raise ValueError(f"{path}: sweep.{key} = {getattr(sweep, key)!r} is not allowed: expected {allowed}")
     for v in sweep.seeds:
-        if not _type_ok(v, int) or v < 0:
-            raise ValueError(f"{path}: sweep.seeds entries are integers >= 0, got {v!r}")
+        if not _type_ok(v, int) or not 0 <= v < 2**63:
+            raise ValueError(f"{path}: sweep.seeds entries are integers in 0..2^63-1, got {v!r}")
     if len(set(sweep.seeds)) != len(sweep.seeds):
         raise ValueError(f"{path}: sweep.seeds {sweep.seeds} repeats a seed")
     if not 0 <= sweep.warmup_frac < 1:
@@ -169,13 +170,14 @@ def _dataclass_from(cls, table, path, name):
 
 
 def _arm(cfg, name, path, needs_mu):
-    table = dict(cfg.get(name, {}))
-    if not table:
+    table = cfg.get(name, {})
+    if not table or not isinstance(table, dict):
         raise ValueError(f"{path}: the [{name}] table is missing")
+    table = dict(table)
     extra = {k: table.pop(k) for k in ("mu", "lr_mult", "batch_mult") if k in table}
     for k, v in extra.items():
-        if not _type_ok(v, float) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{path}: {name}.{k} = {v!r} is not allowed: expected a finite number > 0")
+        if not _type_ok(v, float) or not 0 < v <= 1e6:
+            raise ValueError(f"{path}: {name}.{k} = {v!r} is not allowed: expected a number in (0, 1e6]")
     if needs_mu and "mu" not in extra:
         raise ValueError(f"{path}: [moe] needs mu, the total expert width (Dse + E·De)/Dm that fixes N")
     for k in table:
@@ -187,6 +189,9 @@ def _arm(cfg, name, path, needs_mu):
         shape = flops.Shape(**table)
     except ValueError as e:
         raise ValueError(f"{path}: [{name}] {e}") from None
+    if needs_mu and not extra["mu"] * shape.Dm <= flops.LIMITS["De"]:
+        raise ValueError(f"{path}: moe.mu = {extra['mu']!r} makes a total expert width μ·Dm = {extra['mu'] * shape.Dm:.4g}: "
+                         f"expected at most {flops.LIMITS['De']:,}")
     return Arm(shape, **{k: float(v) for k, v in extra.items()})
 
 
@@ -380,7 +385,10 @@ def run_setup(run, sweep, train_over, out, world=1, device=None, prepare=False):
         mvals, tcfg, given, _ = train.load_config(train_args(run, sweep, train_over, Path(out) / run.name))
         return train.check_run(mvals, tcfg, given, False, world, device, prepare=prepare)
     except ValueError as e:
-        raise ValueError(f"run {run.name}: train.py refuses it: {e}") from None
+        budget = f"sweep.compute = {sweep.compute:.4g}" + (f" × sweep.dense_2C = {sweep.dense_2C:g}"
+                                                           if run.arm == "dense-2C" else "")
+        raise ValueError(f"run {run.name} (C = {budget}: D = {run.D:.4g} tokens, lr {run.lr:.4g}, batch "
+                         f"{run.batch_seqs}): train.py refuses it: {e}") from None
 
 
 def check_runs(runs, sweep, train_over, world, out, device=None, prepare=False):
@@ -458,26 +466,30 @@ def status(out_dir):
 
 
 def run_child(cmd):
-    """A train.py child that ends with this process: SIGTERM when the parent dies (Linux), and when the
-    parent is interrupted or terminated."""
+    """A train.py child that ends with this process. It runs in a session of its own, so that Ctrl-C at the
+    terminal reaches this process alone, which passes the signal (or SIGTERM) on once and gives the child
+    a minute to stop in its own words; if this process dies, the kernel sends the child SIGTERM (Linux)."""
     def die_with_parent():
         try:
             import ctypes
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    child = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that finally runs
+    child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     try:
         return child.wait()
+    except KeyboardInterrupt as e:
+        child.send_signal(rundir.interrupted(e).signum)
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            child.kill()
+            child.wait()
 
 
 def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
@@ -547,8 +559,8 @@ python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={
 
 
 # ----------------------------------------------------------------------------- command line
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd")
     q = sub.add_parser("plan", allow_abbrev=False, help="print the runs of a sweep")
@@ -567,7 +579,25 @@ def main(argv=None):
     t = sub.add_parser("report", allow_abbrev=False, help="tables and a plot of a sweep's final BPCs")
     t.add_argument("dir")
     t.add_argument("--split", help="the validation split to plot (default val)")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
     a = p.parse_args(argv)
+    rundir.stop_on_signals()
+    if getattr(a, "nproc", 1) is not None and not 1 <= getattr(a, "nproc", 1) <= 2**20:
+        p.error(f"--nproc={a.nproc}: expected processes per run in 1..2^20")
+    if getattr(a, "gpu_mem", None) is not None and not 0 < a.gpu_mem <= 2**20:
+        p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in (0, 2^20]")
+    if getattr(a, "only", None) is not None and (a.only < 0 or a.emit):
+        p.error(f"--only={a.only}: " + ("the script of --emit runs every run, one array task each; give one of them"
+                                         if a.emit else "expected the index of a run in the plan (0, 1, …)"))
+    for name in ("sweep", "dir", "out", "split"):
+        if getattr(a, name, None) is not None and not getattr(a, name).strip():
+            p.error(f"{'--' if name in ('out', 'split') else ''}{name}='': expected "
+                    + {"sweep": "a sweep file", "dir": "a sweep's folder", "out": "a folder", "split": "a split name"}[name])
     try:
         if a.cmd is None:  # the CPU toy, end to end
             out = ROOT / "runs" / DEFAULT_SWEEP.stem
@@ -576,8 +606,6 @@ def main(argv=None):
             run_sweep(DEFAULT_SWEEP, out)
             report(out)
         elif a.cmd == "plan":
-            if a.nproc < 1 or not (a.gpu_mem is None or 0 < a.gpu_mem < 1e6):
-                raise ValueError(f"--nproc={a.nproc} --gpu_mem={a.gpu_mem}: expected ranks >= 1 and GiB per GPU > 0")
             _, runs, train_over = planned(a.sweep, a.allow_unequal, a.nproc)
             print(json.dumps(plan_json(runs), indent=1) if a.json else format_plan(runs))
             if a.gpu_mem:
@@ -593,9 +621,14 @@ def main(argv=None):
                 run_sweep(a.sweep, out, a.nproc, a.only, a.allow_unequal)
         else:
             report(a.dir, a.split)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        stop = rundir.interrupted(e)
+        print(f"sweep.py: {stop.what}; the runs that finished are kept, and the same command resumes the rest",
+              file=sys.stderr)
+        sys.exit(stop.code)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def report(run_dir, split=None):
                     key=lambda s: (s != "val", s))
     split = split or (splits[0] if splits else None)
     if split not in splits:
-        raise ValueError(f"no BPC for split {split!r} in {run_dir} (have {', '.join(splits) or 'none'})")
+        raise ValueError(f"--split={split!r}: no BPC for that split in {run_dir} (have {', '.join(splits) or 'none'})")
     table = arms(rows, splits)
     md = markdown(table, splits)
     run_dir = Path(run_dir)

@@ -133,7 +133,8 @@ def make_plan(mcfg, tcfg, world):
         raise ValueError(f"{budget} plans D = {iters:,} iters × train.batch_seqs={B:,} × S={mcfg.S:,} = {D:.4g} tokens: "
                          f"expected at most 2^53 = {MAX_TOKENS:.4g}")
     lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
-    given = f"train.lr={lr:.4g}" if tcfg.lr else f"the StepLaw rate × train.lr_mult={tcfg.lr_mult:g} = {lr:.4g}"
+    given = f"train.lr={lr:.4g}" if tcfg.lr else (f"the StepLaw rate for N = {c.N:,} and D = {D:.4g} ({budget}) × "
+                                                  f"train.lr_mult={tcfg.lr_mult:g} = {lr:.4g}")
     if lr > 1:
         raise ValueError(f"{given}: expected a peak learning rate of at most 1")
     if tcfg.min_lr > lr:
@@ -222,10 +223,13 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
                          f"expected 0 (all of each split) or at least {shape.S + 1}")
     plan = make_plan(shape, tcfg, world)
     dtype, attention = precision(tcfg, device.type if device else None, shape)
-    if prepare:
-        meta = prepare_data(tcfg, rank)
-    else:
-        meta = data.load_meta(tcfg.data) if (Path(tcfg.data) / "meta.json").exists() else None
+    try:
+        if prepare:
+            meta = prepare_data(tcfg, rank)
+        else:
+            meta = data.load_meta(tcfg.data) if (Path(tcfg.data) / "meta.json").exists() else None
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"train.data={tcfg.data!r}: {e}") from None
     if meta is None:
         mcfg = GPTConfig(**{"vocab_size": parallel.plan_vocab(tcfg.data), **mvals})
         return Setup(mcfg, tcfg, plan, resume, None, dtype, attention)
