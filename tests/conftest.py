@@ -1,4 +1,5 @@
 import random
+from dataclasses import asdict
 
 import pytest
 
@@ -41,3 +42,51 @@ def tiny_run(tiny_data, tmp_path):
                              "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0",
                              *extra]
     return argv
+
+
+
+def micro_sweep(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48, extra=""):
+    """A MICRO sweep file in tmp_path, with extra [sweep] lines."""
+    text = MICRO.format(data=data, compute=compute, ra=ra, reuse=reuse, dense_Dm=dense_Dm)
+    path = tmp_path / f"sweep-{len(list(tmp_path.glob('sweep-*.toml')))}.toml"
+    path.write_text(text.replace("tolerance = 0.02\n", "tolerance = 0.02\n" + extra))
+    return path
+
+
+def finished_summary(run, sweep_, train_over, out, bpc):
+    """The summary.json that train.py writes for a finished run of a sweep's plan, with the given final BPC."""
+    import sweep
+    setup = sweep.run_setup(run, sweep_, train_over, out)
+    numbers = {k: getattr(run, k) for k in ("ra", "N", "C", "D", "iters", "batch_seqs", "lr", "warmup", "epochs")}
+    return {"finished": True, "step": run.iters, "final": {"bpc_val": bpc}, "data": data.identity(setup.meta),
+            "config": {"model": asdict(setup.mcfg), "train": asdict(setup.tcfg)}, "unique_tokens": run.unique_tokens,
+            **numbers}
+
+
+# a sweep of two MoE arms and the dense baselines on a 2-layer backbone: plans in milliseconds, runs in seconds
+MICRO = """[sweep]
+compute = {compute}
+ra = {ra}
+reuse = {reuse}
+E_pref = 40
+tolerance = 0.02
+[moe]
+scheme = "1dense"
+L = 2
+Dm = 32
+H = 2
+Dh = 16
+Dffn = 88
+S = 32
+mu = 12.0
+[dense]
+L = 2
+Dm = {dense_Dm}
+H = 3
+Dh = 16
+Dffn = 128
+S = 32
+[train]
+data = "{data}"
+eval_tokens = 512
+"""

@@ -19,39 +19,11 @@ import sample
 import sweep
 import train
 from config import SECTIONS
-from tests.conftest import TINY_MODEL
+from tests.conftest import MICRO, TINY_MODEL, micro_sweep
 
 BAD = {"negative": "-1", "zero": "0", "nan": "nan", "inf": "inf", "huge": "1e308", "10**20": str(10**20),
        "wrong type": "abc", "empty": ""}
 BAD_TOML = {**BAD, "10**20": str(10**20), "wrong type": '"abc"', "empty": '""'}  # for a string key, a number is wrong
-TINY_SWEEP = """[sweep]
-compute = 2e9
-ra = [0.413, 0.496]
-reuse = ["none"]
-E_pref = 40
-tolerance = 0.02
-[moe]
-scheme = "1dense"
-L = 2
-Dm = 32
-H = 2
-Dh = 16
-Dffn = 88
-S = 32
-mu = 12.0
-[dense]
-L = 2
-Dm = 48
-H = 3
-Dh = 16
-Dffn = 128
-S = 32
-[train]
-data = "{data}"
-eval_tokens = 512
-"""
-
-
 def named(key, err):
     """The key as a flag (--key), a table's key (train.key) or a value (key=…), not a word of the prose."""
     k = re.escape(key)
@@ -116,7 +88,7 @@ def test_every_sweep_key(sec, key, tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for name, value in BAD_TOML.items():
         lines, inside = [], False
-        for line in TINY_SWEEP.format(data=tiny_data).splitlines():
+        for line in MICRO.format(data=tiny_data, compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48).splitlines():
             if line.startswith("["):
                 inside = line == f"[{sec}]"
                 lines.append(line)
@@ -159,8 +131,7 @@ def cli_base(program, sub, tiny_data, finished, tmp):
     dense.write_text('[model]\nscheme = "dense"\nL = 2\nDm = 32\nH = 2\nDffn = 160\nS = 32\n')
     text = tmp / "in.txt"
     text.write_text("Some words of text, and more words.\n" * 20)
-    sweep_file = tmp / "sweep.toml"
-    sweep_file.write_text(TINY_SWEEP.format(data=tiny_data))
+    sweep_file = micro_sweep(tmp, tiny_data)
     quick = ["--rounds=1", "--warmup=0", "--compile=false", "--malloc=default"]
     return {
         ("sample", ()): [str(finished / "one"), "--tokens=4"],

@@ -273,8 +273,8 @@ def test_memory_plan_state_is_sharded_over_the_ranks():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--plan", "--nproc=0"], "--nproc=0: expected a number of ranks >= 1"),
-    (["--plan", "--nproc=x"], "--nproc=x: expected a number of ranks >= 1"),
+    (["--plan", "--nproc=0"], "--nproc=0: expected a number of ranks in 1..2^20"),
+    (["--plan", "--nproc=x"], "--nproc=x: expected a number of ranks in 1..2^20"),
     (["configs/moe-7b.toml", "--plan", "--nproc=3"], "cannot be split evenly over 3 ranks"),
     (["--plan", "--parallel=zero3"], "train.parallel='zero3' is not allowed: expected auto, ddp or fsdp"),
     (["--plan", "--gpu_mem=-1"], "train.gpu_mem=-1.0 is not allowed")])

@@ -119,7 +119,7 @@ CASES = [
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="inf"))], "sweep.compute = inf is not allowed"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="-1e13"))], "sweep.compute = -10000000000000.0 is not allowed"),
     ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--nproc=0", f"--out={t / 's'}"],
-     "--nproc=0: expected processes per run >= 1"),
+     "--nproc=0: expected processes per run in 1..2^20"),
     ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--only=99", f"--out={t / 's'}"],
      "--only=99 names no run"),
     ("sweep", lambda t, r, d: ["plan", str(t / "nosuch.toml")], "nosuch.toml"),
@@ -134,8 +134,8 @@ CASES = [
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "L=True is not allowed"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__log_interval="true"))], "train.log_interval=True: expected int"),
     # flops.py
-    ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number > 0"),
-    ("flops", lambda t, r, d: ["--C=-1e12"], "--C=-1000000000000.0: expected a finite number > 0"),
+    ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number in (0, 9.01e+15]"),
+    ("flops", lambda t, r, d: ["--C=-1e12"], "--C=-1000000000000.0: expected a finite number in (0, 1e+30]"),
     ("flops", lambda t, r, d: ["--D=1e9", "--C=1e18"], "--D and --C both given"),
     ("flops", lambda t, r, d: ["--K=0"], "K=0 is not allowed"),
     ("flops", lambda t, r, d: [str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file"),
@@ -160,19 +160,15 @@ CASES = [
     ("data", lambda t, r, d: ["--train", str(text_file(t, "d.txt", "text")), f"--out={text_file(t, 'ofile', 'x')}"],
      "is a file: expected a folder"),
     # bench.py
-    ("bench", lambda t, r, d: ["expert", "--T=0"], "argument --T: expected an integer >= 1, got '0'"),
+    ("bench", lambda t, r, d: ["expert", "--T=0"], "argument --T: expected an integer in 1..16,777,216, got '0'"),
     ("bench", lambda t, r, d: ["expert", "--K=9", "--E=8", "--compile=false"], "K=9 is not allowed"),
     ("bench", lambda t, r, d: ["step", f"--moe={t / 'missing-moe.toml'}"], "missing-moe.toml"),
-    ("bench", lambda t, r, d: ["attention", "--S=0"], "argument --S: expected an integer >= 1"),
+    ("bench", lambda t, r, d: ["attention", "--S=0"], "argument --S: expected an integer in 1..4,194,304"),
     ("bench", lambda t, r, d: ["expert", "--compile=sure"], "argument --compile: expected true or false"),
-    ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "its folder does not exist"),
-    ("bench", lambda t, r, d: ["gpu-check", "--device=cuda"], "--device=cuda: no CUDA device here"),
+    ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "expected a file in a folder that exists"),
+    ("bench", lambda t, r, d: ["gpu-check", "--device=cuda"], "--device=cuda: no such CUDA device here"),
 ]
 PROGRAMS = {"train": train.main, "sweep": sweep.main, "flops": flops.main, "data": data.main, "bench": bench.main}
-
-
-def test_the_table_is_long_enough():
-    assert len(CASES) >= 60 and {c[0] for c in CASES} == set(PROGRAMS)
 
 
 @pytest.mark.parametrize("program,argv,message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])

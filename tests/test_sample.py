@@ -46,8 +46,8 @@ def test_sample_continues_the_prompt_reproducibly_from_either_checkpoint(runs):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tokens=0"], "--tokens=0: expected an integer >= 1"),
-    (["--temperature=0"], "--temperature=0.0: expected a number > 0"),
+    (["--tokens=0"], "--tokens=0: expected an integer in 1..1,000,000"),
+    (["--temperature=0"], "--temperature=0.0: expected a finite number > 0"),
     (["--top_k=-1"], "--top_k=-1: expected an integer >= 0")])
 def test_sample_refuses_bad_arguments(runs, args, message):
     r = cli("sample.py", runs[0] / "whole", *args)

@@ -3,15 +3,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-import data
 import flops
 import sweep
 import sweep_report
+from tests.conftest import MICRO, finished_summary, micro_sweep as micro
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = json.loads((Path(__file__).parent / "paper_tables.json").read_text())["rows"]
@@ -73,39 +72,6 @@ def write(tmp_path, text, name="s.toml"):
     return path
 
 
-MICRO = """[sweep]
-compute = {compute}
-ra = {ra}
-reuse = {reuse}
-E_pref = 40
-tolerance = 0.02
-[moe]
-scheme = "1dense"
-L = 2
-Dm = 32
-H = 2
-Dh = 16
-Dffn = 88
-S = 32
-mu = 12.0
-[dense]
-L = 2
-Dm = {dense_Dm}
-H = 3
-Dh = 16
-Dffn = 128
-S = 32
-[train]
-data = "{data}"
-eval_tokens = 512
-"""
-
-
-def micro(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48, extra=""):
-    text = MICRO.format(data=data, compute=compute, ra=ra, reuse=reuse, dense_Dm=dense_Dm)
-    return write(tmp_path, text.replace("tolerance = 0.02\n", "tolerance = 0.02\n" + extra))
-
-
 @pytest.mark.parametrize("kw,message", [
     (dict(ra="[0.10]"), r"ra=0.1000 is out of reach on this backbone \(attention and the dense layers alone "
                         r"are too large a share of N\): reachable 0.3578..1.0000; nearest feasible ra=0.3578"),
@@ -140,7 +106,7 @@ def test_unequal_plans_need_allow_unequal(tmp_path):
     (lambda t: t.replace("compute = 2e9", 'compute = "lots"'), r"sweep.compute = 'lots': expected float"),
     (lambda t: t.replace('reuse = ["none"]', 'reuse = ["twice"]'), r"sweep.reuse 'twice' is unknown"),
     (lambda t: t.replace("compute = 2e9", "compute = 2e9\nseeds = [1, 1]"), r"sweep.seeds \[1, 1\] repeats a seed"),
-    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nseeds = [-1]"), r"sweep.seeds entries are integers >= 0"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\nseeds = [-1]"), r"sweep.seeds entries are integers in 0..2\^63-1"),
     (lambda t: t.replace("compute = 2e9", "compute = 2e9\nwarmup_frac = 1.5"), r"sweep.warmup_frac = 1.5 is not allowed"),
     (lambda t: t.replace("compute = 2e9", "compute = 2e9\nreuse_at = [0.3]"), r"sweep.reuse_at = \[0.3\] must name entries"),
     (lambda t: t.replace("eval_tokens = 512", "eval_tokens = 512\nseed = 3"), r"train.seed is set by the sweep"),
@@ -209,13 +175,6 @@ def test_seeds_warmup_and_reuse_at_shape_the_plan(tmp_path):
     assert not any(a.startswith("--seed") for a in sweep.train_args(paper[0], s, train_over, tmp_path))
     s0, zero, over0 = sweep.planned(micro(tmp_path, extra="seeds = [0, 1]\n"))
     assert [a for a in sweep.train_args(zero[0], s0, over0, tmp_path) if a.startswith("--seed")] == ["--seed=0"]
-
-
-def finished_summary(run, sweep_, train_over, out, bpc):
-    """The summary.json that train.py would write for a run of the plan, with the given final BPC."""
-    setup = sweep.run_setup(run, sweep_, train_over, out)
-    return {"finished": True, "step": run.iters, "final": {"bpc_val": bpc}, "data": data.identity(setup.meta),
-            "config": {"model": asdict(setup.mcfg), "train": asdict(setup.tcfg)}}
 
 
 def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_path, tiny_data, monkeypatch):

@@ -1,0 +1,388 @@
+"""Nothing lost off the tested path: destructive steps last, no link followed, identity checked, one set of
+rules for the planner and the trainer, every file read checked, and Ctrl-C or SIGTERM ending in one line
+with a run that resumes exactly."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import data
+import rundir
+import sweep
+import train
+from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def snapshot(folder):
+    """Every file under folder, by relative path, with its sha256 (links and folders by what they are)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = "link" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tiny(tiny_data, out, *extra):
+    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
+                         "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
+
+
+def refused(main, argv, capsys):
+    """(exit code, stderr) of a program that must stop with exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def finished(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train.train(tiny(tiny_data, out))
+    return out
+
+
+def copy_data(tiny_data, to):
+    import shutil
+    shutil.copytree(tiny_data, to)
+    return to
+
+
+# ----------------------------------------------------------------------------- destroy last
+@pytest.mark.parametrize("bad", [["--Dm=1000000000000"], ["--lr=5"], ["--min_lr=0.5", "--lr=0.01"], ["--L=100000"],
+                                 ["--batch_seqs=100000000"], ["--vocab_size=100"], ["--data=/nonexistent"]])
+def test_overwrite_that_fails_its_checks_deletes_nothing(finished, tiny_data, capsys, bad):
+    before = snapshot(finished)
+    refused(train.main, tiny(tiny_data, finished, "--overwrite=true") + bad, capsys)
+    assert snapshot(finished) == before
+
+
+def test_overwrite_that_fails_after_the_old_run_was_moved_aside_puts_it_back(finished, tiny_data, monkeypatch):
+    before = snapshot(finished)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model could not be built")
+    monkeypatch.setattr(train, "GPT", broken)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        train.train(tiny(tiny_data, finished, "--overwrite=true", "--seed=9"))
+    assert snapshot(finished) == before  # and no .replaced/ left behind
+
+
+def test_overwrite_refuses_a_run_folder_with_files_no_run_writes(finished, tiny_data, capsys):
+    (finished / "summary.json").unlink()
+    (finished / "summary.json").mkdir()
+    (finished / "summary.json" / "notes.txt").write_text("mine")
+    before = snapshot(finished)
+    err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true"), capsys)
+    assert "summary.json is a folder where a run keeps a file" in err and snapshot(finished) == before
+
+
+def test_a_killed_overwrite_is_finished_or_undone_by_the_next_start(finished, tiny_data, capsys):
+    before = snapshot(finished)
+    # killed after the old run was moved aside, before the new one wrote its config: the old run comes back
+    aside = rundir.Aside(finished)
+    aside.move(rundir.check_new_run(finished, overwrite=True))
+    assert not (finished / "config.toml").exists()
+    err = refused(train.main, tiny(tiny_data, finished), capsys)
+    assert "the old run is put back" in err and "holds a run" in err and snapshot(finished) == before
+    # killed after the new run wrote its config: the old run was due for deletion, and goes
+    aside.move(rundir.check_new_run(finished, overwrite=True))
+    (finished / "config.toml").write_text((finished / ".replaced" / "config.toml").read_text())
+    summary = train.train(tiny(tiny_data, finished, "--overwrite=true", "--seed=3"))
+    assert summary["finished"] and not (finished / ".replaced").exists()
+
+
+def test_a_failed_data_overwrite_leaves_the_prepared_data_as_it_was(tiny_data, tmp_path, capsys):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    before = snapshot(prepared)
+    (tmp_path / "train.txt").write_text(make_text(1, 3000))
+    (tmp_path / "bad.txt").write_bytes(b"valid text\n\xff\xfe not UTF-8")
+    err = refused(data.main, ["--train", str(tmp_path / "train.txt"), "--val", str(tmp_path / "bad.txt"),
+                              "--out", str(prepared), "--overwrite", "--workers=1"], capsys)
+    assert "bad.txt: invalid UTF-8" in err and snapshot(prepared) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "prepared", "train.txt"]  # no temporary folder
+
+
+def test_data_is_prepared_only_into_a_new_empty_or_prepared_folder(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    (tmp_path / "t.txt").write_text(make_text(2, 500))
+    err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "mine"), "--overwrite"], capsys)
+    assert "holds other files than prepared data (thesis.tex)" in err
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", ""], capsys)
+
+
+def test_prepared_data_is_replaced_whole(tiny_data, tmp_path):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    (tmp_path / "t.txt").write_text(make_text(4, 3000))
+    (tmp_path / "v.txt").write_text(make_text(5, 600))
+    meta = data.prepare_files(prepared, [str(tmp_path / "t.txt")], {"val": [str(tmp_path / "v.txt")]}, workers=1,
+                              overwrite=True)
+    assert sorted(p.name for p in prepared.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # other.bin is gone
+    assert data.load_meta(prepared) == meta and len(data.open_split(prepared, "val")) == meta["splits"]["val"]["tokens"]
+
+
+# ----------------------------------------------------------------------------- no link followed
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(tiny_data, tmp_path, capsys):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("do not truncate me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").symlink_to(victim)
+    err = refused(train.main, tiny(tiny_data, tmp_path / "run"), capsys)
+    assert ".lock is a symbolic link" in err and victim.read_text() == "do not truncate me"
+
+
+@pytest.mark.parametrize("name", ["ckpt.pt", "log.jsonl", "config.toml", "summary.json"])
+def test_a_run_file_that_is_a_link_is_refused(finished, tiny_data, tmp_path, capsys, name):
+    target = tmp_path / f"elsewhere-{name}"
+    (finished / name).rename(target)
+    (finished / name).symlink_to(target)
+    before, kept = snapshot(finished), target.read_bytes()
+    for extra in (["--resume"], ["--overwrite=true"]):
+        err = refused(train.main, tiny(tiny_data, finished) + extra, capsys)
+        assert f"{name} is a symbolic link" in err
+    assert snapshot(finished) == before and target.read_bytes() == kept
+
+
+def test_atomic_writes_never_write_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    path = tmp_path / "file.json"
+    (tmp_path / f".file.json.{os.getpid()}.tmp").symlink_to(victim)  # a leftover temporary name, now a link
+    rundir.write_text(path, "new")
+    assert path.read_text() == "new" and victim.read_text() == "keep" and not path.is_symlink()
+    path.unlink()
+    path.symlink_to(victim)
+    with pytest.raises(rundir.RunDirError, match="is a symbolic link"):
+        rundir.write_text(path, "through the link")
+    assert victim.read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------- identity
+def test_resume_on_data_prepared_again_with_other_contents_is_refused(tiny_data, tmp_path, capsys):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    out = tmp_path / "run"
+    train.train(tiny(prepared, out, "--stop_at=3"))
+    groups = {}
+    for s in data.load_meta(prepared)["sources"]:
+        groups.setdefault(s["split"], []).append(s["path"])
+    data.prepare_files(prepared, groups.pop("train"), groups, workers=1, shuffle_seed=99, overwrite=True)
+    before = snapshot(out)
+    err = refused(train.main, tiny(prepared, out) + ["--resume"], capsys)
+    assert "data split 'train' of" in err and "prepared again with other contents" in err
+    assert snapshot(out) == before
+
+
+def fake_runs(monkeypatch, bpc=2.5):
+    """sweep.run_all writing, for each run, the summary train.py would write (training itself is tested elsewhere)."""
+    def fake(todo, total, s, over, out, nproc):
+        for _, r in todo:
+            (out / r.name).mkdir(parents=True, exist_ok=True)
+            (out / r.name / "summary.json").write_text(json.dumps(finished_summary(r, s, over, out, bpc)))
+    monkeypatch.setattr(sweep, "run_all", fake)
+
+
+def test_a_sweep_edited_after_its_runs_finished_is_refused_not_reused(tiny_data, tmp_path, monkeypatch, capsys):
+    fake_runs(monkeypatch)
+    out = tmp_path / "out"
+    sweep.run_sweep(micro_sweep(tmp_path, tiny_data), out)
+    before = snapshot(out)
+    err = refused(sweep.main, ["run", str(micro_sweep(tmp_path, tiny_data, compute="3e9")), f"--out={out}"], capsys)
+    assert "holds runs of another plan" in err and "dense-2C: train.iters: run " in err and "train.lr: run" in err
+    assert snapshot(out) == before
+    # and a finished run on data that has since changed is refused too
+    summary = json.loads((out / "dense-C" / "summary.json").read_text())
+    summary["data"]["splits"]["val"] = "0" * 64
+    (out / "dense-C" / "summary.json").write_text(json.dumps(summary))
+    err = refused(sweep.main, ["run", str(micro_sweep(tmp_path, tiny_data)), f"--out={out}"], capsys)
+    assert "dense-C: data split 'val'" in err
+
+
+def test_the_report_refuses_a_run_of_another_plan(tiny_data, tmp_path, monkeypatch, capsys):
+    fake_runs(monkeypatch)
+    out = tmp_path / "out"
+    sweep.run_sweep(micro_sweep(tmp_path, tiny_data), out)
+    summary = json.loads((out / "dense-2C" / "summary.json").read_text())
+    summary["D"] += 1
+    (out / "dense-2C" / "summary.json").write_text(json.dumps(summary))
+    err = refused(sweep.main, ["report", str(out)], capsys)
+    assert "dense-2C/summary.json is a run of another plan" in err and "D: run" in err
+
+
+# ----------------------------------------------------------------------------- one set of rules
+def test_the_planner_refuses_what_train_refuses(tiny_data, tmp_path, capsys):
+    k_list = micro_sweep(tmp_path, tiny_data)
+    k_list.write_text(k_list.read_text().replace("ra = [0.413, 0.496]", "K = [2, 3]\nDe = 12"))
+    err = refused(sweep.main, ["plan", str(k_list)], capsys)
+    assert "train.py refuses it: De=12 is not allowed: expected a multiple of 8" in err
+    over = micro_sweep(tmp_path, tiny_data, extra="")
+    over.write_text(over.read_text().replace("eval_tokens = 512", "eval_tokens = 512\nmin_lr = 0.5"))
+    err = refused(sweep.main, ["plan", str(over)], capsys)
+    assert "train.min_lr=0.5 is above train.lr=0.0104" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr=0.001", "--min_lr=0.01"], "train.min_lr=0.01 is above train.lr=0.001"),
+    (["--min_lr=0.9"], "train.min_lr=0.9 is above the peak, the StepLaw rate"),
+    (["--lr=0.5", "--weight_decay=5"], "AdamW multiplies every weight by 1 − lr·weight_decay"),
+    (["--S=20000"], "fewer than one evaluation window of S+1 = 20001"),
+])
+def test_meaningless_schedules_and_shapes_are_refused_before_any_file(tiny_data, tmp_path, capsys, argv, message):
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r", "--eval_tokens=0") + argv, capsys)
+    assert message in err and not (tmp_path / "r").exists()
+
+
+def test_a_split_too_short_to_evaluate_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(make_text(1, 3000))
+    (tmp_path / "v.txt").write_text("just a few words\n")
+    data.prepare_files(tmp_path / "d", [str(tmp_path / "t.txt")], {"val": [str(tmp_path / "v.txt")]}, workers=1)
+    err = refused(train.main, tiny(tmp_path / "d", tmp_path / "r"), capsys)
+    assert "val.bin (split 'val') holds 19 tokens, fewer than one evaluation window of S+1 = 33" in err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="the val split holds 1 token"):
+        data.prepare(tmp_path / "e", {"train": [("some text", True)], "val": [("x", False)]}, workers=1)
+    assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt", "v.txt"]
+
+
+# ----------------------------------------------------------------------------- every file read is checked
+def damaged_copy(tiny_data, tmp_path, split, change):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    path = prepared / f"{split}.bin"
+    raw = bytearray(path.read_bytes())
+    path.write_bytes(bytes(change(raw)))
+    return prepared
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda raw: raw + b"\x00", "its 18,547 bytes are no whole number of 2-byte tokens"),
+    (lambda raw: raw + b"\x00\x00", "holds 9,274 tokens but meta.json says 9,273"),
+    (lambda raw: raw[:-2], "holds 9,272 tokens but meta.json says 9,273"),
+    (lambda raw: raw[:10] + b"\xff\x7f" + raw[12:], "token 5 is id 32,767, outside the vocabulary of 256"),
+    (lambda raw: raw[:10] + bytes([raw[10] ^ 1]) + raw[11:], "its sha256 is not the one in meta.json"),
+])
+def test_a_damaged_token_file_is_named_and_never_trained_on(tiny_data, tmp_path, capsys, change, message):
+    prepared = damaged_copy(tiny_data, tmp_path, "val", change)
+    err = refused(train.main, tiny(prepared, tmp_path / "r"), capsys)
+    assert f"{prepared / 'val.bin'}" in err and message in err and not (tmp_path / "r").exists()
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: {**m, "vocab_size": "256"}, "no tokenizer name and vocab_size"),
+    (lambda m: {**m, "dtype": "uint8"}, "dtype 'uint8' does not hold a vocabulary of 256"),
+    (lambda m: {**m, "splits": {**m["splits"], "val": {**m["splits"]["val"], "file": "../../etc/passwd"}}},
+     "split 'val' names the file '../../etc/passwd', expected val.bin"),
+    (lambda m: {**m, "splits": {**m["splits"], "val": {**m["splits"]["val"], "tokens": -3}}}, "split 'val' has no counts of tokens"),
+    (lambda m: {**m, "splits": {k: v for k, v in m["splits"].items() if k != "train"}}, "no splits, or no train split"),
+    (lambda m: {**m, "format": 1}, "it is of format 1, this data.py reads format 3"),
+    (lambda m: [m], "not a JSON object"),
+])
+def test_a_damaged_meta_json_is_named(tiny_data, tmp_path, capsys, edit, message):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps(edit(meta)))
+    err = refused(train.main, tiny(prepared, tmp_path / "r"), capsys)
+    assert f"{prepared / 'meta.json'} was not read: {message}" in err
+
+
+def test_a_log_line_that_is_no_record_is_named(tiny_data, tmp_path, capsys):
+    train.train(tiny(tiny_data, tmp_path / "r", "--stop_at=4"))
+    log = tmp_path / "r" / "log.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:2] + ["[1, 2, 3]"] + lines[2:]) + "\n")
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r") + ["--resume"], capsys)
+    assert f"{log}:3 is damaged: expected a JSON object with a kind" in err
+
+
+@pytest.mark.parametrize("edit", [lambda s: {**s, "final": "good"}, lambda s: {**s, "finished": "yes"},
+                                  lambda s: {**s, "config": []}, lambda s: [s]])
+def test_a_summary_with_wrong_fields_counts_as_damaged(finished, tiny_data, capsys, edit):
+    summary = json.loads((finished / "summary.json").read_text())
+    (finished / "summary.json").write_text(json.dumps(edit(summary)))
+    assert sweep.status(finished) == "resumable"
+    again = train.train(tiny(tiny_data, finished) + ["--resume"])
+    assert "is damaged" in capsys.readouterr().err and again["final"] == summary["final"]
+
+
+def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_data):
+    (finished / "ckpt").mkdir()
+    (finished / "ckpt" / "latest.json").write_text(json.dumps({"step": 3, "dir": "../../elsewhere", "files": {}}))
+    with pytest.raises(rundir.RunDirError, match="latest.json is damaged and was not loaded"):
+        train.train(tiny(tiny_data, finished) + ["--resume"])
+
+
+def test_a_damaged_plan_json_is_named(finished, capsys):
+    (finished.parent / "plan.json").write_text('[{"name": 3}]')
+    err = refused(sweep.main, ["report", str(finished.parent)], capsys)
+    assert "plan.json is damaged" in err
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+def start(argv, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(path, timeout=120):
+    for _ in range(int(timeout / 0.05)):
+        if path.exists():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly(tiny_data, tmp_path, sig, code):
+    common = TINY_MODEL + [f"--data={tiny_data}", "--iters=400", "--batch_seqs=4", "--eval_interval=200",
+                           "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", "--ckpt_interval=2"]
+    proc = start([str(ROOT / "train.py"), *common, f"--out_dir={tmp_path / 'cut'}"])
+    wait_for(tmp_path / "cut" / "ckpt.pt")
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "ckpt.pt (step" in lines[0] and f"--out_dir={tmp_path / 'cut'} --resume" in lines[0], err
+    stopped = int(lines[0].split("ckpt.pt (step ")[1].split(")")[0])
+    assert stopped >= 2 and rundir.read_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == stopped
+    for argv in ([f"--out_dir={tmp_path / 'cut'}", "--resume", f"--stop_at={stopped + 4}"],  # on one thread, as the cut run
+                 common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={stopped + 4}"]):
+        proc = start([str(ROOT / "train.py"), *argv])
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    timing = ("tokens_per_s", "mfu", "data_share")
+    logs = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (p / "log.jsonl").read_text().splitlines()]
+            for p in (tmp_path / "cut", tmp_path / "whole")]
+    assert logs[0] == logs[1] and logs[0][-1]["step"] == stopped + 4
+
+
+def test_an_interrupted_data_preparation_leaves_nothing_behind(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(make_text(7, 3_000_000))
+    proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=1"])
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "nothing was written" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_an_interrupted_sweep_stops_its_run_and_says_how_to_go_on(tiny_data, tmp_path):
+    proc = start([str(ROOT / "sweep.py"), "run", str(micro_sweep(tmp_path, tiny_data)), f"--out={tmp_path / 'out'}"])
+    wait_for(tmp_path / "out" / "dense-C" / "ckpt.pt")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("sweep.py: interrupted (Ctrl-C); the runs that finished are kept")
+    rundir.Lock(tmp_path / "out" / "dense-C").acquire().release()  # the run's train.py has ended: its lock is free
+    assert sweep.status(tmp_path / "out" / "dense-C") in ("resumable", "finished")
