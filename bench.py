@@ -26,13 +26,16 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("bench.py")
+
 import torch
 import torch.nn.functional as F
 
 import config
 import flops
 import parallel
-import rundir
 import train
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
@@ -227,9 +230,9 @@ def load_shape(path, flag="--config"):
     """The [model] shape of a TOML file given with flag, the flag and the file named on any error."""
     try:
         with open(path, "rb") as f:
-            model = tomllib.load(f).get("model", {})
+            model = tomllib.load(f).get("model")
         if not isinstance(model, dict):
-            raise ValueError("[model] is not a table")
+            raise ValueError("no [model] table: expected a config with the model's shape")
         return flops.shape_from_dict(model, path)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{flag}={path}: {e}") from None

@@ -16,15 +16,14 @@ import os
 import re
 import shutil
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+import config
 import data
 import rundir
-from config import TRAJECTORY
 
 SHARDED = "ckpt"
 
@@ -53,7 +52,7 @@ def read_manifest(folder):
         return None
     try:
         manifest = json.loads(rundir.read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError):
         manifest = None
     if (isinstance(manifest, dict) and rundir.is_count(manifest.get("step"))
             and manifest.get("dir") == f"step-{manifest['step']:08d}" and isinstance(manifest.get("files"), dict)
@@ -78,10 +77,8 @@ def check(state, path, mcfg, tcfg, meta, plan):
     """The one place a resume is checked: the checkpoint must continue the identical trajectory, with the
     same model, trajectory keys, data and plan, on any number of ranks (the plan does not depend on it).
     Anything else is refused, every difference named."""
-    saved_m, saved_t, saved_plan = state["config"]["model"], state["config"]["train"], state["plan"]
-    diff = [f"model.{k}: checkpoint {saved_m.get(k)!r}, now {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
-    diff += [f"train.{k}: checkpoint {saved_t.get(k)!r}, now {getattr(tcfg, k)!r}" for k in TRAJECTORY
-             if saved_t.get(k) != getattr(tcfg, k)]
+    saved_plan = state["plan"]
+    diff = config.differences(state["config"], mcfg, tcfg, config.TRAJECTORY, then="checkpoint")
     diff += data.differences(state["data"], meta, tcfg.data)
     diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
              f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
@@ -114,7 +111,7 @@ def save(out, sharded, model, optimizer, extra, rank, world):
         weights, adam = model_and_optimizer(model, optimizer, full=True)
         if rank == 0:
             rundir.save_checkpoint(out / "ckpt.pt", {"model": weights, "optimizer": adam, **extra})
-            shutil.rmtree(out / SHARDED, ignore_errors=True)
+            remove_sharded(out / SHARDED)
         return out / "ckpt.pt"
     import torch.distributed.checkpoint as dcp
     name = f"step-{extra['step']:08d}"
@@ -142,11 +139,23 @@ def save(out, sharded, model, optimizer, extra, rank, world):
         rundir.write_text(out / SHARDED / "latest.json", json.dumps({"step": extra["step"], "dir": name,
                                                                      "world": world, "files": files}, indent=1))
         for old in (out / SHARDED).glob("step-*"):  # the previous step, and any half-written one
-            if old.name != name:
+            if old.name != name and rundir.CKPT_ENTRY.fullmatch(old.name):
                 shutil.rmtree(old, ignore_errors=True)
         (out / "ckpt.pt").unlink(missing_ok=True)
     dist.barrier()
     return folder
+
+
+def remove_sharded(folder):
+    """Delete the sharded checkpoints in folder (step-<n>/, latest.json), then folder if nothing else is there:
+    what checkpoint.save did not write is left alone (rundir.check_run_files refuses such a folder first)."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for p in folder.iterdir():
+        if rundir.CKPT_ENTRY.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 # ----------------------------------------------------------------------------- loading

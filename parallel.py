@@ -33,7 +33,8 @@ KINDS = ("auto", "ddp", "fsdp")
 # ----------------------------------------------------------------------------- processes
 def setup_distributed(tcfg):
     """(rank, world, device): a process group under torchrun (NCCL on GPU, gloo on CPU), else one process."""
-    use_cuda = tcfg.device.startswith("cuda") or (tcfg.device == "auto" and torch.cuda.is_available())
+    device = device_of(tcfg)  # a device that is not here is refused before anything starts
+    use_cuda = device.type == "cuda"
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -42,7 +43,7 @@ def setup_distributed(tcfg):
             torch.cuda.set_device(local)
             return rank, world, torch.device("cuda", local)
         return rank, world, torch.device("cpu")
-    return 0, 1, torch.device("cuda" if use_cuda else tcfg.device if tcfg.device != "auto" else "cpu")
+    return 0, 1, device
 
 
 def parse_device(name, flag="--device"):
@@ -56,10 +57,10 @@ def parse_device(name, flag="--device"):
 
 
 def device_of(tcfg):
-    """The device a run of this config gets on this machine (rank 0's, under torchrun)."""
-    if tcfg.device.startswith("cuda") or (tcfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device(tcfg.device if tcfg.device.startswith("cuda:") else "cuda")
-    return torch.device("cpu")
+    """The device a run of this config gets on this machine (rank 0's, under torchrun), or refused."""
+    if tcfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return parse_device(tcfg.device, "train.device")
 
 
 def gpu_bytes(tcfg, device):

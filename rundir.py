@@ -14,15 +14,19 @@ run unless told to replace it, and then the old run is moved aside and deleted o
 has written its config; a second writer is refused with the holder's pid; a damaged file is named and
 never loaded; a full disk is reported with the file, the bytes needed and the bytes free.
 """
+import contextlib
 import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import sys
+import threading
 from pathlib import Path
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json")
@@ -31,6 +35,15 @@ ASIDE = ".replaced"  # where --overwrite keeps the old run until the new one has
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked: exit code 2, with the file named."""
+
+
+def utf8(text):
+    """Whether text can be written as UTF-8 (a path of undecodable bytes holds lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def warn(message):
@@ -68,6 +81,33 @@ def stop_on_signals():
         signal.signal(sig, handler)
 
 
+def quit_while_starting(program):
+    """Before the heavy imports of a command line: Ctrl-C or SIGTERM while torch loads ends the program with
+    one line (nothing has begun), where Python would print a traceback. main() then calls stop_on_signals."""
+    def handler(signum, frame):
+        print(f"{program}: {Interrupted(signum).what} while starting: nothing was done", file=sys.stderr)
+        sys.exit(128 + signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back for a few renames that must not stop halfway. Yields the list of the
+    signals that came meanwhile: the caller raises Interrupted for the first once its state is whole."""
+    came = []
+    if threading.current_thread() is not threading.main_thread():
+        yield came
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield came
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------- opening without links
 def open_nofollow(path, flags, mode=0o644):
     """os.open that never goes through a symbolic link at path: a link there is refused, named."""
@@ -89,9 +129,31 @@ def refuse_link(path):
         raise link_refused(path)
 
 
+def open_plain(path):
+    """A plain file opened for reading, neither through a link nor a FIFO or device (which could block)."""
+    fd = open_nofollow(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a plain file")
+    return os.fdopen(fd, "rb")
+
+
+def folder_problem(path):
+    """Why path cannot be (or become) a folder, or None: a file, a link to nothing, a file on the way."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    if path.exists() and not path.is_dir():
+        return "a file"
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            return f"inside {parent}, which is a file"
+    return None
+
+
 def read_bytes(path):
-    """A file's bytes, refusing a symbolic link."""
-    with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:
+    """A plain file's bytes, refusing a symbolic link."""
+    with open_plain(path) as f:
         return f.read()
 
 
@@ -184,6 +246,10 @@ class Lock:
         except ImportError:  # not POSIX: no lock, as before
             return self
         self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            raise RunDirError(f"{self.path} is not a plain file: a run's lock is one; move it away by hand")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -228,61 +294,107 @@ def check_new_run(out_dir, overwrite):
 
 
 def check_run_files(out_dir):
-    """The run files in out_dir, each what a run writes there (no link; a folder only for ckpt/)."""
+    """The run files in out_dir, each what train.py writes there, or refused before anything is touched:
+    no link, a plain file for each file, a folder for ckpt/ that holds nothing but checkpoints."""
     out = Path(out_dir)
     found = run_files(out)
     for name in found:
         target = out / name
         refuse_link(target)
-        if target.is_dir() != (name == "ckpt"):
-            raise RunDirError(f"{target} is a {'folder' if target.is_dir() else 'file'} where a run keeps a "
-                              f"{'file' if target.is_dir() else 'folder'}: train.py did not write it; move it away by hand")
+        if name == "ckpt" and not target.is_dir():
+            raise RunDirError(f"{target} is not a folder: a run keeps its sharded checkpoints there; move it away by hand")
+        if name != "ckpt" and not target.is_file():
+            raise RunDirError(f"{target} is {'a folder' if target.is_dir() else 'no plain file'} where a run keeps a file: "
+                              f"train.py did not write it; move it away by hand")
+    if "ckpt" in found:
+        strangers = sorted(p.name for p in (out / "ckpt").iterdir() if not CKPT_ENTRY.fullmatch(p.name))
+        if strangers:
+            raise RunDirError(f"{out / 'ckpt'} holds files that are no checkpoint ({', '.join(strangers[:5])}): "
+                              f"train.py would delete them; move them away by hand")
     return found
+
+
+CKPT_ENTRY = re.compile(r"latest\.json|\.latest\.json\.\d+\.tmp|step-\d{8}")  # what checkpoint.save writes in ckpt/
+TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # atomic_write's temporary files
+
+
+def remove_temporaries(out_dir):
+    """With the lock held (no other writer): the temporary files that killed writers left behind."""
+    out = Path(out_dir)
+    for folder in (out, out / "ckpt"):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.iterdir():
+                if TEMPORARY.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+                    p.unlink()
 
 
 class Aside:
     """--overwrite's hold on the old run: its files moved into out_dir/.replaced/ (renames, nothing
     copied), deleted once the new run has written its config, put back if the new run fails before.
-    A kill in between leaves them there; recover() puts them back or deletes them, whichever was due."""
+    The renames run with Ctrl-C and SIGTERM held back; a kill in between leaves the files there, and
+    recover() puts them back or deletes them, whichever was due."""
 
     def __init__(self, out_dir):
         self.out = Path(out_dir)
         self.path = self.out / ASIDE
+        self.marker = self.path / ".moved"  # written once every file is aside: a config.toml then is the new run's
+        self.ours = False  # this process moved them
 
     def move(self, names):
-        if not names:
-            return self
-        self.path.mkdir()
-        for name in names:
-            os.rename(self.out / name, self.path / name)
-        write_text(self.path / ".moved", "")  # every file is aside: a config.toml in out_dir is the new run's
+        if names:
+            with signals_held() as came:
+                self.ours = True
+                self.path.mkdir()
+                for name in names:  # config.toml first (RUN_FILES' order)
+                    os.rename(self.out / name, self.path / name)
+                write_text(self.marker, "")
+            raise_held(came)
         return self
 
     def discard(self):
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        if self.path.exists():  # renamed first: a kill while deleting never leaves a half that looks whole
+            doomed = self.path.with_name(f"{ASIDE}.deleting-{os.getpid()}")
+            os.rename(self.path, doomed)
+            shutil.rmtree(doomed)
+
+    def undo(self):
+        """Put back what this process moved aside (the new run failed before its config was written)."""
+        if self.ours:
+            self.restore()
 
     def restore(self):
         if not self.path.exists():
             return
-        for p in self.path.iterdir():
-            if p.name != ".moved" and not ((self.out / p.name).exists() or (self.out / p.name).is_symlink()):
+        clash = [p.name for p in self.path.iterdir() if (self.out / p.name).exists() or (self.out / p.name).is_symlink()]
+        if clash:
+            raise RunDirError(f"{self.path} holds a run that an --overwrite moved aside, and {self.out} holds files of "
+                              f"the same names ({', '.join(sorted(clash))}): keep one of them, by hand")
+        with signals_held() as came:
+            self.marker.unlink(missing_ok=True)  # first: a restore stopped halfway is finished by recover()
+            for p in self.path.iterdir():
                 os.rename(p, self.out / p.name)
-        left = [p.name for p in self.path.iterdir() if p.name != ".moved"]
-        if left:
-            warn(f"{self.path} keeps {', '.join(left)}: the run in {self.out} has files of the same names")
-        else:
-            shutil.rmtree(self.path)
+            self.path.rmdir()
+        raise_held(came)
 
     def recover(self):
         """Called with the lock held, before anything else: finish what a killed --overwrite left."""
-        if not self.path.is_dir() or self.path.is_symlink():
+        for doomed in [*self.out.glob(f"{ASIDE}.deleting-*"), self.path]:
+            if (doomed.exists() or doomed.is_symlink()) and (doomed.is_symlink() or not doomed.is_dir()):
+                raise RunDirError(f"{doomed} is not a folder an --overwrite made (a link, or a file): move it away by hand")
+        for doomed in self.out.glob(f"{ASIDE}.deleting-*"):
+            shutil.rmtree(doomed)
+        if not self.path.exists():
             return
-        if (self.path / ".moved").exists() and (self.out / "config.toml").exists():
+        if self.marker.exists() and "config.toml" in run_files(self.out):
             self.discard()  # the new run had written its config: the old one was due for deletion
-        else:
-            warn(f"{self.out}: an --overwrite was stopped before the new run began; the old run is put back")
-            self.restore()
+            return
+        warn(f"{self.out}: an --overwrite was stopped before the new run began; the old run is put back")
+        self.restore()
+
+
+def raise_held(came):
+    if came:
+        raise Interrupted(came[0])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -374,7 +486,7 @@ def read_log(path):
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if any(rest.strip() for rest in lines[n:]):
                 raise RunDirError(f"{path}:{n} is damaged (not a JSON line) and is not the last line") from None
             warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
@@ -423,7 +535,7 @@ def read_summary(path):
     try:
         summary = json.loads(read_bytes(path))
         problem = summary_problem(summary)
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError):
         problem = "not a JSON object"
     if problem is None:
         return summary

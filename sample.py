@@ -7,12 +7,15 @@ import argparse
 import math
 import sys
 
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("sample.py")
+
 import torch
 
 import checkpoint
 import data
 import parallel
-import rundir
 
 
 def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):
@@ -51,6 +54,8 @@ def main(argv=None):
                               ("seed", 0 <= a.seed < 2**63, "an integer in 0..2^63-1")):
         if not ok:
             p.error(f"--{name}={getattr(a, name)}: expected {allowed}")
+    if not rundir.utf8(a.prompt):
+        p.error("--prompt: not valid UTF-8 text")
     try:
         device = parallel.parse_device(a.device)
         model, state = checkpoint.load_model(a.run_dir, device)

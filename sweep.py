@@ -24,11 +24,10 @@ from pathlib import Path
 
 import flops
 import rundir
-from sweep_report import report
+from sweep_report import REUSE, report
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
-REUSE = ("none", "strict", "loose")
 BACKBONE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")
 # what the sweep decides for every run; [train] may set anything else train.py knows
 SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "unique_tokens", "out_dir",
@@ -134,12 +133,21 @@ def load_sweep(path):
     for r in sweep.reuse:
         if r not in REUSE:
             raise ValueError(f"{path}: sweep.reuse {r!r} is unknown: expected some of {', '.join(REUSE)}")
+    for key in ("ra", "K", "reuse", "reuse_at"):
+        values = getattr(sweep, key)
+        if len(set(map(repr, values))) != len(values):
+            raise ValueError(f"{path}: sweep.{key} = {values} repeats an entry: each would be a run of the same name")
+    if not sweep.reuse:
+        raise ValueError(f"{path}: sweep.reuse = []: expected at least one of {', '.join(REUSE)}")
     moe = _arm(cfg, "moe", path, needs_mu=True)
     dense = _arm(cfg, "dense", path, needs_mu=False)
     train_over = cfg.get("train", {})
     import config  # torch comes with it: only where runs are made
     known = {f.name for f in fields(config.TrainConfig)}
     for key in train_over:
+        if key == "overwrite":
+            raise ValueError(f"{path}: train.overwrite: a sweep never replaces a run (remove a run's folder by hand to "
+                             f"run it again)")
         if key not in known or key in SWEEP_OWNED:
             raise ValueError(f"{path}: train.{key} is {'set by the sweep for every run' if key in known else 'unknown'}")
         train_over[key] = config.coerce("train", key, train_over[key], f"{path}: ")
@@ -262,6 +270,12 @@ def plan(sweep, moe, dense, world=1, micro_batch=0, best_ra=None):
                 moe_run.unique_tokens = moe_run.D // 2 + 1
             moe_run.epochs = moe_run.D / (moe_run.unique_tokens - 1)
             arms.append(moe_run)
+    names = [a.name for a in arms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        key = "ra" if sweep.ra else "K"
+        raise ValueError(f"sweep.{key} = {getattr(sweep, key)}: two entries give the same MoE ({', '.join(twice)}): "
+                         f"drop one")
     if not sweep.seeds:
         return arms
     return [replace(a, name=f"{a.name}-s{seed}", seed=seed) for seed in sweep.seeds for a in arms]
@@ -415,11 +429,7 @@ def check_existing(runs, setups, out):
         if saved is None:
             continue
         setup = setups[run.name]
-        want = {"model": asdict(setup.mcfg), "train": asdict(setup.tcfg)}
-        diff = [f"model.{k}: run {saved['model'].get(k)!r}, plan {v!r}" for k, v in want["model"].items()
-                if saved["model"].get(k) != v]
-        diff += [f"train.{k}: run {saved['train'].get(k)!r}, plan {want['train'][k]!r}" for k in config.RESULT_KEYS
-                 if saved["train"].get(k) != want["train"][k]]
+        diff = config.differences(saved, setup.mcfg, setup.tcfg, config.RESULT_KEYS, now="plan")
         summary = rundir.read_summary(folder / "summary.json")
         if summary and setup.meta:
             import data
@@ -475,7 +485,7 @@ def run_child(cmd):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
-    child = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
+    child = subprocess.Popen(cmd, start_new_session=True,  # in this folder: relative paths mean what they mean here
                              preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
     try:
         return child.wait()
@@ -548,7 +558,7 @@ def emit_slurm(path, out, nproc, runs):
 #SBATCH --gpus-per-node={nproc}
 #SBATCH --output={Path(out).resolve()}/slurm-%A_%a.log
 # {len(runs)} runs planned from {path}; resubmitting resumes unfinished runs and skips finished ones.
-cd {ROOT}
+cd {Path.cwd()}
 python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={nproc} --only=$SLURM_ARRAY_TASK_ID
 """)
     print(f"wrote {script}: sbatch {script}")

@@ -23,7 +23,8 @@ def collect(run_dir):
     rows = []
     for summary in sorted(run_dir.glob("*/summary.json")):
         s = rundir.read_summary(summary)
-        if s is None or not all(isinstance(s.get(k), (int, float)) for k in ("ra", "N", "C", "D", "unique_tokens", "epochs")):
+        if s is None or not all(isinstance(s.get(k), (int, float)) for k in ("ra", "N", "C", "D", "unique_tokens", "epochs")) \
+                or not all(k in s["config"]["model"] for k in SHAPE):
             rundir.warn(f"{summary}: left out of the report (damaged): sweep.py run resumes that run")
             continue
         m = s["config"]["model"]
@@ -57,14 +58,19 @@ def read_plan(path):
         return []
     try:
         runs = json.loads(rundir.read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError) as e:
         runs = type(e).__name__
     fields = {"name": str, "arm": str, "reuse": str, "shape": dict, "iters": int, "batch_seqs": int, "D": int,
               "lr": float, "warmup": int}
     if not (isinstance(runs, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())
-                                           for r in runs)):
-        raise ValueError(f"{path} is damaged (not a list of runs with {', '.join(fields)}): sweep.py run rewrites it")
+                                           and r["reuse"] in REUSE and r.get("kind") in ("moe", "dense") for r in runs)):
+        raise ValueError(f"{path} is damaged (not a list of runs with {', '.join(fields)}, a kind and a reuse of "
+                         f"{', '.join(REUSE)}): sweep.py run rewrites it")
     return runs
+
+
+REUSE = ("none", "strict", "loose")  # the data-reuse variants of a sweep (sweep.py plans them)
+SHAPE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "E", "K", "De", "Dse", "S")
 
 
 def plan_differences(planned, summary):

@@ -15,6 +15,7 @@ summary.json. config.py reads and checks the configuration; parallel.py shares t
 checkpoint.py saves, checks and restores; logbook.py logs; rundir.py keeps the run directory whole.
 """
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -24,6 +25,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("train.py")
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -32,8 +37,8 @@ import checkpoint
 import data
 import flops
 import parallel
-import rundir
-from config import MAX_TOKENS, TrainConfig, load_config, to_toml  # noqa: F401 (train.TrainConfig for callers)
+from config import (MAX_TOKENS, TRAJECTORY, TrainConfig, differences, is_run_config, load_config,  # noqa: F401
+                    read_toml, to_toml)
 from logbook import Logbook
 from model import GPT, GPTConfig, padded_vocab
 from sample import sample_text
@@ -244,7 +249,21 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
                              f"it more text, or train with a smaller S")
     if device is not None:
         parallel.check_fits(mcfg, tcfg, plan, world, dtype, device, attention)
+        if tcfg.compile:
+            check_compile(device.type)
     return Setup(mcfg, tcfg, plan, resume, meta, dtype, attention, train_tokens, val_splits)
+
+
+@functools.cache
+def check_compile(device_type):
+    """torch.compile works on this device (a C++ compiler on CPU, Triton on GPU), tried on a one-line function
+    before anything is written: a run that replaces another must not fail at its first step for it."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device_type))
+    except Exception as e:  # InductorError, BackendCompilerFailed, a missing compiler: torch raises many kinds
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"train.compile=true: torch.compile does not work on {device_type} here ({type(e).__name__}: "
+                         f"{first}); train with --compile=false") from None
 
 
 def resolve_model_config(mvals, given, meta, data_dir):
@@ -307,20 +326,46 @@ def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, dev
     return sums, load_sum, grad_norm
 
 
-def open_run_dir(tcfg, resume):
+def check_replaceable(out, overwrite, config_file):
+    """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
+    touched: a config.toml that is a run's resolved config and not this command's config file, a log and a
+    summary that read as a run's (rundir.check_new_run checks the kinds of file and the ckpt/ folder)."""
+    found = rundir.check_new_run(out, overwrite)
+    if "config.toml" in found:
+        path = out / "config.toml"
+        if config_file and Path(config_file).resolve() == path.resolve():
+            raise rundir.RunDirError(f"{path} is the config file of this command: --overwrite would replace it; copy it "
+                                     f"elsewhere first, or give another --out_dir")
+        try:
+            ours = is_run_config(read_toml(path))
+        except ValueError:
+            ours = False
+        if not ours:
+            raise rundir.RunDirError(f"{path} is not a run's config (train.py writes every [model] and [train] key): "
+                                     f"--overwrite replaces only what train.py wrote; move it away by hand")
+    rundir.read_log(out / "log.jsonl")  # a log that is no run's is named
+    if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
+        raise rundir.RunDirError(f"{out / 'summary.json'} is not a run's summary: --overwrite replaces only what "
+                                 f"train.py wrote; move it away by hand")
+    return found
+
+
+def open_run_dir(tcfg, resume, config_file=None):
     """Rank 0's hold on out_dir: the lock, what a killed --overwrite left finished, the run files checked
     (no link, no stranger), and with --overwrite the old run moved aside (rundir.Aside)."""
     out = Path(tcfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = rundir.Lock(out).acquire()
+    aside = rundir.Aside(out)
     try:
-        aside = rundir.Aside(out)
+        rundir.remove_temporaries(out)
         aside.recover()
         if resume:
             rundir.check_run_files(out)
         else:
-            aside.move(rundir.check_new_run(out, tcfg.overwrite))
+            aside.move(check_replaceable(out, tcfg.overwrite, config_file))
     except BaseException:
+        aside.undo()
         lock.release()
         raise
     return lock, aside
@@ -339,11 +384,11 @@ def train(argv):
         if world > 1:
             dist.barrier()  # every rank has checked before rank 0 writes a file
         if rank == 0:
-            lock, aside = open_run_dir(tcfg, resume)
+            lock, aside = open_run_dir(tcfg, resume, argv[0] if argv and not argv[0].startswith("--") else None)
         return run_training(run, rank, world, device, aside)
     finally:
         if aside:
-            aside.restore()  # the new run failed before its config was written: the old run is put back
+            aside.undo()  # the new run failed before its config was written: the old run is put back
         if lock:
             lock.release()
         if dist.is_initialized():
@@ -363,6 +408,8 @@ def run_training(run, rank, world, device, aside):
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
     kind = parallel.choose(mcfg, tcfg, plan, world, run.dtype, parallel.gpu_bytes(tcfg, device))
+    if master and world == 1 and tcfg.parallel != "auto":
+        rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
     fwd = parallel.wrap(model, kind, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
     optimizer = make_optimizer(model, plan, tcfg, device, kind)
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
@@ -375,6 +422,9 @@ def run_training(run, rank, world, device, aside):
             if master:
                 print(f"{out} finished at step {step} already: nothing to resume")
             return summary
+        if tcfg.stop_at and tcfg.stop_at < step:
+            raise ValueError(f"train.stop_at={tcfg.stop_at} is before step {step} of the checkpoint {where}: a run never "
+                             f"goes back; give a later stop_at, or none")
         last_ckpt = f"{where} (step {step})" if step else None
     if master:
         rundir.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
@@ -414,19 +464,27 @@ def run_training(run, rank, world, device, aside):
             if is_eval:
                 book.eval_record(step, loader.epoch, run_eval(), record)
             if is_ckpt:
-                last_ckpt = save(step)
+                with rundir.signals_held() as came:  # a checkpoint is written whole; a Ctrl-C then stops the run
+                    last_ckpt = save(step)
+                rundir.raise_held(came)
         book.close()
         final = book.last_bpc
-        if step >= plan.iters and not final:  # resumed after the last checkpoint: finish the final evaluation
-            logged = [r for r in records if r["kind"] == "eval" and r["step"] == step]
-            final = ({k: v for k, v in logged[-1].items() if k.startswith("bpc_")} if world == 1 and logged
-                     else book.eval_record(step, loader.epoch, run_eval(), {}))
+        logged = [r for r in records if r["kind"] == "eval" and r["step"] == step]
+        if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
+            final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
+        elif not final and step >= plan.iters:  # resumed after the last checkpoint: finish the final evaluation
+            final = book.eval_record(step, loader.epoch, run_eval(), {})
         summary = finish(out, numbers, run, rank, step, loader.epoch, final)
     except KeyboardInterrupt as e:
         book.close()
         raise stopped(e, out, step, plan, last_ckpt) from None
     if master and kind != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
-        show_sample(model, run.meta, tcfg.sample_tokens, out)
+        try:
+            show_sample(model, run.meta, tcfg.sample_tokens, out)
+        except KeyboardInterrupt as e:
+            stop = rundir.interrupted(e)
+            stop.message = f"{stop.what} while sampling; the run had finished, and its summary is in {out / 'summary.json'}"
+            raise stop from None
     return summary
 
 
@@ -474,6 +532,11 @@ def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
     if got is None:
         if not (out / "config.toml").exists():
             raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
+        diff = differences(read_toml(out / "config.toml"), run.mcfg, run.tcfg, TRAJECTORY, then="config.toml")
+        if diff:
+            raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
+                             + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
+                             f"afresh with --overwrite=true")
         if rank == 0:
             rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
         return 0, None

@@ -101,6 +101,63 @@ def test_a_killed_overwrite_is_finished_or_undone_by_the_next_start(finished, ti
     assert summary["finished"] and not (finished / ".replaced").exists()
 
 
+def test_overwrite_replaces_only_what_train_wrote(finished, tiny_data, tmp_path, capsys):
+    before = snapshot(finished)
+    (finished / "ckpt").mkdir()
+    (finished / "ckpt" / "analysis.ipynb").write_text("mine")
+    err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true"), capsys)
+    assert "ckpt holds files that are no checkpoint (analysis.ipynb)" in err
+    err = refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
+    assert "analysis.ipynb" in err and (finished / "ckpt" / "analysis.ipynb").read_text() == "mine"
+    (finished / "ckpt" / "analysis.ipynb").unlink()
+    (finished / "ckpt").rmdir()
+    assert snapshot(finished) == before
+    # a config file that the user wrote where a run keeps its config.toml, given to this very command
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    (mine / "config.toml").write_text("# my experiment\n[train]\niters = 6\n")
+    argv = [str(mine / "config.toml")] + tiny(tiny_data, mine, "--overwrite=true")
+    assert "is the config file of this command" in refused(train.main, argv, capsys)
+    argv = tiny(tiny_data, mine, "--overwrite=true")
+    assert "config.toml is not a run's config" in refused(train.main, argv, capsys)
+    assert (mine / "config.toml").read_text().startswith("# my experiment")
+
+
+def test_a_failing_compiler_is_found_before_the_old_run_goes(finished, tiny_data, capsys, monkeypatch):
+    before = snapshot(finished)
+
+    def no_compiler(fn, *args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+    monkeypatch.setattr(train.torch, "compile", no_compiler)
+    train.check_compile.cache_clear()
+    err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true", "--compile=true"), capsys)
+    train.check_compile.cache_clear()
+    assert "train.compile=true: torch.compile does not work on cpu here" in err and snapshot(finished) == before
+
+
+def test_an_aside_that_is_a_link_or_a_half_restored_run_is_handled_whole(finished, tiny_data, tmp_path, capsys):
+    before = snapshot(finished)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    (finished / ".replaced").symlink_to(elsewhere)
+    err = refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
+    assert ".replaced is not a folder an --overwrite made" in err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+    (finished / ".replaced").unlink()
+    # a restore stopped halfway (a second Ctrl-C, a kill): the marker goes first, and the next start finishes it
+    (finished / ".replaced").mkdir()
+    for name in ("ckpt.pt", "log.jsonl"):
+        (finished / name).rename(finished / ".replaced" / name)
+    summary = train.train(tiny(tiny_data, finished) + ["--resume"])
+    assert "the old run is put back" in capsys.readouterr().err and summary["finished"]
+    assert snapshot(finished) == before
+    # the same names on both sides: nobody can tell which is whose, so nothing is touched
+    (finished / ".replaced").mkdir()
+    (finished / ".replaced" / "log.jsonl").write_text("")
+    err = refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
+    assert "holds files of the same names (log.jsonl)" in err
+
 def test_a_failed_data_overwrite_leaves_the_prepared_data_as_it_was(tiny_data, tmp_path, capsys):
     prepared = copy_data(tiny_data, tmp_path / "prepared")
     before = snapshot(prepared)
@@ -112,14 +169,31 @@ def test_a_failed_data_overwrite_leaves_the_prepared_data_as_it_was(tiny_data, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.txt", "prepared", "train.txt"]  # no temporary folder
 
 
-def test_data_is_prepared_only_into_a_new_empty_or_prepared_folder(tmp_path, capsys):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+@pytest.mark.parametrize("files,message", [
+    ({"thesis.tex": "years of work"}, "holds files and no meta.json (thesis.tex)"),
+    ({"firmware.bin": "not tokens"}, "holds files and no meta.json (firmware.bin)"),  # .bin files alone are no data
+    ({"meta.json/thesis.tex": "a folder named meta.json"}, "holds files and no meta.json (meta.json)"),
+    ({"meta.json": "{}", "train.bin": "", "notes.md": "mine"}, "holds other files than prepared data (notes.md)"),
+])
+def test_data_is_prepared_only_into_a_new_empty_or_prepared_folder(tmp_path, capsys, files, message):
+    for name, text in files.items():
+        (tmp_path / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mine" / name).write_text(text)
+    before = snapshot(tmp_path / "mine")
     (tmp_path / "t.txt").write_text(make_text(2, 500))
-    err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "mine"), "--overwrite"], capsys)
-    assert "holds other files than prepared data (thesis.tex)" in err
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
-    refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", ""], capsys)
+    for flags in ([], ["--overwrite"]):
+        err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "mine"), *flags], capsys)
+        assert message in err and snapshot(tmp_path / "mine") == before
+
+
+def test_prepared_data_keeps_the_usual_permissions_and_no_temporary_folder(tmp_path):
+    (tmp_path / "t.txt").write_text(make_text(2, 500))
+    (tmp_path / ".d.999999999.tmp").mkdir()  # what a data.py killed by SIGKILL left (its process is no more)
+    data.prepare_files(tmp_path / "d", [str(tmp_path / "t.txt")], {}, workers=1)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt"]
 
 
 def test_prepared_data_is_replaced_whole(tiny_data, tmp_path):
@@ -167,6 +241,17 @@ def test_atomic_writes_never_write_through_a_link(tmp_path):
         rundir.write_text(path, "through the link")
     assert victim.read_text() == "keep"
 
+
+def test_a_fifo_or_a_dangling_link_where_a_run_keeps_a_file_is_refused_without_hanging(finished, tiny_data, tmp_path,
+                                                                                     capsys):
+    (finished / "summary.json").unlink()
+    os.mkfifo(finished / "summary.json")
+    assert "summary.json is no plain file" in refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
+    (tmp_path / "fresh").mkdir()
+    os.mkfifo(tmp_path / "fresh" / ".lock")
+    assert ".lock is not a plain file" in refused(train.main, tiny(tiny_data, tmp_path / "fresh"), capsys)
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert "train.out_dir=" in refused(train.main, tiny(tiny_data, tmp_path / "gone"), capsys)
 
 # ----------------------------------------------------------------------------- identity
 def test_resume_on_data_prepared_again_with_other_contents_is_refused(tiny_data, tmp_path, capsys):
@@ -219,6 +304,42 @@ def test_the_report_refuses_a_run_of_another_plan(tiny_data, tmp_path, monkeypat
     assert "dense-2C/summary.json is a run of another plan" in err and "D: run" in err
 
 
+def test_resume_before_the_first_checkpoint_keeps_the_runs_config(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.train(tiny(tiny_data, out, "--stop_at=3"))
+    (out / "ckpt.pt").unlink()  # as a run killed before its first checkpoint leaves its folder
+    (out / "summary.json").unlink()
+    err = refused(train.main, tiny(tiny_data, out, "--seed=99") + ["--resume"], capsys)
+    assert "has no checkpoint yet, and its config.toml is not this run's" in err and "train.seed: config.toml 1337, now 99" in err
+    assert train.train([f"--out_dir={out}", "--resume"])["finished"]
+
+
+def test_a_run_folder_named_in_any_unicode_resumes(tiny_data, tmp_path):
+    out = tmp_path / "run 😀 ü"
+    train.train(tiny(tiny_data, out, "--stop_at=3"))
+    assert train.train([f"--out_dir={out}", "--resume"])["finished"]
+
+
+def test_evaluate_on_the_runs_own_data_checks_it_is_still_that_data(tiny_data, tmp_path, capsys):
+    import evaluate
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    out = tmp_path / "r"
+    train.train(tiny(prepared, out))
+    meta = data.load_meta(prepared)
+    groups = {}
+    for s in meta["sources"]:
+        groups.setdefault(s["split"], []).append(s["path"])
+    data.prepare_files(prepared, groups.pop("train"), {"val": groups["val"]}, workers=1, overwrite=True)
+    err = refused(evaluate.main, [str(out)], capsys)
+    assert "was trained on other data" in err and "data split 'other'" in err
+    assert evaluate.main([str(out), f"--data={prepared}"])["val"] > 0
+
+
+def test_a_sweep_runs_its_children_where_it_was_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sweep.run_child([sys.executable, "-c", "import os; open('here', 'w').write(os.getcwd())"]) == 0
+    assert (tmp_path / "here").read_text() == str(tmp_path)
+
 # ----------------------------------------------------------------------------- one set of rules
 def test_the_planner_refuses_what_train_refuses(tiny_data, tmp_path, capsys):
     k_list = micro_sweep(tmp_path, tiny_data)
@@ -253,6 +374,21 @@ def test_a_split_too_short_to_evaluate_is_refused_before_training(tmp_path, caps
         data.prepare(tmp_path / "e", {"train": [("some text", True)], "val": [("x", False)]}, workers=1)
     assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt", "v.txt"]
 
+
+def test_resume_never_goes_back_and_keeps_the_bpc_of_the_step_it_stops_at(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    first = train.train(tiny(tiny_data, out, "--stop_at=3"))  # step 3 is evaluated (eval_interval 3)
+    again = train.train([f"--out_dir={out}", "--resume", "--stop_at=3"])
+    assert first["final"] and again["final"] == first["final"]
+    train.train([f"--out_dir={out}", "--resume", "--stop_at=4"])
+    err = refused(train.main, [f"--out_dir={out}", "--resume", "--stop_at=2"], capsys)
+    assert "train.stop_at=2 is before step 4" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_a_device_that_is_not_here_is_refused(tiny_data, tmp_path, capsys):
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r", "--device=cuda"), capsys)
+    assert "train.device=cuda: no such CUDA device here" in err and not (tmp_path / "r").exists()
 
 # ----------------------------------------------------------------------------- every file read is checked
 def damaged_copy(tiny_data, tmp_path, split, change):
@@ -321,11 +457,28 @@ def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_dat
         train.train(tiny(tiny_data, finished) + ["--resume"])
 
 
-def test_a_damaged_plan_json_is_named(finished, capsys):
-    (finished.parent / "plan.json").write_text('[{"name": 3}]')
+@pytest.mark.parametrize("plan", ['[{"name": 3}]', '{"runs": []}', "[" * 100000,
+                                  '[{"name": "run", "arm": "a", "reuse": "weird", "kind": "moe", "shape": {}, "iters": 1, '
+                                  '"batch_seqs": 1, "D": 1, "lr": 0.1, "warmup": 1}]'])
+def test_a_damaged_plan_json_is_named(finished, capsys, plan):
+    (finished.parent / "plan.json").write_text(plan)
     err = refused(sweep.main, ["report", str(finished.parent)], capsys)
     assert "plan.json is damaged" in err
 
+
+def test_inputs_that_are_no_text_are_named(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(make_text(3, 500))
+    (tmp_path / "s.jsonl").write_text('{"text": "fine"}\n{"text": "ok \\ud800"}\n')
+    err = refused(data.main, ["--train", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "d"), "--workers=1"], capsys)
+    assert "s.jsonl:2: the field 'text' holds a lone surrogate" in err
+    err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--val", str(tmp_path / "t.txt"),
+                              "--out", str(tmp_path / "d"), "--workers=1"], capsys)
+    assert "holds the same bytes as the training source" in err
+    (tmp_path / "u.txt").write_text(make_text(4, 500))
+    data.main(["--train", str(tmp_path / "t.txt"), "--train", str(tmp_path / "u.txt"), "--out", str(tmp_path / "e"),
+               "--workers=1"])
+    meta = data.load_meta(tmp_path / "e")
+    assert [s["path"] for s in meta["sources"]] == [str(tmp_path / "t.txt"), str(tmp_path / "u.txt")]
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
 def start(argv, **kw):
@@ -386,3 +539,44 @@ def test_an_interrupted_sweep_stops_its_run_and_says_how_to_go_on(tiny_data, tmp
     assert err.strip().splitlines()[-1].startswith("sweep.py: interrupted (Ctrl-C); the runs that finished are kept")
     rundir.Lock(tmp_path / "out" / "dense-C").acquire().release()  # the run's train.py has ended: its lock is free
     assert sweep.status(tmp_path / "out" / "dense-C") in ("resumable", "finished")
+
+
+def test_ctrl_c_while_starting_ends_in_one_line(tiny_data, tmp_path):
+    proc = start([str(ROOT / "train.py"), *tiny(tiny_data, tmp_path / "r")])
+    time.sleep(0.3)  # torch is still loading
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_sigterm_to_a_data_preparation_and_its_workers_ends_it_cleanly(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(make_text(8, 6_000_000))
+    proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=2"],
+                 start_new_session=True)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # as Slurm, Docker and timeout do: the whole group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+def test_a_stop_after_the_work_is_done_says_so(tiny_data, tmp_path, capsys, monkeypatch):
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "show_sample", ctrl_c)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(tiny(tiny_data, tmp_path / "r", "--sample_tokens=50"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "while sampling; the run had finished" in err and sweep.status(tmp_path / "r") == "finished"
+    swap = rundir.replace_folder
+
+    def swap_then_ctrl_c(new, old):
+        swap(new, old)
+        os.kill(os.getpid(), signal.SIGINT)  # held back until the new data is in place
+    monkeypatch.setattr(rundir, "replace_folder", swap_then_ctrl_c)
+    (tmp_path / "t.txt").write_text(make_text(5, 500))
+    with pytest.raises(SystemExit) as exit_:
+        data.main(["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--workers=1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and "after the data was prepared" in err and data.load_meta(tmp_path / "d")

@@ -167,6 +167,7 @@ CASES = [
     ("bench", lambda t, r, d: ["expert", "--compile=sure"], "argument --compile: expected true or false"),
     ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "expected a file in a folder that exists"),
     ("bench", lambda t, r, d: ["gpu-check", "--device=cuda"], "--device=cuda: no such CUDA device here"),
+    ("bench", lambda t, r, d: ["profile", str(text_file(t, "nomodel.toml", "[train]\niters = 3\n"))], "no [model] table"),
 ]
 PROGRAMS = {"train": train.main, "sweep": sweep.main, "flops": flops.main, "data": data.main, "bench": bench.main}
 

@@ -85,6 +85,11 @@ def test_unreachable_plans_are_refused_with_the_numbers(tmp_path, kw, message):
         sweep.planned(micro(tmp_path, **kw))
 
 
+def test_two_targets_of_one_shape_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"sweep.ra = \[0.41, 0.413\]: two entries give the same MoE \(moe-ra41.3"):
+        sweep.planned(micro(tmp_path, ra="[0.41, 0.413]"))
+
+
 def test_k_beyond_the_total_width_is_refused(tmp_path):
     text = MICRO.format(data="x", compute="2e9", ra="[0.4]", reuse='["none"]', dense_Dm=48)
     path = write(tmp_path, text.replace("ra = [0.4]", "K = [3, 30]\nDe = 8"))
@@ -117,6 +122,9 @@ def test_unequal_plans_need_allow_unequal(tmp_path):
     (lambda t: t.replace("Dh = 16\nDffn = 88", "Dh = 16\nDffn = 88\nE = 4"), r"unknown key moe.E"),
     (lambda t: t.replace("compute = 2e9\n", ""), r"sweep.compute is required"),
     (lambda t: t.replace("ra = [0.413, 0.496]", "ra = [20, 30]"), r"fractions in \(0, 1\], got 20 \(write 0.2 for 20 %\)"),
+    (lambda t: t.replace('reuse = ["none"]', 'reuse = ["none", "none"]'), r"sweep.reuse = \['none', 'none'\] repeats"),
+    (lambda t: t.replace('reuse = ["none"]', "reuse = []"), r"sweep.reuse = \[\]: expected at least one of"),
+    (lambda t: t.replace("eval_tokens = 512", "overwrite = true"), r"train.overwrite: a sweep never replaces a run"),
 ])
 def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
     path = write(tmp_path, edit(micro(tmp_path).read_text()), "bad.toml")
