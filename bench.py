@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -229,12 +228,11 @@ def model_args(shape):
 def load_shape(path, flag="--config"):
     """The [model] shape of a TOML file given with flag, the flag and the file named on any error."""
     try:
-        with open(path, "rb") as f:
-            model = tomllib.load(f).get("model")
+        model = rundir.load_toml(path).get("model")
         if not isinstance(model, dict):
             raise ValueError("no [model] table: expected a config with the model's shape")
         return flops.shape_from_dict(model, path)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+    except ValueError as e:
         raise ValueError(f"{flag}={path}: {e}") from None
 
 
@@ -456,6 +454,12 @@ def main(argv=None):
     rundir.stop_on_signals()
     if a.json is not None and (not a.json.strip() or Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):
         p.error(f"--json={a.json!r}: expected a file in a folder that exists")
+    if a.json is not None:
+        try:
+            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith("bench.py"),
+                                     "a bench.py result")
+        except ValueError as e:
+            p.error(f"--json: {e}")
     if getattr(a, "peak_flops", 0.0) is not None and not 0 <= getattr(a, "peak_flops", 0.0) <= 1e30:
         p.error(f"--peak_flops={a.peak_flops}: expected FLOP/s in 0..1e30 (0: the datasheet's, or a measured matmul)")
     for key in ("moe", "dense", "config", "data"):
@@ -483,9 +487,7 @@ def main(argv=None):
         print(f"bench.py {a.what}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        stop = rundir.interrupted(e)
-        print(f"bench.py {a.what}: {stop.what}; nothing was written", file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted(f"bench.py {a.what}", e, "; nothing was written")
     if a.json:
         try:
             rundir.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))

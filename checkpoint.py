@@ -66,7 +66,7 @@ def read_manifest(folder):
 def sha256(path):
     """A file's sha256, read without following a link."""
     h = hashlib.sha256()
-    with os.fdopen(rundir.open_nofollow(path, os.O_RDONLY), "rb") as f:
+    with rundir.open_plain(path) as f:
         while block := f.read(1 << 24):
             h.update(block)
     return h.hexdigest()
@@ -84,6 +84,15 @@ def check(state, path, mcfg, tcfg, meta, plan):
              f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
     if diff:
         raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
+
+
+def looks_like_ours(path):
+    """Whether ckpt.pt is a checkpoint of this train.py (its fields, read without loading the tensors)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch file, or one that cannot be mapped: not ours
+        return False
+    return isinstance(state, dict) and "sha256" in state and state_problem(state, whole=True) is None
 
 
 def state_problem(state, whole):
@@ -162,7 +171,11 @@ def remove_sharded(folder):
 def verify(folder, manifest, rank, world):
     """Every rank hashes a share of the files against the manifest; any mismatch is named, on every rank."""
     names = sorted(manifest["files"])
+    held = sorted(p.name for p in folder.iterdir() if not rundir.TEMPORARY.fullmatch(p.name)) if folder.is_dir() else []
     bad = []
+    if rank == 0:  # a manifest that leaves files out would hand DCP half a checkpoint
+        bad += [f"{folder.parent / 'latest.json'} does not list {n}" for n in (".metadata", "extra.pt") if n not in names]
+        bad += [f"{folder / n} is not listed in {folder.parent / 'latest.json'}" for n in held if n not in names]
     for name in names[rank::world]:
         path = folder / name
         if not path.exists():

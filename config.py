@@ -7,7 +7,6 @@ the key, the value and what is accepted (train.py turns it into exit code 2).
 """
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -90,13 +89,7 @@ def parse_value(key, raw, typ):
 def read_toml(path, allowed=SECTIONS):
     """{section: {key: value}} of a config file, with unknown tables and keys refused."""
     owner = {f.name: sec for sec, cls in allowed.items() for f in fields(cls)}
-    if Path(path).exists() and not Path(path).is_file():
-        raise ValueError(f"{path}: not a plain file: expected a TOML config")
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    cfg = rundir.load_toml(path)
     out = {name: {} for name in allowed}
     for sec, table in cfg.items():
         if sec not in allowed or not isinstance(table, dict):
@@ -233,6 +226,11 @@ def check_train(t):
     if t.micro_batch and t.batch_seqs and t.micro_batch > t.batch_seqs:
         raise ValueError(f"train.micro_batch={t.micro_batch} is more than train.batch_seqs={t.batch_seqs}: expected a "
                          f"micro_batch that divides the batch")
+    if t.unique_tokens != int(t.unique_tokens):
+        raise ValueError(f"train.unique_tokens={t.unique_tokens} is not allowed: expected a whole number of tokens")
+    if t.gpu_mem and t.gpu_mem <= 2:  # parallel.RESERVE
+        raise ValueError(f"train.gpu_mem={t.gpu_mem} is not allowed: expected more than the 2 GiB kept for CUDA and "
+                         f"NCCL (or 0: what CUDA reports)")
     if t.lr and t.min_lr > t.lr:
         raise ValueError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine would rise to the end; expected "
                          f"min_lr <= lr")

@@ -120,6 +120,7 @@ def _init_worker(name, pool=False):
     if pool:  # Ctrl-C and SIGTERM are the parent's to handle: one message, no traceback per worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        rundir.die_with_parent(signal.SIGKILL)  # and a parent killed outright leaves no worker behind
 
 
 def _encode(pieces):
@@ -302,7 +303,8 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
                 while pending:
                     consume(pending.popleft().result(), f)
             finally:  # on an error or a signal, the pieces still queued are dropped, not tokenised first
-                ex.shutdown(wait=True, cancel_futures=True)
+                with rundir.signals_held():  # a second Ctrl-C must not leave the pool half shut down
+                    ex.shutdown(wait=True, cancel_futures=True)
     if shuffle_seed is not None and stats["tokens"]:
         shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
         stats["shuffle_seed"] = shuffle_seed
@@ -369,7 +371,7 @@ def fresh_folder(out):
     removing what a killed data.py left there (folders of processes that are no more)."""
     for old in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
         pid = old.name[len(out.name) + 2:-4]
-        if pid.isdigit() and old.is_dir() and not old.is_symlink() and not alive(int(pid)):
+        if pid.isdigit() and old.is_dir() and not old.is_symlink() and not rundir.alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     new = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(new, ignore_errors=True) if new.is_dir() and not new.is_symlink() else None
@@ -377,14 +379,11 @@ def fresh_folder(out):
     return new
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+
+
+
+def source_flag(source):
+    return "--train " if source["split"] == "train" else f"--val {source['split']}="
 
 
 def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED,
@@ -398,11 +397,12 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
             raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
     groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
     sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
-    trained = {s["sha256"]: s["path"] for s in sources if s["split"] == "train"}
-    for s in sources:
-        if s["split"] != "train" and s["sha256"] in trained:
-            raise ValueError(f"--val {s['split']}={s['path']} holds the same bytes as the training source "
-                             f"{trained[s['sha256']]}: a validation set must be text the model does not train on")
+    seen = {}
+    for s in sources:  # the same bytes twice: trained on twice, or validated on training text
+        first = seen.setdefault(s["sha256"], s)
+        if first is not s:
+            raise ValueError(f"{source_flag(s)}{s['path']} holds the same bytes as {source_flag(first)}{first['path']}: "
+                             f"each source once, and a validation set of text the model does not train on")
 
     def docs(paths):
         for p in paths:
@@ -461,16 +461,28 @@ def check_out(out_dir, overwrite):
         raise ValueError(f"--out={out} is {rundir.folder_problem(out)}: expected a folder")
     if not out.exists() or not any(out.iterdir()):
         return
-    prepared = (out / "meta.json").is_file() and not (out / "meta.json").is_symlink()
-    others = sorted(p.name for p in out.iterdir()
-                    if not (prepared and (p.name == "meta.json" or re.fullmatch(r"[\w-]+\.bin", p.name) and p.is_file()
-                                          and not p.is_symlink())))
+    files = prepared_files(out)
+    others = sorted(p.name for p in out.iterdir() if files is None or p.name not in files or not p.is_file() or p.is_symlink())
     if others:
-        raise ValueError(f"--out={out} holds {'other files than prepared data' if prepared else 'files and no meta.json'} "
+        raise ValueError(f"--out={out} holds {'other files than prepared data' if files else 'files and no meta.json of data.py'} "
                          f"({', '.join(others[:5])}{', …' if len(others) > 5 else ''}): expected a new or empty folder, "
                          f"or one data.py prepared")
     if not overwrite:
         raise ValueError(f"--out={out} holds prepared data already (meta.json): give --overwrite to prepare it again")
+
+
+def prepared_files(folder):
+    """The files of a folder that data.py prepared (of any format): meta.json and the token file of each split
+    it lists; None when its meta.json is no data.py's."""
+    try:
+        meta = json.loads(rundir.read_bytes(Path(folder) / "meta.json"))
+        splits = meta["splits"]
+        if not (isinstance(meta.get("format"), int) and isinstance(splits, dict) and splits and all(
+                isinstance(v, dict) and v.get("file") == f"{k}.bin" for k, v in splits.items())):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return {"meta.json", *(f"{name}.bin" for name in splits)}
 
 
 def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED,
@@ -493,9 +505,9 @@ def default_dir(tokenizer_name):
 def meta_format(data_dir):
     """The format of a prepared folder's meta.json: 0 when there is none (or it cannot be read)."""
     try:
-        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+        meta = json.loads(rundir.read_bytes(Path(data_dir) / "meta.json", follow=True))
         return meta["format"] if isinstance(meta, dict) and rundir.is_count(meta.get("format")) else 0
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return 0
 
 
@@ -505,13 +517,25 @@ def load_meta(data_dir):
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
     try:
-        meta = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError) as e:
+        meta = json.loads(rundir.read_bytes(path, follow=True))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, rundir.RunDirError) as e:
         raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__})") from None
-    problem = meta_problem(meta)
+    problem = meta_problem(meta) or tokenizer_problem(meta)
     if problem:
         raise ValueError(f"{path} was not read: {problem}; prepare the data again with data.py")
     return meta
+
+
+def tokenizer_problem(meta):
+    """Whether meta.json's tokenizer, vocabulary and end-of-text token agree with the tokenizer itself."""
+    try:
+        tok = get_tokenizer(meta["tokenizer"])
+    except ValueError as e:
+        return f"its tokenizer {meta['tokenizer']!r} cannot be loaded here ({str(e).splitlines()[0][:160]})"
+    if (tok.n_vocab, tok.eot) != (meta["vocab_size"], meta["eot"]):
+        return (f"it says tokenizer {meta['tokenizer']} has {meta['vocab_size']:,} tokens (end of text {meta['eot']}), "
+                f"which has {tok.n_vocab:,} (end of text {tok.eot})")
+    return None
 
 
 def meta_problem(meta):
@@ -553,6 +577,8 @@ def open_split(data_dir, split, meta=None):
         raise ValueError(f"{data_dir}: no split {split!r} (it has {', '.join(meta['splits'])})")
     info = meta["splits"][split]
     path = Path(data_dir) / info["file"]
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a plain file (meta.json lists it as the {split} split): prepare the data again")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (meta.json lists it): prepare the data again")
     itemsize = np.dtype(meta["dtype"]).itemsize
@@ -754,10 +780,7 @@ def main(argv=None):
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        stop = rundir.interrupted(e)
-        print("data.py: " + getattr(stop, "message", f"{stop.what}: nothing was written; "
-                                                      f"{a.out or default_dir(a.tokenizer)} is as it was"), file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted("data.py", e, f": nothing was written; {a.out or default_dir(a.tokenizer)} is as it was")
 
 
 if __name__ == "__main__":

@@ -90,9 +90,7 @@ def main(argv=None):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        stop = rundir.interrupted(e)
-        print(f"evaluate.py: {stop.what}", file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted("evaluate.py", e)
     if a.json:
         print(json.dumps({"run": a.run_dir, "step": state["step"], **{f"bpc_{k}": v for k, v in bpc.items()}}))
     else:

@@ -11,8 +11,9 @@ N counts non-vocabulary parameters only: no embeddings, no LM head, no norms (SP
 import argparse
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields
+
+import rundir
 
 SCHEMES = ("dense", "full", "1dense", "interleave")
 
@@ -316,8 +317,7 @@ def main(argv=None):
     given = {f.name: getattr(a, f.name) for f in fields(Shape) if getattr(a, f.name) is not None}
     try:
         if a.config is not None:
-            with open(a.config, "rb") as fh:
-                cfg = tomllib.load(fh)
+            cfg = rundir.load_toml(a.config)
             if not isinstance(cfg.get("model"), dict):
                 raise ValueError(f"{a.config} has no [model] table" + (
                     ": it is a sweep file, see python sweep.py plan " + a.config if "sweep" in cfg else ""))
@@ -328,13 +328,16 @@ def main(argv=None):
                 source = {"D": f"{a.config}: train.tokens", "C": f"{a.config}: train.compute"}
         else:
             shape = Shape(**given)
-    except (OSError, tomllib.TOMLDecodeError, ValueError) as e:
+    except ValueError as e:
         p.error(f"{e}" if a.config is None or a.config in str(e) else f"{a.config}: {e}")
     for key, hi in (("D", 2**53), ("C", 1e30)):  # the ranges of train.tokens and train.compute
         v = getattr(a, key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
             p.error(f"{source[key]}={v}: expected a finite number in (0, {hi:.3g}]")
     r = summary(shape, a.include_router, D=a.D, C=a.C)
+    if "D" in r and r["D"] < 1:
+        key = "C" if a.C is not None else "D"
+        p.error(f"{source[key]}={getattr(a, key)}: {r['D']:.3g} tokens: expected at least one")
     print(json.dumps(r) if a.json else format_summary(r))
 
 

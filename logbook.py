@@ -15,8 +15,9 @@ import rundir
 
 
 class Logbook:
-    def __init__(self, log_path, plan, S, step, rank, world, device, M_exec, peak):
+    def __init__(self, log_path, plan, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
         self.log_path, self.plan, self.S, self.world, self.device = log_path, plan, S, world, device
+        self.eval_tokens = eval_tokens  # recorded with each evaluation: what its BPC was measured on
         self.master, self.M_exec, self.peak = rank == 0, M_exec, peak
         self.sums = torch.zeros(3, device=device)  # loss, ce, balance over the interval's micro-batches
         self.load_sum, self.data_time, self.last_bpc = None, 0.0, {}
@@ -70,7 +71,8 @@ class Logbook:
         self.last_bpc = {f"bpc_{k}": v for k, v in bpc.items()}
         keep = ("lr", "loss", "ce", "balance", "load_max_over_mean", "tokens_per_s")
         self.write({**{k: record[k] for k in keep if k in record}, "kind": "eval", "step": step,
-                    "tokens": step * self.plan.batch_seqs * self.S, "epoch": epoch, **self.last_bpc})
+                    "tokens": step * self.plan.batch_seqs * self.S, "epoch": epoch, "eval_tokens": self.eval_tokens,
+                    **self.last_bpc})
         if self.master:
             tqdm.write(f"step {step}/{self.plan.iters}: loss {record.get('loss', math.nan):.4f} balance "
                        f"{record.get('balance', math.nan):.3f} epoch {epoch:.2f} "

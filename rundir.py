@@ -27,6 +27,7 @@ import socket
 import stat
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json")
@@ -71,6 +72,30 @@ class Interrupted(KeyboardInterrupt):
 def interrupted(e):
     """The Interrupted behind a KeyboardInterrupt (Python raises a plain one before stop_on_signals runs)."""
     return e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+
+
+def exit_interrupted(program, e, otherwise="", quiet=False):
+    """End a program stopped by Ctrl-C or SIGTERM: one line (the stop's own message, else what happened and
+    `otherwise`), exit 128 + signal. Signals are ignored while the line is printed: a second Ctrl-C right
+    after the first must not turn it into a traceback."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    stop = interrupted(e)
+    if not quiet:
+        print(f"{program}: {getattr(stop, 'message', None) or stop.what + otherwise}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.exit(stop.code)
+
+
+def die_with_parent(sig=signal.SIGTERM):
+    """Ask Linux to send this process sig when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))
+        except (OSError, AttributeError):
+            pass
 
 
 def stop_on_signals():
@@ -124,14 +149,26 @@ def link_refused(path):
                        f"point anywhere); remove the link")
 
 
+def own_file_problem(st):
+    """Why a file (its stat) is not one a run may write in place, or None: a FIFO or a device, or a file with
+    other hard links, whose other names would change with it (a symbolic link is refused on opening)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a plain file"
+    if st.st_nlink > 1:
+        return f"a file with {st.st_nlink - 1} other hard link(s)"
+    return None
+
+
 def refuse_link(path):
     if Path(path).is_symlink():
         raise link_refused(path)
 
 
-def open_plain(path):
-    """A plain file opened for reading, neither through a link nor a FIFO or device (which could block)."""
-    fd = open_nofollow(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+def open_plain(path, follow=False):
+    """A plain file opened for reading: never a FIFO or a device (which could block forever), and never
+    through a link unless follow (a user's input may be one; a run's files never are)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags) if follow else open_nofollow(path, flags)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise RunDirError(f"{path} is not a plain file")
@@ -151,10 +188,18 @@ def folder_problem(path):
     return None
 
 
-def read_bytes(path):
-    """A plain file's bytes, refusing a symbolic link."""
-    with open_plain(path) as f:
+def read_bytes(path, follow=False):
+    """A plain file's bytes (open_plain)."""
+    with open_plain(path, follow) as f:
         return f.read()
+
+
+def load_toml(path):
+    """A TOML file as a dict; a missing, unreadable or malformed file is named in one ValueError."""
+    try:
+        return tomllib.loads(read_bytes(path, follow=True).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and RunDirError are ValueErrors
+        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -221,6 +266,19 @@ def _exchange(a, b):
     return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+def check_replaceable(path, ours, what):
+    """An output file is written over only when it is one of ours (ours(bytes)); anything else of that name
+    is named and kept (a typo in --json must not replace a run's summary)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        try:
+            mine = ours(read_bytes(path))
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable, or no such content
+            mine = False
+        if not mine:
+            raise RunDirError(f"{path} exists and is not {what}: it is kept; move it away, or write elsewhere")
+
+
 def disk_full(path, needed, free):
     need = f"{needed:,} bytes needed" if needed else "more bytes needed"
     return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); the previous {path.name} is untouched")
@@ -246,10 +304,11 @@ class Lock:
         except ImportError:  # not POSIX: no lock, as before
             return self
         self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+        problem = own_file_problem(os.fstat(self.fd))
+        if problem:
             os.close(self.fd)
             self.fd = None
-            raise RunDirError(f"{self.path} is not a plain file: a run's lock is one; move it away by hand")
+            raise RunDirError(f"{self.path} is {problem}: a run's lock is a file of its own; move it away by hand")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -295,7 +354,8 @@ def check_new_run(out_dir, overwrite):
 
 def check_run_files(out_dir):
     """The run files in out_dir, each what train.py writes there, or refused before anything is touched:
-    no link, a plain file for each file, a folder for ckpt/ that holds nothing but checkpoints."""
+    no link, a plain file of its own (no other hard link) for each file, a folder for ckpt/ that holds
+    nothing but checkpoints."""
     out = Path(out_dir)
     found = run_files(out)
     for name in found:
@@ -303,29 +363,51 @@ def check_run_files(out_dir):
         refuse_link(target)
         if name == "ckpt" and not target.is_dir():
             raise RunDirError(f"{target} is not a folder: a run keeps its sharded checkpoints there; move it away by hand")
-        if name != "ckpt" and not target.is_file():
-            raise RunDirError(f"{target} is {'a folder' if target.is_dir() else 'no plain file'} where a run keeps a file: "
-                              f"train.py did not write it; move it away by hand")
+        if name != "ckpt" and (target.is_dir() or own_file_problem(target.stat())):
+            problem = "a folder" if target.is_dir() else own_file_problem(target.stat())
+            raise RunDirError(f"{target} is {problem} where a run keeps a file of its own: it is not train.py's; move "
+                              f"it away by hand")
     if "ckpt" in found:
-        strangers = sorted(p.name for p in (out / "ckpt").iterdir() if not CKPT_ENTRY.fullmatch(p.name))
+        strangers = [p for p in (out / "ckpt").iterdir() if not CKPT_ENTRY.fullmatch(p.name)]
+        for step in (out / "ckpt").glob("step-*"):
+            if CKPT_ENTRY.fullmatch(step.name) and step.is_dir() and not step.is_symlink():
+                strangers += [p for p in step.iterdir() if not STEP_ENTRY.fullmatch(p.name)]
+            elif CKPT_ENTRY.fullmatch(step.name):
+                strangers.append(step)
         if strangers:
-            raise RunDirError(f"{out / 'ckpt'} holds files that are no checkpoint ({', '.join(strangers[:5])}): "
+            names = sorted(str(p.relative_to(out / "ckpt")) for p in strangers)
+            raise RunDirError(f"{out / 'ckpt'} holds files that are no checkpoint ({', '.join(names[:5])}): "
                               f"train.py would delete them; move them away by hand")
     return found
 
 
 CKPT_ENTRY = re.compile(r"latest\.json|\.latest\.json\.\d+\.tmp|step-\d{8}")  # what checkpoint.save writes in ckpt/
-TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # atomic_write's temporary files
+STEP_ENTRY = re.compile(r"__\d+_\d+\.distcp|\.metadata|extra\.pt|\.extra\.pt\.\d+\.tmp")  # and in ckpt/step-<n>/
+TEMPORARY = re.compile(r"\.(config\.toml|log\.jsonl|ckpt\.pt|summary\.json|latest\.json|extra\.pt)\.(\d+)\.tmp")
 
 
 def remove_temporaries(out_dir):
-    """With the lock held (no other writer): the temporary files that killed writers left behind."""
+    """With the lock held: the temporary files of this run's atomic writes that killed writers left behind
+    (their names, and processes that are no more)."""
     out = Path(out_dir)
-    for folder in (out, out / "ckpt"):
+    folders = [out, out / "ckpt", *(out / "ckpt").glob("step-*")]
+    for folder in folders:
         if folder.is_dir() and not folder.is_symlink():
             for p in folder.iterdir():
-                if TEMPORARY.fullmatch(p.name) and (p.is_file() or p.is_symlink()):
+                m = TEMPORARY.fullmatch(p.name)
+                if m and (p.is_file() or p.is_symlink()) and not alive(int(m.group(2))):
                     p.unlink()
+
+
+def alive(pid):
+    """Whether a process of this pid runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 class Aside:
@@ -446,7 +528,7 @@ def read_checkpoint(path):
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     try:
-        with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as f:
+        with open_plain(path) as f:
             state = torch.load(f, map_location="cpu", weights_only=True)
     except RunDirError:
         raise
@@ -468,6 +550,10 @@ LOG_KINDS = ("train", "eval")
 def append_log(path, record):
     """One line, flushed: a kill loses at most the line being written, which read_log then drops."""
     fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    problem = own_file_problem(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise RunDirError(f"{path} is {problem}: a run's log is a file of its own; move it away by hand")
     with os.fdopen(fd, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
@@ -491,11 +577,16 @@ def read_log(path):
                 raise RunDirError(f"{path}:{n} is damaged (not a JSON line) and is not the last line") from None
             warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
             continue
-        if not (isinstance(record, dict) and record.get("kind") in LOG_KINDS and is_count(record.get("step"))):
-            raise RunDirError(f"{path}:{n} is damaged: expected a JSON object with a kind ({' or '.join(LOG_KINDS)}) "
-                              f"and a step (an integer >= 0)")
+        if not (isinstance(record, dict) and record.get("kind") in LOG_KINDS and is_count(record.get("step"))
+                and all(is_number(v) for k, v in record.items() if k.startswith("bpc_"))):
+            raise RunDirError(f"{path}:{n} is damaged: expected a JSON object with a kind ({' or '.join(LOG_KINDS)}), "
+                              f"a step (an integer >= 0) and finite bits per character")
         records.append(record)
     return records
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_count(v):
@@ -516,9 +607,7 @@ def summary_problem(summary):
     if not isinstance(summary.get("finished"), bool) or not is_count(summary.get("step")):
         return "no finished (true or false) and step (an integer >= 0)"
     final = summary.get("final")
-    if not isinstance(final, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for k, v in final.items()):
+    if not isinstance(final, dict) or not all(isinstance(k, str) and is_number(v) for k, v in final.items()):
         return "final is not a table of bits per character"
     config = summary.get("config")
     if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and isinstance(config.get("train"), dict)):

@@ -71,9 +71,7 @@ def main(argv=None):
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        stop = rundir.interrupted(e)
-        print(f"\nsample.py: {stop.what}", file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted("sample.py", e)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ refused with the numbers (SPEC §8).
 import argparse
 import json
 import math
-import signal
+import shlex
 import subprocess
 import sys
-import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -92,11 +91,7 @@ class Run:
 def load_sweep(path):
     """(Sweep, MoE Arm, dense Arm, [train] overrides) from a sweep TOML; errors name the file and key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    cfg = rundir.load_toml(path)
     for table in cfg:
         if table not in ("sweep", "moe", "dense", "train") or not isinstance(cfg[table], dict):
             raise ValueError(f"{path}: unknown table [{table}]: expected [sweep], [moe], [dense] and [train]")
@@ -112,7 +107,7 @@ def load_sweep(path):
     if sweep.K and not sweep.De:
         raise ValueError(f"{path}: [sweep] K = {sweep.K} needs De, the expert width")
     for key, ok, allowed in (("compute", lambda v: 0 < v <= 1e30, "FLOPs in (0, 1e30]"),
-                             ("dense_2C", lambda v: 0 < v <= 1e3, "a multiple of C in (0, 1000]"),
+                             ("dense_2C", lambda v: 1 < v <= 1e3, "a multiple of C in (1, 1000]: the baseline above C"),
                              ("tolerance", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
                              ("E_pref", lambda v: 1 <= v <= flops.LIMITS["E"], f"an integer in 1..{flops.LIMITS['E']}"),
                              ("De", lambda v: 0 <= v <= flops.LIMITS["De"], f"an integer in 0..{flops.LIMITS['De']}"),
@@ -141,6 +136,9 @@ def load_sweep(path):
         raise ValueError(f"{path}: sweep.reuse = []: expected at least one of {', '.join(REUSE)}")
     moe = _arm(cfg, "moe", path, needs_mu=True)
     dense = _arm(cfg, "dense", path, needs_mu=False)
+    if dense.shape.S != moe.shape.S:
+        raise ValueError(f"{path}: dense.S = {dense.shape.S} and moe.S = {moe.shape.S}: the twins of a sweep see the same "
+                         f"context, or C and the tokens per step mean other things")
     train_over = cfg.get("train", {})
     import config  # torch comes with it: only where runs are made
     known = {f.name for f in fields(config.TrainConfig)}
@@ -479,14 +477,8 @@ def run_child(cmd):
     """A train.py child that ends with this process. It runs in a session of its own, so that Ctrl-C at the
     terminal reaches this process alone, which passes the signal (or SIGTERM) on once and gives the child
     a minute to stop in its own words; if this process dies, the kernel sends the child SIGTERM (Linux)."""
-    def die_with_parent():
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
     child = subprocess.Popen(cmd, start_new_session=True,  # in this folder: relative paths mean what they mean here
-                             preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+                             preexec_fn=rundir.die_with_parent)
     try:
         return child.wait()
     except KeyboardInterrupt as e:
@@ -551,15 +543,17 @@ def emit_slurm(path, out, nproc, runs):
         raise ValueError(f"--nproc={nproc}: expected processes per run >= 1")
     script = Path(out) / "sweep.sbatch"
     script.parent.mkdir(parents=True, exist_ok=True)
+    q = shlex.quote
     rundir.write_text(script, f"""#!/bin/bash
-#SBATCH --job-name=sweep-{Path(path).stem}
+#SBATCH --job-name={q("sweep-" + Path(path).stem)}
 #SBATCH --array=0-{len(runs) - 1}
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node={nproc}
-#SBATCH --output={Path(out).resolve()}/slurm-%A_%a.log
+#SBATCH --output={q(str(Path(out).resolve() / "slurm-%A_%a.log"))}
 # {len(runs)} runs planned from {path}; resubmitting resumes unfinished runs and skips finished ones.
-cd {Path.cwd()}
-python sweep.py run {Path(path).resolve()} --out={Path(out).resolve()} --nproc={nproc} --only=$SLURM_ARRAY_TASK_ID
+cd {q(str(Path.cwd()))}
+{q(sys.executable)} {q(str(ROOT / "sweep.py"))} run {q(str(Path(path).resolve()))} --out={q(str(Path(out).resolve()))} \\
+    --nproc={nproc} --only=$SLURM_ARRAY_TASK_ID
 """)
     print(f"wrote {script}: sbatch {script}")
     if load_sweep(path)[0].reuse_at == ["best"]:
@@ -599,8 +593,8 @@ def main(argv=None):
     rundir.stop_on_signals()
     if getattr(a, "nproc", 1) is not None and not 1 <= getattr(a, "nproc", 1) <= 2**20:
         p.error(f"--nproc={a.nproc}: expected processes per run in 1..2^20")
-    if getattr(a, "gpu_mem", None) is not None and not 0 < a.gpu_mem <= 2**20:
-        p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in (0, 2^20]")
+    if getattr(a, "gpu_mem", None) is not None and not 2 < a.gpu_mem <= 2**20:  # above parallel.RESERVE
+        p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in (2, 2^20]: 2 GiB are kept for CUDA and NCCL")
     if getattr(a, "only", None) is not None and (a.only < 0 or a.emit):
         p.error(f"--only={a.only}: " + ("the script of --emit runs every run, one array task each; give one of them"
                                          if a.emit else "expected the index of a run in the plan (0, 1, …)"))
@@ -635,10 +629,7 @@ def main(argv=None):
         print(f"sweep.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        stop = rundir.interrupted(e)
-        print(f"sweep.py: {stop.what}; the runs that finished are kept, and the same command resumes the rest",
-              file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted("sweep.py", e, "; the runs that finished are kept, and the same command resumes the rest")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def collect(run_dir):
     rows = []
     for summary in sorted(run_dir.glob("*/summary.json")):
         s = rundir.read_summary(summary)
-        if s is None or not all(isinstance(s.get(k), (int, float)) for k in ("ra", "N", "C", "D", "unique_tokens", "epochs")) \
+        if s is None or not all(rundir.is_number(s.get(k)) for k in ("ra", "N", "C", "D", "unique_tokens", "epochs")) \
                 or not all(k in s["config"]["model"] for k in SHAPE):
             rundir.warn(f"{summary}: left out of the report (damaged): sweep.py run resumes that run")
             continue
@@ -186,6 +186,11 @@ def plot(table, split, path):
     return path
 
 
+MARK = "<!-- sweep.py report: written again by each report -->\n"
+REPORT_FILES = {"report.md": lambda b: b.startswith(MARK.encode()), "report.csv": lambda b: b.startswith(b"run,arm,"),
+                "report.png": lambda b: b.startswith(b"\x89PNG\r\n\x1a\n")}
+
+
 def report(run_dir, split=None):
     """report.md (one row per arm: mean ± sd over seeds), report.csv (one row per run), report.png."""
     rows = collect(run_dir)
@@ -197,7 +202,9 @@ def report(run_dir, split=None):
     table = arms(rows, splits)
     md = markdown(table, splits)
     run_dir = Path(run_dir)
-    rundir.write_text(run_dir / "report.md", md + "\n")
+    for name, ours in REPORT_FILES.items():  # written again by every report, and never over anything else
+        rundir.check_replaceable(run_dir / name, ours, "a sweep report")
+    rundir.write_text(run_dir / "report.md", MARK + md + "\n")
     per_run = io.StringIO()
     w = csv.DictWriter(per_run, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()

@@ -132,6 +132,9 @@ def make_plan(mcfg, tcfg, world):
     budget = next(f"train.{k}={v:.4g}" for k, v in budgets.items())
     if D / (B * mcfg.S) > MAX_TOKENS:
         raise ValueError(f"{budget} makes {D / (B * mcfg.S):.3g} iterations: expected a budget of at most 2^53 tokens")
+    if not tcfg.iters and D < B * mcfg.S / 2:
+        raise ValueError(f"{budget} buys {D:.4g} tokens, less than half a step of {B:,} × S={mcfg.S:,} tokens: expected "
+                         f"a budget of at least one step")
     iters = tcfg.iters or max(1, round(D / (B * mcfg.S)))
     D = iters * B * mcfg.S  # tokens consumed
     if D > MAX_TOKENS:
@@ -343,7 +346,12 @@ def check_replaceable(out, overwrite, config_file):
         if not ours:
             raise rundir.RunDirError(f"{path} is not a run's config (train.py writes every [model] and [train] key): "
                                      f"--overwrite replaces only what train.py wrote; move it away by hand")
-    rundir.read_log(out / "log.jsonl")  # a log that is no run's is named
+    if "ckpt.pt" in found and not checkpoint.looks_like_ours(out / "ckpt.pt"):
+        raise rundir.RunDirError(f"{out / 'ckpt.pt'} is not a checkpoint of train.py: --overwrite replaces only what "
+                                 f"train.py wrote; move it away by hand")
+    if "log.jsonl" in found and (out / "log.jsonl").stat().st_size and not rundir.read_log(out / "log.jsonl"):
+        raise rundir.RunDirError(f"{out / 'log.jsonl'} holds no record of a run: --overwrite replaces only what "
+                                 f"train.py wrote; move it away by hand")
     if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
         raise rundir.RunDirError(f"{out / 'summary.json'} is not a run's summary: --overwrite replaces only what "
                                  f"train.py wrote; move it away by hand")
@@ -379,6 +387,8 @@ def train(argv):
         if device.type == "cpu":
             tune_malloc()
         run = check_run(mvals, tcfg, given, resume, world, device, rank)
+        if resume and not rundir.run_files(tcfg.out_dir) and not (Path(tcfg.out_dir) / rundir.ASIDE).exists():
+            raise FileNotFoundError(f"--resume: no run in {tcfg.out_dir} (no config.toml, no checkpoint)")
         if not resume:  # every rank refuses before any work; rank 0 checks again, locked
             rundir.check_new_run(tcfg.out_dir, tcfg.overwrite)
         if world > 1:
@@ -445,7 +455,8 @@ def run_training(run, rank, world, device, aside):
     eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
     end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
-    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device))
+    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device),
+                   tcfg.eval_tokens)
     model.train()
     try:
         while step < end:
@@ -469,7 +480,7 @@ def run_training(run, rank, world, device, aside):
                 rundir.raise_held(came)
         book.close()
         final = book.last_bpc
-        logged = [r for r in records if r["kind"] == "eval" and r["step"] == step]
+        logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
         if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
             final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
         elif not final and step >= plan.iters:  # resumed after the last checkpoint: finish the final evaluation
@@ -587,11 +598,8 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, whatever rank 0 was doing
-        stop = rundir.interrupted(e)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"train.py: {getattr(stop, 'message', stop.what + ' before training began: nothing to resume')}",
-                  file=sys.stderr)
-        sys.exit(stop.code)
+        rundir.exit_interrupted("train.py", e, " before training began: nothing was changed",
+                                quiet=os.environ.get("RANK", "0") != "0")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,57 @@ def test_a_killed_overwrite_is_finished_or_undone_by_the_next_start(finished, ti
     assert summary["finished"] and not (finished / ".replaced").exists()
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("ckpt.pt", b"weights I downloaded", "ckpt.pt is not a checkpoint of train.py"),
+    ("log.jsonl", b"my notes\n", "log.jsonl holds no record of a run"),
+    ("summary.json", b'{"mine": 1}', "summary.json is not a run's summary"),
+    ("config.toml", b"[train]\niters = 5\n", "config.toml is not a run's config")])
+def test_overwrite_refuses_run_file_names_holding_something_else(tiny_data, tmp_path, capsys, name, content, message):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / name).write_bytes(content)
+    assert message in refused(train.main, tiny(tiny_data, tmp_path / "u", "--overwrite=true"), capsys)
+    assert (tmp_path / "u" / name).read_bytes() == content
+
+
+def test_only_this_runs_own_temporary_files_are_cleared(tiny_data, tmp_path):
+    (tmp_path / "u").mkdir()
+    mine = {".draft.1.tmp": "important", ".ckpt.pt.1.tmp": "pid 1 is alive"}
+    for name, text in mine.items():
+        (tmp_path / "u" / name).write_text(text)
+    (tmp_path / "u" / ".ckpt.pt.999999999.tmp").write_text("a killed writer's")
+    train.train(tiny(tiny_data, tmp_path / "u"))
+    assert {n: (tmp_path / "u" / n).read_text() for n in mine} == mine
+    assert not (tmp_path / "u" / ".ckpt.pt.999999999.tmp").exists()
+
+
+def test_hard_links_are_never_written_through(tiny_data, tmp_path, capsys):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "hl").mkdir()
+    os.link(precious, tmp_path / "hl" / ".lock")
+    assert "other hard link" in refused(train.main, tiny(tiny_data, tmp_path / "hl"), capsys)
+    out = tmp_path / "r"
+    train.train(tiny(tiny_data, out, "--stop_at=3"))
+    os.link(out / "log.jsonl", tmp_path / "log-copy.jsonl")
+    assert "log.jsonl is a file with 1 other hard link" in refused(train.main, tiny(tiny_data, out) + ["--resume"], capsys)
+    assert precious.read_text() == "keep me"
+
+
+def test_outputs_are_written_only_over_their_own_kind(finished, tmp_path, capsys):
+    summary = (finished / "summary.json").read_bytes()
+    err = refused(bench_main, ["expert", "--T=64", "--Dm=32", "--E=4", "--K=2", "--De=16", "--rounds=1", "--warmup=0",
+                               "--compile=false", f"--json={finished / 'summary.json'}"], capsys)
+    assert "summary.json exists and is not a bench.py result" in err and (finished / "summary.json").read_bytes() == summary
+    (finished.parent / "report.md").write_text("# my notes")
+    assert "report.md exists and is not a sweep report" in refused(sweep.main, ["report", str(finished.parent)], capsys)
+    assert (finished.parent / "report.md").read_text() == "# my notes"
+
+
+def bench_main(argv):
+    import bench
+    bench.main(argv)
+
+
 def test_overwrite_replaces_only_what_train_wrote(finished, tiny_data, tmp_path, capsys):
     before = snapshot(finished)
     (finished / "ckpt").mkdir()
@@ -110,6 +161,12 @@ def test_overwrite_replaces_only_what_train_wrote(finished, tiny_data, tmp_path,
     err = refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
     assert "analysis.ipynb" in err and (finished / "ckpt" / "analysis.ipynb").read_text() == "mine"
     (finished / "ckpt" / "analysis.ipynb").unlink()
+    (finished / "ckpt" / "step-00000099").mkdir()  # a folder named like a checkpoint's, holding a notebook
+    (finished / "ckpt" / "step-00000099" / "notes.ipynb").write_text("mine")
+    err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true"), capsys)
+    assert "ckpt holds files that are no checkpoint (step-00000099/notes.ipynb)" in err
+    (finished / "ckpt" / "step-00000099" / "notes.ipynb").unlink()
+    (finished / "ckpt" / "step-00000099").rmdir()
     (finished / "ckpt").rmdir()
     assert snapshot(finished) == before
     # a config file that the user wrote where a run keeps its config.toml, given to this very command
@@ -170,10 +227,12 @@ def test_a_failed_data_overwrite_leaves_the_prepared_data_as_it_was(tiny_data, t
 
 
 @pytest.mark.parametrize("files,message", [
-    ({"thesis.tex": "years of work"}, "holds files and no meta.json (thesis.tex)"),
-    ({"firmware.bin": "not tokens"}, "holds files and no meta.json (firmware.bin)"),  # .bin files alone are no data
-    ({"meta.json/thesis.tex": "a folder named meta.json"}, "holds files and no meta.json (meta.json)"),
-    ({"meta.json": "{}", "train.bin": "", "notes.md": "mine"}, "holds other files than prepared data (notes.md)"),
+    ({"thesis.tex": "years of work"}, "holds files and no meta.json of data.py (thesis.tex)"),
+    ({"firmware.bin": "not tokens"}, "holds files and no meta.json of data.py (firmware.bin)"),  # .bin alone is no data
+    ({"meta.json/thesis.tex": "a folder named meta.json"}, "holds files and no meta.json of data.py (meta.json)"),
+    ({"meta.json": '{"model_type": "gpt2"}', "pytorch_model.bin": "weights"}, "no meta.json of data.py (meta.json, "),
+    ({"meta.json": '{"format": 3, "splits": {"train": {"file": "train.bin"}}}', "train.bin": "", "val.bin": "mine"},
+     "holds other files than prepared data (val.bin)"),
 ])
 def test_data_is_prepared_only_into_a_new_empty_or_prepared_folder(tmp_path, capsys, files, message):
     for name, text in files.items():
@@ -246,10 +305,16 @@ def test_a_fifo_or_a_dangling_link_where_a_run_keeps_a_file_is_refused_without_h
                                                                                      capsys):
     (finished / "summary.json").unlink()
     os.mkfifo(finished / "summary.json")
-    assert "summary.json is no plain file" in refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
+    assert "summary.json is not a plain file" in refused(train.main, tiny(tiny_data, finished) + ["--resume"], capsys)
     (tmp_path / "fresh").mkdir()
     os.mkfifo(tmp_path / "fresh" / ".lock")
     assert ".lock is not a plain file" in refused(train.main, tiny(tiny_data, tmp_path / "fresh"), capsys)
+    fifo_data = copy_data(tiny_data, tmp_path / "fifo-data")
+    (fifo_data / "meta.json").unlink()
+    os.mkfifo(fifo_data / "meta.json")
+    assert "meta.json is not a plain file" in refused(train.main, tiny(fifo_data, tmp_path / "r2"), capsys)
+    os.mkfifo(tmp_path / "sweep.toml")
+    assert "sweep.toml is not a plain file" in refused(sweep.main, ["plan", str(tmp_path / "sweep.toml")], capsys)
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     assert "train.out_dir=" in refused(train.main, tiny(tiny_data, tmp_path / "gone"), capsys)
 
@@ -314,6 +379,26 @@ def test_resume_before_the_first_checkpoint_keeps_the_runs_config(tiny_data, tmp
     assert train.train([f"--out_dir={out}", "--resume"])["finished"]
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: {**m, "tokenizer": "cl100k_base"}, "it says tokenizer cl100k_base has 256 tokens (end of text None), "
+                                                  "which has 100,277"),
+    (lambda m: {**m, "vocab_size": 50000, "dtype": "uint16"}, "it says tokenizer byte has 50,000 tokens"),
+    (lambda m: {**m, "tokenizer": "nonesuch"}, "its tokenizer 'nonesuch' cannot be loaded here")])
+def test_a_meta_json_whose_tokenizer_disagrees_is_refused(tiny_data, tmp_path, capsys, edit, message):
+    prepared = copy_data(tiny_data, tmp_path / "prepared")
+    (prepared / "meta.json").write_text(json.dumps(edit(json.loads((prepared / "meta.json").read_text()))))
+    err = refused(train.main, tiny(prepared, tmp_path / "r"), capsys)
+    assert message in err and not (tmp_path / "r").exists()
+
+
+def test_a_log_whose_numbers_are_not_numbers_is_named(tiny_data, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.train(tiny(tiny_data, out))
+    (out / "log.jsonl").write_text((out / "log.jsonl").read_text().replace('"bpc_val": ', '"bpc_val": "oops", "x": '))
+    (out / "summary.json").unlink()
+    assert "finite bits per character" in refused(train.main, tiny(tiny_data, out) + ["--resume"], capsys)
+
+
 def test_a_run_folder_named_in_any_unicode_resumes(tiny_data, tmp_path):
     out = tmp_path / "run 😀 ü"
     train.train(tiny(tiny_data, out, "--stop_at=3"))
@@ -353,6 +438,10 @@ def test_the_planner_refuses_what_train_refuses(tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
+    (["--iters=0", "--tokens=10"], "train.tokens=10 buys 10 tokens, less than half a step"),
+    (["--iters=0", "--compute=1"], "train.compute=1 buys"),
+    (["--unique_tokens=0.5"], "train.unique_tokens=0.5 is not allowed: expected a whole number of tokens"),
+    (["--gpu_mem=1"], "train.gpu_mem=1.0 is not allowed: expected more than the 2 GiB"),
     (["--lr=0.001", "--min_lr=0.01"], "train.min_lr=0.01 is above train.lr=0.001"),
     (["--min_lr=0.9"], "train.min_lr=0.9 is above the peak, the StepLaw rate"),
     (["--lr=0.5", "--weight_decay=5"], "AdamW multiplies every weight by 1 − lr·weight_decay"),
@@ -450,6 +539,17 @@ def test_a_summary_with_wrong_fields_counts_as_damaged(finished, tiny_data, caps
     assert "is damaged" in capsys.readouterr().err and again["final"] == summary["final"]
 
 
+def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):
+    import checkpoint
+    folder = tmp_path / "ckpt" / "step-00000006"
+    folder.mkdir(parents=True)
+    for name in ("extra.pt", ".metadata", "__0_0.distcp"):
+        (folder / name).write_bytes(name.encode())
+    files = {"extra.pt": checkpoint.sha256(folder / "extra.pt")}
+    with pytest.raises(rundir.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
+        checkpoint.verify(folder, {"step": 6, "dir": folder.name, "files": files}, 0, 1)
+
+
 def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_data):
     (finished / "ckpt").mkdir()
     (finished / "ckpt" / "latest.json").write_text(json.dumps({"step": 3, "dir": "../../elsewhere", "files": {}}))
@@ -473,7 +573,7 @@ def test_inputs_that_are_no_text_are_named(tmp_path, capsys):
     assert "s.jsonl:2: the field 'text' holds a lone surrogate" in err
     err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--val", str(tmp_path / "t.txt"),
                               "--out", str(tmp_path / "d"), "--workers=1"], capsys)
-    assert "holds the same bytes as the training source" in err
+    assert f"--val val={tmp_path / 't.txt'} holds the same bytes as --train {tmp_path / 't.txt'}" in err
     (tmp_path / "u.txt").write_text(make_text(4, 500))
     data.main(["--train", str(tmp_path / "t.txt"), "--train", str(tmp_path / "u.txt"), "--out", str(tmp_path / "e"),
                "--workers=1"])

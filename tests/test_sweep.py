@@ -125,6 +125,8 @@ def test_unequal_plans_need_allow_unequal(tmp_path):
     (lambda t: t.replace('reuse = ["none"]', 'reuse = ["none", "none"]'), r"sweep.reuse = \['none', 'none'\] repeats"),
     (lambda t: t.replace('reuse = ["none"]', "reuse = []"), r"sweep.reuse = \[\]: expected at least one of"),
     (lambda t: t.replace("eval_tokens = 512", "overwrite = true"), r"train.overwrite: a sweep never replaces a run"),
+    (lambda t: t.replace("Dffn = 128\nS = 32", "Dffn = 128\nS = 64"), r"dense.S = 64 and moe.S = 32"),
+    (lambda t: t.replace("compute = 2e9", "compute = 2e9\ndense_2C = 0.25"), r"sweep.dense_2C = 0.25 is not allowed"),
 ])
 def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
     path = write(tmp_path, edit(micro(tmp_path).read_text()), "bad.toml")
@@ -226,10 +228,11 @@ def test_report_gives_mean_and_sd_over_seeds(tmp_path):
 
 def test_emit_slurm_writes_an_array_job(tmp_path):
     path = micro(tmp_path)
-    script = sweep.emit_slurm(path, tmp_path / "out", 4, sweep.planned(path)[1])
+    script = sweep.emit_slurm(path, tmp_path / "my out", 4, sweep.planned(path)[1])
     text = script.read_text()
     assert "#SBATCH --array=0-3" in text and "#SBATCH --gpus-per-node=4" in text
     assert "--only=$SLURM_ARRAY_TASK_ID" in text and "--nproc=4" in text
+    assert f"{sys.executable} {ROOT / 'sweep.py'} run" in text and f"--out='{tmp_path / 'my out'}'" in text
 
 
 def test_cli_plan_json_and_errors(tmp_path):
