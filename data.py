@@ -518,7 +518,7 @@ def load_meta(data_dir):
         raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
     try:
         meta = json.loads(rundir.read_bytes(path, follow=True))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, rundir.RunDirError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__})") from None
     problem = meta_problem(meta) or tokenizer_problem(meta)
     if problem:

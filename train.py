@@ -331,30 +331,29 @@ def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, dev
 
 def check_replaceable(out, overwrite, config_file):
     """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
-    touched: a config.toml that is a run's resolved config and not this command's config file, a log and a
-    summary that read as a run's (rundir.check_new_run checks the kinds of file and the ckpt/ folder)."""
+    touched: a config.toml that is a run's resolved config and not this command's config file, a ckpt.pt
+    of train.py, a log and a summary that read as a run's (rundir.check_new_run checks the kinds of file
+    and the ckpt/ folder)."""
     found = rundir.check_new_run(out, overwrite)
+
+    def refuse(name, what):
+        raise rundir.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
     if "config.toml" in found:
-        path = out / "config.toml"
-        if config_file and Path(config_file).resolve() == path.resolve():
-            raise rundir.RunDirError(f"{path} is the config file of this command: --overwrite would replace it; copy it "
-                                     f"elsewhere first, or give another --out_dir")
+        if config_file and Path(config_file).resolve() == (out / "config.toml").resolve():
+            raise rundir.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
+                                     f"replace it; copy it elsewhere first, or give another --out_dir")
         try:
-            ours = is_run_config(read_toml(path))
+            ours = is_run_config(read_toml(out / "config.toml"))
         except ValueError:
             ours = False
         if not ours:
-            raise rundir.RunDirError(f"{path} is not a run's config (train.py writes every [model] and [train] key): "
-                                     f"--overwrite replaces only what train.py wrote; move it away by hand")
+            refuse("config.toml", "is not a run's config (train.py writes every [model] and [train] key)")
     if "ckpt.pt" in found and not checkpoint.looks_like_ours(out / "ckpt.pt"):
-        raise rundir.RunDirError(f"{out / 'ckpt.pt'} is not a checkpoint of train.py: --overwrite replaces only what "
-                                 f"train.py wrote; move it away by hand")
+        refuse("ckpt.pt", "is not a checkpoint of train.py")
     if "log.jsonl" in found and (out / "log.jsonl").stat().st_size and not rundir.read_log(out / "log.jsonl"):
-        raise rundir.RunDirError(f"{out / 'log.jsonl'} holds no record of a run: --overwrite replaces only what "
-                                 f"train.py wrote; move it away by hand")
+        refuse("log.jsonl", "holds no record of a run")
     if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
-        raise rundir.RunDirError(f"{out / 'summary.json'} is not a run's summary: --overwrite replaces only what "
-                                 f"train.py wrote; move it away by hand")
+        refuse("summary.json", "is not a run's summary")
     return found
 
 
