@@ -1,7 +1,7 @@
-"""Speed and memory benchmarks, and the GPU smoke test. Numbers go in the README with the command and
-the hardware.
+"""Speed and memory benchmarks, and the GPU smoke test. Numbers go in docs/results.md with the command
+and the hardware.
 
-    python bench.py gpu-check   # run first on a new GPU box: the CUDA paths against their references
+    python bench.py gpu-check   # run first on a new GPU box: the CUDA paths against their references (gpucheck.py)
     python bench.py expert      # MoE FFN vs a dense SwiGLU of the same active FLOPs (fwd + bwd)
     python bench.py attention   # ALiBi through FlexAttention vs SDPA with a bias vs causal flash (fwd + bwd)
     python bench.py step        # whole training steps: an MoE and a dense model of the same N
@@ -36,9 +36,11 @@ import config
 import flops
 import parallel
 import train
+from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
 
+from parallel import device_name
 from train import tune_malloc
 
 
@@ -155,16 +157,6 @@ def bench_expert(a):
               f"{extra('fixed routing', 'GEMMs only'):.2f} ms; grouped GEMMs + SwiGLU over the dense "
               f"FFN's {extra('GEMMs only', 'dense'):.2f} ms")
     return out
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def rel(a, b):
-    """‖a − b‖ / ‖b‖ over all elements, in fp64."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -456,7 +448,7 @@ def main(argv=None):
         p.error(f"--json={a.json!r}: expected a file in a folder that exists")
     if a.json is not None:
         try:
-            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith("bench.py"),
+            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
                                      "a bench.py result")
         except ValueError as e:
             p.error(f"--json: {e}")
@@ -479,7 +471,6 @@ def main(argv=None):
             torch.set_num_threads(a.threads)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
-        from gpucheck import gpu_check  # its own file; it uses bench's helpers
         run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
                "profile": bench_profile}[a.what]
         result = run(a)

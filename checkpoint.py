@@ -2,7 +2,7 @@
 
     ckpt.pt            one process or DDP: rank 0 writes everything (rundir.save_checkpoint, checksummed)
     ckpt/step-<n>/     FSDP: torch.distributed.checkpoint (DCP) writes each rank's shards, rank 0 extra.pt
-                       (loader, RNG, step, plan, config; checksummed as ckpt.pt is)
+                       (loader, RNG, step, schedule, config; checksummed as ckpt.pt is)
     ckpt/latest.json   names the last whole step-<n>/ with the sha256 of each of its files. It is written
                        last and atomically, so a save killed halfway leaves the previous step loadable.
 
@@ -73,15 +73,15 @@ def sha256(path):
 
 
 # ----------------------------------------------------------------------------- the check
-def check(state, path, mcfg, tcfg, meta, plan):
+def check(state, path, mcfg, tcfg, meta, sched):
     """The one place a resume is checked: the checkpoint must continue the identical trajectory, with the
-    same model, trajectory keys, data and plan, on any number of ranks (the plan does not depend on it).
+    same model, trajectory keys, data and schedule, on any number of ranks (the schedule does not depend on it).
     Anything else is refused, every difference named."""
-    saved_plan = state["plan"]
+    saved = state["schedule"]
     diff = config.differences(state["config"], mcfg, tcfg, config.TRAJECTORY, then="checkpoint")
     diff += data.differences(state["data"], meta, tcfg.data)
-    diff += [f"plan {k}: checkpoint {saved_plan.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
-             f"rank(s))" for k, v in plan.trajectory().items() if saved_plan.get(k) != v]
+    diff += [f"schedule {k}: checkpoint {saved.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
+             f"rank(s))" for k, v in sched.trajectory().items() if saved.get(k) != v]
     if diff:
         raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
 
@@ -97,7 +97,7 @@ def looks_like_ours(path):
 
 def state_problem(state, whole):
     """What makes a checksummed checkpoint unusable here, or None (a file of another program, say)."""
-    want = {"step": int, "world": int, "plan": dict, "config": dict, "data": dict, "loader": dict, "rng": dict,
+    want = {"step": int, "world": int, "schedule": dict, "config": dict, "data": dict, "loader": dict, "rng": dict,
             "scaler": dict} | ({"model": dict, "optimizer": dict} if whole else {})
     bad = [k for k, t in want.items() if not isinstance(state.get(k), t)]
     if not bad and not all(isinstance(state["config"].get(k), dict) for k in ("model", "train")):

@@ -1,6 +1,7 @@
 """A run's configuration: [model] (model.GPTConfig) and [train] (TrainConfig), from a TOML file and
 --key=value flags, every value checked before any work. A bad value raises one ValueError that names
-the key, the value and what is accepted (train.py turns it into exit code 2).
+the key, the value and what is accepted (train.py turns it into exit code 2). Tags (M11), (M15) are
+equations of docs/method.md.
 
     python train.py configs/<name>.toml --key=value …   # a config file, then overrides
     python train.py --out_dir=out/x --resume            # the run's own config.toml, and flags on top
@@ -11,33 +12,34 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import rundir
+from flops import MAX_TOKENS
 from model import GPTConfig
 
 
 @dataclass
 class TrainConfig:
     data: str = "data/shakespeare-byte"  # a folder written by data.py (the default is prepared if missing)
-    out_dir: str = "out/default"
-    seed: int = 1337
-    # the budget: one of iters, tokens (D) and compute (C, FLOPs; S11). 0 = unset
-    iters: int = 0
-    tokens: float = 2.5e6     # (the toy's budget; dropped when iters or compute is given)
-    compute: float = 0.0
-    unique_tokens: float = 0.0  # D̂: train on the first D̂ tokens only, for as many epochs as needed (SPEC §6)
-    batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (S15)
+    out_dir: str = "out/default"  # the run directory: config.toml, log.jsonl, checkpoints, summary.json
+    seed: int = 1337          # the init's and the data order's
+    # the budget: one of iters, tokens (D) and compute (C, FLOPs; M11). 0 = unset
+    iters: int = 0            # training iterations (optimizer steps); 0 = unset
+    tokens: float = 2.5e6     # D, training tokens; 0 = unset (the toy's 2.5e6 is dropped when iters or compute is given)
+    compute: float = 0.0      # C in FLOPs: D = C / M_train tokens; 0 = unset
+    unique_tokens: float = 0.0  # D̂: one epoch predicts the first D̂ tokens (0: the whole split); epochs as the budget needs (docs/method.md §6)
+    batch_seqs: int = 0       # global batch in sequences of S tokens; 0 = StepLaw (M15)
     micro_batch: int = 0      # sequences per forward over all ranks (accumulation makes up the batch); 0 = the batch
-    lr: float = 0.0           # peak learning rate; 0 = StepLaw (S15)
+    lr: float = 0.0           # peak learning rate; 0 = StepLaw (M15)
     lr_mult: float = 1.0      # multiplies the StepLaw learning rate
-    min_lr: float = 1e-5
-    warmup: int = -1          # iterations; -1 = clip(0.01·iters, 200, 2000) (SPEC §5)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    min_lr: float = 1e-5      # where the cosine ends
+    warmup: int = -1          # iterations; -1 = clip(0.01·iters, 200, 2000) (Table 4; docs/method.md §5)
+    weight_decay: float = 0.1  # AdamW's, on the matrices only
+    beta1: float = 0.9        # AdamW's β1
+    beta2: float = 0.95       # AdamW's β2
     grad_clip: float = 1.0    # max gradient norm; 0 = no clipping
-    include_router: bool = True  # count the router in N, Na and C (SPEC §4)
+    include_router: bool = True  # count the router in N, Na and C (docs/method.md §4)
     eval_interval: int = 0    # iterations between evaluations; 0 = five per run
     eval_tokens: int = 65536  # BPC over the first eval_tokens tokens of each validation split; 0 = all of it
-    log_interval: int = 10
+    log_interval: int = 10    # iterations between lines of log.jsonl (and of the console)
     sample_tokens: int = 200  # text sampled from the model when the run finishes (one process or DDP); 0 = none
     ckpt_interval: int = 0    # iterations between checkpoints; 0 = at every evaluation
     stop_at: int = 0          # stop with a checkpoint after this iteration (to train in chunks); 0 = run to the end
@@ -165,7 +167,6 @@ def check_model(mvals):
     GPTConfig(**{"vocab_size": 256, **mvals})
 
 
-MAX_TOKENS = 2**53  # D, iterations·batch·S, and every token count: float64 still counts each token exactly
 # each numeric [train] key's range: (lowest, highest, what is accepted); the rules between keys follow in check_train
 RANGES = {
     "seed": (0, 2**63 - 1, "an integer in 0..2^63-1"),

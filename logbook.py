@@ -15,14 +15,14 @@ import rundir
 
 
 class Logbook:
-    def __init__(self, log_path, plan, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
-        self.log_path, self.plan, self.S, self.world, self.device = log_path, plan, S, world, device
+    def __init__(self, log_path, sched, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
+        self.log_path, self.sched, self.S, self.world, self.device = log_path, sched, S, world, device
         self.eval_tokens = eval_tokens  # recorded with each evaluation: what its BPC was measured on
         self.master, self.M_exec, self.peak = rank == 0, M_exec, peak
         self.sums = torch.zeros(3, device=device)  # loss, ce, balance over the interval's micro-batches
         self.load_sum, self.data_time, self.last_bpc = None, 0.0, {}
         self.last_time, self.last_step = time.perf_counter(), step
-        self.bar = tqdm(total=plan.iters, initial=step, disable=not (self.master and sys.stderr.isatty()),
+        self.bar = tqdm(total=sched.iters, initial=step, disable=not (self.master and sys.stderr.isatty()),
                         dynamic_ncols=True, desc="train")
 
     def write(self, record):
@@ -38,8 +38,8 @@ class Logbook:
 
     def train_record(self, step, lr, epoch, last_ckpt):
         """The interval's means over all ranks, logged; a non-finite loss raises FloatingPointError."""
-        plan = self.plan
-        n = (step - self.last_step) * plan.accum * self.world
+        sched = self.sched
+        n = (step - self.last_step) * sched.accum * self.world
         if self.world > 1:
             dist.all_reduce(self.sums)
             dist.all_reduce(self.load_sum)
@@ -49,11 +49,11 @@ class Logbook:
             raise FloatingPointError(f"the loss became {loss} (gradient norm {grad_norm}) between steps "
                                      f"{self.last_step + 1} and {step}; the last good checkpoint is {last_ckpt}")
         now = time.perf_counter()
-        tok_s = (step - self.last_step) * plan.batch_seqs * self.S / (now - self.last_time)
+        tok_s = (step - self.last_step) * sched.batch_seqs * self.S / (now - self.last_time)
         mfu = tok_s * self.M_exec / (self.world * self.peak) if self.peak else None  # FLOPs executed, head included
         load = self.load_sum  # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
         per_layer = (load.max(-1).values * load.shape[-1] / load.sum(-1)).tolist() if load.numel() else []
-        record = {"kind": "train", "step": step, "tokens": step * plan.batch_seqs * self.S, "epoch": epoch, "lr": lr,
+        record = {"kind": "train", "step": step, "tokens": step * sched.batch_seqs * self.S, "epoch": epoch, "lr": lr,
                   "loss": loss, "ce": ce, "balance": balance, "grad_norm": grad_norm, "load_max_over_mean": per_layer,
                   "tokens_per_s": tok_s, "mfu": mfu, "data_share": self.data_time / (now - self.last_time)}
         if self.device.type == "cuda":
@@ -71,10 +71,10 @@ class Logbook:
         self.last_bpc = {f"bpc_{k}": v for k, v in bpc.items()}
         keep = ("lr", "loss", "ce", "balance", "load_max_over_mean", "tokens_per_s")
         self.write({**{k: record[k] for k in keep if k in record}, "kind": "eval", "step": step,
-                    "tokens": step * self.plan.batch_seqs * self.S, "epoch": epoch, "eval_tokens": self.eval_tokens,
+                    "tokens": step * self.sched.batch_seqs * self.S, "epoch": epoch, "eval_tokens": self.eval_tokens,
                     **self.last_bpc})
         if self.master:
-            tqdm.write(f"step {step}/{self.plan.iters}: loss {record.get('loss', math.nan):.4f} balance "
+            tqdm.write(f"step {step}/{self.sched.iters}: loss {record.get('loss', math.nan):.4f} balance "
                        f"{record.get('balance', math.nan):.3f} epoch {epoch:.2f} "
                        + " ".join(f"{k} {v:.4f}" for k, v in self.last_bpc.items())
                        + f" {record.get('tokens_per_s', 0):,.0f} tok/s")

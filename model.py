@@ -1,13 +1,13 @@
-"""A dense or Mixture-of-Experts GPT, as in SPEC §3.
+"""A dense or Mixture-of-Experts GPT, as in docs/method.md §3; tags (M1)–(M15) are that file's equations.
 
 Pre-norm decoder: RMSNorm, causal attention with ALiBi, SwiGLU. An MoE layer is a softmax router,
-top-K, an optional shared expert and a load-balancing loss (S1–S6). The routed experts run as two
+top-K, an optional shared expert and a load-balancing loss (M1–M6). The routed experts run as two
 grouped GEMMs over tokens sorted by expert: dropless, no host synchronisation, no data-dependent
 shapes, so torch.compile(fullgraph=True) makes one graph that survives any routing.
 
 Shape suffixes in the hot code, with the paper's letters: T tokens, D model width (Dm), E experts,
 K experts per token, F expert width (De), V vocabulary; R = T·K routing slots (S stays the
-sequence length, as in SPEC).
+sequence length, as in docs/method.md §2).
 """
 import functools
 import math
@@ -27,16 +27,16 @@ import flops
 
 @dataclass
 class GPTConfig(flops.Shape):
-    vocab_size: int = 256
-    norm_topk: bool = False      # S4: renormalise the K gates to sum to 1 (needs K > 1)
-    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of S6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    vocab_size: int = 256        # token ids; set from the data (past 256: a multiple of 64) unless given
+    norm_topk: bool = False      # M4: renormalise the K gates to sum to 1 (needs K > 1)
+    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of M6
+    tie_embeddings: bool = False  # the LM head uses the token embedding's weights
+    init_std: float = 0.02       # std of the normal init (GPT-2's); what writes into the residual: /√(2L)
 
     def __post_init__(self):
         super().__post_init__()
         flops._require("vocab_size", self.vocab_size, lambda v: 1 <= v <= 2**32, "an integer in 1..2^32")
-        for name in ("balance_coef", "init_std"):  # λ = 0.01 in the paper; std 0.02 as in GPT-2
+        for name in ("balance_coef", "init_std"):  # λ: ours, the paper prints none (docs/method.md §9); std: GPT-2's
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
                 raise ValueError(f"{name}={v!r} is not allowed: expected a number in 0..1")
@@ -44,7 +44,7 @@ class GPTConfig(flops.Shape):
             return
         if self.norm_topk and self.K == 1:
             raise ValueError("norm_topk=true needs K > 1: with K = 1 the gate is constantly 1 and the "
-                             "router gets no gradient from the loss (SPEC S4)")
+                             "router gets no gradient from the loss (docs/method.md, M4)")
         # grouped_mm needs 16-byte aligned rows: widths a multiple of 8 serve both fp32 and bf16
         for name in ("Dm", "De"):
             flops._require(name, getattr(self, name), lambda v: v % 8 == 0,
@@ -141,8 +141,15 @@ class Combine(torch.autograd.Function):
 
 
 def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
-    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of S5), dropless.
-    The R routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e]."""
+    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of M5), dropless.
+    The R routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e].
+
+    Measured with bench.py expert (2 CPU cores, fp32, compiled; dense/MoE time at equal expert FLOPs,
+    0.87 for this path) and dropped: gathering each expert's rows inside the grouped GEMM just before
+    its mm, still in cache (10 ms faster alone, 0.3 % in the whole step); the gate on the output
+    instead of the hidden; index_add dispatch (0.78); both W2 layouts; single-threaded experts two at a
+    time. A loop over experts reaches about 0.6, an eager grouped GEMM about 0.8. Going further needs a
+    kernel that never materialises the T·K-row tensors, which grouped_mm cannot do (docs/results.md)."""
     T, K = e_TK.shape
     E = w13_EDF2.shape[0]
     e_R, order_R = e_TK.flatten().sort(stable=True)      # the R = T·K slots, grouped by expert
@@ -174,7 +181,7 @@ class RMSNorm(nn.Module):
 
 
 def alibi_slopes(H):
-    """ALiBi head slopes (Press et al. 2022, SPEC §3): 2^(−8h/H) for H a power of two; otherwise the
+    """ALiBi head slopes (Press et al. 2022; docs/method.md §3): 2^(−8h/H) for H a power of two; otherwise the
     P slopes of the largest power of two P below H, then every other slope of the 2P sequence."""
     def geometric(n):
         return [2 ** (-8 * h / n) for h in range(1, n + 1)]
@@ -267,7 +274,7 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """S1–S6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
+    """M1–M6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
     experts of width De, an ungated shared expert of width Dse, and the balance loss."""
     def __init__(self, cfg):
         super().__init__()
@@ -276,26 +283,26 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(cfg.E, cfg.Dm, 2 * cfg.De))     # [W1ᵀ | W3ᵀ] per expert
         self.w2 = nn.Parameter(torch.empty(cfg.E, cfg.De, cfg.Dm))          # W2ᵀ per expert
         self.shared = SwiGLU(cfg.Dm, cfg.Dse) if cfg.Dse else None
-        # under DDP the ranks' micro-batches together are one micro-batch: f (S6) is counted over all
+        # under DDP the ranks' micro-batches together are one micro-batch: f (M6) is counted over all
         # of them, so the balance loss, and the run, do not depend on how many ranks share the batch
         self.balance_group, self.balance_world = None, 1
 
     def route(self, x_TD):
-        """S1–S4: gate scores s [T, E], gates g and experts e [T, K]. The router runs in fp32 whatever
+        """M1–M4: gate scores s [T, E], gates g and experts e [T, K]. The router runs in fp32 whatever
         the autocast dtype: in bf16 logits, near-ties flip which experts a token gets."""
         with torch.autocast(x_TD.device.type, enabled=False):
             z_TE = F.linear(x_TD.float(), self.router.weight.float())
-        # S1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
+        # M1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
         # E is no multiple of 16 (E = 40: 3e-8 on the gradient); these ops do not
         e_TE = (z_TE - z_TE.amax(-1, keepdim=True).detach()).exp()
         s_TE = e_TE / e_TE.sum(-1, keepdim=True)
-        g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # S2, S3: g_i = s_i on the top K
+        g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # M2, M3: g_i = s_i on the top K
         if self.norm_topk:
-            g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # S4
+            g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # M4
         return s_TE, g_TK, e_TK
 
     def balance(self, s_TE, counts_E):
-        """S6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score. Under DDP,
+        """M6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score. Under DDP,
         f comes from every rank's counts (a constant: no gradient flows through it); each rank's p is
         its own, and averaging the ranks' gradients makes it the mean p of the whole micro-batch."""
         f_E = counts_E.float() / counts_E.sum()
@@ -311,11 +318,11 @@ class MoE(nn.Module):
             w13, w2, xe = w13.to(dt), w2.to(dt), x_TD.to(dt)
         y_TD, counts_E = routed_experts(xe, g_TK, e_TK, w13, w2)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)               # S5: the shared expert, ungated
+            y_TD = y_TD + self.shared(x_TD)               # M5: the shared expert, ungated
         return y_TD.to(x_TD.dtype), self.balance(s_TE, counts_E), counts_E
 
     def forward_loop(self, x_TD):
-        """S1–S6 written the obvious way, one expert at a time: the reference that the fused path is
+        """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
         tested against (tests/test_model.py on CPU, bench.py gpu-check in bf16 on a GPU). Slow."""
         s_TE, g_TK, e_TK = self.route(x_TD)
         y_TD = torch.zeros_like(x_TD)
@@ -391,7 +398,7 @@ class GPT(nn.Module):
 
     def forward(self, idx_BT, targets_BT=None):
         """Logits, and with targets the loss L_CE + λ·L_balance and its parts. Stats: 'ce',
-        'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (S6)."""
+        'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (M6)."""
         x = self.wte(idx_BT)
         T = idx_BT.shape[1]
         # the bias stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances
@@ -424,7 +431,7 @@ class GPT(nn.Module):
         return logits, ce
 
     def count_balance_over(self, group, world):
-        """Under DDP: each MoE layer's f (S6) over the micro-batches of all `world` ranks of `group`."""
+        """Under DDP: each MoE layer's f (M6) over the micro-batches of all `world` ranks of `group`."""
         for m in self.modules():
             if isinstance(m, MoE):
                 m.balance_group, m.balance_world = group, world
@@ -439,7 +446,7 @@ class GPT(nn.Module):
         return self
 
     def param_counts(self):
-        """(N, Na) counted from the tensors: no embeddings, no LM head, no norms (SPEC §2).
+        """(N, Na) counted from the tensors: no embeddings, no LM head, no norms (docs/method.md §2).
         A routed-expert tensor [E, …] counts once in N and K/E of it in Na."""
         N = Na = 0
         for module in self.modules():

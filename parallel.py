@@ -56,6 +56,11 @@ def parse_device(name, flag="--device"):
     return device
 
 
+def device_name(device):
+    """The GPU's name (bench.py and gpucheck.py results say where they were measured), or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def device_of(tcfg):
     """The device a run of this config gets on this machine (rank 0's, under torchrun), or refused."""
     if tcfg.device == "auto":
@@ -70,7 +75,7 @@ def gpu_bytes(tcfg, device):
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
-def choose(mcfg, tcfg, plan, world, dtype, capacity):
+def choose(mcfg, tcfg, sched, world, dtype, capacity):
     """'single', 'ddp' or 'fsdp': what train.parallel asks for; 'auto' takes DDP when it fits the device."""
     if world == 1:
         return "single"
@@ -78,7 +83,7 @@ def choose(mcfg, tcfg, plan, world, dtype, capacity):
         return tcfg.parallel
     if capacity is None:
         return "ddp"
-    need = memory(mcfg, plan.micro(world), "ddp", world, dtype, tcfg.activation_checkpointing).total
+    need = memory(mcfg, sched.micro(world), "ddp", world, dtype, tcfg.activation_checkpointing).total
     return "ddp" if need <= capacity - RESERVE else "fsdp"
 
 
@@ -253,7 +258,7 @@ def host_bytes():
         return None
 
 
-def check_fits(mcfg, tcfg, plan, world, dtype, device, attention):
+def check_fits(mcfg, tcfg, sched, world, dtype, device, attention):
     """Refuse, before any tensor exists, a run that cannot fit its device. First the fp32 weights,
     gradients and AdamW moments (16 bytes per parameter, counted without building anything; sharded over
     the ranks at best), then on CPU the whole memory plan, activations included, against the machine's
@@ -271,11 +276,11 @@ def check_fits(mcfg, tcfg, plan, world, dtype, device, attention):
                          f"{where}: give a smaller model{' or more ranks' if device.type == 'cuda' else ''}")
     if device.type == "cuda":
         return
-    need = memory(mcfg, plan.micro(world), "fsdp" if tcfg.parallel == "fsdp" and world > 1 else "ddp", world,
+    need = memory(mcfg, sched.micro(world), "fsdp" if tcfg.parallel == "fsdp" and world > 1 else "ddp", world,
                   dtype, tcfg.activation_checkpointing, attention=attention)
     if need.total > capacity:
-        raise ValueError(f"a micro-batch of {plan.micro(world):,} sequences of model.S={mcfg.S:,} tokens per rank "
-                         f"(train.micro_batch={tcfg.micro_batch or 'the whole batch of ' + str(plan.batch_seqs)}) needs "
+        raise ValueError(f"a micro-batch of {sched.micro(world):,} sequences of model.S={mcfg.S:,} tokens per rank "
+                         f"(train.micro_batch={tcfg.micro_batch or 'the whole batch of ' + str(sched.batch_seqs)}) needs "
                          f"{need.activations / GiB:.4g} GiB of activations beside the model's {need.state / GiB:.4g} "
                          f"GiB, more than {where}: give a smaller train.micro_batch (or train.batch_seqs)")
 
@@ -287,28 +292,28 @@ def plan_vocab(data_dir):
     return padded_vocab(data.load_meta(data_dir)["vocab_size"] if prepared else 100277)
 
 
-def plan_table(mcfg, tcfg, plan, world, dtype, capacity):
-    """Per-rank memory of each way to run the plan on `world` ranks of `capacity` bytes, and the choice."""
+def memory_table(mcfg, tcfg, sched, world, dtype, capacity):
+    """Per-rank memory of each way to run the schedule on `world` ranks of `capacity` bytes, and the choice."""
     shapes = param_shapes(mcfg)
     kinds = ["single"] if world == 1 else ["ddp", "fsdp"]
     rows = []
     for kind in kinds:
         for ckpt in (False, True):
-            m = memory(mcfg, plan.micro(world), kind, world, dtype, ckpt, 0, shapes)
-            largest = largest_micro(mcfg, plan.batch_seqs, kind, world, dtype, ckpt, capacity, shapes) if capacity else None
+            m = memory(mcfg, sched.micro(world), kind, world, dtype, ckpt, 0, shapes)
+            largest = largest_micro(mcfg, sched.batch_seqs, kind, world, dtype, ckpt, capacity, shapes) if capacity else None
             rows.append(dict(parallel=kind, activation_checkpointing=ckpt, params=m.params, grads=m.grads,
                              optimizer=m.optimizer, working=m.working, activations=m.activations, total=m.total,
                              fits=None if capacity is None else m.total <= capacity - RESERVE,
                              largest_micro_batch=largest))
-    chosen = choose(mcfg, tcfg, plan, world, dtype, capacity)
+    chosen = choose(mcfg, tcfg, sched, world, dtype, capacity)
     return rows, chosen
 
 
-def format_plan(mcfg, tcfg, plan, world, dtype, capacity):
-    rows, chosen = plan_table(mcfg, tcfg, plan, world, dtype, capacity)
+def format_memory_plan(mcfg, tcfg, sched, world, dtype, capacity):
+    rows, chosen = memory_table(mcfg, tcfg, sched, world, dtype, capacity)
     cap = f"{capacity / GiB:.0f} GiB per GPU ({RESERVE / GiB:.0f} GiB kept for CUDA and NCCL)" if capacity else "no GPU size"
-    lines = [f"memory plan per rank: {world} rank(s), {cap}, {dtype}; micro-batch {plan.micro_batch} "
-             f"({plan.micro(world)} per rank × {mcfg.S} tokens) × accum {plan.accum} = batch {plan.batch_seqs}",
+    lines = [f"memory plan per rank: {world} rank(s), {cap}, {dtype}; micro-batch {sched.micro_batch} "
+             f"({sched.micro(world)} per rank × {mcfg.S} tokens) × accum {sched.accum} = batch {sched.batch_seqs}",
              f"{'parallel':<8} {'act.ckpt':<8} {'params':>8} {'grads':>8} {'AdamW':>8} {'working':>8} "
              f"{'activ.':>8} {'total':>8}  fits  largest micro_batch"]
     for r in rows:

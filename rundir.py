@@ -301,7 +301,7 @@ class Lock:
     def acquire(self):
         try:
             import fcntl
-        except ImportError:  # not POSIX: no lock, as before
+        except ImportError:  # not POSIX: no flock, so no lock is taken
             return self
         self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
         problem = own_file_problem(os.fstat(self.fd))

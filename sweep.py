@@ -1,4 +1,5 @@
-"""Activation-rate sweeps at fixed N and C, with dense baselines and data reuse (SPEC §6–8).
+"""Activation-rate sweeps at fixed N and C, with dense baselines and data reuse (docs/method.md §6–8;
+(Mn) tags are its equations).
 
     python sweep.py                                        # the CPU toy sweep: plan, run, report (~30 min)
     python sweep.py plan configs/sweep-7b.toml [--json] [--allow-unequal]
@@ -10,7 +11,7 @@ so N is fixed; each target r_a picks (E, K, De) with Dse = K·De, and each run t
 D = C / M_train tokens: sparser models see more. Dense baselines of the same N, with their own shape,
 train at C and at "2C". Data-reuse variants: none (fresh tokens), strict (the unique tokens of the dense
 baseline at C, epochs = D/D̂) and loose (two epochs over D/2). A plan that breaks equal resources is
-refused with the numbers (SPEC §8).
+refused with the numbers (docs/method.md §8).
 """
 import argparse
 import json
@@ -22,7 +23,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import flops
+import helptext
 import rundir
+import schedule
 from sweep_report import REUSE, report
 
 ROOT = Path(__file__).resolve().parent
@@ -36,28 +39,30 @@ SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "uni
 @dataclass
 class Sweep:
     compute: float                 # C of every MoE run and of the dense baseline at C (FLOPs)
-    ra: list = field(default_factory=list)      # target activation rates ...
-    K: list = field(default_factory=list)       # ... or experts per token, with De fixed
+    ra: list = field(default_factory=list)      # target activation rates r_a, an MoE arm each (give ra or K)
+    K: list = field(default_factory=list)       # experts per token, an MoE arm each, of expert width De (give ra or K)
     De: int = 0                    # the expert width for a K list
-    reuse: list = field(default_factory=lambda: ["none"])
+    reuse: list = field(default_factory=lambda: ["none"])  # data-reuse arms: none (fresh tokens), strict (the
+    #                                                        unique tokens of the dense baseline at C), loose (two
+    #                                                        epochs over D/2)
     reuse_at: list = field(default_factory=list)  # target r_a of the strict/loose arms; [] = every r_a; ["best"] = the
     #                                               r_a whose no-reuse arm has the lowest mean BPC, once all have run
     seeds: list = field(default_factory=list)     # every arm once per seed (init and data order; same data); [] = one
     warmup_frac: float = 0.0       # warmup as a share of each run's iterations; 0 = the paper's clip(0.01·iters, 200, 2000)
     dense_2C: float = 2.0          # the "2C" baseline's multiple of C (paper: 1.75 at 2B, 1.91 at 7B)
-    include_router: bool = True
+    include_router: bool = True    # count the router in N, Na and C (docs/method.md §4)
     E_pref: int = 64               # among shapes of equal r_a, prefer E nearest this
     De_multiple: int = 8           # expert widths considered
-    tolerance: float = 0.01        # |N/N_dense − 1| and |C/C_dense − 1| allowed (SPEC §8)
+    tolerance: float = 0.01        # |N/N_dense − 1| and |C/C_dense − 1| allowed (docs/method.md §8)
 
 
 @dataclass
 class Arm:
     """The MoE backbone or the dense baseline, with multipliers on its StepLaw lr and batch."""
-    shape: flops.Shape
-    mu: float = 0.0
-    lr_mult: float = 1.0
-    batch_mult: float = 1.0
+    shape: flops.Shape    # the table's backbone keys (scheme, L, Dm, H, Dh, Dffn, S)
+    mu: float = 0.0       # [moe] only, required: the total expert width (Dse + E·De)/Dm, which fixes N
+    lr_mult: float = 1.0  # multiplies the StepLaw learning rate
+    batch_mult: float = 1.0  # multiplies the StepLaw batch
 
 
 @dataclass
@@ -202,24 +207,21 @@ def _arm(cfg, name, path, needs_mu):
 
 
 # ----------------------------------------------------------------------------- the plan
-def make_run(name, kind, reuse, shape, arm, C, include_router, world=1, micro_batch=0, warmup_frac=0.0):
-    """Iterations, batch and lr for C on this shape (StepLaw S15 with the arm's multipliers). The batch is
-    a whole number of micro-batches (train.micro_batch, over all ranks), or of `world` ranks when the
-    whole batch is one micro-batch, so train.py runs exactly the D and C planned here, or refuses."""
-    M = flops.M_train(shape, include_router)
-    D_target = C / M
-    if D_target < shape.S:
-        raise ValueError(f"{name}: C={C:.3g} buys {D_target:.3g} tokens, less than one sequence of S={shape.S}; "
-                         f"C must be at least M_train·S = {M * shape.S:.3g}")
-    unit = micro_batch or world
-    B = unit * max(1, round(arm.batch_mult * flops.steplaw_batch_tokens(D_target) / shape.S / unit))
-    iters = max(1, round(D_target / (B * shape.S)))
-    D = iters * B * shape.S
-    c = flops.count(shape, include_router)
-    unique = D + 1  # fresh tokens: windows of S+1 share a token, so D + 1 tokens make exactly one epoch
-    warmup = max(1, round(warmup_frac * iters)) if warmup_frac else flops.warmup_iters(iters)
-    return Run(name, kind, reuse, asdict(shape), c.N, c.Na, c.ra, M, iters, B,
-               arm.lr_mult * flops.steplaw_lr(c.N, D), D, M * D, unique, D / (unique - 1), name, None, warmup)
+def make_run(name, kind, reuse, shape, arm, C, sweep, world=1, micro_batch=0, budget=None):
+    """A run of this shape at compute C, planned by train.py's own planner (schedule.make_schedule) with the
+    arm's multipliers on StepLaw's lr and batch (M15). The batch is a whole number of micro-batches
+    (train.micro_batch, over all ranks), or of `world` ranks when the whole batch is one micro-batch, so
+    train.py runs exactly the D and C planned here, or refuses. Fresh data: one epoch of D unique tokens."""
+    try:
+        s = schedule.make_schedule(shape, compute=C, batch_mult=arm.batch_mult, batch_unit=micro_batch or world,
+                                   micro_batch=micro_batch, world=world, lr_mult=arm.lr_mult,
+                                   warmup_frac=sweep.warmup_frac, include_router=sweep.include_router,
+                                   budget=budget or f"sweep.compute={C:.4g}")
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return Run(name=name, arm=name, kind=kind, reuse=reuse, shape=asdict(shape), N=s.N, Na=s.Na, ra=s.Na / s.N,
+               M_train=s.M_train, iters=s.iters, batch_seqs=s.batch_seqs, lr=s.lr, warmup=s.warmup, D=s.D, C=s.C,
+               unique_tokens=s.D, epochs=1.0)
 
 
 def moe_shapes(sweep, moe, N_dense):
@@ -249,10 +251,11 @@ def plan(sweep, moe, dense, world=1, micro_batch=0, best_ra=None):
                          f"multiple of {world} (it counts sequences per forward over all ranks)")
     C, r = sweep.compute, sweep.include_router
 
-    def run(name, kind, reuse, shape, arm, C_run):
-        return make_run(name, kind, reuse, shape, arm, C_run, r, world, micro_batch, sweep.warmup_frac)
+    def run(name, kind, reuse, shape, arm, C_run, budget=None):
+        return make_run(name, kind, reuse, shape, arm, C_run, sweep, world, micro_batch, budget)
     dense_C = run("dense-C", "dense", "none", dense.shape, dense, C)
-    arms = [dense_C, run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C)]
+    arms = [dense_C, run("dense-2C", "dense", "none", dense.shape, dense, sweep.dense_2C * C,
+                         f"sweep.compute={C:.4g} × sweep.dense_2C={sweep.dense_2C:g}")]
     targets = sweep.ra or [None] * len(sweep.K)
     for target, s in zip(targets, moe_shapes(sweep, moe, dense_C.N)):
         ra = flops.count(s, r).ra
@@ -265,8 +268,8 @@ def plan(sweep, moe, dense, world=1, micro_batch=0, best_ra=None):
             if reuse == "strict":    # the unique tokens of the dense baseline at C
                 moe_run.unique_tokens = dense_C.unique_tokens
             elif reuse == "loose":   # two epochs over half the tokens
-                moe_run.unique_tokens = moe_run.D // 2 + 1
-            moe_run.epochs = moe_run.D / (moe_run.unique_tokens - 1)
+                moe_run.unique_tokens = moe_run.D // 2
+            moe_run.epochs = moe_run.D / moe_run.unique_tokens
             arms.append(moe_run)
     names = [a.name for a in arms]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -304,7 +307,7 @@ def best_ra(sweep, runs, out):
 
 
 def check_equal(runs, tolerance):
-    """SPEC §8: every MoE's N and C within tolerance of the dense baseline at C; strict reuse on the
+    """docs/method.md §8: every MoE's N and C within tolerance of the dense baseline at C; strict reuse on the
     dense baseline's unique tokens. Returns the violations, one line each, with the numbers."""
     ref = runs[0]
     bad = []
@@ -334,7 +337,7 @@ def format_plan(runs):
         moe = r.kind == "moe"
         lines.append(f"{r.name:34}{s['E'] if moe else '':>4}{s['K'] if moe else '':>4}{s['De'] if moe else '':>6}"
                      f"{s['Dse'] if moe else '':>6}{r.N:>15,}{r.Na:>15,}{100 * r.ra:>7.2f}%{r.M_train:>10.3g}"
-                     f"{r.D:>10.3g}{r.C:>10.3g}{r.unique_tokens - 1:>10.3g}{r.epochs:>7.2f}{r.lr:>10.3g}"
+                     f"{r.D:>10.3g}{r.C:>10.3g}{r.unique_tokens:>10.3g}{r.epochs:>7.2f}{r.lr:>10.3g}"
                      f"{r.batch_seqs:>6}{r.iters:>8}{r.warmup:>7}")
     return "\n".join(lines)
 
@@ -370,7 +373,7 @@ def memory_plan(runs, train_over, world, gpu_mem):
 
 
 def plan_json(runs):
-    return [{**asdict(r), "batch_tokens": r.batch_tokens, "unique_tokens": r.unique_tokens - 1} for r in runs]
+    return [{**asdict(r), "batch_tokens": r.batch_tokens} for r in runs]
 
 
 def planned(path, allow_unequal=False, world=1, out=None):
@@ -383,7 +386,7 @@ def planned(path, allow_unequal=False, world=1, out=None):
         runs = plan(sweep, moe, dense, world, train_over.get("micro_batch", 0), best)
     bad = check_equal(runs, sweep.tolerance)
     if bad and not allow_unequal:
-        raise ValueError(f"{path}: the plan breaks equal resources (SPEC §8; --allow-unequal to explore):\n  "
+        raise ValueError(f"{path}: the plan breaks equal resources (docs/method.md §8; --allow-unequal to explore):\n  "
                          + "\n  ".join(bad))
     check_runs(runs, sweep, train_over, world, out or Path("runs") / Path(path).stem)
     return sweep, runs, train_over
@@ -408,7 +411,7 @@ def check_runs(runs, sweep, train_over, world, out, device=None, prepare=False):
     setups = {}
     for run in runs:
         setup = setups[run.name] = run_setup(run, sweep, train_over, out, world, device, prepare)
-        got = setup.plan
+        got = setup.sched
         if (got.D, got.iters, got.batch_seqs, got.lr, got.warmup) != (run.D, run.iters, run.batch_seqs, run.lr, run.warmup):
             raise ValueError(f"run {run.name}: train.py would run D={got.D:,} in {got.iters} iters × {got.batch_seqs}, "
                              f"lr {got.lr:.4g}, warmup {got.warmup}; the sweep planned D={run.D:,} in {run.iters} × "
@@ -563,24 +566,51 @@ cd {q(str(Path.cwd()))}
 
 
 # ----------------------------------------------------------------------------- command line
+def keys_help():
+    """The sweep file's tables and keys, each with its default and meaning (helptext: the field comments)."""
+    here = Path(__file__)
+    shape = {k.name: k for k in helptext.keys(here.with_name("flops.py"), "Shape")}
+    arm = {k.name: k for k in helptext.keys(here, "Arm")}
+    backbone = [shape[k] for k in BACKBONE]
+    mults = [arm["lr_mult"], arm["batch_mult"]]
+    train_keys = [k for k in helptext.keys(*helptext.TRAIN_TABLES["train"]) if k.name not in SWEEP_OWNED + ("overwrite",)]
+    return "\n\n".join([
+        "The sweep file's tables and keys (configs/sweep-*.toml):",
+        helptext.table("[sweep]", helptext.keys(here, "Sweep")),
+        helptext.table("[moe]  the MoE backbone; each arm's E, K, De and Dse come from the sweep",
+                       backbone + [replace(arm["mu"], default=MISSING)] + mults),
+        helptext.table("[dense]  the dense baseline of the same N (scheme is dense)", backbone[1:] + mults),
+        helptext.table(f"[train]  any of train.py's [train] keys but {', '.join(SWEEP_OWNED)} and overwrite, which the "
+                       f"sweep sets for every run", train_keys)]) + "\n"
+
+
 def parser():
-    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    """The command line (tests/test_every_input.py fuzzes each of its flags). --help (of the command, plan and
+    run) ends with the sweep file's keys."""
+    raw = argparse.RawDescriptionHelpFormatter
+    keys = keys_help()
+    p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                epilog=keys, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd")
-    q = sub.add_parser("plan", allow_abbrev=False, help="print the runs of a sweep")
+    q = sub.add_parser("plan", allow_abbrev=False, help="print the runs of a sweep", description="Print the runs of a "
+                       "sweep: shapes, N, C, D, batch and lr, and whether resources are equal (docs/method.md §8).",
+                       epilog=keys, formatter_class=raw)
     q.add_argument("sweep")
     q.add_argument("--json", action="store_true")
     q.add_argument("--allow-unequal", action="store_true", help="plan even when N, C or D are not equal")
     q.add_argument("--nproc", type=int, default=1, help="ranks per run (the batch is planned for them)")
     q.add_argument("--gpu_mem", type=float, help="GiB per GPU: add each run's memory per rank, warn where it cannot fit")
-    r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) every planned run through train.py")
+    r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) every planned run through train.py",
+                       description="Run (or resume) every planned run through train.py, then report.", epilog=keys,
+                       formatter_class=raw)
     r.add_argument("sweep")
     r.add_argument("--out", help="the sweep's folder (default runs/<sweep file name>)")
     r.add_argument("--nproc", type=int, default=1, help="processes per run under torchrun (GPUs of one node)")
     r.add_argument("--only", type=int, help="run only the run with this index in the plan (0-based)")
     r.add_argument("--emit", choices=("slurm",), help="write an sbatch array script instead of running")
     r.add_argument("--allow-unequal", action="store_true")
-    t = sub.add_parser("report", allow_abbrev=False, help="tables and a plot of a sweep's final BPCs")
+    t = sub.add_parser("report", allow_abbrev=False, help="tables and a plot of a sweep's final BPCs",
+                       description="Tables and a plot of a sweep's final BPCs, from the runs in its folder.")
     t.add_argument("dir")
     t.add_argument("--split", help="the validation split to plot (default val)")
     return p

@@ -1,4 +1,5 @@
-"""Train a dense or MoE GPT with the paper's recipe (SPEC §5).
+"""Train a dense or MoE GPT with the paper's recipe (its Table 4; docs/method.md §5, whose equations
+the (Mn) tags cite).
 
     python train.py                                   # the CPU toy: a 1dense+SE MoE at r_a ≈ 20 %
     python train.py configs/<name>.toml --iters=2000  # a config file, then --key=value overrides
@@ -7,8 +8,8 @@
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py …
     python train.py configs/moe-7b.toml --plan --nproc=32 --gpu_mem=80       # memory per rank; nothing runs
 
-The budget is iterations, tokens D or compute C (C = M_train·D, S11). Peak LR and batch follow
-StepLaw (S15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
+The budget is iterations, tokens D or compute C (C = M_train·D, M11). Peak LR and batch follow
+StepLaw (M15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
 clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
 resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt/ under FSDP) and
 summary.json. config.py reads and checks the configuration; parallel.py shares the run over the ranks;
@@ -28,6 +29,10 @@ from pathlib import Path
 import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
     rundir.quit_while_starting("train.py")
+    if {"-h", "--help"} & set(sys.argv[1:]):  # answered before torch loads: helptext reads the keys' sources
+        import helptext
+        print(helptext.train_help(__doc__))
+        sys.exit(0)
 
 import numpy as np
 import torch
@@ -36,8 +41,10 @@ import torch.distributed as dist
 import checkpoint
 import data
 import flops
+import helptext
 import parallel
-from config import (MAX_TOKENS, TRAJECTORY, TrainConfig, differences, is_run_config, load_config,  # noqa: F401
+import schedule
+from config import (TRAJECTORY, TrainConfig, differences, is_run_config, load_config,  # noqa: F401
                     read_toml, to_toml)
 from logbook import Logbook
 from model import GPT, GPTConfig, padded_vocab
@@ -79,104 +86,21 @@ def peak_flops(tcfg, device):
     return 0.0  # unknown: no MFU
 
 
-# ----------------------------------------------------------------------------- the plan
-@dataclass
-class Plan:
-    iters: int
-    batch_seqs: int   # B: sequences per optimizer step, over all ranks
-    micro_batch: int  # sequences per forward, over all ranks: the balance loss (S6) is counted over them
-    accum: int        # micro-batches per step: B = micro_batch·accum
-    lr: float
-    warmup: int
-    D: float          # tokens consumed
-    N: int
-    Na: int
-    M_train: float
-
-    @property
-    def C(self):
-        return self.M_train * self.D
-
-    def micro(self, world):
-        """Sequences per forward on each of `world` ranks."""
-        return self.micro_batch // world
-
-    def trajectory(self):
-        """What fixes a run's trajectory, whatever the number of ranks: a resume must find it unchanged."""
-        return {k: getattr(self, k) for k in ("iters", "batch_seqs", "micro_batch", "accum", "lr", "warmup", "D")}
-
-
-def make_plan(mcfg, tcfg, world):
-    """Iterations, batch and learning rate from the budget: StepLaw (S15) where not given. The plan does
-    not depend on the number of ranks: they split each micro-batch, or the run is refused."""
-    c = flops.count(mcfg, tcfg.include_router)
-    M = flops.M_train(mcfg, tcfg.include_router)
-    budgets = {k: getattr(tcfg, k) for k in ("iters", "tokens", "compute") if getattr(tcfg, k)}
-    if len(budgets) != 1:
-        raise ValueError(f"give exactly one budget of iters, tokens and compute (got {budgets or 'none'})")
-    if tcfg.iters:
-        D = flops.steplaw_tokens_for_iters(tcfg.iters)
-    else:
-        D = tcfg.tokens or flops.tokens_for_compute(mcfg, tcfg.compute, tcfg.include_router)
-    B = tcfg.batch_seqs or flops.steplaw_batch_seqs(D, mcfg.S)
-    m = tcfg.micro_batch or B
-    if not tcfg.batch_seqs:  # StepLaw's batch, rounded to whole micro-batches
-        B = m * max(1, round(B / m))
-    if m > B or B % m:
-        raise ValueError(f"train.micro_batch={m} does not divide train.batch_seqs={B}: a step would run "
-                         f"{m * math.ceil(B / m)} sequences, not {B}; give a micro_batch that divides the batch")
-    if m % world:
-        raise ValueError(f"train.micro_batch={m}{' (the whole batch: the default)' if not tcfg.micro_batch else ''} "
-                         f"cannot be split evenly over {world} ranks: give a micro_batch that is a multiple of {world} "
-                         f"(it is a count over all ranks, so the run is the same on any number of them)")
-    budget = next(f"train.{k}={v:.4g}" for k, v in budgets.items())
-    if D / (B * mcfg.S) > MAX_TOKENS:
-        raise ValueError(f"{budget} makes {D / (B * mcfg.S):.3g} iterations: expected a budget of at most 2^53 tokens")
-    if not tcfg.iters and D < B * mcfg.S / 2:
-        raise ValueError(f"{budget} buys {D:.4g} tokens, less than half a step of {B:,} × S={mcfg.S:,} tokens: expected "
-                         f"a budget of at least one step")
-    iters = tcfg.iters or max(1, round(D / (B * mcfg.S)))
-    D = iters * B * mcfg.S  # tokens consumed
-    if D > MAX_TOKENS:
-        raise ValueError(f"{budget} plans D = {iters:,} iters × train.batch_seqs={B:,} × S={mcfg.S:,} = {D:.4g} tokens: "
-                         f"expected at most 2^53 = {MAX_TOKENS:.4g}")
-    lr = tcfg.lr or tcfg.lr_mult * flops.steplaw_lr(c.N, D)
-    given = f"train.lr={lr:.4g}" if tcfg.lr else (f"the StepLaw rate for N = {c.N:,} and D = {D:.4g} ({budget}) × "
-                                                  f"train.lr_mult={tcfg.lr_mult:g} = {lr:.4g}")
-    if lr > 1:
-        raise ValueError(f"{given}: expected a peak learning rate of at most 1")
-    if tcfg.min_lr > lr:
-        raise ValueError(f"train.min_lr={tcfg.min_lr:g} is above the peak, {given}: the cosine would rise to the "
-                         f"end; expected min_lr <= lr")
-    if lr * tcfg.weight_decay > 1:
-        raise ValueError(f"train.weight_decay={tcfg.weight_decay:g} with {given}: AdamW multiplies every weight by "
-                         f"1 − lr·weight_decay each step; expected lr·weight_decay <= 1")
-    warmup = flops.warmup_iters(iters) if tcfg.warmup < 0 else min(tcfg.warmup, iters)
-    return Plan(iters, B, m, B // m, lr, warmup, D, c.N, c.Na, M)
-
-
-def lr_at(step, plan, min_lr):
-    """Linear warmup to the peak, then cosine to min_lr (SPEC §5)."""
-    if step < plan.warmup:
-        return plan.lr * (step + 1) / plan.warmup
-    t = (step - plan.warmup) / max(1, plan.iters - plan.warmup)
-    return min_lr + 0.5 * (plan.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def make_optimizer(model, plan, tcfg, device, kind):
+# ----------------------------------------------------------------------------- the optimizer
+def make_optimizer(model, sched, tcfg, device, kind):
     """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
     FSDP has sharded the model: it then steps each rank's shards."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type == "cuda" and kind != "fsdp"  # sharded (DTensor) parameters take the foreach path
-    return torch.optim.AdamW(groups, lr=plan.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, batch=8):
-    """BPC per validation split (SPEC §6): summed NLL in nats / (ln 2 · characters of the targets). Every
+    """BPC per validation split (docs/method.md §6): summed NLL in nats / (ln 2 · characters of the targets). Every
     rank runs the same number of batches (FSDP gathers weights in every forward), padding with ignored rows."""
     was_training = model.training
     model.eval()
@@ -210,7 +134,7 @@ class Setup:
     """A run that passed every check: what train.py will do, decided before anything is written."""
     mcfg: GPTConfig
     tcfg: TrainConfig
-    plan: Plan
+    sched: schedule.Schedule
     resume: bool
     meta: dict = None         # the data's meta.json (None: not prepared yet, when planning a sweep)
     dtype: str = "float32"
@@ -221,7 +145,7 @@ class Setup:
 
 def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=True):
     """Every check train.py makes before it writes or deletes anything, in one place that sweep.py runs on
-    each of its runs too: the config (config.py), the plan, the precision on this device, the data (the
+    each of its runs too: the config (config.py), the sched, the precision on this device, the data (the
     default corpus is prepared first when prepare), the vocabulary, the splits against S and
     unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
     a data folder not prepared yet leaves out what depends on the data."""
@@ -229,7 +153,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
     if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
         raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
                          f"expected 0 (all of each split) or at least {shape.S + 1}")
-    plan = make_plan(shape, tcfg, world)
+    sched = schedule.for_training(shape, tcfg, world)
     dtype, attention = precision(tcfg, device.type if device else None, shape)
     try:
         if prepare:
@@ -240,7 +164,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         raise type(e)(f"train.data={tcfg.data!r}: {e}") from None
     if meta is None:
         mcfg = GPTConfig(**{"vocab_size": parallel.plan_vocab(tcfg.data), **mvals})
-        return Setup(mcfg, tcfg, plan, resume, None, dtype, attention)
+        return Setup(mcfg, tcfg, sched, resume, None, dtype, attention)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
     train_tokens = data.open_split(tcfg.data, "train", meta)
     data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
@@ -251,10 +175,10 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
                              f"tokens, fewer than one evaluation window of S+1 = {mcfg.S + 1} (model.S={mcfg.S}): give "
                              f"it more text, or train with a smaller S")
     if device is not None:
-        parallel.check_fits(mcfg, tcfg, plan, world, dtype, device, attention)
+        parallel.check_fits(mcfg, tcfg, sched, world, dtype, device, attention)
         if tcfg.compile:
             check_compile(device.type)
-    return Setup(mcfg, tcfg, plan, resume, meta, dtype, attention, train_tokens, val_splits)
+    return Setup(mcfg, tcfg, sched, resume, meta, dtype, attention, train_tokens, val_splits)
 
 
 @functools.cache
@@ -309,16 +233,16 @@ def autocast_for(device, dtype):
 
 
 # ----------------------------------------------------------------------------- training
-def train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, grad_clip):
+def train_step(fwd, model, optimizer, scaler, batches, sched, kind, autocast, device, grad_clip):
     """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
     micro-batches, expert loads [Le, E], gradient norm before clipping)."""
     sums, load_sum = torch.zeros(3, device=device), None
     for j, (x, y) in enumerate(batches):
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
-        with parallel.accumulating(fwd, kind, last=j == plan.accum - 1), autocast:
+        with parallel.accumulating(fwd, kind, last=j == sched.accum - 1), autocast:
             _, loss, stats = fwd(x, y)
-            scaler.scale(loss / plan.accum).backward()
+            scaler.scale(loss / sched.accum).backward()
         sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
         load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
     scaler.unscale_(optimizer)
@@ -405,7 +329,7 @@ def train(argv):
 
 
 def run_training(run, rank, world, device, aside):
-    tcfg, mcfg, plan, resume = run.tcfg, run.mcfg, run.plan, run.resume
+    tcfg, mcfg, sched, resume = run.tcfg, run.mcfg, run.sched, run.resume
     out, master = Path(tcfg.out_dir), rank == 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -416,18 +340,18 @@ def run_training(run, rank, world, device, aside):
     model = GPT(mcfg, run.attention).to(device)
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
-    kind = parallel.choose(mcfg, tcfg, plan, world, run.dtype, parallel.gpu_bytes(tcfg, device))
+    kind = parallel.choose(mcfg, tcfg, sched, world, run.dtype, parallel.gpu_bytes(tcfg, device))
     if master and world == 1 and tcfg.parallel != "auto":
         rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
     fwd = parallel.wrap(model, kind, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
-    optimizer = make_optimizer(model, plan, tcfg, device, kind)
+    optimizer = make_optimizer(model, sched, tcfg, device, kind)
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
     step, last_ckpt, records = 0, None, []
     numbers = describe(run, loader, kind, rank, world, device)
     if resume:
         step, where = resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
         summary = rundir.read_summary(out / "summary.json")
-        if step >= plan.iters and rundir.finished(summary):
+        if step >= sched.iters and rundir.finished(summary):
             if master:
                 print(f"{out} finished at step {step} already: nothing to resume")
             return summary
@@ -442,32 +366,32 @@ def run_training(run, rank, world, device, aside):
 
     def save(at_step):
         path = checkpoint.save(out, kind == "fsdp", model, optimizer, {
-            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "plan": plan.trajectory(),
+            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "schedule": sched.trajectory(),
             "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, rank, world)
         return f"{path} (step {at_step})"
 
     def run_eval():
-        return evaluate(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, plan.micro(world))
+        return evaluate(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, sched.micro(world))
 
-    eval_every = tcfg.eval_interval or math.ceil(plan.iters / 5)
+    eval_every = tcfg.eval_interval or math.ceil(sched.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
-    end = min(plan.iters, tcfg.stop_at) if tcfg.stop_at else plan.iters
-    book = Logbook(out / "log.jsonl", plan, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device),
+    end = min(sched.iters, tcfg.stop_at) if tcfg.stop_at else sched.iters
+    book = Logbook(out / "log.jsonl", sched, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device),
                    tcfg.eval_tokens)
     model.train()
     try:
         while step < end:
-            lr = lr_at(step, plan, tcfg.min_lr)
+            lr = schedule.lr_at(step, sched, tcfg.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            batches = loader.next_step(plan.micro(world), plan.accum, rank, world)
+            batches = loader.next_step(sched.micro(world), sched.accum, rank, world)
             book.data_time += time.perf_counter() - t0
-            book.add(*train_step(fwd, model, optimizer, scaler, batches, plan, kind, autocast, device, tcfg.grad_clip))
+            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, kind, autocast, device, tcfg.grad_clip))
             step += 1
-            is_eval, is_ckpt = step % eval_every == 0 or step == plan.iters, step % ckpt_every == 0 or step == end
+            is_eval, is_ckpt = step % eval_every == 0 or step == sched.iters, step % ckpt_every == 0 or step == end
             record = {}
             if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
                 record = book.train_record(step, lr, loader.epoch, last_ckpt or "none: no checkpoint was written")
@@ -482,12 +406,12 @@ def run_training(run, rank, world, device, aside):
         logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
         if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
             final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
-        elif not final and step >= plan.iters:  # resumed after the last checkpoint: finish the final evaluation
+        elif not final and step >= sched.iters:  # resumed after the last checkpoint: finish the final evaluation
             final = book.eval_record(step, loader.epoch, run_eval(), {})
         summary = finish(out, numbers, run, rank, step, loader.epoch, final)
     except KeyboardInterrupt as e:
         book.close()
-        raise stopped(e, out, step, plan, last_ckpt) from None
+        raise stopped(e, out, step, sched, last_ckpt) from None
     if master and kind != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
         try:
             show_sample(model, run.meta, tcfg.sample_tokens, out)
@@ -498,10 +422,10 @@ def run_training(run, rank, world, device, aside):
     return summary
 
 
-def stopped(e, out, step, plan, last_ckpt):
+def stopped(e, out, step, sched, last_ckpt):
     """Ctrl-C or SIGTERM during training: the Interrupted that says, in one line, how to go on."""
     stop = rundir.interrupted(e)
-    stop.message = (f"{stop.what} at step {step} of {plan.iters}; " + (
+    stop.message = (f"{stop.what} at step {step} of {sched.iters}; " + (
         f"the last checkpoint is {last_ckpt}: resume with python train.py --out_dir={out} --resume" if last_ckpt
         else f"no checkpoint was written: python train.py --out_dir={out} --resume starts it again"))
     return stop
@@ -516,21 +440,21 @@ def show_sample(model, meta, tokens, out):
 
 def describe(run, loader, kind, rank, world, device):
     """The run's numbers for summary.json, printed once by rank 0."""
-    tcfg, mcfg, plan = run.tcfg, run.mcfg, run.plan
+    tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
     M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
-    numbers = dict(N=plan.N, Na=plan.Na, ra=plan.Na / plan.N, M_train=plan.M_train, D=plan.D, C=plan.C,
-                   iters=plan.iters, batch_seqs=plan.batch_seqs, micro_batch=plan.micro_batch, accum=plan.accum,
-                   world=world, lr=plan.lr, warmup=plan.warmup, unique_tokens=loader.unique_tokens,
-                   epochs=plan.D / (loader.n_windows * mcfg.S), tokenizer=run.meta["tokenizer"], device=str(device),
+    numbers = dict(N=sched.N, Na=sched.Na, ra=sched.Na / sched.N, M_train=sched.M_train, D=sched.D, C=sched.C,
+                   iters=sched.iters, batch_seqs=sched.batch_seqs, micro_batch=sched.micro_batch, accum=sched.accum,
+                   world=world, lr=sched.lr, warmup=sched.warmup, unique_tokens=loader.unique_tokens,
+                   epochs=sched.D / (loader.n_windows * mcfg.S), tokenizer=run.meta["tokenizer"], device=str(device),
                    dtype=run.dtype, attention=run.attention, parallel=kind,
                    activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec)
     if rank == 0:
-        print(f"model {mcfg.scheme}: N={plan.N:,} Na={plan.Na:,} r_a={100 * plan.Na / plan.N:.1f}% "
-              f"M_train={plan.M_train:.3g} FLOPs/token (S11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
-        print(f"plan: {plan.iters} iters × {plan.batch_seqs} seqs × {mcfg.S} = D {plan.D:.3g} tokens, C {plan.C:.3g} "
-              f"FLOPs, lr {plan.lr:.3g}, warmup {plan.warmup}, {numbers['epochs']:.2f} epochs over "
-              f"{loader.unique_tokens:,} unique tokens; micro-batch {plan.micro_batch} ({plan.micro(world)} per rank "
-              f"× {world} ranks) × accum {plan.accum}; {device} {run.dtype} {run.attention} {kind}"
+        print(f"model {mcfg.scheme}: N={sched.N:,} Na={sched.Na:,} r_a={100 * sched.Na / sched.N:.1f}% "
+              f"M_train={sched.M_train:.3g} FLOPs/token (M11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
+        print(f"schedule: {sched.iters} iters × {sched.batch_seqs} seqs × {mcfg.S} = D {sched.D:.3g} tokens, C {sched.C:.3g} "
+              f"FLOPs, lr {sched.lr:.3g}, warmup {sched.warmup}, {numbers['epochs']:.2f} epochs over "
+              f"{loader.unique_tokens:,} unique tokens; micro-batch {sched.micro_batch} ({sched.micro(world)} per rank "
+              f"× {world} ranks) × accum {sched.accum}; {device} {run.dtype} {run.attention} {kind}"
               f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
     return numbers
 
@@ -551,24 +475,24 @@ def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
             rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
         return 0, None
     form, path, state = got
-    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.plan)
+    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.sched)
     return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, device), path
 
 
 def finish(out, numbers, run, rank, step, epoch, final):
-    tcfg, mcfg, plan = run.tcfg, run.mcfg, run.plan
-    summary = {**numbers, "step": step, "finished": step >= plan.iters, "final": final,
+    tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
+    summary = {**numbers, "step": step, "finished": step >= sched.iters, "final": final,
                "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta)}
     if rank == 0:
         rundir.write_text(out / "summary.json", json.dumps(summary, indent=1))
-        print(("finished" if summary["finished"] else f"stopped at step {step} of {plan.iters} (resume with --resume)")
-              + f": D {step * plan.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
+        print(("finished" if summary["finished"] else f"stopped at step {step} of {sched.iters} (resume with --resume)")
+              + f": D {step * sched.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
               + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in final.items()))
     return summary
 
 
 def show_plan(argv):
-    """--plan [--nproc=N]: the per-rank memory of the config's plan on N ranks; nothing is allocated."""
+    """--plan [--nproc=N]: the config's schedule and its per-rank memory on N ranks; nothing is allocated."""
     nproc = [a for a in argv if a.startswith("--nproc=")]
     try:
         world = int(nproc[-1].split("=", 1)[1]) if nproc else 1
@@ -579,17 +503,20 @@ def show_plan(argv):
     mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
     vocab = mvals.get("vocab_size") or parallel.plan_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
-    plan = make_plan(mcfg, tcfg, world)
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the plan is for GPUs
+    sched = schedule.for_training(mcfg, tcfg, world)
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the sched is for GPUs
     capacity = int(tcfg.gpu_mem * parallel.GiB) if tcfg.gpu_mem else None
-    text, _, _ = parallel.format_plan(mcfg, tcfg, plan, world, dtype, capacity)
-    print(f"model {mcfg.scheme}: N={plan.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), plan {plan.iters} iters × "
-          f"{plan.batch_seqs} seqs × {mcfg.S} tokens")
+    text, _, _ = parallel.format_memory_plan(mcfg, tcfg, sched, world, dtype, capacity)
+    print(f"model {mcfg.scheme}: N={sched.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), sched {sched.iters} iters × "
+          f"{sched.batch_seqs} seqs × {mcfg.S} tokens")
     print(text)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):  # the command forms, then every [model] and [train] key
+        print(helptext.train_help(__doc__))
+        return
     rundir.stop_on_signals()
     try:
         show_plan(argv) if "--plan" in argv else train(argv)

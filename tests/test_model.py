@@ -335,7 +335,34 @@ def test_generate_is_reproducible():
     idx = torch.zeros(2, 1, dtype=torch.long)
     a = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(0))
     b = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(0))
-    assert a.shape == (2, 13) and torch.equal(a, b) and int(a.max()) < 30
+    c = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (2, 13) and torch.equal(a, b) and not torch.equal(a, c)  # the generator decides, and only it
+    assert torch.equal(a[:, :1], idx)
+
+
+def test_generate_samples_only_the_real_vocabulary_and_sees_at_most_S_tokens():
+    # vocab_size is rounded up past the tokenizer's vocabulary: the ids above it are no tokens, and must never be
+    # sampled however likely the model makes them; a prompt longer than S is cut to its last S tokens
+    torch.manual_seed(9)
+    model = GPT(GPTConfig(scheme="1dense", L=2, Dm=32, H=2, Dffn=64, E=4, K=2, De=16, S=8, vocab_size=64))
+    seen = []
+    forward = model.forward
+
+    def padded_ids_win(idx, targets=None):
+        seen.append(idx.clone())
+        logits, loss, stats = forward(idx, targets)
+        return logits + torch.where(torch.arange(64) >= 40, 1e4, 0.0), loss, stats  # ids 40..63 all but certain
+    model.forward = padded_ids_win
+    prompt = torch.arange(20).repeat(2, 1)  # 20 tokens: longer than S = 8
+    out = model.generate(prompt, 10, generator=torch.Generator().manual_seed(0), vocab=40)
+    assert out.shape == (2, 30) and torch.equal(out[:, :20], prompt)
+    assert int(out[:, 20:].max()) < 40 and len(set(out[:, 20:].flatten().tolist())) > 1  # the cut, not a fixed id
+    assert [tuple(x.shape) for x in seen] == [(2, 8)] * 10  # every step sees the last S tokens, never more
+    assert all(torch.equal(x, out[:, 20 + i - 8:20 + i]) for i, x in enumerate(seen))
+    assert int(model.generate(prompt, 10, generator=torch.Generator().manual_seed(0))[:, 20:].min()) >= 40  # uncut
+    for top_k in (1, 5, 100):  # top-k among the real vocabulary only
+        out = model.generate(prompt, 6, top_k=top_k, generator=torch.Generator().manual_seed(0), vocab=40)
+        assert int(out[:, 20:].max()) < 40
 
 
 @pytest.mark.parametrize("kw,message", [

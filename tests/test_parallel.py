@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 import parallel
 import rundir
+import schedule
 import train
 from config import TrainConfig, read_toml
 from model import GPT, GPTConfig
@@ -260,7 +261,7 @@ def test_memory_plan_for_the_7b_moe_needs_fsdp_on_80gb_gpus(capsys):
 def test_memory_plan_state_is_sharded_over_the_ranks():
     mcfg = GPTConfig(**{**read_toml("configs/moe-7b.toml")["model"], "vocab_size": 100288})
     tcfg = TrainConfig(compute=2.86e21, tokens=0, micro_batch=32)
-    plan = train.make_plan(mcfg, tcfg, 32)
+    plan = schedule.for_training(mcfg, tcfg, 32)
     ddp = parallel.memory(mcfg, plan.micro(32), "ddp", 32, "bfloat16", False)
     fsdp = parallel.memory(mcfg, plan.micro(32), "fsdp", 32, "bfloat16", False)
     assert ddp.state / fsdp.state == pytest.approx(32, rel=0.001)  # every tensor has a dim that 32 divides
@@ -268,7 +269,7 @@ def test_memory_plan_state_is_sharded_over_the_ranks():
     assert parallel.choose(mcfg, TrainConfig(compute=1e20, tokens=0, micro_batch=32, parallel="ddp"), plan, 32,
                            "bfloat16", 80 * parallel.GiB) == "ddp"  # asked for: honoured
     small = GPTConfig(vocab_size=256)
-    assert parallel.choose(small, tcfg, train.make_plan(small, TrainConfig(iters=10, tokens=0, micro_batch=32), 32), 32,
+    assert parallel.choose(small, tcfg, schedule.for_training(small, TrainConfig(iters=10, tokens=0, micro_batch=32), 32), 32,
                            "bfloat16", 80 * parallel.GiB) == "ddp"
 
 

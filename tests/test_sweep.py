@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import flops
+import schedule
 import sweep
 import sweep_report
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro
@@ -40,9 +41,9 @@ def test_paper_plans_reproduce_the_paper(name, tables, dense_rows):
 
 def test_7b_strict_reuse_is_on_68b_unique_tokens():
     strict = [r for r in plan_of("7b") if r.reuse == "strict"]
-    assert strict and all(r.unique_tokens - 1 == pytest.approx(68e9, rel=0.005) for r in strict)
+    assert strict and all(r.unique_tokens == pytest.approx(68e9, rel=0.005) for r in strict)
     best = next(r for r in strict if r.shape["K"] == 6)
-    assert best.epochs == pytest.approx(4.65, abs=0.01)  # SPEC §7
+    assert best.epochs == pytest.approx(4.65, abs=0.01)  # the 7B strict-reuse row of docs/method.md §7
 
 
 @pytest.mark.parametrize("name", ["toy", "gpu", "2b", "7b"])
@@ -57,8 +58,8 @@ def test_plan_invariants(name):
         assert r.D == r.iters * r.batch_seqs * shape.S and r.C == pytest.approx(flops.compute(shape, r.D))
         if r.kind == "dense":
             continue
-        assert shape.Dse == shape.K * shape.De and shape.Dse + shape.E * shape.De == W  # N fixed (SPEC §6)
-        assert abs(r.N / ref.N - 1) <= 0.01 and abs(r.C / ref.C - 1) <= 0.01  # SPEC §8
+        assert shape.Dse == shape.K * shape.De and shape.Dse + shape.E * shape.De == W  # N fixed (docs/method.md §6)
+        assert abs(r.N / ref.N - 1) <= 0.01 and abs(r.C / ref.C - 1) <= 0.01  # docs/method.md §8
         if r.reuse == "strict":
             assert r.unique_tokens == ref.unique_tokens and r.epochs == pytest.approx(r.D / ref.D, rel=1e-3)
         if r.reuse == "loose":
@@ -76,7 +77,7 @@ def write(tmp_path, text, name="s.toml"):
     (dict(ra="[0.10]"), r"ra=0.1000 is out of reach on this backbone \(attention and the dense layers alone "
                         r"are too large a share of N\): reachable 0.3578..1.0000; nearest feasible ra=0.3578"),
     (dict(ra="[0.40]"), r"nearest feasible ra=0.4129 with E=45, K=3, De=8, Dse=24"),
-    (dict(compute="1e5"), r"C=1e\+05 buys 0.\d+ tokens, less than one sequence of S=32"),
+    (dict(compute="1e5"), r"dense-C: sweep.compute=1e\+05 buys 0.\d+ tokens, less than half a step of 1 × S=32"),
     (dict(compute="2e7"), r"C = .* is -12.81 % from the dense C = .* \(too few iterations"),
     (dict(dense_Dm=96), r"no expert width .* with N within 2 % of"),
 ])
@@ -258,7 +259,7 @@ def test_plans_for_several_ranks_run_as_planned():
     for r in runs[:3]:
         shape = GPTConfig(**r.shape, vocab_size=65536)
         tcfg = train.TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, micro_batch=16, lr=r.lr, tokens=0.0)
-        assert train.make_plan(shape, tcfg, world=8).D == r.D
+        assert schedule.for_training(shape, tcfg, 8).D == r.D
 
 
 @pytest.mark.parametrize("nproc,micro", [(1, 0), (2, 0), (2, 4), (1, 3)])
@@ -271,7 +272,7 @@ def test_toy_sweep_runs_execute_the_planned_C_to_the_last_token(tmp_path, nproc,
     sw, runs, over = sweep.planned(path, world=nproc)
     for r in runs:
         mvals, tcfg, _, _ = train.load_config(sweep.train_args(r, sw, over, tmp_path / r.name))
-        plan = train.make_plan(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
+        plan = schedule.for_training(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
         assert (plan.D, plan.C, plan.batch_seqs, plan.iters) == (r.D, r.C, r.batch_seqs, r.iters)
         assert plan.micro_batch == (micro or r.batch_seqs)
 

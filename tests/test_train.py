@@ -12,6 +12,7 @@ import torch
 
 import flops
 import rundir
+import schedule
 import train
 from model import GPT, GPTConfig
 
@@ -60,7 +61,7 @@ def run_ddp(argv, nproc):
 
 def test_ddp_follows_one_process(tiny_run, tmp_path):
     # the default micro-batch is the whole batch of 4 sequences, on any number of ranks: one forward of
-    # 4 on one rank, two ranks of 2 whose expert counts are added up for the balance loss (S6)
+    # 4 on one rank, two ranks of 2 whose expert counts are added up for the balance loss (M6 in docs/method.md)
     train.train(tiny_run("one"))
     run_ddp(tiny_run("two"), nproc=2)
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
@@ -111,20 +112,20 @@ def test_compute_budget_sets_tokens(tiny_run, tmp_path):
 def test_plan_follows_steplaw_and_not_the_number_of_ranks():
     mcfg = GPTConfig()
     tcfg = train.TrainConfig(tokens=1e7)
-    plan = train.make_plan(mcfg, tcfg, world=1)
+    plan = schedule.for_training(mcfg, tcfg, 1)
     B = flops.steplaw_batch_seqs(1e7, mcfg.S)
     assert plan.batch_seqs == plan.micro_batch == B and plan.accum == 1 and plan.iters == round(1e7 / (B * mcfg.S))
     assert plan.lr == pytest.approx(flops.steplaw_lr(flops.count(mcfg).N, plan.D))
     assert plan.warmup == flops.warmup_iters(plan.iters)
     micro = train.TrainConfig(tokens=1e7, micro_batch=3)
-    three = train.make_plan(mcfg, micro, world=3)
+    three = schedule.for_training(mcfg, micro, 3)
     assert three.batch_seqs % 3 == 0 and abs(three.batch_seqs - B) <= 1 and three.accum == three.batch_seqs // 3
     assert three.micro(3) == 1 and three.D == pytest.approx(1e7, rel=0.01)
-    assert train.make_plan(mcfg, micro, world=1) == three  # the same run on 1 and on 3 ranks
+    assert schedule.for_training(mcfg, micro, 1) == three  # the same run on 1 and on 3 ranks
     with pytest.raises(ValueError, match="micro_batch=3 cannot be split evenly over 2 ranks"):
-        train.make_plan(mcfg, micro, world=2)
+        schedule.for_training(mcfg, micro, 2)
     with pytest.raises(ValueError, match=f"micro_batch={B} \\(the whole batch: the default\\) cannot be split"):
-        train.make_plan(mcfg, tcfg, world=B + 1)
+        schedule.for_training(mcfg, tcfg, B + 1)
 
 
 @pytest.mark.parametrize("batch,micro", [(10, 4), (10, 20)])
@@ -132,12 +133,12 @@ def test_a_batch_that_is_no_whole_number_of_micro_batches_is_refused(batch, micr
     # today's rounding would have run more sequences, and so more D and C, than the plan that gave batch_seqs
     tcfg = train.TrainConfig(iters=5, tokens=0, batch_seqs=batch, micro_batch=micro)
     with pytest.raises(ValueError, match=f"micro_batch={micro} does not divide train.batch_seqs={batch}"):
-        train.make_plan(GPTConfig(), tcfg, world=1)
+        schedule.for_training(GPTConfig(), tcfg, 1)
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    plan = train.Plan(iters=1000, batch_seqs=1, micro_batch=1, accum=1, lr=1e-3, warmup=100, D=1, N=1, Na=1, M_train=1)
-    lrs = [train.lr_at(s, plan, 1e-5) for s in range(1000)]
+    plan = schedule.Schedule(iters=1000, batch_seqs=1, micro_batch=1, accum=1, lr=1e-3, warmup=100, D=1, N=1, Na=1, M_train=1)
+    lrs = [schedule.lr_at(s, plan, 1e-5) for s in range(1000)]
     assert lrs[0] == pytest.approx(1e-5) and lrs[99] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:])) and lrs[-1] == pytest.approx(1e-5, rel=1e-2)
 
@@ -251,10 +252,10 @@ def test_every_run_config_resolves(path):
     # one plan whatever the number of ranks: on 8 ranks where the config's micro-batch splits over 8
     m, t, _, _ = train.load_config([str(path)])
     mcfg = GPTConfig(**{"vocab_size": 65536, **m})
-    plan = train.make_plan(mcfg, t, world=1)
+    plan = schedule.for_training(mcfg, t, 1)
     assert plan.iters >= 1 and plan.lr > 0 and plan.batch_seqs % plan.micro_batch == 0
     if "2b" in path.name or "7b" in path.name:  # the paper's shapes: multi-GPU by design
-        assert train.make_plan(mcfg, t, world=8) == plan and plan.micro(8) >= 1
+        assert schedule.for_training(mcfg, t, 8) == plan and plan.micro(8) >= 1
     if t.compute:
         assert plan.C == pytest.approx(t.compute, rel=0.01)
 
@@ -274,7 +275,7 @@ def test_attention_other_than_sdpa_on_cpu_is_refused_before_any_file(tiny_run, t
 
 
 def test_grad_clip_zero_means_no_clipping(tiny_run, tmp_path):
-    # it used to scale every gradient by 0: the weights then moved by weight decay alone
+    # clipping to norm 0 would scale every gradient by 0, and the weights would move by weight decay alone
     train.train(tiny_run("zero", "--grad_clip=0", "--iters=3"))
     train.train(tiny_run("huge", "--grad_clip=1e30", "--iters=3"))
     zero, huge = weights(tmp_path / "zero"), weights(tmp_path / "huge")
