@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import config
 import flops
+import logbook
 import parallel
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
@@ -41,7 +42,6 @@ from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, ali
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
 
 from parallel import device_name
-from train import tune_malloc
 
 
 def sync(device):
@@ -243,7 +243,7 @@ def bench_step(a):
     for shape in (dense, moe):  # train.py's own checks on both runs, before anything is measured
         mvals, tcfg, given, _ = train.load_config(model_args(shape) + common)
         train.check_run(mvals, tcfg, given, False, 1, device)
-    peak, peak_label = train.peak_flops(config.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
+    peak, peak_label = logbook.peak_flops(config.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
     if a.peak_flops:
         peak_label = "given peak"
     elif not peak:
@@ -425,11 +425,11 @@ def parser():
         q.add_argument("--batch_seqs", type=at_least(1), default=16)
     for q in (g, e, at, t, pr):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--compile", type=flops.parse_bool, default=True)
+        q.add_argument("--compile", type=rundir.true_or_false, default=True)
         q.add_argument("--threads", type=at_least(0, 1024), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
-                       "see train.tune_malloc")
+                       "see parallel.tune_malloc")
         q.add_argument("--json", help="also write the results to this JSON file")
     for q in (e, at):
         q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
@@ -466,7 +466,7 @@ def main(argv=None):
                 load_shape(getattr(a, key), f"--{key}")  # a missing file or a bad shape, named before any work
         check_memory(a, device)
         if a.malloc == "tuned":
-            tune_malloc()
+            parallel.tune_malloc()
         if a.threads:
             torch.set_num_threads(a.threads)
         if device.type == "cuda":

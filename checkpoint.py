@@ -10,9 +10,7 @@ Weights and AdamW state go through torch.distributed.checkpoint.state_dict, keye
 so either form loads into a plain, DDP or FSDP model on any number of ranks: DCP reshards the shards
 to whatever the new ranks hold. Whether the trajectory may continue is decided by check() alone.
 """
-import hashlib
 import json
-import os
 import re
 import shutil
 import warnings
@@ -61,15 +59,6 @@ def read_manifest(folder):
         rundir.refuse_link(Path(folder) / manifest["dir"])
         return manifest
     raise rundir.RunDirError(f"{path} is damaged and was not loaded: it does not name a checkpoint")
-
-
-def sha256(path):
-    """A file's sha256, read without following a link."""
-    h = hashlib.sha256()
-    with rundir.open_plain(path) as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the check
@@ -138,9 +127,9 @@ def save(out, sharded, model, optimizer, extra, rank, world):
     if rank == 0:
         rundir.save_checkpoint(folder / "extra.pt", extra)
     dist.barrier()  # every rank's files are written and synced (DCP fsyncs them)
-    mine = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
+    mine = {p.name: rundir.sha256_file(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
     if rank == 0:
-        mine.update({p.name: sha256(p) for p in (folder / ".metadata", folder / "extra.pt")})
+        mine.update({p.name: rundir.sha256_file(p) for p in (folder / ".metadata", folder / "extra.pt")})
     hashes = [None] * world
     dist.all_gather_object(hashes, mine)
     if rank == 0:
@@ -180,7 +169,7 @@ def verify(folder, manifest, rank, world):
         path = folder / name
         if not path.exists():
             bad.append(f"{path} is missing")
-        elif sha256(path) != manifest["files"][name]:
+        elif rundir.sha256_file(path) != manifest["files"][name]:
             bad.append(f"{path} is damaged: its contents do not match the sha256 in {folder.parent / 'latest.json'}")
     if world > 1:
         every = [None] * world
@@ -209,22 +198,18 @@ def read(out, rank, world):
 def restore(form, path, state, model, optimizer, scaler, loader, device):
     """Load the weights and AdamW state into the model as it is now (plain, DDP or FSDP), then the rest."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    if form == "pt" and state["optimizer"]["state"] and isinstance(next(iter(state["optimizer"]["state"])), int):
-        model.load_state_dict(state["model"])  # a checkpoint of an earlier train.py: optimizer keyed by index
-        optimizer.load_state_dict(state["optimizer"])
+    if form == "pt":
+        weights, adam, full = state["model"], state["optimizer"], True
     else:
-        if form == "pt":
-            weights, adam, full = state["model"], state["optimizer"], True
-        else:
-            import torch.distributed.checkpoint as dcp
-            weights, adam = model_and_optimizer(model, optimizer, full=False)
-            both = {"model": weights, "optimizer": adam}
-            with warnings.catch_warnings():  # one process reading a sharded checkpoint: what is meant here
-                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-                dcp.load(both, checkpoint_id=path)
-            weights, adam, full = both["model"], both["optimizer"], False
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
-                       options=StateDictOptions(full_state_dict=full))
+        import torch.distributed.checkpoint as dcp
+        weights, adam = model_and_optimizer(model, optimizer, full=False)
+        both = {"model": weights, "optimizer": adam}
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint: what is meant here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(both, checkpoint_id=path)
+        weights, adam, full = both["model"], both["optimizer"], False
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
+                   options=StateDictOptions(full_state_dict=full))
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["cpu"])

@@ -50,7 +50,7 @@ class TrainConfig:
     parallel: str = "auto"    # over ranks: ddp | fsdp (FSDP2: weights, gradients and AdamW sharded); auto = ddp when it fits
     activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in the backward
     gpu_mem: float = 0.0      # GiB per GPU for the memory plan and parallel=auto; 0 = what CUDA reports
-    peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in train.PEAK_FLOPS
+    peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in logbook.PEAK_FLOPS
     overwrite: bool = False   # start afresh in an out_dir that holds a run, deleting it
 
 
@@ -67,11 +67,10 @@ RESULT_KEYS = TRAJECTORY + ("eval_tokens",)
 def parse_value(key, raw, typ):
     """A --key=value flag's value as the field's type."""
     if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{key}={raw}: expected true or false")
+        try:
+            return rundir.true_or_false(raw)
+        except ValueError:
+            raise ValueError(f"--{key}={raw}: expected true or false") from None
     if typ is str:
         return raw
     if typ is int:
@@ -171,7 +170,7 @@ def check_model(mvals):
 RANGES = {
     "seed": (0, 2**63 - 1, "an integer in 0..2^63-1"),
     "iters": (0, MAX_TOKENS, "iterations >= 0 (0: the budget is tokens or compute)"),
-    "tokens": (0, MAX_TOKENS, f"a number of tokens in 0..2^53 (0: the budget is iters or compute)"),
+    "tokens": (0, MAX_TOKENS, "a number of tokens in 0..2^53 (0: the budget is iters or compute)"),
     "compute": (0, 1e30, "FLOPs in 0..1e30 (0: the budget is iters or tokens)"),
     "unique_tokens": (0, MAX_TOKENS, "a number of tokens >= 0 (0: all of the training split)"),
     "batch_seqs": (0, 2**31, "sequences in 0..2^31 (0: StepLaw)"),
@@ -235,6 +234,11 @@ def check_train(t):
     if t.lr and t.min_lr > t.lr:
         raise ValueError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine would rise to the end; expected "
                          f"min_lr <= lr")
+
+
+def resolve_dtype(dtype, device_type):
+    """train.dtype on a kind of device: "auto" is bfloat16 on CUDA, float32 elsewhere."""
+    return dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
 
 
 def differences(saved, mcfg, tcfg, train_keys, then="run", now="now"):

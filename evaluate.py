@@ -8,20 +8,53 @@ numbers are those train.py logs: summed NLL in nats / (ln 2 · characters), over
 tokens of each split (0: all of it).
 """
 import argparse
-import contextlib
+import itertools
 import json
+import math
 import sys
 
 import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
     rundir.quit_while_starting("evaluate.py")
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import data
 import parallel
-import train
+from config import resolve_dtype
+
+
+@torch.no_grad()
+def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, world, batch=8):
+    """BPC per validation split (docs/method.md §6): summed NLL in nats / (ln 2 · characters of the targets). Every
+    rank runs the same number of batches (FSDP gathers weights in every forward), padding with ignored rows."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    device = model.wte.weight.device
+    for name, tokens in val_splits.items():
+        nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
+        windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
+        n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
+        for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
+            rows = list(itertools.islice(windows, batch))
+            x, y = (np.array([r[i] for r in rows], np.int64).reshape(-1, S) for i in (0, 1))
+            nll[1] += float(table[y].sum())
+            if len(x) < batch:  # pad the last batch with ignored rows: a compiled model sees one shape
+                x, y = (np.concatenate([a, np.full((batch - len(a), S), fill, np.int64)]) for a, fill in ((x, 0), (y, -1)))
+            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            with autocast:
+                logits, _, _ = model(xt, yt)
+            nll[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), yt.flatten(), ignore_index=-1,
+                                                        reduction="sum")
+        if world > 1:
+            dist.all_reduce(nll)
+        out[name] = data.bpc(nll[0].item(), nll[1].item())
+    model.train(was_training)
+    return out
 
 
 def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="cpu"):
@@ -55,10 +88,8 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
         raise ValueError(f"--eval_tokens={eval_tokens}: expected 0 (all of each split) or at least S+1 = {model.cfg.S + 1}")
     tokens = {s: data.open_split(data_dir, s, meta) for s in names}
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
-    dtype = saved.get("dtype", "auto")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != "float32" \
-        else contextlib.nullcontext()
-    return train.evaluate(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
+    autocast = parallel.autocast_for(device, resolve_dtype(saved.get("dtype", "auto"), device.type))
+    return evaluate_splits(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
 
 
 def parser():

@@ -290,14 +290,6 @@ def shape_from_dict(d, where):
         raise ValueError(f"{where}: {e}") from None
 
 
-def parse_bool(v):
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
@@ -306,7 +298,7 @@ def parser():
     for k in helptext.keys(__file__, "Shape"):  # each field's comment, as train.py --help shows it
         p.add_argument(f"--{k.name}", type={f.name: f.type for f in fields(Shape)}[k.name], default=None,
                        help=f"{k.doc} (default {helptext.toml_value(k.default)})".replace("%", "%%"))
-    p.add_argument("--include_router", type=parse_bool, default=True, help="count the router's Dm·E per MoE layer (default true)")
+    p.add_argument("--include_router", type=rundir.true_or_false, default=True, help="count the router's Dm·E per MoE layer (default true)")
     p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
     p.add_argument("--C", type=float, help="training compute in FLOPs: also print D and the StepLaw lr and batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-import flops
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
 from parallel import device_name, parse_device
@@ -202,7 +201,7 @@ def gpu_check(a):
 def parser():
     p = argparse.ArgumentParser(prog="gpucheck.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (the default), cuda:N, or cpu: what a CPU can")
-    p.add_argument("--compile", type=flops.parse_bool, default=True, help="also check torch.compile (default true)")
+    p.add_argument("--compile", type=rundir.true_or_false, default=True, help="also check torch.compile (default true)")
     p.add_argument("--json", help="also write the results to this JSON file")
     return p
 

@@ -14,6 +14,23 @@ from tqdm import tqdm
 import rundir
 
 
+# bf16 dense tensor-core peak per device (vendor datasheets), matched against the CUDA device name
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "B200": 2250e12}
+
+
+def peak_flops(tcfg, device):
+    """Per-device peak FLOP/s for MFU: train.peak_flops, else the datasheet's for a known GPU, else 0 (no MFU)."""
+    if tcfg.peak_flops:
+        return tcfg.peak_flops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS.items():
+            if key in name:
+                return peak
+    return 0.0  # unknown: no MFU
+
+
 class Logbook:
     def __init__(self, log_path, sched, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
         self.log_path, self.sched, self.S, self.world, self.device = log_path, sched, S, world, device

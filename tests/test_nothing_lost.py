@@ -545,7 +545,7 @@ def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):
     folder.mkdir(parents=True)
     for name in ("extra.pt", ".metadata", "__0_0.distcp"):
         (folder / name).write_bytes(name.encode())
-    files = {"extra.pt": checkpoint.sha256(folder / "extra.pt")}
+    files = {"extra.pt": rundir.sha256_file(folder / "extra.pt")}
     with pytest.raises(rundir.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
         checkpoint.verify(folder, {"step": 6, "dir": folder.name, "files": files}, 0, 1)
 

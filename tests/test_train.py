@@ -21,8 +21,8 @@ TRAJECTORY_KEYS = ("step", "loss", "ce", "balance", "grad_norm", "lr", "tokens",
 
 
 def records(out_dir, kind="train"):
-    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
-    return [{k: r[k] for k in TRAJECTORY_KEYS if k in r} for r in map(json.loads, lines) if r["kind"] == kind]
+    return [{k: r[k] for k in TRAJECTORY_KEYS if k in r} for r in rundir.read_log(Path(out_dir) / "log.jsonl")
+            if r["kind"] == kind]
 
 
 def weights(out_dir):
