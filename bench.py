@@ -36,6 +36,7 @@ import config
 import flops
 import logbook
 import parallel
+import preflight
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
@@ -241,8 +242,8 @@ def bench_step(a):
               f"--eval_interval={a.iters}", f"--eval_tokens={moe.S + 1}", f"--log_interval={a.log_interval}",
               f"--warmup={a.iters}", f"--compile={a.compile}", f"--device={a.device}", f"--data={a.data}"]
     for shape in (dense, moe):  # train.py's own checks on both runs, before anything is measured
-        mvals, tcfg, given, _ = train.load_config(model_args(shape) + common)
-        train.check_run(mvals, tcfg, given, False, 1, device)
+        mvals, tcfg, given, _ = config.load_config(model_args(shape) + common)
+        preflight.check_run(mvals, tcfg, given, False, 1, device)
     peak, peak_label = logbook.peak_flops(config.TrainConfig(peak_flops=a.peak_flops), device), "datasheet bf16 peak"
     if a.peak_flops:
         peak_label = "given peak"

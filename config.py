@@ -1,4 +1,4 @@
-"""A run's configuration: [model] (model.GPTConfig) and [train] (TrainConfig), from a TOML file and
+"""A run's configuration: [model] (GPTConfig) and [train] (TrainConfig), from a TOML file and
 --key=value flags, every value checked before any work. A bad value raises one ValueError that names
 the key, the value and what is accepted (train.py turns it into exit code 2). Tags (M11), (M15) are
 equations of docs/method.md.
@@ -11,9 +11,41 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import flops
 import rundir
 from flops import MAX_TOKENS
-from model import GPTConfig
+
+
+@dataclass
+class GPTConfig(flops.Shape):
+    vocab_size: int = 256        # token ids; set from the data (past 256: a multiple of 64) unless given
+    norm_topk: bool = False      # M4: renormalise the K gates to sum to 1 (needs K > 1)
+    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of M6
+    tie_embeddings: bool = False  # the LM head uses the token embedding's weights
+    init_std: float = 0.02       # std of the normal init (GPT-2's); what writes into the residual: /√(2L)
+
+    def __post_init__(self):
+        super().__post_init__()
+        flops._require("vocab_size", self.vocab_size, lambda v: 1 <= v <= 2**32, "an integer in 1..2^32")
+        for name in ("balance_coef", "init_std"):  # λ: ours, the paper prints none (docs/method.md §9); std: GPT-2's
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
+                raise ValueError(f"{name}={v!r} is not allowed: expected a number in 0..1")
+        if self.scheme == "dense":
+            return
+        if self.norm_topk and self.K == 1:
+            raise ValueError("norm_topk=true needs K > 1: with K = 1 the gate is constantly 1 and the "
+                             "router gets no gradient from the loss (docs/method.md, M4)")
+        # grouped_mm needs 16-byte aligned rows: widths a multiple of 8 serve both fp32 and bf16
+        for name in ("Dm", "De"):
+            flops._require(name, getattr(self, name), lambda v: v % 8 == 0,
+                           "a multiple of 8 in an MoE model (grouped GEMM row alignment)")
+
+
+def padded_vocab(v):
+    """The model's vocabulary for a tokenizer of v tokens: a multiple of 64 (friendlier matmul shapes, as
+    nanoGPT's 50304) above byte level."""
+    return v if v <= 256 else 64 * math.ceil(v / 64)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # where train.py's two tables come from (config.SECTIONS; tests/test_help.py checks they match)
-TRAIN_TABLES = {"model": (ROOT / "model.py", "GPTConfig"), "train": (ROOT / "config.py", "TrainConfig")}
+TRAIN_TABLES = {"model": (ROOT / "config.py", "GPTConfig"), "train": (ROOT / "config.py", "TrainConfig")}
 
 
 @dataclass(frozen=True)
@@ -134,5 +134,5 @@ def train_help(doc):
         "Each key below is a --key=value flag and a key of a config file's [model] or [train] table (the flags\n"
         "go on top of the file). --resume continues the run in out_dir from its own config.toml, the flags on top;\n"
         "--plan [--nproc=N] prints the memory per rank and runs nothing.",
-        table("[model]  (model.GPTConfig)", keys(*TRAIN_TABLES["model"])),
+        table("[model]  (config.GPTConfig)", keys(*TRAIN_TABLES["model"])),
         table("[train]  (config.TrainConfig)", keys(*TRAIN_TABLES["train"]))]) + "\n"

@@ -17,14 +17,12 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import data
 import flops
-from model import GPT, padded_vocab
+from model import GPT
 
 GiB = 2**30
 RESERVE = 2 * GiB  # per GPU, kept out of the plan: CUDA context, NCCL buffers, allocator slack
@@ -312,13 +310,6 @@ def check_fits(mcfg, tcfg, sched, world, dtype, device, attention):
                          f"(train.micro_batch={tcfg.micro_batch or 'the whole batch of ' + str(sched.batch_seqs)}) needs "
                          f"{need.activations / GiB:.4g} GiB of activations beside the model's {need.state / GiB:.4g} "
                          f"GiB, more than {where}: give a smaller train.micro_batch (or train.batch_seqs)")
-
-
-def plan_vocab(data_dir):
-    """The vocabulary a run would have: its data's, rounded as train.py rounds it; cl100k_base's (the
-    paper's tokenizer) when the data is not prepared here."""
-    prepared = (Path(data_dir) / "meta.json").exists()
-    return padded_vocab(data.load_meta(data_dir)["vocab_size"] if prepared else 100277)
 
 
 def memory_table(mcfg, tcfg, sched, world, dtype, capacity):

@@ -14,6 +14,7 @@ run unless told to replace it, and then the old run is moved aside and deleted o
 has written its config; a second writer is refused with the holder's pid; a damaged file is named and
 never loaded; a full disk is reported with the file, the bytes needed and the bytes free.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -594,13 +595,17 @@ def read_log(path):
     return records
 
 
+class NotTrueOrFalse(argparse.ArgumentTypeError, ValueError):
+    """A flag that is no bool: argparse prints this message as it is; config.py names the key."""
+
+
 def true_or_false(text):
-    """A flag's text as a bool: true/false (or 1/0, yes/no, on/off), else ValueError."""
+    """A flag's text as a bool: true/false (or 1/0, yes/no, on/off)."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {text!r}")
+    raise NotTrueOrFalse(f"expected true or false, got {text!r}")
 
 
 def is_number(v):

@@ -21,8 +21,10 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import config
 import flops
 import helptext
+import preflight
 import rundir
 import schedule
 from sweep_report import REUSE, report
@@ -351,7 +353,7 @@ def memory_plan(runs, train_over, world, gpu_mem):
     dtype = "bfloat16" if dtype == "auto" else dtype
     checkpointing = bool(train_over.get("activation_checkpointing", False))
     capacity = int(gpu_mem * parallel.GiB) - parallel.RESERVE
-    vocab = train_over.get("vocab_size") or parallel.plan_vocab(train_over.get("data", "data/shakespeare-byte"))
+    vocab = train_over.get("vocab_size") or preflight.planned_vocab(train_over.get("data", "data/shakespeare-byte"))
     lines, warnings = [f"{'run':34}{'micro/rank':>11}{'DDP GiB':>9}{'FSDP GiB':>10}  parallel on {world} × "
                        f"{gpu_mem:g} GiB ({dtype}, activation checkpointing {'on' if checkpointing else 'off'})"], []
     for r in runs:
@@ -393,12 +395,11 @@ def planned(path, allow_unequal=False, world=1, out=None):
 
 
 def run_setup(run, sweep, train_over, out, world=1, device=None, prepare=False):
-    """What train.py makes of a run's command line, through its own checks (train.check_run): the same
+    """What train.py makes of a run's command line, through its own checks (preflight.check_run): the same
     function, so a plan that train.py would refuse is refused here, before any run starts."""
-    import train
     try:
-        mvals, tcfg, given, _ = train.load_config(train_args(run, sweep, train_over, Path(out) / run.name))
-        return train.check_run(mvals, tcfg, given, False, world, device, prepare=prepare)
+        mvals, tcfg, given, _ = config.load_config(train_args(run, sweep, train_over, Path(out) / run.name))
+        return preflight.check_run(mvals, tcfg, given, False, world, device, prepare=prepare)
     except ValueError as e:
         budget = f"sweep.compute = {sweep.compute:.4g}" + (f" × sweep.dense_2C = {sweep.dense_2C:g}"
                                                            if run.arm == "dense-2C" else "")
@@ -464,8 +465,7 @@ def train_args(run, sweep, train_over, out_dir):
 
 def train_args_config(run, sweep, train_over, out):
     """The run's TrainConfig as train.py reads its command line."""
-    import train
-    return train.load_config(train_args(run, sweep, train_over, Path(out) / run.name))[1]
+    return config.load_config(train_args(run, sweep, train_over, Path(out) / run.name))[1]
 
 
 def status(out_dir):

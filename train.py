@@ -15,13 +15,12 @@ resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt
 summary.json. config.py reads and checks the configuration; parallel.py shares the run over the ranks;
 checkpoint.py saves, checks and restores; logbook.py logs; rundir.py keeps the run directory whole.
 """
-import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
@@ -41,12 +40,12 @@ import flops
 import helptext
 import logbook
 import parallel
+import preflight
 import schedule
-from config import (TRAJECTORY, TrainConfig, differences, is_run_config, load_config, resolve_dtype,  # noqa: F401
-                    read_toml, to_toml)
+from config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
 from evaluate import evaluate_splits
 from logbook import Logbook
-from model import GPT, GPTConfig, padded_vocab
+from model import GPT, GPTConfig
 from sample import sample_text
 
 
@@ -59,106 +58,6 @@ def make_optimizer(model, sched, tcfg, device, strategy):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type == "cuda" and strategy != "fsdp"  # sharded (DTensor) parameters take the foreach path
     return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
-
-
-# ----------------------------------------------------------------------------- the checks
-@dataclass
-class Setup:
-    """A run that passed every check: what train.py will do, decided before anything is written."""
-    mcfg: GPTConfig
-    tcfg: TrainConfig
-    sched: schedule.Schedule
-    resume: bool
-    meta: dict = None         # the data's meta.json (None: not prepared yet, when planning a sweep)
-    dtype: str = "float32"
-    attention: str = "sdpa"
-    train_tokens: object = None
-    val_splits: dict = None   # {name: tokens}
-
-
-def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=True):
-    """Every check train.py makes before it writes or deletes anything, in one place that sweep.py runs on
-    each of its runs too: the config (config.py), the sched, the precision on this device, the data (the
-    default corpus is prepared first when prepare), the vocabulary, the splits against S and
-    unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
-    a data folder not prepared yet leaves out what depends on the data."""
-    shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing here needs it
-    if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
-        raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
-                         f"expected 0 (all of each split) or at least {shape.S + 1}")
-    sched = schedule.for_training(shape, tcfg, world)
-    dtype, attention = precision(tcfg, device.type if device else None, shape)
-    try:
-        if prepare:
-            meta = prepare_data(tcfg, rank)
-        else:
-            meta = data.load_meta(tcfg.data) if (Path(tcfg.data) / "meta.json").exists() else None
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"train.data={tcfg.data!r}: {e}") from None
-    if meta is None:
-        mcfg = GPTConfig(**{"vocab_size": parallel.plan_vocab(tcfg.data), **mvals})
-        return Setup(mcfg, tcfg, sched, resume, None, dtype, attention)
-    mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
-    train_tokens = data.open_split(tcfg.data, "train", meta)
-    data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
-    val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
-    for name, tokens in val_splits.items():
-        if len(tokens) < mcfg.S + 1:
-            raise ValueError(f"{Path(tcfg.data) / meta['splits'][name]['file']} (split {name!r}) holds {len(tokens):,} "
-                             f"tokens, fewer than one evaluation window of S+1 = {mcfg.S + 1} (model.S={mcfg.S}): give "
-                             f"it more text, or train with a smaller S")
-    if device is not None:
-        parallel.check_fits(mcfg, tcfg, sched, world, dtype, device, attention)
-        if tcfg.compile:
-            check_compile(device.type)
-    return Setup(mcfg, tcfg, sched, resume, meta, dtype, attention, train_tokens, val_splits)
-
-
-@functools.cache
-def check_compile(device_type):
-    """torch.compile works on this device (a C++ compiler on CPU, Triton on GPU), tried on a one-line function
-    before anything is written: a run that replaces another must not fail at its first step for it."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device_type))
-    except Exception as e:  # InductorError, BackendCompilerFailed, a missing compiler: torch raises many kinds
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"train.compile=true: torch.compile does not work on {device_type} here ({type(e).__name__}: "
-                         f"{first}); train with --compile=false") from None
-
-
-def resolve_model_config(mvals, given, meta, data_dir):
-    """GPTConfig from the config, with vocab_size from the data unless given (then it must cover it)."""
-    if "vocab_size" in given:
-        if mvals["vocab_size"] < meta["vocab_size"]:
-            raise ValueError(f"model.vocab_size={mvals['vocab_size']} is smaller than the vocabulary of "
-                             f"{data_dir} ({meta['vocab_size']}, tokenizer {meta['tokenizer']})")
-    else:
-        mvals = {**mvals, "vocab_size": padded_vocab(meta["vocab_size"])}
-    return GPTConfig(**mvals)
-
-
-def prepare_data(tcfg, rank):
-    """meta.json of the run's data; the default corpus is prepared on first use (by rank 0), and again
-    when an older data.py prepared it."""
-    path = Path(tcfg.data)
-    default = {data.default_dir(t): t for t in ("byte", "cl100k_base", "gpt2", "o200k_base")}
-    if tcfg.data in default and data.meta_format(path) != data.FORMAT:
-        if rank == 0:
-            data.prepare_default(tcfg.data, default[tcfg.data], overwrite=True)
-        if dist.is_initialized():
-            dist.barrier()
-    return data.load_meta(path)
-
-
-def precision(tcfg, device_type, mcfg):
-    """(dtype name, attention path) on this kind of device (None: not known yet), refused if impossible."""
-    dtype = resolve_dtype(tcfg.dtype, device_type)
-    if dtype == "float16" and device_type == "cuda" and mcfg.scheme != "dense":
-        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
-    attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device_type == "cuda" else "sdpa")
-    if attention == "flex" and device_type not in ("cuda", None):
-        raise ValueError(f"train.attention='flex' on {device_type}: FlexAttention has no backward there; use sdpa")
-    return dtype, attention
 
 
 # ----------------------------------------------------------------------------- training
@@ -238,7 +137,7 @@ def train(argv):
     try:
         if device.type == "cpu":
             parallel.tune_malloc()
-        run = check_run(mvals, tcfg, given, resume, world, device, rank)
+        run = preflight.check_run(mvals, tcfg, given, resume, world, device, rank)
         if resume and not rundir.run_files(tcfg.out_dir) and not (Path(tcfg.out_dir) / rundir.ASIDE).exists():
             raise FileNotFoundError(f"--resume: no run in {tcfg.out_dir} (no config.toml, no checkpoint)")
         if not resume:  # every rank refuses before any work; rank 0 checks again, locked
@@ -430,7 +329,7 @@ def show_plan(argv):
     if not 1 <= world <= 2**20:
         raise ValueError(f"{nproc[-1]}: expected a number of ranks in 1..2^20")
     mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
-    vocab = mvals.get("vocab_size") or parallel.plan_vocab(tcfg.data)
+    vocab = mvals.get("vocab_size") or preflight.planned_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
     sched = schedule.for_training(mcfg, tcfg, world)
     dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the sched is for GPUs

@@ -1,5 +1,7 @@
+import hashlib
 import random
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,13 @@ def tiny_data(tmp_path_factory):
     return out
 
 
+def pytest_collection_modifyitems(items):
+    """A test module's SLOW_CASES (names of parametrized cases, as pytest shows them) are marked slow."""
+    for item in items:
+        if item.name in getattr(getattr(item, "module", None), "SLOW_CASES", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 TINY_MODEL = ["--scheme=1dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=64", "--E=4", "--K=2", "--De=16", "--Dse=16",
               "--S=32"]
 
@@ -42,6 +51,39 @@ def tiny_run(tiny_data, tmp_path):
                              "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0",
                              *extra]
     return argv
+
+
+# ----------------------------------------------------------------------------- a short run, and what it must leave
+def snapshot(folder):
+    """Every file under folder, by relative path, with its sha256 (links and folders by what they are)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        key = str(p.relative_to(folder))
+        out[key] = "link" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def tiny(tiny_data, out, *extra):
+    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
+                         "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
+
+
+def refused(main, argv, capsys):
+    """(exit code, stderr) of a program that must stop with exit code 2 and no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def finished(tiny_data, tmp_path):
+    """A finished short run (tiny): what a refused command must leave as it was."""
+    out = tmp_path / "run"
+    import train
+    train.train(tiny(tiny_data, out))
+    return out
 
 
 

@@ -21,6 +21,7 @@ def run_bench(*args):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_expert_bench_runs(tmp_path):
     out = run_bench("expert", "--T=64", "--Dm=32", "--E=4", "--K=2", "--De=16", "--Dse=16", "--rounds=1", "--warmup=1",
                     "--compile=false", "--breakdown", f"--json={tmp_path / 'e.json'}")
@@ -30,6 +31,7 @@ def test_expert_bench_runs(tmp_path):
     assert set(result["median_ms"]) == {"dense", "MoE", "fixed routing", "GEMMs only"} and result["dense_over_moe"] > 0
 
 
+@pytest.mark.slow
 def test_attention_bench_runs():
     out = run_bench("attention", "--B=1", "--H=3", "--S=64", "--Dh=16", "--rounds=1", "--warmup=1", "--compile=false")
     assert "forward only" in out  # no FlexAttention backward on a CPU
@@ -37,11 +39,13 @@ def test_attention_bench_runs():
         assert f"  {name} " in out
 
 
+@pytest.mark.slow
 def test_profile_runs():
     out = run_bench("profile", "--batch_seqs=2", "--steps=1", "--warmup=1", "--compile=false", "--top=3")
     assert "top kernels:" in out and "GEMM" in out and "grouped GEMM (experts)" in out
 
 
+@pytest.mark.slow
 def test_gpu_check_passes_on_cpu(tmp_path):
     out = run_bench("gpu-check", "--compile=false", f"--json={tmp_path / 'g.json'}")
     assert "gpu-check: all checks passed" in out
@@ -65,6 +69,7 @@ def test_breakdown_parts_compute_the_moe_loss(Dse):
     assert torch.allclose(w_grads[1], w_grads[0], atol=1e-6) and torch.allclose(w_grads[2], w_grads[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_step_bench_runs(tiny_data, tmp_path):
     moe, dense = tmp_path / "moe.toml", tmp_path / "dense.toml"
     moe.write_text('[model]\nscheme = "1dense"\nL = 2\nDm = 32\nH = 2\nDffn = 64\nE = 4\nK = 2\nDe = 16\nDse = 16\nS = 32\n')

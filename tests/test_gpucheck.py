@@ -20,6 +20,7 @@ def fresh(code):
     return r.stdout.strip()
 
 
+@pytest.mark.slow
 def test_no_import_cycle():
     assert fresh("import sys, gpucheck; print('bench' in sys.modules)") == "False"
     # bench.py imports gpucheck, from either side of a fresh interpreter
@@ -27,6 +28,7 @@ def test_no_import_cycle():
     assert fresh("import gpucheck, bench; print(bench.gpu_check is gpucheck.gpu_check)") == "True"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 def test_without_cuda_it_says_so_in_one_line():
     r = subprocess.run([sys.executable, str(ROOT / "gpucheck.py")], capture_output=True, text=True, cwd=ROOT)

@@ -71,6 +71,7 @@ def test_zero_stride_gradient_is_accepted():
     assert torch.isfinite(moe.w13.grad).all()
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager_and_never_recompiles():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -90,6 +91,7 @@ def test_compiled_matches_eager_and_never_recompiles():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
+@pytest.mark.slow
 def test_compiled_gpt_matches_eager():
     torch._dynamo.reset()
     for scheme in ("dense", "1dense"):
@@ -259,6 +261,7 @@ def test_gpt_with_flex_attention_matches_sdpa(scheme):
         GPT(cfg, attention="flash")
 
 
+@pytest.mark.slow
 def test_regional_compile_matches_eager_and_shares_graphs_across_blocks():
     from torch._dynamo.utils import counters
     torch._dynamo.reset()

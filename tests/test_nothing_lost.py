@@ -1,7 +1,6 @@
 """Nothing lost off the tested path: destructive steps last, no link followed, identity checked, one set of
 rules for the planner and the trainer, every file read checked, and Ctrl-C or SIGTERM ending in one line
 with a run that resumes exactly."""
-import hashlib
 import json
 import os
 import signal
@@ -13,42 +12,13 @@ from pathlib import Path
 import pytest
 
 import data
+import preflight
 import rundir
 import sweep
 import train
-from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep
+from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def snapshot(folder):
-    """Every file under folder, by relative path, with its sha256 (links and folders by what they are)."""
-    out = {}
-    for p in sorted(Path(folder).rglob("*")):
-        key = str(p.relative_to(folder))
-        out[key] = "link" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def tiny(tiny_data, out, *extra):
-    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
-                         "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
-
-
-def refused(main, argv, capsys):
-    """(exit code, stderr) of a program that must stop with exit code 2 and no traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err, err
-    return err
-
-
-@pytest.fixture
-def finished(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    train.train(tiny(tiny_data, out))
-    return out
 
 
 def copy_data(tiny_data, to):
@@ -84,21 +54,6 @@ def test_overwrite_refuses_a_run_folder_with_files_no_run_writes(finished, tiny_
     before = snapshot(finished)
     err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true"), capsys)
     assert "summary.json is a folder where a run keeps a file" in err and snapshot(finished) == before
-
-
-def test_a_killed_overwrite_is_finished_or_undone_by_the_next_start(finished, tiny_data, capsys):
-    before = snapshot(finished)
-    # killed after the old run was moved aside, before the new one wrote its config: the old run comes back
-    aside = rundir.Aside(finished)
-    aside.move(rundir.check_new_run(finished, overwrite=True))
-    assert not (finished / "config.toml").exists()
-    err = refused(train.main, tiny(tiny_data, finished), capsys)
-    assert "the old run is put back" in err and "holds a run" in err and snapshot(finished) == before
-    # killed after the new run wrote its config: the old run was due for deletion, and goes
-    aside.move(rundir.check_new_run(finished, overwrite=True))
-    (finished / "config.toml").write_text((finished / ".replaced" / "config.toml").read_text())
-    summary = train.train(tiny(tiny_data, finished, "--overwrite=true", "--seed=3"))
-    assert summary["finished"] and not (finished / ".replaced").exists()
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -186,9 +141,9 @@ def test_a_failing_compiler_is_found_before_the_old_run_goes(finished, tiny_data
     def no_compiler(fn, *args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
     monkeypatch.setattr(train.torch, "compile", no_compiler)
-    train.check_compile.cache_clear()
+    preflight.check_compile.cache_clear()
     err = refused(train.main, tiny(tiny_data, finished, "--overwrite=true", "--compile=true"), capsys)
-    train.check_compile.cache_clear()
+    preflight.check_compile.cache_clear()
     assert "train.compile=true: torch.compile does not work on cpu here" in err and snapshot(finished) == before
 
 
@@ -266,13 +221,6 @@ def test_prepared_data_is_replaced_whole(tiny_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- no link followed
-def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(tiny_data, tmp_path, capsys):
-    victim = tmp_path / "precious.txt"
-    victim.write_text("do not truncate me")
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".lock").symlink_to(victim)
-    err = refused(train.main, tiny(tiny_data, tmp_path / "run"), capsys)
-    assert ".lock is a symbolic link" in err and victim.read_text() == "do not truncate me"
 
 
 @pytest.mark.parametrize("name", ["ckpt.pt", "log.jsonl", "config.toml", "summary.json"])
@@ -285,20 +233,6 @@ def test_a_run_file_that_is_a_link_is_refused(finished, tiny_data, tmp_path, cap
         err = refused(train.main, tiny(tiny_data, finished) + extra, capsys)
         assert f"{name} is a symbolic link" in err
     assert snapshot(finished) == before and target.read_bytes() == kept
-
-
-def test_atomic_writes_never_write_through_a_link(tmp_path):
-    victim = tmp_path / "victim"
-    victim.write_text("keep")
-    path = tmp_path / "file.json"
-    (tmp_path / f".file.json.{os.getpid()}.tmp").symlink_to(victim)  # a leftover temporary name, now a link
-    rundir.write_text(path, "new")
-    assert path.read_text() == "new" and victim.read_text() == "keep" and not path.is_symlink()
-    path.unlink()
-    path.symlink_to(victim)
-    with pytest.raises(rundir.RunDirError, match="is a symbolic link"):
-        rundir.write_text(path, "through the link")
-    assert victim.read_text() == "keep"
 
 
 def test_a_fifo_or_a_dangling_link_where_a_run_keeps_a_file_is_refused_without_hanging(finished, tiny_data, tmp_path,
@@ -539,24 +473,6 @@ def test_a_summary_with_wrong_fields_counts_as_damaged(finished, tiny_data, caps
     assert "is damaged" in capsys.readouterr().err and again["final"] == summary["final"]
 
 
-def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):
-    import checkpoint
-    folder = tmp_path / "ckpt" / "step-00000006"
-    folder.mkdir(parents=True)
-    for name in ("extra.pt", ".metadata", "__0_0.distcp"):
-        (folder / name).write_bytes(name.encode())
-    files = {"extra.pt": rundir.sha256_file(folder / "extra.pt")}
-    with pytest.raises(rundir.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
-        checkpoint.verify(folder, {"step": 6, "dir": folder.name, "files": files}, 0, 1)
-
-
-def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_data):
-    (finished / "ckpt").mkdir()
-    (finished / "ckpt" / "latest.json").write_text(json.dumps({"step": 3, "dir": "../../elsewhere", "files": {}}))
-    with pytest.raises(rundir.RunDirError, match="latest.json is damaged and was not loaded"):
-        train.train(tiny(tiny_data, finished) + ["--resume"])
-
-
 @pytest.mark.parametrize("plan", ['[{"name": 3}]', '{"runs": []}', "[" * 100000,
                                   '[{"name": "run", "arm": "a", "reuse": "weird", "kind": "moe", "shape": {}, "iters": 1, '
                                   '"batch_seqs": 1, "D": 1, "lr": 0.1, "warmup": 1}]'])
@@ -595,6 +511,7 @@ def wait_for(path, timeout=120):
     raise AssertionError(f"{path} never appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly(tiny_data, tmp_path, sig, code):
     common = TINY_MODEL + [f"--data={tiny_data}", "--iters=400", "--batch_seqs=4", "--eval_interval=200",
@@ -619,6 +536,7 @@ def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly
     assert logs[0] == logs[1] and logs[0][-1]["step"] == stopped + 4
 
 
+@pytest.mark.slow
 def test_an_interrupted_data_preparation_leaves_nothing_behind(tmp_path):
     big = tmp_path / "big.txt"
     big.write_text(make_text(7, 3_000_000))
@@ -630,6 +548,7 @@ def test_an_interrupted_data_preparation_leaves_nothing_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_stops_its_run_and_says_how_to_go_on(tiny_data, tmp_path):
     proc = start([str(ROOT / "sweep.py"), "run", str(micro_sweep(tmp_path, tiny_data)), f"--out={tmp_path / 'out'}"])
     wait_for(tmp_path / "out" / "dense-C" / "ckpt.pt")
@@ -649,6 +568,7 @@ def test_ctrl_c_while_starting_ends_in_one_line(tiny_data, tmp_path):
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_data_preparation_and_its_workers_ends_it_cleanly(tmp_path):
     big = tmp_path / "big.txt"
     big.write_text(make_text(8, 6_000_000))

@@ -44,6 +44,7 @@ def checkpoint_weights(run_dir):
     return sharded_weights(run_dir, checkpoint_weights(run_dir.parent / "whole"))
 
 
+@pytest.mark.slow
 def test_sample_continues_the_prompt_reproducibly_from_either_checkpoint(runs):
     # sample.py's text is the sample, with that seed and the data's vocabulary, of the weights the checkpoint
     # holds, whole or sharded; the two runs' weights differ by rounding only (2 ranks against 1 process)
@@ -69,6 +70,7 @@ def test_sample_continues_the_prompt_reproducibly_from_either_checkpoint(runs):
     assert r.returncode == 0 and r.stdout.count("-" * 40) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--tokens=0"], "--tokens=0: expected an integer in 1..1,000,000"),
     (["--temperature=0"], "--temperature=0.0: expected a finite number > 0"),
@@ -78,6 +80,7 @@ def test_sample_refuses_bad_arguments(runs, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_name_a_missing_run(tmp_path):
     for prog in ("sample.py", "evaluate.py"):
         r = cli(prog, tmp_path / "nothing")
@@ -87,6 +90,7 @@ def test_sample_and_evaluate_name_a_missing_run(tmp_path):
     assert r.returncode == 2 and "no checkpoint in it" in r.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_final_bpc_of_training_from_either_checkpoint(runs):
     root, whole = runs
     bpc, _ = evaluate.evaluate_run(root / "whole")
@@ -100,6 +104,7 @@ def test_evaluate_gives_the_final_bpc_of_training_from_either_checkpoint(runs):
     assert out["step"] == 12 and set(out) == {"run", "step", "bpc_val", "bpc_train"}
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_data_of_another_tokenizer_and_unknown_splits(runs, tmp_path):
     root, _ = runs
     meta = json.loads((Path(json.loads((root / "whole" / "summary.json").read_text())["config"]["train"]["data"])
@@ -114,6 +119,7 @@ def test_evaluate_refuses_data_of_another_tokenizer_and_unknown_splits(runs, tmp
     assert r.returncode == 2 and "has no split 'test'" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_finished_run_prints_a_sample(tiny_run, capsys):
     train.train(tiny_run("s", "--sample_tokens=30"))
     out = capsys.readouterr().out

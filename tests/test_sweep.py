@@ -11,6 +11,7 @@ import flops
 import schedule
 import sweep
 import sweep_report
+from config import GPTConfig, TrainConfig, load_config
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +138,7 @@ def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
         sweep.load_sweep(tmp_path / "missing.toml")
 
 
+@pytest.mark.slow
 def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_data):
     path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]')
     s, runs, train_over = sweep.planned(path)
@@ -236,6 +238,7 @@ def test_emit_slurm_writes_an_array_job(tmp_path):
     assert f"{sys.executable} {ROOT / 'sweep.py'} run" in text and f"--out='{tmp_path / 'my out'}'" in text
 
 
+@pytest.mark.slow
 def test_cli_plan_json_and_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(ROOT / "configs" / "sweep-7b.toml"), "--json"],
                        capture_output=True, text=True, cwd=ROOT)
@@ -252,29 +255,25 @@ def test_cli_plan_json_and_errors(tmp_path):
 
 def test_plans_for_several_ranks_run_as_planned():
     # the batch is a whole number of micro-batches, which split over the ranks: train.py runs the plan's D
-    import train
-    from model import GPTConfig
     _, runs, over = sweep.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
     assert over["micro_batch"] == 16 and all(r.batch_seqs % 16 == 0 for r in runs) and sweep.check_equal(runs, 0.01) == []
     for r in runs[:3]:
         shape = GPTConfig(**r.shape, vocab_size=65536)
-        tcfg = train.TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, micro_batch=16, lr=r.lr, tokens=0.0)
+        tcfg = TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, micro_batch=16, lr=r.lr, tokens=0.0)
         assert schedule.for_training(shape, tcfg, 8).D == r.D
 
 
 @pytest.mark.parametrize("nproc,micro", [(1, 0), (2, 0), (2, 4), (1, 3)])
 def test_toy_sweep_runs_execute_the_planned_C_to_the_last_token(tmp_path, nproc, micro):
     # every run's arguments, read back by train.py as it reads them, give exactly the planned D and C
-    import train
-    from model import GPTConfig
     path = tmp_path / "s.toml"
     path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + (f"micro_batch = {micro}\n" if micro else ""))
     sw, runs, over = sweep.planned(path, world=nproc)
     for r in runs:
-        mvals, tcfg, _, _ = train.load_config(sweep.train_args(r, sw, over, tmp_path / r.name))
-        plan = schedule.for_training(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
-        assert (plan.D, plan.C, plan.batch_seqs, plan.iters) == (r.D, r.C, r.batch_seqs, r.iters)
-        assert plan.micro_batch == (micro or r.batch_seqs)
+        mvals, tcfg, _, _ = load_config(sweep.train_args(r, sw, over, tmp_path / r.name))
+        sched = schedule.for_training(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
+        assert (sched.D, sched.C, sched.batch_seqs, sched.iters) == (r.D, r.C, r.batch_seqs, r.iters)
+        assert sched.micro_batch == (micro or r.batch_seqs)
 
 
 def test_micro_batch_that_ranks_cannot_split_is_refused_at_plan_time(tmp_path):
@@ -282,3 +281,11 @@ def test_micro_batch_that_ranks_cannot_split_is_refused_at_plan_time(tmp_path):
     path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + "micro_batch = 3\n")
     with pytest.raises(ValueError, match="micro_batch=3 cannot be split evenly over 2 ranks"):
         sweep.planned(path, world=2)
+
+
+def test_planning_a_sweep_loads_no_torch():
+    """schedule.py and preflight.py plan and check every run without torch: `sweep.py plan` is instant."""
+    code = ("import sys, sweep; _, runs, _ = sweep.planned('configs/sweep-cpu.toml'); "
+            "assert runs and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,98 @@
+"""Checkpoints (checkpoint.py, and rundir.py's checksummed ckpt.pt): written whole or not at all, and a damaged
+one (a torn or flipped ckpt.pt, a shard, a manifest) named and never loaded. Resuming from them exactly is
+test_train.py's and, sharded over ranks, test_parallel.py's."""
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import rundir
+import train
+from tests.conftest import refused, snapshot, tiny
+from tests.test_train import run_ddp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    rundir.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def disk_fills(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_fills)
+    with pytest.raises(rundir.RunDirError, match=r"ckpt.pt: the disk is full \(12 bytes needed, [\d,]+ free\); the previous"):
+        rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert rundir.read_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def damage(kind, path):
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "directory":
+        path.unlink()
+        path.mkdir()
+    elif kind == "flipped":  # one byte inside the tensor data: torch.load alone would not notice
+        state = rundir.read_checkpoint(path)
+        raw = bytearray(path.read_bytes())
+        needle = state["model"]["wte.weight"][0, :4].numpy().tobytes()
+        at = bytes(raw).index(needle)
+        raw[at + 1] ^= 0x40
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "is damaged and was not loaded: it cannot be read"), ("empty", "is damaged and was not loaded"),
+    ("text", "is damaged and was not loaded"), ("directory", "is a folder where a run keeps a file"),
+    ("flipped", "is damaged and was not loaded: its contents do not match the checksum")])
+def test_a_damaged_checkpoint_is_named_and_never_loaded(tiny_data, tmp_path, capsys, kind, message):
+    train.train(tiny(tiny_data, tmp_path / "r", "--stop_at=4"))
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    damage(kind, ckpt)
+    before = snapshot(tmp_path / "r")
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r") + ["--resume"], capsys)
+    assert f"{ckpt} {message}" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path / "r") == before
+
+
+def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):
+    folder = tmp_path / "ckpt" / "step-00000006"
+    folder.mkdir(parents=True)
+    for name in ("extra.pt", ".metadata", "__0_0.distcp"):
+        (folder / name).write_bytes(name.encode())
+    files = {"extra.pt": rundir.sha256_file(folder / "extra.pt")}
+    with pytest.raises(rundir.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
+        checkpoint.verify(folder, {"step": 6, "dir": folder.name, "files": files}, 0, 1)
+
+
+def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_data):
+    (finished / "ckpt").mkdir()
+    (finished / "ckpt" / "latest.json").write_text(json.dumps({"step": 3, "dir": "../../elsewhere", "files": {}}))
+    with pytest.raises(rundir.RunDirError, match="latest.json is damaged and was not loaded"):
+        train.train(tiny(tiny_data, finished) + ["--resume"])
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_is_named_and_not_loaded(tiny_run, tmp_path):
+    run_ddp(tiny_run("a", "--parallel=fsdp", "--stop_at=6"), nproc=2)
+    shard = tmp_path / "a" / "ckpt" / "step-00000006" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--out_dir={tmp_path / 'a'}", "--resume"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "__1_0.distcp is damaged" in r.stderr
+    (tmp_path / "a" / "ckpt" / "latest.json").write_text("{not json")
+    with pytest.raises(rundir.RunDirError, match="latest.json is damaged"):
+        train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])

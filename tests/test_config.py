@@ -1,0 +1,56 @@
+"""config.py: a run's configuration from a TOML file and --key=value flags, every value checked and named
+when bad; the run configs in configs/ resolve. (Bad values through each program's command line are
+test_safety.py's and test_every_input.py's; end-to-end runs with a config file are test_train.py's.)"""
+from pathlib import Path
+
+import pytest
+
+import schedule
+from config import TrainConfig, load_config
+from model import GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bogus=1"], "unknown config key 'bogus'"), (["--iters=ten"], "--iters=ten: expected an integer"),
+    (["--lr=fast"], "--lr=fast: expected a number"), (["--compile=maybe"], "expected true or false"),
+    (["--iters=1.5"], "expected an integer"), (["iters=3"], "missing.toml"), (["--L"], "expected --key=value")])
+def test_bad_arguments_name_the_key(argv, message):
+    argv = ["missing.toml"] if argv == ["iters=3"] else argv
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_config(argv)
+
+
+def test_bad_config_file_names_the_key(tmp_path):
+    (tmp_path / "a.toml").write_text("[train]\nitres = 3\n")
+    with pytest.raises(ValueError, match=r"a.toml: unknown config key train.itres"):
+        load_config([str(tmp_path / "a.toml")])
+    (tmp_path / "b.toml").write_text("[optim]\nlr = 3\n")
+    with pytest.raises(ValueError, match=r"unknown table \[optim\]"):
+        load_config([str(tmp_path / "b.toml")])
+    (tmp_path / "c.toml").write_text('[model]\nL = "four"\n')
+    with pytest.raises(ValueError, match="L='four': expected int"):
+        load_config([str(tmp_path / "c.toml")])
+
+
+
+RUN_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.toml") if not p.name.startswith("sweep"))
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_run_config_resolves(path):
+    # one plan whatever the number of ranks: on 8 ranks where the config's micro-batch splits over 8
+    m, t, _, _ = load_config([str(path)])
+    mcfg = GPTConfig(**{"vocab_size": 65536, **m})
+    plan = schedule.for_training(mcfg, t, 1)
+    assert plan.iters >= 1 and plan.lr > 0 and plan.batch_seqs % plan.micro_batch == 0
+    if "2b" in path.name or "7b" in path.name:  # the paper's shapes: multi-GPU by design
+        assert schedule.for_training(mcfg, t, 8) == plan and plan.micro(8) >= 1
+    if t.compute:
+        assert plan.C == pytest.approx(t.compute, rel=0.01)
+
+
+def test_toy_config_is_the_default():
+    m, t, _, _ = load_config([str(ROOT / "configs" / "toy.toml")])
+    assert GPTConfig(**m) == GPTConfig() and t == TrainConfig()
