@@ -11,7 +11,6 @@ The machines are noisy: every benchmark interleaves the things it compares, roun
 reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
 """
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -310,7 +309,7 @@ def bench_profile(a):
     model = GPT(cfg, attention).to(device)
     fwd = model.compile_regions() if a.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = parallel.autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")  # as train.py
     idx = torch.randint(0, cfg.vocab_size, (a.batch_seqs, cfg.S + 1), device=device)
 
     def step():

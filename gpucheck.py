@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import data
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
+import parallel
 from parallel import device_name, parse_device
 
 RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
@@ -112,7 +113,7 @@ def check_training(device, compile):
     nothing recompiles once the first step has been traced."""
     from torch._dynamo.utils import counters
     attention = "flex" if device.type == "cuda" else "sdpa"
-    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = parallel.autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")  # as train.py
     details, ok = [], True
     for scheme in ("dense", "1dense"):
         torch.manual_seed(0)

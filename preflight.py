@@ -48,7 +48,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         raise type(e)(f"train.data={tcfg.data!r}: {e}") from None
     if meta is None:
         mcfg = GPTConfig(**{"vocab_size": planned_vocab(tcfg.data), **mvals})
-        return Setup(mcfg, tcfg, sched, resume, None, dtype, attention)
+        return Setup(mcfg=mcfg, tcfg=tcfg, sched=sched, resume=resume, dtype=dtype, attention=attention)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
     train_tokens = data.open_split(tcfg.data, "train", meta)
     data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
@@ -63,7 +63,8 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         parallel.check_fits(mcfg, tcfg, sched, world, dtype, device, attention)
         if tcfg.compile:
             check_compile(device.type)
-    return Setup(mcfg, tcfg, sched, resume, meta, dtype, attention, train_tokens, val_splits)
+    return Setup(mcfg=mcfg, tcfg=tcfg, sched=sched, resume=resume, dtype=dtype, attention=attention, meta=meta,
+                 train_tokens=train_tokens, val_splits=val_splits)
 
 
 @functools.cache

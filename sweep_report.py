@@ -44,7 +44,7 @@ def collect(run_dir):
                      "reuse": planned_row.get("reuse", "none"),
                      "E": m["E"] if moe else "", "K": m["K"] if moe else "", "De": m["De"] if moe else "",
                      "Dse": m["Dse"] if moe else "", "ra": s["ra"], "N": s["N"], "C": s["C"], "D": s["D"],
-                     "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": s["finished"],
+                     "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": rundir.finished(s),
                      **{f"bpc_{k.removeprefix('bpc_')}": v for k, v in s["final"].items()}})
     rows.sort(key=lambda r: order.get(r["run"], (len(order),))[0])
     if not rows:

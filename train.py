@@ -12,8 +12,9 @@ The budget is iterations, tokens D or compute C (C = M_train·D, M11). Peak LR a
 StepLaw (M15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
 clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
 resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt/ under FSDP) and
-summary.json. config.py reads and checks the configuration; parallel.py shares the run over the ranks;
-checkpoint.py saves, checks and restores; logbook.py logs; rundir.py keeps the run directory whole.
+summary.json. config.py reads the configuration, schedule.py plans the run, preflight.py checks all of
+it before anything is written; parallel.py shares the run over the ranks; checkpoint.py saves, checks
+and restores; evaluate.py measures BPC; logbook.py logs; rundir.py keeps the run directory whole.
 """
 import json
 import math
@@ -49,87 +50,7 @@ from model import GPT, GPTConfig
 from sample import sample_text
 
 
-# ----------------------------------------------------------------------------- the optimizer
-def make_optimizer(model, sched, tcfg, device, strategy):
-    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
-    FSDP has sharded the model: it then steps each rank's shards."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda" and strategy != "fsdp"  # sharded (DTensor) parameters take the foreach path
-    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
-
-
-# ----------------------------------------------------------------------------- training
-def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip):
-    """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
-    micro-batches, expert loads [Le, E], gradient norm before clipping)."""
-    sums, load_sum = torch.zeros(3, device=device), None
-    for j, (x, y) in enumerate(batches):
-        x = torch.from_numpy(x).to(device, non_blocking=True)
-        y = torch.from_numpy(y).to(device, non_blocking=True)
-        with parallel.accumulating(fwd, strategy, last=j == sched.accum - 1), autocast:
-            _, loss, stats = fwd(x, y)
-            scaler.scale(loss / sched.accum).backward()
-        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
-        load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
-    scaler.unscale_(optimizer)
-    grad_norm = parallel.clip_grad_norm(model, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return sums, load_sum, grad_norm
-
-
-def check_replaceable(out, overwrite, config_file):
-    """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
-    touched: a config.toml that is a run's resolved config and not this command's config file, a ckpt.pt
-    of train.py, a log and a summary that read as a run's (rundir.check_new_run checks the kinds of file
-    and the ckpt/ folder)."""
-    found = rundir.check_new_run(out, overwrite)
-
-    def refuse(name, what):
-        raise rundir.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
-    if "config.toml" in found:
-        if config_file and Path(config_file).resolve() == (out / "config.toml").resolve():
-            raise rundir.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
-                                     f"replace it; copy it elsewhere first, or give another --out_dir")
-        try:
-            ours = is_run_config(read_toml(out / "config.toml"))
-        except ValueError:
-            ours = False
-        if not ours:
-            refuse("config.toml", "is not a run's config (train.py writes every [model] and [train] key)")
-    if "ckpt.pt" in found and not checkpoint.looks_like_ours(out / "ckpt.pt"):
-        refuse("ckpt.pt", "is not a checkpoint of train.py")
-    if "log.jsonl" in found and (out / "log.jsonl").stat().st_size and not rundir.read_log(out / "log.jsonl"):
-        refuse("log.jsonl", "holds no record of a run")
-    if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
-        refuse("summary.json", "is not a run's summary")
-    return found
-
-
-def open_run_dir(tcfg, resume, config_file=None):
-    """Rank 0's hold on out_dir: the lock, what a killed --overwrite left finished, the run files checked
-    (no link, no stranger), and with --overwrite the old run moved aside (rundir.Aside)."""
-    out = Path(tcfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = rundir.Lock(out).acquire()
-    aside = rundir.Aside(out)
-    try:
-        rundir.remove_temporaries(out)
-        aside.recover()
-        if resume:
-            rundir.check_run_files(out)
-        else:
-            aside.move(check_replaceable(out, tcfg.overwrite, config_file))
-    except BaseException:
-        aside.undo()
-        lock.release()
-        raise
-    return lock, aside
-
-
+# ----------------------------------------------------------------------------- the run
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
     rank, world, device = parallel.setup_distributed(tcfg)
@@ -250,20 +171,55 @@ def run_training(run, rank, world, device, aside):
     return summary
 
 
-def stopped(e, out, step, sched, last_ckpt):
-    """Ctrl-C or SIGTERM during training: the Interrupted that says, in one line, how to go on."""
-    stop = rundir.interrupted(e)
-    stop.message = (f"{stop.what} at step {step} of {sched.iters}; " + (
-        f"the last checkpoint is {last_ckpt}: resume with python train.py --out_dir={out} --resume" if last_ckpt
-        else f"no checkpoint was written: python train.py --out_dir={out} --resume starts it again"))
-    return stop
+# ----------------------------------------------------------------------------- its parts
+def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip):
+    """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
+    micro-batches, expert loads [Le, E], gradient norm before clipping)."""
+    sums, load_sum = torch.zeros(3, device=device), None
+    for j, (x, y) in enumerate(batches):
+        x = torch.from_numpy(x).to(device, non_blocking=True)
+        y = torch.from_numpy(y).to(device, non_blocking=True)
+        with parallel.accumulating(fwd, strategy, last=j == sched.accum - 1), autocast:
+            _, loss, stats = fwd(x, y)
+            scaler.scale(loss / sched.accum).backward()
+        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
+        load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
+    scaler.unscale_(optimizer)
+    grad_norm = parallel.clip_grad_norm(model, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, load_sum, grad_norm
 
 
-def show_sample(model, meta, tokens, out):
-    """A few lines of what the model writes, so that a newcomer sees it learned (python sample.py for more)."""
-    with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every length
-        text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"])
-    print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
+def make_optimizer(model, sched, tcfg, device, strategy):
+    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
+    FSDP has sharded the model: it then steps each rank's shards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda" and strategy != "fsdp"  # sharded (DTensor) parameters take the foreach path
+    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
+
+
+def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device):
+    """(step, checkpoint path) to continue from: the newest checkpoint in out, verified, checked and loaded;
+    step 0 when the run stopped before its first one."""
+    got = checkpoint.read(out, rank, world)
+    if got is None:
+        if not (out / "config.toml").exists():
+            raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
+        diff = differences(read_toml(out / "config.toml"), run.mcfg, run.tcfg, TRAJECTORY, then="config.toml")
+        if diff:
+            raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
+                             + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
+                             f"afresh with --overwrite=true")
+        if rank == 0:
+            rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
+        return 0, None
+    form, path, state = got
+    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.sched)
+    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, device), path
 
 
 def describe(run, loader, strategy, rank, world, device):
@@ -287,26 +243,6 @@ def describe(run, loader, strategy, rank, world, device):
     return numbers
 
 
-def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device):
-    """(step, checkpoint path) to continue from: the newest checkpoint in out, verified, checked and loaded;
-    step 0 when the run stopped before its first one."""
-    got = checkpoint.read(out, rank, world)
-    if got is None:
-        if not (out / "config.toml").exists():
-            raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
-        diff = differences(read_toml(out / "config.toml"), run.mcfg, run.tcfg, TRAJECTORY, then="config.toml")
-        if diff:
-            raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
-                             + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
-                             f"afresh with --overwrite=true")
-        if rank == 0:
-            rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
-        return 0, None
-    form, path, state = got
-    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.sched)
-    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, device), path
-
-
 def finish(out, numbers, run, rank, step, epoch, final):
     tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
     summary = {**numbers, "step": step, "finished": step >= sched.iters, "final": final,
@@ -319,6 +255,73 @@ def finish(out, numbers, run, rank, step, epoch, final):
     return summary
 
 
+def stopped(e, out, step, sched, last_ckpt):
+    """Ctrl-C or SIGTERM during training: the Interrupted that says, in one line, how to go on."""
+    stop = rundir.interrupted(e)
+    stop.message = (f"{stop.what} at step {step} of {sched.iters}; " + (
+        f"the last checkpoint is {last_ckpt}: resume with python train.py --out_dir={out} --resume" if last_ckpt
+        else f"no checkpoint was written: python train.py --out_dir={out} --resume starts it again"))
+    return stop
+
+
+def show_sample(model, meta, tokens, out):
+    """A few lines of what the model writes, so that a newcomer sees it learned (python sample.py for more)."""
+    with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every length
+        text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"])
+    print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
+
+
+# ----------------------------------------------------------------------------- the run directory
+def check_replaceable(out, overwrite, config_file):
+    """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
+    touched: a config.toml that is a run's resolved config and not this command's config file, a ckpt.pt
+    of train.py, a log and a summary that read as a run's (rundir.check_new_run checks the kinds of file
+    and the ckpt/ folder)."""
+    found = rundir.check_new_run(out, overwrite)
+
+    def refuse(name, what):
+        raise rundir.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
+    if "config.toml" in found:
+        if config_file and Path(config_file).resolve() == (out / "config.toml").resolve():
+            raise rundir.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
+                                     f"replace it; copy it elsewhere first, or give another --out_dir")
+        try:
+            ours = is_run_config(read_toml(out / "config.toml"))
+        except ValueError:
+            ours = False
+        if not ours:
+            refuse("config.toml", "is not a run's config (train.py writes every [model] and [train] key)")
+    if "ckpt.pt" in found and not checkpoint.looks_like_ours(out / "ckpt.pt"):
+        refuse("ckpt.pt", "is not a checkpoint of train.py")
+    if "log.jsonl" in found and (out / "log.jsonl").stat().st_size and not rundir.read_log(out / "log.jsonl"):
+        refuse("log.jsonl", "holds no record of a run")
+    if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
+        refuse("summary.json", "is not a run's summary")
+    return found
+
+
+def open_run_dir(tcfg, resume, config_file=None):
+    """Rank 0's hold on out_dir: the lock, what a killed --overwrite left finished, the run files checked
+    (no link, no stranger), and with --overwrite the old run moved aside (rundir.Aside)."""
+    out = Path(tcfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = rundir.Lock(out).acquire()
+    aside = rundir.Aside(out)
+    try:
+        rundir.remove_temporaries(out)
+        aside.recover()
+        if resume:
+            rundir.check_run_files(out)
+        else:
+            aside.move(check_replaceable(out, tcfg.overwrite, config_file))
+    except BaseException:
+        aside.undo()
+        lock.release()
+        raise
+    return lock, aside
+
+
+# ----------------------------------------------------------------------------- the command line
 def show_plan(argv):
     """--plan [--nproc=N]: the config's schedule and its per-rank memory on N ranks; nothing is allocated."""
     nproc = [a for a in argv if a.startswith("--nproc=")]
@@ -332,10 +335,10 @@ def show_plan(argv):
     vocab = mvals.get("vocab_size") or preflight.planned_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})
     sched = schedule.for_training(mcfg, tcfg, world)
-    dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the sched is for GPUs
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the memory plan is for GPUs
     capacity = int(tcfg.gpu_mem * parallel.GiB) if tcfg.gpu_mem else None
     text, _, _ = parallel.format_memory_plan(mcfg, tcfg, sched, world, dtype, capacity)
-    print(f"model {mcfg.scheme}: N={sched.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), sched {sched.iters} iters × "
+    print(f"model {mcfg.scheme}: N={sched.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), schedule {sched.iters} iters × "
           f"{sched.batch_seqs} seqs × {mcfg.S} tokens")
     print(text)
 

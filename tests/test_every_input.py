@@ -21,6 +21,9 @@ import train
 from config import SECTIONS
 from tests.conftest import MICRO, TINY_MODEL, micro_sweep
 
+# the cases whose values are mostly legal, so that each runs a training or a benchmark: seconds each (pytest -m slow)
+SLOW_CASES = {"test_every_train_key[out_dir-flag]", "test_every_train_key[out_dir-toml]",
+              "test_every_flag[bench-step---peak_flops]", "test_every_flag[bench-step---json]"}
 BAD = {"negative": "-1", "zero": "0", "nan": "nan", "inf": "inf", "huge": "1e308", "10**20": str(10**20),
        "wrong type": "abc", "empty": ""}
 BAD_TOML = {**BAD, "10**20": str(10**20), "wrong type": '"abc"', "empty": '""'}  # for a string key, a number is wrong
