@@ -79,7 +79,7 @@ def moe_parts(moe, x, dy):
     `fixed routing` is the MoE without its router; `GEMMs only` starts from rows already dispatched and
     stops before combine (the two grouped GEMMs and the gated SwiGLU between them)."""
     with torch.no_grad():
-        _, g_TK, e_TK = moe.route(x)
+        _, g_TK, e_TK, _ = moe.route(x)
     e_R, order_R = e_TK.flatten().sort(stable=True)
     offs_E = torch.searchsorted(e_R, torch.arange(moe.E, device=x.device), right=True, out_int32=True)
     tok_R = order_R // moe.K

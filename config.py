@@ -23,11 +23,14 @@ class GPTConfig(flops.Shape):
     balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of M6
     tie_embeddings: bool = False  # the LM head uses the token embedding's weights
     init_std: float = 0.02       # std of the normal init (GPT-2's); what writes into the residual: /√(2L)
+    router_z_coef: float = 0.0   # ST-MoE's router z-loss, mean over tokens of logsumexp(router logits)², times this
+    expert_bias_rate: float = 0.0  # loss-free balancing (DeepSeek-V3): a routing bias moved by this rate each step
 
     def __post_init__(self):
         super().__post_init__()
         flops._require("vocab_size", self.vocab_size, lambda v: 1 <= v <= 2**32, "an integer in 1..2^32")
-        for name in ("balance_coef", "init_std"):  # λ: ours, the paper prints none (docs/method.md §9); std: GPT-2's
+        for name in ("balance_coef", "init_std", "router_z_coef", "expert_bias_rate"):  # λ: ours, the paper
+            # prints none (docs/method.md §9); std: GPT-2's; z-loss and bias off unless asked for
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
                 raise ValueError(f"{name}={v!r} is not allowed: expected a number in 0..1")

@@ -52,8 +52,8 @@ def check_expert_path(device, compile):
 
     def run(f, x, dy, bf16=True):
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            y, balance, counts = f(x)
-        return y.float(), counts.float(), torch.autograd.grad((y.float() * dy).sum() + balance, [x] + params)
+            y, aux = f(x)
+        return y.float(), aux.load.float(), torch.autograd.grad((y.float() * dy).sum() + aux.balance, [x] + params)
     x = torch.randn(4096, 256, device=device, requires_grad=True)
     dy = torch.randn(4096, 256, device=device)
     y, counts, g = run(moe, x, dy)

@@ -31,13 +31,30 @@ def peak_flops(tcfg, device):
     return 0.0  # unknown: no MFU
 
 
+ROUTING = ("load_max_over_mean", "dead_experts", "load_entropy", "router_logit_rms")
+
+
+def routing(load_LE, logit_ms_L):
+    """Per MoE layer, from the interval's slots per expert and its router logits' mean square: the busiest
+    expert's load over the mean (1 = perfect balance), the experts that got no token, the load's entropy
+    over ln E (1 = perfect balance, 0 = one expert takes all), and the RMS of the logits. [] when dense."""
+    if not torch.is_tensor(load_LE) or not load_LE.numel():
+        return {k: [] for k in ROUTING}
+    E = load_LE.shape[-1]
+    p_LE = load_LE / load_LE.sum(-1, keepdim=True)
+    entropy_L = -(p_LE * p_LE.clamp_min(1e-30).log()).sum(-1) / (math.log(E) if E > 1 else 1.0)
+    return {"load_max_over_mean": (p_LE.amax(-1) * E).tolist(),
+            "dead_experts": (load_LE == 0).sum(-1).tolist(), "load_entropy": entropy_L.tolist(),
+            "router_logit_rms": logit_ms_L.sqrt().tolist()}
+
+
 class Logbook:
     def __init__(self, log_path, sched, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
         self.log_path, self.sched, self.S, self.world, self.device = log_path, sched, S, world, device
         self.eval_tokens = eval_tokens  # recorded with each evaluation: what its BPC was measured on
         self.master, self.M_exec, self.peak = rank == 0, M_exec, peak
-        self.sums = torch.zeros(3, device=device)  # loss, ce, balance over the interval's micro-batches
-        self.load_sum, self.data_time, self.last_bpc = None, 0.0, {}
+        self.sums = torch.zeros(4, device=device)  # loss, ce, balance, z-loss over the interval's micro-batches
+        self.load_sum, self.logit_ms_sum, self.data_time, self.last_bpc = 0, 0, 0.0, {}
         self.last_time, self.last_step = time.perf_counter(), step
         self.bar = tqdm(total=sched.iters, initial=step, disable=not (self.master and sys.stderr.isatty()),
                         dynamic_ncols=True, desc="train")
@@ -46,10 +63,11 @@ class Logbook:
         if self.master:
             rundir.append_log(self.log_path, record)
 
-    def add(self, step_sums, step_load, grad_norm):
+    def add(self, step_sums, step_load, step_logit_ms, grad_norm):
         """One optimizer step's sums (train.train_step)."""
         self.sums += step_sums
-        self.load_sum = step_load if self.load_sum is None else self.load_sum + step_load
+        self.load_sum = self.load_sum + step_load
+        self.logit_ms_sum = self.logit_ms_sum + step_logit_ms
         self.grad_norm = grad_norm
         self.bar.update(1)
 
@@ -58,9 +76,9 @@ class Logbook:
         sched = self.sched
         n = (step - self.last_step) * sched.accum * self.world
         if self.world > 1:
-            dist.all_reduce(self.sums)
-            dist.all_reduce(self.load_sum)
-        loss, ce, balance = (self.sums / n).tolist()
+            for t in (self.sums, self.load_sum, self.logit_ms_sum):
+                dist.all_reduce(t)
+        loss, ce, balance, z_loss = (self.sums / n).tolist()
         grad_norm = self.grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise FloatingPointError(f"the loss became {loss} (gradient norm {grad_norm}) between steps "
@@ -68,10 +86,9 @@ class Logbook:
         now = time.perf_counter()
         tok_s = (step - self.last_step) * sched.batch_seqs * self.S / (now - self.last_time)
         mfu = tok_s * self.M_exec / (self.world * self.peak) if self.peak else None  # FLOPs executed, head included
-        load = self.load_sum  # per MoE layer: the busiest expert's load over the mean load (1 = perfect balance)
-        per_layer = (load.max(-1).values * load.shape[-1] / load.sum(-1)).tolist() if load.numel() else []
         record = {"kind": "train", "step": step, "tokens": step * sched.batch_seqs * self.S, "epoch": epoch, "lr": lr,
-                  "loss": loss, "ce": ce, "balance": balance, "grad_norm": grad_norm, "load_max_over_mean": per_layer,
+                  "loss": loss, "ce": ce, "balance": balance, "z_loss": z_loss, "grad_norm": grad_norm,
+                  **routing(self.load_sum, self.logit_ms_sum / n),
                   "tokens_per_s": tok_s, "mfu": mfu, "data_share": self.data_time / (now - self.last_time)}
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -79,14 +96,14 @@ class Logbook:
         self.bar.set_postfix_str(f"loss {loss:.3f} " + "".join(f"{k} {v:.3f} " for k, v in self.last_bpc.items())
                                  + f"{tok_s:,.0f} tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu else ""))
         self.sums.zero_()
-        self.load_sum, self.data_time = None, 0.0
+        self.load_sum, self.logit_ms_sum, self.data_time = 0, 0, 0.0
         self.last_time, self.last_step = now, step
         return record
 
     def eval_record(self, step, epoch, bpc, record):
         """An evaluation's BPC per split, with the training record of the same step (if any)."""
         self.last_bpc = {f"bpc_{k}": v for k, v in bpc.items()}
-        keep = ("lr", "loss", "ce", "balance", "load_max_over_mean", "tokens_per_s")
+        keep = ("lr", "loss", "ce", "balance", "z_loss", *ROUTING, "tokens_per_s")
         self.write({**{k: record[k] for k in keep if k in record}, "kind": "eval", "step": step,
                     "tokens": step * self.sched.batch_seqs * self.S, "epoch": epoch, "eval_tokens": self.eval_tokens,
                     **self.last_bpc})

@@ -11,6 +11,7 @@ sequence length, as in docs/method.md §2).
 """
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -247,12 +248,21 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(h1) * h3)
 
 
+class MoEAux(NamedTuple):
+    """What an MoE layer reports besides its output."""
+    balance: Tensor   # M6
+    load: Tensor      # [E] routing slots per expert
+    z_loss: Tensor    # mean over tokens of logsumexp(router logits)²
+    logit_ms: Tensor  # mean square of the router logits
+
+
 class MoE(nn.Module):
     """M1–M6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
     experts of width De, an ungated shared expert of width Dse, and the balance loss."""
     def __init__(self, cfg):
         super().__init__()
         self.E, self.K, self.norm_topk = cfg.E, cfg.K, cfg.norm_topk
+        self.z_trained = cfg.router_z_coef > 0  # else the z-loss is only logged
         self.router = nn.Linear(cfg.Dm, cfg.E, bias=False)                   # Wg
         self.w13 = nn.Parameter(torch.empty(cfg.E, cfg.Dm, 2 * cfg.De))     # [W1ᵀ | W3ᵀ] per expert
         self.w2 = nn.Parameter(torch.empty(cfg.E, cfg.De, cfg.Dm))          # W2ᵀ per expert
@@ -260,20 +270,39 @@ class MoE(nn.Module):
         # under DDP the ranks' micro-batches together are one micro-batch: f (M6) is counted over all
         # of them, so the balance loss, and the run, do not depend on how many ranks share the batch
         self.balance_group, self.balance_world = None, 1
+        # loss-free balancing (DeepSeek-V3): a bias on the scores that chooses the top K and nothing else;
+        # moved after each optimizer step (GPT.update_expert_bias), saved with the model, not a parameter:
+        # outside N and C (docs/method.md §9)
+        if cfg.expert_bias_rate:
+            self.register_buffer("expert_bias", torch.zeros(cfg.E))
+        else:
+            self.expert_bias = None
 
     def route(self, x_TD):
-        """M1–M4: gate scores s [T, E], gates g and experts e [T, K]. The router runs in fp32 whatever
-        the autocast dtype: in bf16 logits, near-ties flip which experts a token gets."""
+        """M1–M4: gate scores s [T, E], gates g and experts e [T, K], and the router's logits' stats
+        (logsumexp per token, for the z-loss; mean square). The router runs in fp32 whatever the autocast
+        dtype: in bf16 logits, near-ties flip which experts a token gets."""
         with torch.autocast(x_TD.device.type, enabled=False):
             z_TE = F.linear(x_TD.float(), self.router.weight.float())
         # M1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
         # E is no multiple of 16 (E = 40: 3e-8 on the gradient); these ops do not
-        e_TE = (z_TE - z_TE.amax(-1, keepdim=True).detach()).exp()
-        s_TE = e_TE / e_TE.sum(-1, keepdim=True)
-        g_TK, e_TK = s_TE.topk(self.K, dim=-1)            # M2, M3: g_i = s_i on the top K
+        z_max_T1 = z_TE.amax(-1, keepdim=True).detach()
+        e_TE = (z_TE - z_max_T1).exp()
+        sum_T1 = e_TE.sum(-1, keepdim=True)
+        s_TE = e_TE / sum_T1
+        if self.expert_bias is None:
+            g_TK, e_TK = s_TE.topk(self.K, dim=-1)        # M2, M3: g_i = s_i on the top K
+        else:                                             # the bias chooses; the gates stay the unbiased s
+            e_TK = (s_TE.detach() + self.expert_bias).topk(self.K, dim=-1).indices
+            g_TK = s_TE.gather(-1, e_TK)
         if self.norm_topk:
             g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # M4
-        return s_TE, g_TK, e_TK
+        lse_T = (z_max_T1 + sum_T1.log()).squeeze(-1)     # logsumexp of the logits, from the softmax's pieces
+        return s_TE, g_TK, e_TK, (lse_T, z_TE.detach().square().mean())
+
+    def z_loss(self, lse_T):
+        """ST-MoE's router z-loss: the mean over tokens of logsumexp(z)², z the router's logits."""
+        return lse_T.square().mean()
 
     def balance(self, s_TE, counts_E):
         """M6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score. Under DDP,
@@ -285,7 +314,9 @@ class MoE(nn.Module):
         return self.E * (f_E * s_TE.mean(0)).sum()
 
     def forward(self, x_TD):
-        s_TE, g_TK, e_TK = self.route(x_TD)
+        """(y, aux): aux holds the balance loss, the slots per expert [E], the z-loss (detached unless it
+        is trained on) and the mean square of the router's logits."""
+        s_TE, g_TK, e_TK, (lse_T, logit_ms) = self.route(x_TD)
         w13, w2, xe = self.w13, self.w2, x_TD
         if torch.is_autocast_enabled(x_TD.device.type):   # custom ops are not autocast: cast by hand
             dt = torch.get_autocast_dtype(x_TD.device.type)
@@ -293,12 +324,16 @@ class MoE(nn.Module):
         y_TD, counts_E = routed_experts(xe, g_TK, e_TK, w13, w2)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)               # M5: the shared expert, ungated
-        return y_TD.to(x_TD.dtype), self.balance(s_TE, counts_E), counts_E
+        return y_TD.to(x_TD.dtype), self.aux(s_TE, counts_E, lse_T, logit_ms)
+
+    def aux(self, s_TE, counts_E, lse_T, logit_ms):
+        z = self.z_loss(lse_T if self.z_trained else lse_T.detach())
+        return MoEAux(self.balance(s_TE, counts_E), counts_E, z, logit_ms)
 
     def forward_loop(self, x_TD):
         """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
         tested against (tests/test_model.py on CPU, bench.py gpu-check in bf16 on a GPU). Slow."""
-        s_TE, g_TK, e_TK = self.route(x_TD)
+        s_TE, g_TK, e_TK, (lse_T, logit_ms) = self.route(x_TD)
         y_TD = torch.zeros_like(x_TD)
         counts_E = torch.zeros(self.E, device=x_TD.device)
         for i in range(self.E):
@@ -308,7 +343,7 @@ class MoE(nn.Module):
             y_TD = y_TD.index_add(0, tok, ((F.silu(h1) * h3 * g_TK[tok, slot, None].to(h3.dtype)) @ self.w2[i]).to(y_TD.dtype))
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        return y_TD, self.balance(s_TE, counts_E), counts_E
+        return y_TD, self.aux(s_TE, counts_E, lse_T, logit_ms)
 
 
 class Block(nn.Module):
@@ -322,8 +357,8 @@ class Block(nn.Module):
         h_BTD = self.norm2(x_BTD)
         if isinstance(self.ffn, SwiGLU):
             return x_BTD + self.ffn(h_BTD), None
-        y_TD, balance, counts_E = self.ffn(h_BTD.view(-1, h_BTD.shape[-1]))
-        return x_BTD + y_TD.view_as(x_BTD), (balance, counts_E)
+        y_TD, aux = self.ffn(h_BTD.view(-1, h_BTD.shape[-1]))
+        return x_BTD + y_TD.view_as(x_BTD), aux
 
 
 ATTENTION = ("sdpa", "flex")
@@ -365,32 +400,46 @@ class GPT(nn.Module):
                 nn.init.normal_((m.proj if isinstance(m, Attention) else m.w2).weight, 0.0, out_std)
 
     def forward(self, idx_BT, targets_BT=None):
-        """Logits, and with targets the loss L_CE + λ·L_balance and its parts. Stats: 'ce',
-        'balance' (mean over MoE layers, our choice), 'load' [Le, E] slots per expert (M6)."""
+        """Logits, and with targets the loss L_CE + λ·L_balance (+ router_z_coef·L_z) and its parts. Stats:
+        'ce', 'balance' and 'z_loss' (means over MoE layers), 'load' [Le, E] slots per expert (M6),
+        'logit_ms' [Le] the mean square of each MoE layer's router logits."""
         x = self.wte(idx_BT)
         T = idx_BT.shape[1]
         # the bias stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances
         # collapse to 641 values; it is built once per forward and read by every layer
         mask = causal_block_mask(T, x.device) if self.attention == "flex" else alibi_bias(self.slopes, T, torch.float32)
-        balances, loads = [], []
+        auxes = []
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x, aux = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x, aux = block(x, mask)
             if aux is not None:
-                balances.append(aux[0])
-                loads.append(aux[1])
+                auxes.append(aux)
         if targets_BT is None:
             return self.lm_head(self.norm_f(x[:, -1:])), None, {}
         logits, ce = self.head(x, targets_BT)
-        if balances:
-            balance = torch.stack(balances).mean()
-            loss = ce + self.cfg.balance_coef * balance
-        else:  # no ce + 0 here: compiled, that sum next to ce.detach() came out without a grad_fn (torch 2.13)
-            balance, loss = ce.new_zeros(()), ce
-        load = torch.stack(loads) if loads else ce.new_zeros(0, 0)
-        return logits, loss, {"ce": ce.detach(), "balance": balance.detach(), "load": load}
+        if not auxes:  # no ce + 0 here: compiled, that sum next to ce.detach() came out without a grad_fn (torch 2.13)
+            zero = ce.new_zeros(())
+            return logits, ce, {"ce": ce.detach(), "balance": zero, "z_loss": zero, "load": ce.new_zeros(0, 0),
+                                "logit_ms": ce.new_zeros(0)}
+        balance = torch.stack([a.balance for a in auxes]).mean()  # means over the MoE layers (our choice)
+        z_loss = torch.stack([a.z_loss for a in auxes]).mean()
+        loss = ce + self.cfg.balance_coef * balance
+        if self.cfg.router_z_coef:
+            loss = loss + self.cfg.router_z_coef * z_loss
+        return logits, loss, {"ce": ce.detach(), "balance": balance.detach(), "z_loss": z_loss.detach(),
+                              "load": torch.stack([a.load for a in auxes]),
+                              "logit_ms": torch.stack([a.logit_ms for a in auxes])}
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_LE):
+        """Loss-free balancing, after an optimizer step: each MoE layer's bias moves by rate·sign(mean load
+        − load), from the step's slots per expert over all ranks (load_LE [Le, E]), and is kept at zero mean."""
+        rate = self.cfg.expert_bias_rate
+        for moe, load_E in zip((m for m in self.modules() if isinstance(m, MoE)), load_LE):
+            moe.expert_bias += rate * torch.sign(load_E.mean() - load_E)
+            moe.expert_bias -= moe.expert_bias.mean()
 
     def head(self, x_BTD, targets_BT):
         """Logits and the mean cross-entropy (in fp32) over the targets that are not −1."""

@@ -115,6 +115,15 @@ def accumulating(fwd, strategy, last):
     return fwd.no_sync() if strategy == "ddp" and not last else contextlib.nullcontext()
 
 
+def summed_over_ranks(t, world):
+    """t summed over the ranks (a copy; t itself on one process)."""
+    if world == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def clip_grad_norm(model, max_norm):
     """The gradient norm over all parameters before clipping (max_norm 0: no clipping), as a plain tensor."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)

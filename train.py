@@ -138,7 +138,8 @@ def run_training(run, rank, world, device, aside):
             t0 = time.perf_counter()
             batches = loader.next_step(sched.micro(world), sched.accum, rank, world)
             book.data_time += time.perf_counter() - t0
-            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, tcfg.grad_clip))
+            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, tcfg.grad_clip,
+                                 world))
             step += 1
             is_eval, is_ckpt = step % eval_every == 0 or step == sched.iters, step % ckpt_every == 0 or step == end
             record = {}
@@ -172,24 +173,28 @@ def run_training(run, rank, world, device, aside):
 
 
 # ----------------------------------------------------------------------------- its parts
-def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip):
-    """One optimizer step over the step's micro-batches: (sums of loss, CE and balance loss over the
-    micro-batches, expert loads [Le, E], gradient norm before clipping)."""
-    sums, load_sum = torch.zeros(3, device=device), None
+def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip, world):
+    """One optimizer step over the step's micro-batches, then loss-free balancing's bias update when it is on:
+    (sums over the micro-batches of loss, CE, balance loss and z-loss, of the expert loads [Le, E] and of
+    the router logits' mean squares [Le]; the gradient norm before clipping)."""
+    sums, load_sum, logit_ms_sum = torch.zeros(4, device=device), 0, 0
     for j, (x, y) in enumerate(batches):
         x = torch.from_numpy(x).to(device, non_blocking=True)
         y = torch.from_numpy(y).to(device, non_blocking=True)
         with parallel.accumulating(fwd, strategy, last=j == sched.accum - 1), autocast:
             _, loss, stats = fwd(x, y)
             scaler.scale(loss / sched.accum).backward()
-        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"]]).float()
-        load_sum = stats["load"].float() if load_sum is None else load_sum + stats["load"].float()
+        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"], stats["z_loss"]]).float()
+        load_sum = load_sum + stats["load"].float()
+        logit_ms_sum = logit_ms_sum + stats["logit_ms"].float()
     scaler.unscale_(optimizer)
     grad_norm = parallel.clip_grad_norm(model, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return sums, load_sum, grad_norm
+    if model.cfg.expert_bias_rate:  # from the load of the whole step on all ranks, so every rank moves alike
+        model.update_expert_bias(parallel.summed_over_ranks(load_sum, world))
+    return sums, load_sum, logit_ms_sum, grad_norm
 
 
 def make_optimizer(model, sched, tcfg, device, strategy):

@@ -89,6 +89,7 @@ SWEEP_KEYS = [("sweep", f.name) for f in fields(sweep.Sweep)] + \
 @pytest.mark.parametrize("sec,key", SWEEP_KEYS, ids=[f"{s}.{k}" for s, k in SWEEP_KEYS])
 def test_every_sweep_key(sec, key, tiny_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    seen = {}
     for name, value in BAD_TOML.items():
         lines, inside = [], False
         for line in MICRO.format(data=tiny_data, compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48).splitlines():
@@ -101,7 +102,8 @@ def test_every_sweep_key(sec, key, tiny_data, tmp_path, monkeypatch, capsys):
                 lines.append(line)
         path = tmp_path / f"{name.replace('*', '')}.toml"
         path.write_text("\n".join(lines) + "\n")
-        outcome(sweep.main, ["plan", str(path)], key, capsys)
+        seen[name] = outcome(sweep.main, ["plan", str(path)], key, capsys)
+    assert "refused" in seen.values()  # every key has a value out of its range among these
 
 
 # ----------------------------------------------------------------------------- every command line's flags

@@ -16,6 +16,12 @@ from model import GPT, MoE, GPTConfig, alibi_bias, alibi_score_mod, alibi_slopes
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
+def flat(out):
+    """(y, (balance, load)) from an MoE layer's (y, MoEAux)."""
+    y, aux = out
+    return y, (aux.balance, aux.load)
+
+
 def random_moe(seed, E, K, De, Dse, norm_topk, Dm=32, router_std=1.0):
     torch.manual_seed(seed)
     moe = MoE(GPTConfig(scheme="full", L=1, Dm=Dm, H=2, E=E, K=K, De=De, Dse=Dse, norm_topk=norm_topk))
@@ -39,8 +45,8 @@ CASES = [  # (E, K, De, Dse, norm_topk, T): K = 1, K = E, shared expert on/off, 
 def test_grouped_path_matches_loop(E, K, De, Dse, norm_topk, T):
     moe = random_moe(E * 100 + K * 10 + T, E, K, De, Dse, norm_topk)
     x = torch.randn(T, 32, requires_grad=True)
-    y, balance, counts = moe(x)
-    y_ref, balance_ref, counts_ref = moe.forward_loop(x)
+    y, (balance, counts) = flat(moe(x))
+    y_ref, (balance_ref, counts_ref) = flat(moe.forward_loop(x))
     assert torch.equal(counts.float(), counts_ref)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(balance, balance_ref) < 1e-5
     dy = torch.randn_like(y)
@@ -54,9 +60,9 @@ def test_grouped_path_matches_loop(E, K, De, Dse, norm_topk, T):
 def test_experts_without_tokens_get_zero_gradient():
     moe = random_moe(0, E=32, K=1, De=8, Dse=0, norm_topk=False)
     x = torch.randn(5, 32)
-    _, _, counts = moe(x)
+    _, (_, counts) = flat(moe(x))
     assert (counts == 0).sum() >= 27  # 5 tokens, 32 experts
-    y, _, _ = moe(x)
+    y, _ = moe(x)
     y.square().sum().backward()
     empty = counts == 0
     assert moe.w13.grad[empty].abs().max() == 0 and moe.w2.grad[empty].abs().max() == 0
@@ -66,7 +72,7 @@ def test_experts_without_tokens_get_zero_gradient():
 def test_zero_stride_gradient_is_accepted():
     # y.sum() hands grouped_mm an expanded (zero-stride) gradient, which its kernels reject
     moe = random_moe(1, E=4, K=2, De=8, Dse=0, norm_topk=False)
-    y, _, _ = moe(torch.randn(12, 32))
+    y, _ = moe(torch.randn(12, 32))
     y.sum().backward()
     assert torch.isfinite(moe.w13.grad).all()
 
@@ -81,9 +87,9 @@ def test_compiled_matches_eager_and_never_recompiles():
     for step in range(3):
         x = torch.randn(64, 32, requires_grad=True) * (step + 1)  # a different routing every batch
         with torch._dynamo.config.patch(error_on_recompile=step > 0):
-            y, balance, counts = compiled(x)
+            y, (balance, counts) = flat(compiled(x))
             g = torch.autograd.grad((y.square().sum() + balance), [x, moe.w13, moe.router.weight])
-        y_e, balance_e, counts_e = moe(x)
+        y_e, (balance_e, counts_e) = flat(moe(x))
         g_e = torch.autograd.grad((y_e.square().sum() + balance_e), [x, moe.w13, moe.router.weight])
         assert torch.equal(counts, counts_e)
         assert rel_err(y, y_e) < 1e-5 and rel_err(balance, balance_e) < 1e-5
@@ -110,9 +116,9 @@ def test_compiled_gpt_matches_eager():
 def test_autocast_bf16_follows_fp32():
     moe = random_moe(3, E=8, K=2, De=16, Dse=16, norm_topk=False)
     x = torch.randn(64, 32)
-    y32, _, _ = moe(x)
+    y32, _ = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, _, _ = moe(x)
+        y16, _ = moe(x)
     assert y16.dtype == torch.float32 and rel_err(y16, y32) < 3e-2
 
 
@@ -130,14 +136,14 @@ def test_balance_loss_hand_example():
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]])
     moe, x = hand_moe(probs)
     # K = 1: token 0 -> expert 0, token 1 -> expert 3; f = (1/2, 0, 0, 1/2), p = (.3, .25, .2, .25)
-    _, balance, counts = moe(x)
+    _, (balance, counts) = flat(moe(x))
     assert counts.tolist() == [1, 0, 0, 1]
     assert balance.item() == pytest.approx(4 * (0.5 * 0.3 + 0.5 * 0.25))  # = 1.1
     # K = 2 on two tokens that both prefer experts 0 and 1: f = (1/2, 1/2, 0, 0), p = (.45, .3, .15, .1)
     probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]])
     moe, x = hand_moe(probs)
     moe.K = 2
-    _, balance, counts = moe(x)
+    _, (balance, counts) = flat(moe(x))
     assert counts.tolist() == [2, 2, 0, 0]
     assert balance.item() == pytest.approx(4 * (0.5 * 0.45 + 0.5 * 0.3))  # = 1.5
 
@@ -147,7 +153,7 @@ def test_balance_loss_is_one_at_perfect_balance():
     moe, x = hand_moe(probs / probs.sum(-1, keepdim=True))
     for K in (1, 2):
         moe.K = K
-        assert moe(x)[1].item() == pytest.approx(1.0, abs=1e-3)
+        assert moe(x)[1].balance.item() == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("H,expected", [
@@ -169,12 +175,12 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     # bf16 router logits gave 2.3 % of these tokens another top-6 set than fp32 logits
     moe = random_moe(9, E=64, K=6, De=32, Dse=0, norm_topk=False, Dm=256, router_std=0.02)
     x = torch.randn(4096, 256)
-    s32, g32, e32 = moe.route(x)
+    s32, g32, e32, _ = moe.route(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s16, g16, e16 = moe.route(x)
-        _, _, counts16 = moe(x)
+        s16, g16, e16, _ = moe.route(x)
+        _, (_, counts16) = flat(moe(x))
     assert s16.dtype == torch.float32 and torch.equal(e16, e32) and torch.equal(s16, s32) and torch.equal(g16, g32)
-    assert torch.equal(counts16, moe(x)[2])
+    assert torch.equal(counts16, moe(x)[1].load)
 
 
 def test_empty_experts_get_exactly_zero_gradient_whatever_grouped_mm_leaves(monkeypatch):
@@ -188,7 +194,7 @@ def test_empty_experts_get_exactly_zero_gradient_whatever_grouped_mm_leaves(monk
         return out
     monkeypatch.setattr(model, "_grouped_mm", leaves_garbage)
     moe = random_moe(0, E=32, K=1, De=8, Dse=0, norm_topk=False)
-    y, _, counts = moe(torch.randn(5, 32))
+    y, (_, counts) = flat(moe(torch.randn(5, 32)))
     y.square().sum().backward()
     empty = counts == 0
     assert empty.sum() >= 27 and moe.w13.grad[empty].eq(0).all() and moe.w2.grad[empty].eq(0).all()

@@ -511,6 +511,18 @@ def wait_for(path, timeout=120):
     raise AssertionError(f"{path} never appeared")
 
 
+def wait_for_tokens(proc, out, timeout=120):
+    """Until data.py (proc) has written the first tokens of its training split into its temporary folder beside
+    out: it is then mid-way, with most of the work still to do (a sleep instead would race a fast machine)."""
+    part = out.parent / f".{out.name}.{proc.pid}.tmp" / "train.bin"
+    for _ in range(int(timeout / 0.01)):
+        if part.exists() and part.stat().st_size > 0:
+            return
+        assert proc.poll() is None, f"data.py ended ({proc.returncode}) before it wrote any token: give it more text"
+        time.sleep(0.01)
+    raise AssertionError(f"{part} never got tokens")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly(tiny_data, tmp_path, sig, code):
@@ -541,7 +553,7 @@ def test_an_interrupted_data_preparation_leaves_nothing_behind(tmp_path):
     big = tmp_path / "big.txt"
     big.write_text(make_text(7, 3_000_000))
     proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=1"])
-    time.sleep(1.5)
+    wait_for_tokens(proc, tmp_path / "d")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "nothing was written" in err, err
@@ -574,7 +586,7 @@ def test_sigterm_to_a_data_preparation_and_its_workers_ends_it_cleanly(tmp_path)
     big.write_text(make_text(8, 6_000_000))
     proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=2"],
                  start_new_session=True)
-    time.sleep(1.5)
+    wait_for_tokens(proc, tmp_path / "d")  # the two workers are tokenising
     os.killpg(proc.pid, signal.SIGTERM)  # as Slurm, Docker and timeout do: the whole group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

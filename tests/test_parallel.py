@@ -173,7 +173,6 @@ def test_resharding_that_breaks_the_batch_rules_is_refused(tiny_run, tmp_path):
     assert train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])["finished"]  # 1 rank: 2 per forward
 
 
-@pytest.mark.slow
 def test_activation_checkpointing_changes_memory_not_the_run(tiny_run, tmp_path):
     train.train(tiny_run("plain"))
     train.train(tiny_run("ckpt", "--activation_checkpointing=true"))

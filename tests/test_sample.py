@@ -119,7 +119,6 @@ def test_evaluate_refuses_data_of_another_tokenizer_and_unknown_splits(runs, tmp
     assert r.returncode == 2 and "has no split 'test'" in r.stderr
 
 
-@pytest.mark.slow
 def test_a_finished_run_prints_a_sample(tiny_run, capsys):
     train.train(tiny_run("s", "--sample_tokens=30"))
     out = capsys.readouterr().out

@@ -238,7 +238,6 @@ def test_emit_slurm_writes_an_array_job(tmp_path):
     assert f"{sys.executable} {ROOT / 'sweep.py'} run" in text and f"--out='{tmp_path / 'my out'}'" in text
 
 
-@pytest.mark.slow
 def test_cli_plan_json_and_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(ROOT / "configs" / "sweep-7b.toml"), "--json"],
                        capture_output=True, text=True, cwd=ROOT)

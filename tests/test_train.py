@@ -41,7 +41,6 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_run, tmp_path):
     train.train(tiny_run("ref"))
     train.train(tiny_run("killed", "--stop_at=6"))
@@ -187,7 +186,6 @@ def test_resume_refuses_another_config(tiny_run, tmp_path):
         train.train(tiny_run("b") + ["--resume"])
 
 
-@pytest.mark.slow
 def test_resume_needs_only_the_run_directory(tiny_run, tmp_path):
     # started with flags, resumed with none of them: the run's config.toml says what it was
     whole = train.train(tiny_run("whole"))
@@ -223,7 +221,6 @@ def test_attention_other_than_sdpa_on_cpu_is_refused_before_any_file(tiny_run, t
     assert not (tmp_path / "att").exists()
 
 
-@pytest.mark.slow
 def test_grad_clip_zero_means_no_clipping(tiny_run, tmp_path):
     # clipping to norm 0 would scale every gradient by 0, and the weights would move by weight decay alone
     train.train(tiny_run("zero", "--grad_clip=0", "--iters=3"))
@@ -233,7 +230,6 @@ def test_grad_clip_zero_means_no_clipping(tiny_run, tmp_path):
     assert records(tmp_path / "zero")[0]["grad_norm"] > 0
 
 
-@pytest.mark.slow
 def test_float16_trains_with_a_grad_scaler_and_resumes_it(tiny_run, tmp_path):
     train.train(tiny_run("fp16", "--dtype=float16", "--stop_at=6"))
     state = torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=True)
