@@ -253,7 +253,7 @@ def bench_step(a):
         for r in range(a.rounds):
             for name, shape in (("dense", dense), ("moe", moe)):
                 summary = train.train(model_args(shape) + common + [f"--out_dir={tmp}/{name}{r}"])
-                logs = [json.loads(x) for x in open(f"{tmp}/{name}{r}/log.jsonl") if '"train"' in x][1:]  # after warm-up
+                logs = [x for x in rundir.read_log(Path(tmp) / f"{name}{r}" / "log.jsonl") if x["kind"] == "train"][1:]  # after warm-up
                 stats[name]["tok_s"] += [x["tokens_per_s"] for x in logs]
                 stats[name]["data"] += [x["data_share"] for x in logs]
                 stats[name]["mem"] += [x["peak_mem_gib"] for x in logs if "peak_mem_gib" in x]

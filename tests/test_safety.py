@@ -16,6 +16,7 @@ import pytest
 import bench
 import data
 import flops
+import rundir
 import sweep
 import train
 from tests.conftest import TINY_MODEL, snapshot
@@ -194,8 +195,10 @@ def test_a_kill_before_the_summary_is_finished_by_resume(tiny_data, tmp_path):
     assert again["finished"] and again["final"] == whole["final"]
     # killed even before the final evaluation was logged: it is run again, to the same numbers
     log = tmp_path / "a" / "log.jsonl"
-    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
-                           if not ('"eval"' in line and '"step": 8,' in line)))
+    records = rundir.read_log(log)
+    kept = [r for r in records if not (r["kind"] == "eval" and r["step"] == whole["step"])]
+    assert len(kept) == len(records) - 1  # the final evaluation's record, and only it, is gone
+    log.write_text("".join(json.dumps(r) + "\n" for r in kept))
     (tmp_path / "a" / "summary.json").write_text("")  # and a summary left empty by a kill mid-write
     assert sweep.status(tmp_path / "a") == "resumable"
     again = train.train(tiny(tiny_data, tmp_path / "a") + ["--resume"])
