@@ -17,6 +17,7 @@ import evaluate
 import flops
 import gpucheck
 import helptext
+import ladder_report
 import sample
 import sweep
 import train
@@ -167,6 +168,8 @@ def test_flops_help_gives_each_shape_key_its_meaning(capsys):
 
 PROGRAMS = {"sample": (sample.main, []), "evaluate": (evaluate.main, []), "data": (data.main, []),
             "flops": (flops.main, []), "sweep": (sweep.main, ["report"]), "gpucheck": (gpucheck.main, []),
+            "ladder_report": (ladder_report.main, []), "ladder_report report": (ladder_report.main, ["report"]),
+            "ladder_report lr-check": (ladder_report.main, ["lr-check"]),
             **{f"bench {sub}": (bench.main, [sub]) for sub in ("gpu-check", "expert", "attention", "step", "profile")},
             "bench": (bench.main, [])}
 
