@@ -86,6 +86,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in the backward
     gpu_mem: float = 0.0      # GiB per GPU for the memory plan and parallel=auto; 0 = what CUDA reports
     peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in logbook.PEAK_FLOPS
+    tensorboard: bool = False  # also log to TensorBoard in <out_dir>/tb/ (pip install tensorboard; trackers.py)
+    wandb: bool = False       # also log to Weights & Biases (pip install wandb); its run id is kept in <out_dir>/wandb.json
+    wandb_project: str = "moe-equal"  # the W&B project
+    wandb_run_name: str = ""  # the W&B run's name; "" = the run directory's name
+    wandb_group: str = ""     # the W&B group (sweep.py run: the sweep's folder name); "" = none
     overwrite: bool = False   # start afresh in an out_dir that holds a run, deleting it
 
 
@@ -253,6 +258,10 @@ def check_train(t):
     _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
            "auto, cpu, cuda or cuda:N")
     _check("data", t.data, lambda v: v.strip(), "a prepared data folder")
+    _check("wandb_project", t.wandb_project, lambda v: 0 < len(v) <= 128 and not set(v) & set("/\\#?%:"),
+           "a W&B project name: 1 to 128 characters, none of / \\ # ? % :")
+    for name in ("wandb_run_name", "wandb_group"):
+        _check(name, getattr(t, name), lambda v: len(v) <= 128, "at most 128 characters")
     _check("out_dir", t.out_dir, lambda v: v.strip() and not rundir.folder_problem(v),
            f"a folder (it is {rundir.folder_problem(t.out_dir) if t.out_dir.strip() else 'empty'})")
     budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}

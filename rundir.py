@@ -5,6 +5,7 @@
     ckpt.pt       model, optimizer, loader, RNG, step and plan, with a checksum of all of it
     ckpt/         the same, sharded, under FSDP (checkpoint.py)
     summary.json  written when the run stops or finishes
+    tb/, wandb/, wandb.json   TensorBoard's and W&B's files, when the run logs to them (trackers.py)
     .lock         held by the one process that writes here
 
 Every file is written atomically: a temporary file of this process, flushed, synced and renamed, so a
@@ -31,7 +32,8 @@ import threading
 import tomllib
 from pathlib import Path
 
-RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json")
+RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json", "tb", "wandb", "wandb.json")
+FOLDERS = {"ckpt": "sharded checkpoints", "tb": "TensorBoard events", "wandb": "W&B files"}  # the run files that are folders
 ASIDE = ".replaced"  # where --overwrite keeps the old run until the new one has written its config
 
 
@@ -50,6 +52,11 @@ def utf8(text):
 
 def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(e, limit=300):
+    """An error's message on one line, cut at limit characters (some packages' messages run over several)."""
+    return " ".join(str(e).split())[:limit]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
@@ -371,9 +378,9 @@ def check_run_files(out_dir):
     for name in found:
         target = out / name
         refuse_link(target)
-        if name == "ckpt" and not target.is_dir():
-            raise RunDirError(f"{target} is not a folder: a run keeps its sharded checkpoints there; move it away by hand")
-        if name != "ckpt" and (target.is_dir() or own_file_problem(target.stat())):
+        if name in FOLDERS and not target.is_dir():
+            raise RunDirError(f"{target} is not a folder: a run keeps its {FOLDERS[name]} there; move it away by hand")
+        if name not in FOLDERS and (target.is_dir() or own_file_problem(target.stat())):
             problem = "a folder" if target.is_dir() else own_file_problem(target.stat())
             raise RunDirError(f"{target} is {problem} where a run keeps a file of its own: it is not train.py's; move "
                               f"it away by hand")
@@ -393,7 +400,7 @@ def check_run_files(out_dir):
 
 CKPT_ENTRY = re.compile(r"latest\.json|\.latest\.json\.\d+\.tmp|step-\d{8}")  # what checkpoint.save writes in ckpt/
 STEP_ENTRY = re.compile(r"__\d+_\d+\.distcp|\.metadata|extra\.pt|\.extra\.pt\.\d+\.tmp")  # and in ckpt/step-<n>/
-TEMPORARY = re.compile(r"\.(config\.toml|log\.jsonl|ckpt\.pt|summary\.json|latest\.json|extra\.pt)\.(\d+)\.tmp")
+TEMPORARY = re.compile(r"\.(config\.toml|log\.jsonl|ckpt\.pt|summary\.json|latest\.json|extra\.pt|wandb\.json)\.(\d+)\.tmp")
 
 
 def remove_temporaries(out_dir):

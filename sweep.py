@@ -34,7 +34,7 @@ DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
 BACKBONE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")
 # what the sweep decides for every run; [train] may set anything else train.py knows
 SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "unique_tokens", "out_dir",
-               "include_router", "stop_at", "warmup", "seed")
+               "include_router", "stop_at", "warmup", "seed", "wandb_run_name", "wandb_group")
 
 
 @dataclass
@@ -456,10 +456,13 @@ def saved_config(folder):
 
 # ----------------------------------------------------------------------------- running
 def train_args(run, sweep, train_over, out_dir):
+    """train.py's command line for a run in out_dir (<sweep folder>/<run name>): its shape, its plan, and for
+    TensorBoard and W&B its name (the arm and seed) and its group (the sweep folder's name)."""
     args = [f"--{k}={v}" for k, v in run.shape.items()]
     args += [f"--iters={run.iters}", f"--batch_seqs={run.batch_seqs}", f"--lr={run.lr!r}",
              f"--unique_tokens={run.unique_tokens}", f"--include_router={str(sweep.include_router).lower()}",
-             f"--warmup={run.warmup}", f"--out_dir={out_dir}"] + ([f"--seed={run.seed}"] if run.seed is not None else [])
+             f"--warmup={run.warmup}", f"--out_dir={out_dir}", f"--wandb_run_name={run.name}",
+             f"--wandb_group={Path(out_dir).absolute().parent.name[:128]}"] + ([f"--seed={run.seed}"] if run.seed is not None else [])
     return args + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in train_over.items()]
 
 

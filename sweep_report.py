@@ -1,6 +1,7 @@
 """A sweep's report: one row per arm with mean ± sd over its seeds (report.md), one row per run
 (report.csv), and BPC against r_a with error bars and the dense baselines as bands (report.png with
-matplotlib, a text plot always).
+matplotlib, a text plot always); beside it every run's BPC at each evaluation against the tokens and
+against the FLOPs spent so far (report-curves.png, from the runs' log.jsonl).
 
     python sweep.py report runs/sweep-toy [--split=val]
 """
@@ -186,9 +187,63 @@ def plot(table, split, path):
     return path
 
 
+def read_curves(run_dir, rows, split):
+    """{run: [(tokens, FLOPs, BPC)]}: each run's evaluations of split from its log.jsonl, FLOPs = C/D per token
+    (M_train, M11). A run whose log cannot be read is left out with a warning."""
+    curves = {}
+    for r in rows:
+        try:
+            records = rundir.read_log(Path(run_dir) / r["run"] / "log.jsonl")
+        except (OSError, ValueError) as e:
+            rundir.warn(f"{r['run']}: left out of the curves ({e})")
+            continue
+        points = {x["step"]: x for x in records if x["kind"] == "eval" and f"bpc_{split}" in x
+                  and rundir.is_number(x.get("tokens"))}  # by step: a resumed run's evaluation counts once
+        curves[r["run"]] = [(x["tokens"], x["tokens"] * r["C"] / r["D"], x[f"bpc_{split}"])
+                            for _, x in sorted(points.items())]
+    return curves
+
+
+def plot_curves(rows, curves, split, path):
+    """Two panels, BPC against the tokens D and against the FLOPs C spent so far, a line per run: MoE arms
+    coloured by r_a, the dense baselines dashed in report.png's colours, one legend entry per arm. None
+    without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    ras = [r["ra"] for r in rows if r["kind"] == "moe"] or [0.0]
+    labelled = set()
+    for r in rows:
+        points = curves.get(r["run"])
+        if not points:
+            continue
+        share = (r["ra"] - min(ras)) / ((max(ras) - min(ras)) or 1)
+        dense = {"dense-C": "tab:red", "dense-2C": "tab:green"}.get(r["arm"], "black")
+        style = dict(color=dense, ls="--") if r["kind"] == "dense" else dict(color=plt.cm.viridis(0.9 * share), ls="-")
+        label = None if r["arm"] in labelled else r["arm"]
+        labelled.add(r["arm"])
+        for ax, x in zip(axes, (0, 1)):
+            ax.plot([p[x] for p in points], [p[2] for p in points], marker=".", lw=1, label=label, **style)
+    for ax, name in zip(axes, ("tokens D", "training FLOPs C = M_train·D")):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: no labels on top of each other
+        ax.set_xlabel(name)
+    axes[0].set_ylabel(f"BPC ({split}) at each evaluation")
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
 MARK = "<!-- sweep.py report: written again by each report -->\n"
+PNG = b"\x89PNG\r\n\x1a\n"
 REPORT_FILES = {"report.md": lambda b: b.startswith(MARK.encode()), "report.csv": lambda b: b.startswith(b"run,arm,"),
-                "report.png": lambda b: b.startswith(b"\x89PNG\r\n\x1a\n")}
+                "report.png": lambda b: b.startswith(PNG), "report-curves.png": lambda b: b.startswith(PNG)}
 
 
 def report(run_dir, split=None):
@@ -214,6 +269,7 @@ def report(run_dir, split=None):
     print()
     print(text_plot(table, split))
     png = plot(table, split, run_dir / "report.png")
+    curves = plot_curves(rows, read_curves(run_dir, rows, split), split, run_dir / "report-curves.png")
     print(f"\nwrote {run_dir / 'report.md'}, {run_dir / 'report.csv'}"
-          + (f", {png}" if png else " (pip install matplotlib for report.png)"))
+          + (f", {png}, {curves}" if png else " (pip install matplotlib for report.png and report-curves.png)"))
     return table

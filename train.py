@@ -43,6 +43,7 @@ import logbook
 import parallel
 import preflight
 import schedule
+import trackers
 from config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
 from evaluate import evaluate_splits
 from logbook import Logbook
@@ -127,8 +128,10 @@ def run_training(run, rank, world, device, aside):
     eval_every = tcfg.eval_interval or math.ceil(sched.iters / 5)
     ckpt_every = tcfg.ckpt_interval or eval_every
     end = min(sched.iters, tcfg.stop_at) if tcfg.stop_at else sched.iters
+    tracking = trackers.start(tcfg, out, step, sched.M_train, {"model": asdict(mcfg), "train": asdict(tcfg), **numbers}) \
+        if master else None  # TensorBoard and W&B, when the config asks (off by default)
     book = Logbook(out / "log.jsonl", sched, mcfg.S, step, rank, world, device, numbers["M_exec"], logbook.peak_flops(tcfg, device),
-                   tcfg.eval_tokens)
+                   tcfg.eval_tokens, tracking)
     model.train()
     try:
         while step < end:
@@ -151,13 +154,13 @@ def run_training(run, rank, world, device, aside):
                 with rundir.signals_held() as came:  # a checkpoint is written whole; a Ctrl-C then stops the run
                     last_ckpt = save(step)
                 rundir.raise_held(came)
-        book.close()
         final = book.last_bpc
         logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
         if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
             final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
         elif not final and step >= sched.iters:  # resumed after the last checkpoint: finish the final evaluation
             final = book.eval_record(step, loader.epoch, run_eval(), {})
+        book.close()
         summary = finish(out, numbers, run, rank, step, loader.epoch, final)
     except KeyboardInterrupt as e:
         book.close()
@@ -280,8 +283,8 @@ def show_sample(model, meta, tokens, out):
 def check_replaceable(out, overwrite, config_file):
     """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
     touched: a config.toml that is a run's resolved config and not this command's config file, a ckpt.pt
-    of train.py, a log and a summary that read as a run's (rundir.check_new_run checks the kinds of file
-    and the ckpt/ folder)."""
+    of train.py, a log and a summary that read as a run's, tracker folders (tb/, wandb/) that hold only what
+    the trackers wrote (rundir.check_new_run checks the kinds of file and the ckpt/ folder)."""
     found = rundir.check_new_run(out, overwrite)
 
     def refuse(name, what):
@@ -302,6 +305,8 @@ def check_replaceable(out, overwrite, config_file):
         refuse("log.jsonl", "holds no record of a run")
     if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
         refuse("summary.json", "is not a run's summary")
+    for name, others in trackers.strangers(out, found).items():  # tb/, wandb/
+        refuse(name, f"holds what no tracker wrote ({', '.join(others[:5])})")
     return found
 
 

@@ -64,12 +64,13 @@ def snapshot(folder):
 
 
 def tiny(tiny_data, out, *extra):
+    """argv for a 6-iteration run of the tiny MoE into out, evaluated every 3 steps, without a sample."""
     return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
                          "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
 
 
 def refused(main, argv, capsys):
-    """(exit code, stderr) of a program that must stop with exit code 2 and no traceback."""
+    """The stderr of a program (main) that must stop with exit code 2 and no traceback."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     err = capsys.readouterr().err
@@ -80,11 +81,10 @@ def refused(main, argv, capsys):
 @pytest.fixture
 def finished(tiny_data, tmp_path):
     """A finished short run (tiny): what a refused command must leave as it was."""
-    out = tmp_path / "run"
     import train
+    out = tmp_path / "run"
     train.train(tiny(tiny_data, out))
     return out
-
 
 
 def micro_sweep(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reuse='["none"]', dense_Dm=48, extra=""):

@@ -229,6 +229,25 @@ def test_report_gives_mean_and_sd_over_seeds(tmp_path):
         assert png is None and not (tmp_path / "r.png").exists()
 
 
+def test_report_draws_every_runs_bpc_against_tokens_and_flops(tmp_path, tiny_data):
+    s, runs, over = sweep.planned(micro(tmp_path, tiny_data, extra="seeds = [1, 2]\n"))
+    out = tmp_path / "out"
+    for i, r in enumerate(runs):
+        (out / r.name).mkdir(parents=True)
+        (out / r.name / "summary.json").write_text(json.dumps(finished_summary(r, s, over, out, 2.0 + i / 10)))
+        evals = [{"kind": "eval", "step": k, "tokens": k * r.batch_tokens, "bpc_val": 3.0 - i / 10 - k / 10} for k in (1, 2, 2)]
+        (out / r.name / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in evals))  # 2 twice: resumed there
+    curves = sweep_report.read_curves(out, sweep_report.collect(out), "val")
+    assert sorted(curves) == sorted(r.name for r in runs)
+    for i, r in enumerate(runs):
+        assert curves[r.name] == [(k * r.batch_tokens, pytest.approx(k * r.batch_tokens * r.M_train),
+                                   pytest.approx(3.0 - i / 10 - k / 10)) for k in (1, 2)]
+    sweep_report.report(out)
+    pytest.importorskip("matplotlib")
+    assert (out / "report-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep_report.report(out)  # written again over its own figure
+
+
 def test_emit_slurm_writes_an_array_job(tmp_path):
     path = micro(tmp_path)
     script = sweep.emit_slurm(path, tmp_path / "my out", 4, sweep.planned(path)[1])

@@ -13,6 +13,7 @@ import flops
 import rundir
 import schedule
 import train
+from config import TrainConfig
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,13 +114,13 @@ def test_compute_budget_sets_tokens(tiny_run, tmp_path):
 
 def test_plan_follows_steplaw_and_not_the_number_of_ranks():
     mcfg = GPTConfig()
-    tcfg = train.TrainConfig(tokens=1e7)
+    tcfg = TrainConfig(tokens=1e7)
     plan = schedule.for_training(mcfg, tcfg, 1)
     B = flops.steplaw_batch_seqs(1e7, mcfg.S)
     assert plan.batch_seqs == plan.micro_batch == B and plan.accum == 1 and plan.iters == round(1e7 / (B * mcfg.S))
     assert plan.lr == pytest.approx(flops.steplaw_lr(flops.count(mcfg).N, plan.D))
     assert plan.warmup == flops.warmup_iters(plan.iters)
-    micro = train.TrainConfig(tokens=1e7, micro_batch=3)
+    micro = TrainConfig(tokens=1e7, micro_batch=3)
     three = schedule.for_training(mcfg, micro, 3)
     assert three.batch_seqs % 3 == 0 and abs(three.batch_seqs - B) <= 1 and three.accum == three.batch_seqs // 3
     assert three.micro(3) == 1 and three.D == pytest.approx(1e7, rel=0.01)
@@ -133,7 +134,7 @@ def test_plan_follows_steplaw_and_not_the_number_of_ranks():
 @pytest.mark.parametrize("batch,micro", [(10, 4), (10, 20)])
 def test_a_batch_that_is_no_whole_number_of_micro_batches_is_refused(batch, micro):
     # today's rounding would have run more sequences, and so more D and C, than the plan that gave batch_seqs
-    tcfg = train.TrainConfig(iters=5, tokens=0, batch_seqs=batch, micro_batch=micro)
+    tcfg = TrainConfig(iters=5, tokens=0, batch_seqs=batch, micro_batch=micro)
     with pytest.raises(ValueError, match=f"micro_batch={micro} does not divide train.batch_seqs={batch}"):
         schedule.for_training(GPTConfig(), tcfg, 1)
 
