@@ -124,8 +124,8 @@ def bench_expert(a):
         return run
 
     def moe_loss():
-        y, balance, _ = fmoe(x)
-        return (y * dy).sum() + balance
+        y, aux = fmoe(x)
+        return (y * dy).sum() + aux.balance
 
     fns = {"dense": step(lambda: (fdense(x) * dy).sum()), "MoE": step(moe_loss)}
     if a.breakdown:
