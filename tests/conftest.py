@@ -1,11 +1,17 @@
 import hashlib
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-import data
+# One OpenMP thread for the tests and the programs they start, unless the caller sets OMP_NUM_THREADS: the tiny
+# models gain nothing from more, and on a busy 2-core machine spinning OpenMP threads made the fast subset ten
+# times slower. Set before torch is first imported; test_model.py checks gradients on 1 and 2 threads itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import data  # noqa: E402
 
 WORDS = ("the king queen sword crown night day love death honour fool storm sea land heart blood "
          "café naïve señor Straße déjà vu — “quoted” ½").split()
