@@ -15,6 +15,8 @@ names and defaults read equal the dataclasses' own.
 import ast
 import io
 import json
+import os
+import sys
 import tokenize
 from dataclasses import MISSING, dataclass
 from functools import cache
@@ -125,6 +127,14 @@ def table(title, rows):
     left = [f"{k.name} = {toml_value(k.default)}" for k in rows]
     width = max(map(len, left), default=0) + 3
     return "\n".join([title] + [f"  {a:<{width}}{k.doc}".rstrip() for a, k in zip(left, rows)])
+
+
+def show(text):
+    """Print help text; a reader that stops early (| head) ends it quietly, not with a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
 
 
 def train_help(doc):

@@ -29,7 +29,7 @@ if __name__ == "__main__":
     rundir.quit_while_starting("train.py")
     if {"-h", "--help"} & set(sys.argv[1:]):  # answered before torch loads: helptext reads the keys' sources
         import helptext
-        print(helptext.train_help(__doc__))
+        helptext.show(helptext.train_help(__doc__))
         sys.exit(0)
 
 import torch
@@ -356,7 +356,7 @@ def show_plan(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):  # the command forms, then every [model] and [train] key
-        print(helptext.train_help(__doc__))
+        helptext.show(helptext.train_help(__doc__))
         return
     rundir.stop_on_signals()
     try:
