@@ -24,9 +24,10 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import rundir
 if __name__ == "__main__":
-    rundir.quit_while_starting("bench.py")
+    interrupts.quit_while_starting("bench.py")
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ import flops
 import logbook
 import parallel
 import preflight
+import safe_io
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
@@ -220,7 +222,7 @@ def model_args(shape):
 def load_shape(path, flag="--config"):
     """The [model] shape of a TOML file given with flag, the flag and the file named on any error."""
     try:
-        model = rundir.load_toml(path).get("model")
+        model = safe_io.load_toml(path).get("model")
         if not isinstance(model, dict):
             raise ValueError("no [model] table: expected a config with the model's shape")
         return flops.shape_from_dict(model, path)
@@ -443,12 +445,12 @@ def parser():
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     if a.json is not None and (not a.json.strip() or Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):
         p.error(f"--json={a.json!r}: expected a file in a folder that exists")
     if a.json is not None:
         try:
-            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
+            safe_io.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
                                      "a bench.py result")
         except ValueError as e:
             p.error(f"--json: {e}")
@@ -478,10 +480,10 @@ def main(argv=None):
         print(f"bench.py {a.what}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        rundir.exit_interrupted(f"bench.py {a.what}", e, "; nothing was written")
+        interrupts.exit_interrupted(f"bench.py {a.what}", e, "; nothing was written")
     if a.json:
         try:
-            rundir.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+            safe_io.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
         except (ValueError, OSError) as e:
             print(f"bench.py {a.what}: error: --json={a.json}: {e}", file=sys.stderr)
             sys.exit(2)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import config
 import data
 import rundir
+import safe_io
 
 SHARDED = "ckpt"
 
@@ -30,13 +31,13 @@ def found(out):
     """The newest checkpoint in out: ('pt', path, None) or ('dcp', folder, manifest), or None."""
     out = Path(out)
     whole = out / "ckpt.pt"
-    rundir.refuse_link(whole)
-    rundir.refuse_link(out / SHARDED)
+    safe_io.refuse_link(whole)
+    safe_io.refuse_link(out / SHARDED)
     manifest = read_manifest(out / SHARDED)
     if manifest and whole.exists():  # a kill between writing one form and deleting the other: the newer
         step = rundir.read_checkpoint(whole).get("step")
         if not rundir.is_count(step):
-            raise rundir.RunDirError(f"{whole} was not loaded: it has no valid step (not a checkpoint of this train.py)")
+            raise safe_io.RunDirError(f"{whole} was not loaded: it has no valid step (not a checkpoint of this train.py)")
         return ("pt", whole, None) if step > manifest["step"] else ("dcp", out / SHARDED / manifest["dir"], manifest)
     if manifest:
         return "dcp", out / SHARDED / manifest["dir"], manifest
@@ -49,16 +50,16 @@ def read_manifest(folder):
     if not (path.exists() or path.is_symlink()):
         return None
     try:
-        manifest = json.loads(rundir.read_bytes(path))
+        manifest = json.loads(safe_io.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError):
         manifest = None
     if (isinstance(manifest, dict) and rundir.is_count(manifest.get("step"))
             and manifest.get("dir") == f"step-{manifest['step']:08d}" and isinstance(manifest.get("files"), dict)
             and all(re.fullmatch(r"[\w.]+", k) and k.strip(".") and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)
                     for k, v in manifest["files"].items())):
-        rundir.refuse_link(Path(folder) / manifest["dir"])
+        safe_io.refuse_link(Path(folder) / manifest["dir"])
         return manifest
-    raise rundir.RunDirError(f"{path} is damaged and was not loaded: it does not name a checkpoint")
+    raise safe_io.RunDirError(f"{path} is damaged and was not loaded: it does not name a checkpoint")
 
 
 # ----------------------------------------------------------------------------- the check
@@ -122,19 +123,19 @@ def save(out, sharded, model, optimizer, extra, rank, world):
     try:
         dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
     except dcp.api.CheckpointException as e:  # a full disk on some rank, say (a BaseException: named here)
-        raise rundir.RunDirError(f"{folder}: the sharded checkpoint could not be written ({str(e)[:300]}); the "
+        raise safe_io.RunDirError(f"{folder}: the sharded checkpoint could not be written ({str(e)[:300]}); the "
                                  f"previous one, named in {out / SHARDED / 'latest.json'}, is untouched") from None
     if rank == 0:
         rundir.save_checkpoint(folder / "extra.pt", extra)
     dist.barrier()  # every rank's files are written and synced (DCP fsyncs them)
-    mine = {p.name: rundir.sha256_file(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
+    mine = {p.name: safe_io.sha256_file(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
     if rank == 0:
-        mine.update({p.name: rundir.sha256_file(p) for p in (folder / ".metadata", folder / "extra.pt")})
+        mine.update({p.name: safe_io.sha256_file(p) for p in (folder / ".metadata", folder / "extra.pt")})
     hashes = [None] * world
     dist.all_gather_object(hashes, mine)
     if rank == 0:
         files = {k: v for h in hashes for k, v in h.items()}
-        rundir.write_text(out / SHARDED / "latest.json", json.dumps({"step": extra["step"], "dir": name,
+        safe_io.write_text(out / SHARDED / "latest.json", json.dumps({"step": extra["step"], "dir": name,
                                                                      "world": world, "files": files}, indent=1))
         for old in (out / SHARDED).glob("step-*"):  # the previous step, and any half-written one
             if old.name != name and rundir.CKPT_ENTRY.fullmatch(old.name):
@@ -169,14 +170,14 @@ def verify(folder, manifest, rank, world):
         path = folder / name
         if not path.exists():
             bad.append(f"{path} is missing")
-        elif rundir.sha256_file(path) != manifest["files"][name]:
+        elif safe_io.sha256_file(path) != manifest["files"][name]:
             bad.append(f"{path} is damaged: its contents do not match the sha256 in {folder.parent / 'latest.json'}")
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, bad)
         bad = [b for rank_bad in every for b in rank_bad]
     if bad:
-        raise rundir.RunDirError("the checkpoint was not loaded:\n  " + "\n  ".join(bad))
+        raise safe_io.RunDirError("the checkpoint was not loaded:\n  " + "\n  ".join(bad))
 
 
 def read(out, rank, world):
@@ -191,7 +192,7 @@ def read(out, rank, world):
     state = rundir.read_checkpoint(file)
     problem = state_problem(state, whole=form == "pt")
     if problem:
-        raise rundir.RunDirError(f"{file} was not loaded: {problem} (not a checkpoint of this train.py)")
+        raise safe_io.RunDirError(f"{file} was not loaded: {problem} (not a checkpoint of this train.py)")
     return form, path, state
 
 

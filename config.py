@@ -13,6 +13,7 @@ from pathlib import Path
 
 import flops
 import rundir
+import safe_io
 from flops import MAX_TOKENS
 
 
@@ -130,7 +131,7 @@ def parse_value(key, raw, typ):
 def read_toml(path, allowed=SECTIONS):
     """{section: {key: value}} of a config file, with unknown tables and keys refused."""
     owner = {f.name: sec for sec, cls in allowed.items() for f in fields(cls)}
-    cfg = rundir.load_toml(path)
+    cfg = safe_io.load_toml(path)
     out = {name: {} for name in allowed}
     for sec, table in cfg.items():
         if sec not in allowed or not isinstance(table, dict):
@@ -262,8 +263,8 @@ def check_train(t):
            "a W&B project name: 1 to 128 characters, none of / \\ # ? % :")
     for name in ("wandb_run_name", "wandb_group"):
         _check(name, getattr(t, name), lambda v: len(v) <= 128, "at most 128 characters")
-    _check("out_dir", t.out_dir, lambda v: v.strip() and not rundir.folder_problem(v),
-           f"a folder (it is {rundir.folder_problem(t.out_dir) if t.out_dir.strip() else 'empty'})")
+    _check("out_dir", t.out_dir, lambda v: v.strip() and not safe_io.folder_problem(v),
+           f"a folder (it is {safe_io.folder_problem(t.out_dir) if t.out_dir.strip() else 'empty'})")
     budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}
     if len(budgets) != 1:
         raise ValueError(f"give exactly one budget of train.iters, train.tokens and train.compute (got {budgets or 'none'})")

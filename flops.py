@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 import helptext
 import rundir
+import safe_io
 
 SCHEMES = ("dense", "full", "1dense", "interleave")
 
@@ -314,7 +315,7 @@ def main(argv=None):
     given = {f.name: getattr(a, f.name) for f in fields(Shape) if getattr(a, f.name) is not None}
     try:
         if a.config is not None:
-            cfg = rundir.load_toml(a.config)
+            cfg = safe_io.load_toml(a.config)
             if not isinstance(cfg.get("model"), dict):
                 raise ValueError(f"{a.config} has no [model] table" + (
                     ": it is a sweep file, see python sweep.py plan " + a.config if "sweep" in cfg else ""))

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import rundir
 if __name__ == "__main__":
-    rundir.quit_while_starting("gpucheck.py")
+    interrupts.quit_while_starting("gpucheck.py")
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ import data
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
 import parallel
+import safe_io
 from parallel import device_name, parse_device
 
 RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
@@ -211,7 +213,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     a = p.parse_args(argv)
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     try:
         device = parse_device(a.device)
     except ValueError as e:  # above all: no CUDA device here
@@ -221,18 +223,18 @@ def main(argv=None):
         if a.json is not None:
             if not a.json.strip() or Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir():
                 raise ValueError(f"--json={a.json!r}: expected a file in a folder that exists")
-            rundir.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
+            safe_io.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
                                      "a gpucheck.py or bench.py result")
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         result = gpu_check(a)
         if a.json:
-            rundir.write_text(a.json, json.dumps({"command": "gpucheck.py " + " ".join(argv), **result}, indent=1))
+            safe_io.write_text(a.json, json.dumps({"command": "gpucheck.py " + " ".join(argv), **result}, indent=1))
     except (ValueError, OSError, RuntimeError) as e:
         print(f"gpucheck.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        rundir.exit_interrupted("gpucheck.py", e, "; nothing was written")
+        interrupts.exit_interrupted("gpucheck.py", e, "; nothing was written")
     sys.exit(1 if result["failed"] else 0)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import rundir
+import safe_io
 import sweep_report
 
 SPARSEST = 4        # the arms the slope is fitted over
@@ -43,7 +44,7 @@ def load_rung(path):
         plan = {r["name"]: r for r in sweep_report.read_plan(path / "plan.json")}
         rows = [{**r, "lr": plan.get(r["run"], {}).get("lr", "")} for r in sweep_report.collect(path)]
     else:
-        rows = list(csv.DictReader(io.StringIO(rundir.read_bytes(path).decode("utf-8"))))
+        rows = list(csv.DictReader(io.StringIO(safe_io.read_bytes(path).decode("utf-8"))))
         if not rows or "arm" not in rows[0] or "ra" not in rows[0]:
             raise ValueError(f"{path}: expected a sweep folder or the report.csv of `sweep.py report`")
         rows = [{k: _number(v) for k, v in r.items()} for r in rows]
@@ -229,7 +230,7 @@ def plot(rungs, path):
     ax.legend(fontsize=7)
     ax.set_title("dashed: each rung's dense at 2C", fontsize=8)
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    safe_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -335,8 +336,8 @@ def main(argv=None):
         if a.out:
             out = Path(a.out)
             for name, ours in OUTPUTS.items():  # written again by every report, and never over anything else
-                rundir.check_replaceable(out / name, ours, "a ladder report")
-            rundir.write_text(out / "ladder-runs.csv", runs_csv(rungs))
+                safe_io.check_replaceable(out / name, ours, "a ladder report")
+            safe_io.write_text(out / "ladder-runs.csv", runs_csv(rungs))
             png = plot(rungs, out / "ladder.png")
             print(f"\nwrote {out / 'ladder-runs.csv'}" + (f", {png}" if png else " (pip install matplotlib for the figure)"))
     except (ValueError, OSError) as e:

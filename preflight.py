@@ -30,14 +30,15 @@ class Setup:
 
 
 def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=True):
-    """Every check train.py makes before it writes or deletes anything, in one place that sweep.py runs on
-    each of its runs too: the config (config.py), the sched, the precision on this device, the data (the
-    default corpus is prepared first when prepare), the vocabulary, the splits against S and
-    unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
+    """Every check train.py makes before it writes or deletes anything, in one place that a sweep runs on
+    each of its runs too (sweep_plan.check_runs): the config (config.py), the schedule, the precision on
+    this device, the data (the default corpus is prepared first when prepare), the vocabulary, the splits
+    against S and unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
     a data folder not prepared yet leaves out what depends on the data."""
     shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing here needs it
-    if trackers.missing(tcfg):
-        raise ValueError(trackers.missing(tcfg))
+    problem = trackers.missing(tcfg)
+    if problem:
+        raise ValueError(problem)
     if tcfg.eval_tokens and tcfg.eval_tokens < shape.S + 1:
         raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
                          f"expected 0 (all of each split) or at least {shape.S + 1}")

@@ -2,43 +2,36 @@
 
     config.toml   the resolved config (what --resume reads)
     log.jsonl     one line per log interval and per evaluation
-    ckpt.pt       model, optimizer, loader, RNG, step and plan, with a checksum of all of it
+    ckpt.pt       model, optimizer, loader, RNG, step and schedule, with a checksum of all of it
     ckpt/         the same, sharded, under FSDP (checkpoint.py)
     summary.json  written when the run stops or finishes
     tb/, wandb/, wandb.json   TensorBoard's and W&B's files, when the run logs to them (trackers.py)
     .lock         held by the one process that writes here
 
-Every file is written atomically: a temporary file of this process, flushed, synced and renamed, so a
-kill leaves the old file or the new one, never half of one. No file of a run is opened through a
-symbolic link: a run file that is a link is refused, named. A new run refuses a folder that holds a
+Every file is written atomically and no file of a run is opened through a symbolic link (safe_io.py):
+a run file that is a link is refused, named. A new run refuses a folder that holds a
 run unless told to replace it, and then the old run is moved aside and deleted only once the new run
 has written its config; a second writer is refused with the holder's pid; a damaged file is named and
 never loaded; a full disk is reported with the file, the bytes needed and the bytes free.
 """
 import argparse
-import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import socket
-import stat
 import sys
-import threading
-import tomllib
 from pathlib import Path
+
+from interrupts import raise_held, signals_held
+from safe_io import (RunDirError, atomic_write, open_nofollow, open_plain, own_file_problem, read_bytes, refuse_link,
+                     write_text)
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json", "tb", "wandb", "wandb.json")
 FOLDERS = {"ckpt": "sharded checkpoints", "tb": "TensorBoard events", "wandb": "W&B files"}  # the run files that are folders
 ASIDE = ".replaced"  # where --overwrite keeps the old run until the new one has written its config
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked: exit code 2, with the file named."""
 
 
 def utf8(text):
@@ -57,253 +50,6 @@ def warn(message):
 def one_line(e, limit=300):
     """An error's message on one line, cut at limit characters (some packages' messages run over several)."""
     return " ".join(str(e).split())[:limit]
-
-
-# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
-class Interrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) or SIGTERM, raised wherever the program is, so that every cleanup runs (the
-    temporary files of atomic writes, the lock). The programs end it with one line, exit 128 + signal."""
-
-    def __init__(self, signum=signal.SIGINT):
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def code(self):
-        return 128 + self.signum
-
-    @property
-    def what(self):
-        return "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
-
-
-def interrupted(e):
-    """The Interrupted behind a KeyboardInterrupt (Python raises a plain one before stop_on_signals runs)."""
-    return e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
-
-
-def exit_interrupted(program, e, otherwise="", quiet=False):
-    """End a program stopped by Ctrl-C or SIGTERM: one line (the stop's own message, else what happened and
-    `otherwise`), exit 128 + signal. Signals are ignored while the line is printed: a second Ctrl-C right
-    after the first must not turn it into a traceback."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    stop = interrupted(e)
-    if not quiet:
-        print(f"{program}: {getattr(stop, 'message', None) or stop.what + otherwise}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.exit(stop.code)
-
-
-def die_with_parent(sig=signal.SIGTERM):
-    """Ask Linux to send this process sig when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))
-        except (OSError, AttributeError):
-            pass
-
-
-def stop_on_signals():
-    """From now on SIGINT and SIGTERM raise Interrupted in the main thread."""
-    def handler(signum, frame):
-        raise Interrupted(signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-
-
-def quit_while_starting(program):
-    """Before the heavy imports of a command line: Ctrl-C or SIGTERM while torch loads ends the program with
-    one line (nothing has begun), where Python would print a traceback. main() then calls stop_on_signals."""
-    def handler(signum, frame):
-        print(f"{program}: {Interrupted(signum).what} while starting: nothing was done", file=sys.stderr)
-        sys.exit(128 + signum)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold SIGINT and SIGTERM back for a few renames that must not stop halfway. Yields the list of the
-    signals that came meanwhile: the caller raises Interrupted for the first once its state is whole."""
-    came = []
-    if threading.current_thread() is not threading.main_thread():
-        yield came
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield came
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------- opening without links
-def open_nofollow(path, flags, mode=0o644):
-    """os.open that never goes through a symbolic link at path: a link there is refused, named."""
-    try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode)
-    except OSError as e:
-        if e.errno == errno.ELOOP or Path(path).is_symlink():
-            raise link_refused(path) from None
-        raise
-
-
-def link_refused(path):
-    return RunDirError(f"{path} is a symbolic link: a run's files are never opened through a link (it could "
-                       f"point anywhere); remove the link")
-
-
-def own_file_problem(st):
-    """Why a file (its stat) is not one a run may write in place, or None: a FIFO or a device, or a file with
-    other hard links, whose other names would change with it (a symbolic link is refused on opening)."""
-    if not stat.S_ISREG(st.st_mode):
-        return "not a plain file"
-    if st.st_nlink > 1:
-        return f"a file with {st.st_nlink - 1} other hard link(s)"
-    return None
-
-
-def refuse_link(path):
-    if Path(path).is_symlink():
-        raise link_refused(path)
-
-
-def open_plain(path, follow=False):
-    """A plain file opened for reading: never a FIFO or a device (which could block forever), and never
-    through a link unless follow (a user's input may be one; a run's files never are)."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags) if follow else open_nofollow(path, flags)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RunDirError(f"{path} is not a plain file")
-    return os.fdopen(fd, "rb")
-
-
-def sha256_file(path, follow=False):
-    """A file's sha256, read as a plain file (open_plain), in 16 MB blocks."""
-    h = hashlib.sha256()
-    with open_plain(path, follow) as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_problem(path):
-    """Why path cannot be (or become) a folder, or None: a file, a link to nothing, a file on the way."""
-    path = Path(path)
-    if path.is_symlink() and not path.exists():
-        return "a link to nothing"
-    if path.exists() and not path.is_dir():
-        return "a file"
-    for parent in path.absolute().parents:
-        if parent.exists() and not parent.is_dir():
-            return f"inside {parent}, which is a file"
-    return None
-
-
-def read_bytes(path, follow=False):
-    """A plain file's bytes (open_plain)."""
-    with open_plain(path, follow) as f:
-        return f.read()
-
-
-def load_toml(path):
-    """A TOML file as a dict; a missing, unreadable or malformed file is named in one ValueError."""
-    try:
-        return tomllib.loads(read_bytes(path, follow=True).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and RunDirError are ValueErrors
-        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def atomic_write(path, write, needed=0):
-    """write(f) into a temporary file beside path, then flush, fsync and rename it over path. With the
-    disk full (or fewer than `needed` bytes free), nothing is left behind and path is untouched. Neither
-    path nor the temporary file is ever a symbolic link that the write would go through."""
-    path = Path(path)
-    refuse_link(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    free = shutil.disk_usage(path.parent).free
-    if needed > free:
-        raise disk_full(path, needed, free)
-    try:
-        tmp.unlink(missing_ok=True)  # a leftover of a dead process with this pid (a link is removed, not followed)
-        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, needed or None, shutil.disk_usage(path.parent).free) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a power cut only once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def replace_folder(new, old):
-    """Put the folder new in old's place (old may not exist), then delete what old held. On Linux the two
-    are exchanged in one step (renameat2 RENAME_EXCHANGE), so a kill at any point leaves one whole folder
-    at old; elsewhere old is renamed aside first and deleted once new is in place."""
-    new, old = Path(new), Path(old)
-    refuse_link(old)
-    if not old.exists():
-        os.rename(new, old)
-        return
-    if _exchange(new, old):
-        shutil.rmtree(new)  # it holds the old contents now
-        return
-    aside = old.with_name(f".{old.name}.old-{os.getpid()}")
-    os.rename(old, aside)
-    os.rename(new, old)
-    shutil.rmtree(aside)
-
-
-def _exchange(a, b):
-    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        import ctypes
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
-
-
-def check_replaceable(path, ours, what):
-    """An output file is written over only when it is one of ours (ours(bytes)); anything else of that name
-    is named and kept (a typo in --json must not replace a run's summary)."""
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        try:
-            mine = ours(read_bytes(path))
-        except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable, or no such content
-            mine = False
-        if not mine:
-            raise RunDirError(f"{path} exists and is not {what}: it is kept; move it away, or write elsewhere")
-
-
-def disk_full(path, needed, free):
-    need = f"{needed:,} bytes needed" if needed else "more bytes needed"
-    return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); the previous {path.name} is untouched")
-
-
-def write_text(path, text):
-    data = text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data), len(data))
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -489,11 +235,6 @@ class Aside:
             return
         warn(f"{self.out}: an --overwrite was stopped before the new run began; the old run is put back")
         self.restore()
-
-
-def raise_held(came):
-    if came:
-        raise Interrupted(came[0])
 
 
 # ----------------------------------------------------------------------------- checkpoints

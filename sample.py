@@ -7,15 +7,16 @@ import argparse
 import math
 import sys
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
-    rundir.quit_while_starting("sample.py")
+    interrupts.quit_while_starting("sample.py")
 
 import torch
 
 import checkpoint
 import data
 import parallel
+import rundir
 
 
 def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):
@@ -46,7 +47,7 @@ def parser():
 def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     for name, ok, allowed in (("tokens", 1 <= a.tokens <= 10**6, "an integer in 1..1,000,000"),
                               ("samples", 1 <= a.samples <= 1000, "an integer in 1..1000"),
                               ("temperature", math.isfinite(a.temperature) and a.temperature > 0, "a finite number > 0"),
@@ -71,7 +72,7 @@ def main(argv=None):
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        rundir.exit_interrupted("sample.py", e)
+        interrupts.exit_interrupted("sample.py", e)
 
 
 if __name__ == "__main__":

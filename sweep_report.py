@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 import rundir
+import safe_io
 
 
 def collect(run_dir):
@@ -58,7 +59,7 @@ def read_plan(path):
     if not Path(path).exists():
         return []
     try:
-        runs = json.loads(rundir.read_bytes(path))
+        runs = json.loads(safe_io.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError) as e:
         runs = type(e).__name__
     fields = {"name": str, "arm": str, "reuse": str, "shape": dict, "iters": int, "batch_seqs": int, "D": int,
@@ -182,7 +183,7 @@ def plot(table, split, path):
     ax.set_ylabel(f"BPC ({split})" + (f", mean ± sd over {n} seeds" if n > 1 else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    safe_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -235,7 +236,7 @@ def plot_curves(rows, curves, split, path):
     axes[0].set_ylabel(f"BPC ({split}) at each evaluation")
     axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    safe_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -258,13 +259,13 @@ def report(run_dir, split=None):
     md = markdown(table, splits)
     run_dir = Path(run_dir)
     for name, ours in REPORT_FILES.items():  # written again by every report, and never over anything else
-        rundir.check_replaceable(run_dir / name, ours, "a sweep report")
-    rundir.write_text(run_dir / "report.md", MARK + md + "\n")
+        safe_io.check_replaceable(run_dir / name, ours, "a sweep report")
+    safe_io.write_text(run_dir / "report.md", MARK + md + "\n")
     per_run = io.StringIO()
     w = csv.DictWriter(per_run, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     w.writeheader()
     w.writerows(rows)
-    rundir.write_text(run_dir / "report.csv", per_run.getvalue())
+    safe_io.write_text(run_dir / "report.csv", per_run.getvalue())
     print(md)
     print()
     print(text_plot(table, split))

@@ -19,6 +19,7 @@ import string
 from pathlib import Path
 
 import rundir
+import safe_io
 
 WANDB_ID = "wandb.json"
 # what the trackers write in their folders: --overwrite moves a folder aside (and deletes it) only when it holds no other
@@ -113,7 +114,7 @@ class TensorBoard:
     def __init__(self, out_dir, step):
         from torch.utils.tensorboard import SummaryWriter
         folder = Path(out_dir) / "tb"
-        rundir.refuse_link(folder)
+        safe_io.refuse_link(folder)
         self.writer = SummaryWriter(str(folder), purge_step=step + 1)
 
     def log(self, step, values):
@@ -152,10 +153,10 @@ def run_id(out):
     """The W&B run id of the run in out: read from wandb.json, or drawn (8 characters, as W&B's) and kept there."""
     path = out / WANDB_ID
     if path.exists() or path.is_symlink():
-        saved = json.loads(rundir.read_bytes(path))
+        saved = json.loads(safe_io.read_bytes(path))
         if not (isinstance(saved, dict) and isinstance(saved.get("id"), str) and saved["id"].isalnum()):
             raise ValueError(f"{path} holds no W&B run id (a JSON object with an id of letters and digits)")
         return saved["id"]
     new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    rundir.write_text(path, json.dumps({"id": new}) + "\n")
+    safe_io.write_text(path, json.dumps({"id": new}) + "\n")
     return new

@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import rundir  # first: Ctrl-C while torch loads ends in one line, not a traceback
+import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
-    rundir.quit_while_starting("train.py")
+    interrupts.quit_while_starting("train.py")
     if {"-h", "--help"} & set(sys.argv[1:]):  # answered before torch loads: helptext reads the keys' sources
         import helptext
         helptext.show(helptext.train_help(__doc__))
@@ -42,6 +42,8 @@ import helptext
 import logbook
 import parallel
 import preflight
+import rundir
+import safe_io
 import schedule
 import trackers
 from config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
@@ -110,7 +112,7 @@ def run_training(run, rank, world, device, aside):
                              f"goes back; give a later stop_at, or none")
         last_ckpt = f"{where} (step {step})" if step else None
     if master:
-        rundir.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
+        safe_io.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
         aside.discard()  # the new run has written its config: the run it replaces goes now
         records = rundir.truncate_log(out / "log.jsonl", step) if resume else []
 
@@ -151,9 +153,9 @@ def run_training(run, rank, world, device, aside):
             if is_eval:
                 book.eval_record(step, loader.epoch, run_eval(), record)
             if is_ckpt:
-                with rundir.signals_held() as came:  # a checkpoint is written whole; a Ctrl-C then stops the run
+                with interrupts.signals_held() as came:  # a checkpoint is written whole; a Ctrl-C then stops the run
                     last_ckpt = save(step)
-                rundir.raise_held(came)
+                interrupts.raise_held(came)
         final = book.last_bpc
         logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
         if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
@@ -169,7 +171,7 @@ def run_training(run, rank, world, device, aside):
         try:
             show_sample(model, run.meta, tcfg.sample_tokens, out)
         except KeyboardInterrupt as e:
-            stop = rundir.interrupted(e)
+            stop = interrupts.interrupted(e)
             stop.message = f"{stop.what} while sampling; the run had finished, and its summary is in {out / 'summary.json'}"
             raise stop from None
     return summary
@@ -256,7 +258,7 @@ def finish(out, numbers, run, rank, step, epoch, final):
     summary = {**numbers, "step": step, "finished": step >= sched.iters, "final": final,
                "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta)}
     if rank == 0:
-        rundir.write_text(out / "summary.json", json.dumps(summary, indent=1))
+        safe_io.write_text(out / "summary.json", json.dumps(summary, indent=1))
         print(("finished" if summary["finished"] else f"stopped at step {step} of {sched.iters} (resume with --resume)")
               + f": D {step * sched.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
               + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in final.items()))
@@ -265,7 +267,7 @@ def finish(out, numbers, run, rank, step, epoch, final):
 
 def stopped(e, out, step, sched, last_ckpt):
     """Ctrl-C or SIGTERM during training: the Interrupted that says, in one line, how to go on."""
-    stop = rundir.interrupted(e)
+    stop = interrupts.interrupted(e)
     stop.message = (f"{stop.what} at step {step} of {sched.iters}; " + (
         f"the last checkpoint is {last_ckpt}: resume with python train.py --out_dir={out} --resume" if last_ckpt
         else f"no checkpoint was written: python train.py --out_dir={out} --resume starts it again"))
@@ -288,10 +290,10 @@ def check_replaceable(out, overwrite, config_file):
     found = rundir.check_new_run(out, overwrite)
 
     def refuse(name, what):
-        raise rundir.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
+        raise safe_io.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
     if "config.toml" in found:
         if config_file and Path(config_file).resolve() == (out / "config.toml").resolve():
-            raise rundir.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
+            raise safe_io.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
                                      f"replace it; copy it elsewhere first, or give another --out_dir")
         try:
             ours = is_run_config(read_toml(out / "config.toml"))
@@ -358,14 +360,14 @@ def main(argv=None):
     if {"-h", "--help"} & set(argv):  # the command forms, then every [model] and [train] key
         helptext.show(helptext.train_help(__doc__))
         return
-    rundir.stop_on_signals()
+    interrupts.stop_on_signals()
     try:
         show_plan(argv) if "--plan" in argv else train(argv)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, damaged or missing files, a full disk
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, whatever rank 0 was doing
-        rundir.exit_interrupted("train.py", e, " before training began: nothing was changed",
+        interrupts.exit_interrupted("train.py", e, " before training began: nothing was changed",
                                 quiet=os.environ.get("RANK", "0") != "0")
 
 

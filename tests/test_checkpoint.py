@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import rundir
+import safe_io
 import train
 from tests.conftest import refused, snapshot, tiny
 from tests.test_train import run_ddp
@@ -27,7 +28,7 @@ def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypat
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_fills)
-    with pytest.raises(rundir.RunDirError, match=r"ckpt.pt: the disk is full \(12 bytes needed, [\d,]+ free\); the previous"):
+    with pytest.raises(safe_io.RunDirError, match=r"ckpt.pt: the disk is full \(12 bytes needed, [\d,]+ free\); the previous"):
         rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert rundir.read_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
@@ -70,15 +71,15 @@ def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):
     folder.mkdir(parents=True)
     for name in ("extra.pt", ".metadata", "__0_0.distcp"):
         (folder / name).write_bytes(name.encode())
-    files = {"extra.pt": rundir.sha256_file(folder / "extra.pt")}
-    with pytest.raises(rundir.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
+    files = {"extra.pt": safe_io.sha256_file(folder / "extra.pt")}
+    with pytest.raises(safe_io.RunDirError, match=r"does not list \.metadata(.|\n)*__0_0.distcp is not listed"):
         checkpoint.verify(folder, {"step": 6, "dir": folder.name, "files": files}, 0, 1)
 
 
 def test_a_manifest_that_points_outside_its_folder_is_refused(finished, tiny_data):
     (finished / "ckpt").mkdir()
     (finished / "ckpt" / "latest.json").write_text(json.dumps({"step": 3, "dir": "../../elsewhere", "files": {}}))
-    with pytest.raises(rundir.RunDirError, match="latest.json is damaged and was not loaded"):
+    with pytest.raises(safe_io.RunDirError, match="latest.json is damaged and was not loaded"):
         train.train(tiny(tiny_data, finished) + ["--resume"])
 
 
@@ -94,5 +95,5 @@ def test_a_damaged_shard_is_named_and_not_loaded(tiny_run, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "__1_0.distcp is damaged" in r.stderr
     (tmp_path / "a" / "ckpt" / "latest.json").write_text("{not json")
-    with pytest.raises(rundir.RunDirError, match="latest.json is damaged"):
+    with pytest.raises(safe_io.RunDirError, match="latest.json is damaged"):
         train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])

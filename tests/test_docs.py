@@ -1,7 +1,8 @@
-"""Every citation resolves inside the repository: no SPEC (a file outside it) and none of its tags S1–S15;
-every (Mn) tag is an equation that docs/method.md defines, every docs/ path exists, every
+"""Every citation resolves inside the repository: nothing outside it (tests/citations.toml names the old
+specification file and its tags, which are refused); every (Mn) tag is an equation that docs/method.md defines, every docs/ path exists, every
 "docs/method.md §k" is a section of it, every relative Markdown link leads to a file. No torch."""
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -9,14 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = ROOT / "docs" / "method.md"
 
-OLD_SPEC = [  # (pattern, what is wrong with it)
-    (re.compile(r"\bSPEC\b"), "cites SPEC, a file outside the repository"),
-    (re.compile(r"\b[Tt]he spec\b"), "cites 'the spec', a file outside the repository"),
-    # S1..S15 as a whole word: not S, S=256, S+1, S16384 or M_train
-    (re.compile(r"\bS(?:1[0-5]|[1-9])\b"), "a SPEC tag: cite the (Mn) equations of docs/method.md"),
-]
-OUTSIDE = [(re.compile(r"(?:\.\./|/work/)shared/"), "a path outside the repository")]
-# the log tells how the S-tags of the old specification became the (Mn) tags: it may name them
+CITATIONS = tomllib.loads((ROOT / "tests" / "citations.toml").read_text(encoding="utf-8"))
+OUTSIDE, OLD = ([(re.compile(c["pattern"]), c["why"]) for c in CITATIONS[k]] for k in ("anywhere", "outside"))
+# the log tells how the tags of the old specification became the (Mn) tags: it may name them
 HISTORY = {"docs/log.md"}
 M_TAG = re.compile(r"\bM(\d+)\b")                              # M6, (M11), M1–M6: not M_train, 80M
 DOCS_PATH = re.compile(r"\bdocs/([\w-]+(?:\.[\w-]+)*\.\w+)")    # docs/method.md, docs/sweep-cpu.png
@@ -46,7 +42,7 @@ def problems(text, path, tags, sections):
     name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     for i, line in enumerate(text.splitlines(), 1):
         where = f"{name}:{i}"
-        for pattern, why in OUTSIDE + ([] if name in HISTORY else OLD_SPEC):
+        for pattern, why in OUTSIDE + ([] if name in HISTORY else OLD):
             for m in pattern.finditer(line):
                 out.append(f"{where}: {m.group(0)!r}: {why}")
         for m in M_TAG.finditer(line):
@@ -68,9 +64,9 @@ def problems(text, path, tags, sections):
 
 
 def cited_files():
-    """Everything that cites, but this file: its examples of bad citations are meant to fail."""
+    """Everything that cites."""
     return sorted({*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("tests/*.json"), ROOT / "README.md",
-                   *ROOT.glob("configs/*.toml"), *ROOT.glob("docs/*.md")} - {Path(__file__).resolve()})
+                   *ROOT.glob("configs/*.toml"), *ROOT.glob("docs/*.md")})
 
 
 def test_method_defines_M1_to_M15_once_each():
@@ -88,18 +84,12 @@ def test_every_citation_resolves_in_the_repository(path):
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("bad", [
-    "as in SPEC §3", "see the spec", "the balance loss (S6)", "S11 = 3·M_fwd", "SPEC S1–S6",
-    "../shared/paper_tables.json", "an equation (M16)", "docs/nothing.md", "docs/method.md §42",
-    "docs/method.md §6–42", "[gone](nowhere.md)"])
+@pytest.mark.parametrize("bad", CITATIONS["examples"]["bad"])
 def test_a_bad_citation_is_caught(bad):
     page = ROOT / "docs" / "example.md"  # not written: only its name and folder matter
     assert problems(bad, page, method_tags(), method_sections())
 
 
-@pytest.mark.parametrize("good", [
-    "S=256", "S stays the sequence length", "(S+1)/2", "M_train and M_fwd", "80M tokens",
-    "S16384", "(M11, for C)", "M1–M6", "docs/method.md §4–5", "docs/method.md section 4", "[m](method.md)",
-    "spec in specs", "https://arxiv.org/abs/2506.12119"])
+@pytest.mark.parametrize("good", CITATIONS["examples"]["good"])
 def test_a_good_citation_passes(good):
     assert not problems(good, ROOT / "docs" / "example.md", method_tags(), method_sections())

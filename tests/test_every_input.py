@@ -16,6 +16,7 @@ import evaluate
 import flops
 import sample
 import sweep
+import sweep_plan
 import train
 from config import SECTIONS
 from tests.conftest import MICRO, TINY_MODEL, micro_sweep
@@ -81,9 +82,9 @@ def test_every_train_key(sec, key, how, tiny_data, tmp_path, monkeypatch, capsys
 
 
 # ----------------------------------------------------------------------------- sweep files
-SWEEP_KEYS = [("sweep", f.name) for f in fields(sweep.Sweep)] + \
-             [("moe", k) for k in (*sweep.BACKBONE[1:], "mu", "lr_mult", "batch_mult")] + \
-             [("dense", k) for k in (*sweep.BACKBONE[1:], "lr_mult", "batch_mult")]
+SWEEP_KEYS = [("sweep", f.name) for f in fields(sweep_plan.Sweep)] + \
+             [("moe", k) for k in (*sweep_plan.BACKBONE[1:], "mu", "lr_mult", "batch_mult")] + \
+             [("dense", k) for k in (*sweep_plan.BACKBONE[1:], "lr_mult", "batch_mult")]
 
 
 @pytest.mark.parametrize("sec,key", SWEEP_KEYS, ids=[f"{s}.{k}" for s, k in SWEEP_KEYS])

@@ -20,12 +20,13 @@ import helptext
 import ladder_report
 import sample
 import sweep
+import sweep_plan
 import train
 from config import SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 # every config dataclass whose fields are keys of a file or flags: its fields must each have a line of meaning
-CLASSES = [*SECTIONS.values(), flops.Shape, sweep.Sweep, sweep.Arm]
+CLASSES = [*SECTIONS.values(), flops.Shape, sweep_plan.Sweep, sweep_plan.Arm]
 
 
 def default(f):
@@ -135,10 +136,10 @@ def run_help(main, argv, capsys):
     return out
 
 
-SWEEP_TABLES = {"sweep": keys_of(sweep.Sweep),
-                "moe": [k for k in keys_of(flops.Shape) if k.name in sweep.BACKBONE] + keys_of(sweep.Arm)[1:],
-                "dense": [k for k in keys_of(flops.Shape) if k.name in sweep.BACKBONE[1:]] + keys_of(sweep.Arm)[2:],
-                "train": [k for k in keys_of(SECTIONS["train"]) if k.name not in (*sweep.SWEEP_OWNED, "overwrite")]}
+SWEEP_TABLES = {"sweep": keys_of(sweep_plan.Sweep),
+                "moe": [k for k in keys_of(flops.Shape) if k.name in sweep_plan.BACKBONE] + keys_of(sweep_plan.Arm)[1:],
+                "dense": [k for k in keys_of(flops.Shape) if k.name in sweep_plan.BACKBONE[1:]] + keys_of(sweep_plan.Arm)[2:],
+                "train": [k for k in keys_of(SECTIONS["train"]) if k.name not in (*sweep_plan.SWEEP_OWNED, "overwrite")]}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], ["plan", "--help"], ["plan", "x.toml", "-h"], ["run", "--help"]])

@@ -156,9 +156,9 @@ def test_lr_rule_counts_a_run_that_did_not_finish_as_worst(tmp_path):
 
 
 def ladder_plan(name):
-    import sweep  # plans without torch
-    s, moe, dense, _ = sweep.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
-    return s, sweep.plan(s, moe, dense)
+    import sweep_plan  # plans without torch
+    s, moe, dense, _ = sweep_plan.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
+    return s, sweep_plan.plan(s, moe, dense)
 
 
 @pytest.mark.parametrize("name,dense_dn,reuse", [("ladder-04", 0.40, "none"), ("ladder-07", 0.70, "none"),

@@ -14,6 +14,7 @@ import pytest
 import data
 import preflight
 import rundir
+import safe_io
 import sweep
 import train
 from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
@@ -601,12 +602,12 @@ def test_a_stop_after_the_work_is_done_says_so(tiny_data, tmp_path, capsys, monk
         train.main(tiny(tiny_data, tmp_path / "r", "--sample_tokens=50"))
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and "while sampling; the run had finished" in err and sweep.status(tmp_path / "r") == "finished"
-    swap = rundir.replace_folder
+    swap = safe_io.replace_folder
 
     def swap_then_ctrl_c(new, old):
         swap(new, old)
         os.kill(os.getpid(), signal.SIGINT)  # held back until the new data is in place
-    monkeypatch.setattr(rundir, "replace_folder", swap_then_ctrl_c)
+    monkeypatch.setattr(safe_io, "replace_folder", swap_then_ctrl_c)
     (tmp_path / "t.txt").write_text(make_text(5, 500))
     with pytest.raises(SystemExit) as exit_:
         data.main(["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--workers=1"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import rundir
+import safe_io
 import train
 from tests.conftest import refused, snapshot, tiny
 
@@ -45,12 +46,12 @@ def test_atomic_writes_never_write_through_a_link(tmp_path):
     victim.write_text("keep")
     path = tmp_path / "file.json"
     (tmp_path / f".file.json.{os.getpid()}.tmp").symlink_to(victim)  # a leftover temporary name, now a link
-    rundir.write_text(path, "new")
+    safe_io.write_text(path, "new")
     assert path.read_text() == "new" and victim.read_text() == "keep" and not path.is_symlink()
     path.unlink()
     path.symlink_to(victim)
-    with pytest.raises(rundir.RunDirError, match="is a symbolic link"):
-        rundir.write_text(path, "through the link")
+    with pytest.raises(safe_io.RunDirError, match="is a symbolic link"):
+        safe_io.write_text(path, "through the link")
     assert victim.read_text() == "keep"
 
 

@@ -17,6 +17,7 @@ import bench
 import data
 import flops
 import rundir
+import sources
 import sweep
 import train
 from tests.conftest import TINY_MODEL, snapshot
@@ -257,13 +258,13 @@ def test_a_killed_sweep_takes_its_training_child_with_it(tmp_path):
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_pieces_tokenise_exactly_as_the_whole_document(tmp_path, monkeypatch, suffix):
     # documents are cut into pieces for bounded memory; the pieces encode to the tokens of the whole
-    monkeypatch.setattr(data, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 64)
     text = ("First line.\n\n\nSecond  paragraph with  spaces,\r\nand CRLF; then numbers 12345 678.\n"
             "\n  indented\tand tabbed\n" + "word " * 40 + "\n\n\n\n\nnaïve café — “quoted”\nend\n") * 3
     path = tmp_path / f"doc{suffix}"
     path.write_text(json.dumps({"text": text}) + "\n" if suffix == ".jsonl" else text, newline="")
-    pieces = list(data.read_documents(path))
+    pieces = list(sources.read_documents(path))
     assert len(pieces) > 5 and all(len(p) <= 64 for p, _ in pieces) and [e for _, e in pieces][-1]
     for name in ("byte", "cl100k_base"):
         tok = data.get_tokenizer(name)
-        assert sum((tok.encode(p) for p, _ in pieces), []) == tok.encode(data.normalise(text))
+        assert sum((tok.encode(p) for p, _ in pieces), []) == tok.encode(sources.normalise(text))

@@ -10,6 +10,7 @@ import pytest
 import flops
 import schedule
 import sweep
+import sweep_plan
 import sweep_report
 from config import GPTConfig, TrainConfig, load_config
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro
@@ -19,7 +20,7 @@ ROWS = json.loads((Path(__file__).parent / "paper_tables.json").read_text())["ro
 
 
 def plan_of(name):
-    return sweep.planned(ROOT / "configs" / f"sweep-{name}.toml")[1]
+    return sweep_plan.planned(ROOT / "configs" / f"sweep-{name}.toml")[1]
 
 
 @pytest.mark.parametrize("name,tables,dense_rows", [("2b", (10,), (1, 2)), ("7b", (12,), (5, 6))])
@@ -49,8 +50,8 @@ def test_7b_strict_reuse_is_on_68b_unique_tokens():
 
 @pytest.mark.parametrize("name", ["toy", "gpu", "2b", "7b"])
 def test_plan_invariants(name):
-    s, moe_arm, dense_arm, _ = sweep.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
-    runs = sweep.plan(s, moe_arm, dense_arm)
+    s, moe_arm, dense_arm, _ = sweep_plan.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
+    runs = sweep_plan.plan(s, moe_arm, dense_arm)
     ref = runs[0]
     W = round(moe_arm.mu * moe_arm.shape.Dm)
     assert [r.name for r in runs[:2]] == ["dense-C", "dense-2C"] and runs[1].C == pytest.approx(s.dense_2C * ref.C, rel=0.01)
@@ -65,7 +66,7 @@ def test_plan_invariants(name):
             assert r.unique_tokens == ref.unique_tokens and r.epochs == pytest.approx(r.D / ref.D, rel=1e-3)
         if r.reuse == "loose":
             assert r.epochs == pytest.approx(2.0, rel=1e-3)
-    assert sweep.check_equal(runs, 0.01) == []
+    assert sweep_plan.check_equal(runs, 0.01) == []
 
 
 def write(tmp_path, text, name="s.toml"):
@@ -84,26 +85,26 @@ def write(tmp_path, text, name="s.toml"):
 ])
 def test_unreachable_plans_are_refused_with_the_numbers(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
-        sweep.planned(micro(tmp_path, **kw))
+        sweep_plan.planned(micro(tmp_path, **kw))
 
 
 def test_two_targets_of_one_shape_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"sweep.ra = \[0.41, 0.413\]: two entries give the same MoE \(moe-ra41.3"):
-        sweep.planned(micro(tmp_path, ra="[0.41, 0.413]"))
+        sweep_plan.planned(micro(tmp_path, ra="[0.41, 0.413]"))
 
 
 def test_k_beyond_the_total_width_is_refused(tmp_path):
     text = MICRO.format(data="x", compute="2e9", ra="[0.4]", reuse='["none"]', dense_Dm=48)
     path = write(tmp_path, text.replace("ra = [0.4]", "K = [3, 30]\nDe = 8"))
     with pytest.raises(ValueError, match=r"K=30 is out of reach: K·De = 240 of a total width 384 leaves E=18"):
-        sweep.planned(path)
+        sweep_plan.planned(path)
 
 
 def test_unequal_plans_need_allow_unequal(tmp_path):
     path = micro(tmp_path, compute="2e7")
     with pytest.raises(ValueError, match="breaks equal resources"):
-        sweep.planned(path)
-    _, runs, _ = sweep.planned(path, allow_unequal=True)
+        sweep_plan.planned(path)
+    _, runs, _ = sweep_plan.planned(path, allow_unequal=True)
     assert len(runs) == 4
 
 
@@ -133,19 +134,19 @@ def test_unequal_plans_need_allow_unequal(tmp_path):
 def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
     path = write(tmp_path, edit(micro(tmp_path).read_text()), "bad.toml")
     with pytest.raises(ValueError, match=message):
-        sweep.load_sweep(path)
+        sweep_plan.load_sweep(path)
     with pytest.raises(ValueError, match="no such file|No such file"):
-        sweep.load_sweep(tmp_path / "missing.toml")
+        sweep_plan.load_sweep(tmp_path / "missing.toml")
 
 
 @pytest.mark.slow
 def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_data):
     path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]')
-    s, runs, train_over = sweep.planned(path)
+    s, runs, train_over = sweep_plan.planned(path)
     out = tmp_path / "out"
     # an interrupted run: the first MoE run stopped after 3 steps, as a killed job leaves it (with a checkpoint)
     victim = runs[2]
-    cmd = [sys.executable, str(ROOT / "train.py"), *sweep.train_args(victim, s, train_over, out / victim.name), "--stop_at=3"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *sweep_plan.train_args(victim, s, train_over, out / victim.name), "--stop_at=3"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     assert sweep.status(out / victim.name) == "resumable"
     sweep.run_sweep(path, out)
@@ -172,27 +173,27 @@ def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_
 def test_seeds_warmup_and_reuse_at_shape_the_plan(tmp_path):
     path = micro(tmp_path, reuse='["none", "strict", "loose"]', extra="seeds = [7, 8, 9]\nwarmup_frac = 0.1\n"
                  "reuse_at = [0.413]\n")
-    s, runs, train_over = sweep.planned(path)
+    s, runs, train_over = sweep_plan.planned(path)
     arms = [r.arm for r in runs if r.seed == 7]
     assert arms == ["dense-C", "dense-2C", "moe-ra41.3-E45-K3-De8", "moe-ra41.3-E45-K3-De8-strict",
                     "moe-ra41.3-E45-K3-De8-loose", "moe-ra49.6-E42-K6-De8"]  # reuse at 41.3 % only
     assert [r.name for r in runs] == [f"{a}-s{seed}" for seed in (7, 8, 9) for a in arms]  # seed by seed
     for r in runs:
-        args = sweep.train_args(r, s, train_over, tmp_path / r.name)
+        args = sweep_plan.train_args(r, s, train_over, tmp_path / r.name)
         assert f"--seed={r.seed}" in args and f"--warmup={r.warmup}" in args
         assert r.warmup == max(1, round(0.1 * r.iters))  # the same share for every arm
     same_arm = [r for r in runs if r.arm == "dense-C"]
     assert len({(r.iters, r.batch_seqs, r.lr, r.D, r.unique_tokens) for r in same_arm}) == 1  # only the seed differs
-    paper = sweep.planned(micro(tmp_path))[1]
+    paper = sweep_plan.planned(micro(tmp_path))[1]
     assert all(r.warmup == flops.warmup_iters(r.iters) and r.seed is None and r.name == r.arm for r in paper)
-    assert not any(a.startswith("--seed") for a in sweep.train_args(paper[0], s, train_over, tmp_path))
-    s0, zero, over0 = sweep.planned(micro(tmp_path, extra="seeds = [0, 1]\n"))
-    assert [a for a in sweep.train_args(zero[0], s0, over0, tmp_path) if a.startswith("--seed")] == ["--seed=0"]
+    assert not any(a.startswith("--seed") for a in sweep_plan.train_args(paper[0], s, train_over, tmp_path))
+    s0, zero, over0 = sweep_plan.planned(micro(tmp_path, extra="seeds = [0, 1]\n"))
+    assert [a for a in sweep_plan.train_args(zero[0], s0, over0, tmp_path) if a.startswith("--seed")] == ["--seed=0"]
 
 
 def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_path, tiny_data, monkeypatch):
     path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]', extra='seeds = [1, 2]\nreuse_at = ["best"]\n')
-    s, runs, _ = sweep.planned(path, out=tmp_path / "out")
+    s, runs, _ = sweep_plan.planned(path, out=tmp_path / "out")
     assert [r.reuse for r in runs] == ["none"] * 8  # not yet known
     bpc = {"moe-ra41.3-E45-K3-De8": [2.0, 2.2], "moe-ra49.6-E42-K6-De8": [2.05, 2.06]}  # means 2.10 and 2.055
 
@@ -230,7 +231,7 @@ def test_report_gives_mean_and_sd_over_seeds(tmp_path):
 
 
 def test_report_draws_every_runs_bpc_against_tokens_and_flops(tmp_path, tiny_data):
-    s, runs, over = sweep.planned(micro(tmp_path, tiny_data, extra="seeds = [1, 2]\n"))
+    s, runs, over = sweep_plan.planned(micro(tmp_path, tiny_data, extra="seeds = [1, 2]\n"))
     out = tmp_path / "out"
     for i, r in enumerate(runs):
         (out / r.name).mkdir(parents=True)
@@ -250,7 +251,7 @@ def test_report_draws_every_runs_bpc_against_tokens_and_flops(tmp_path, tiny_dat
 
 def test_emit_slurm_writes_an_array_job(tmp_path):
     path = micro(tmp_path)
-    script = sweep.emit_slurm(path, tmp_path / "my out", 4, sweep.planned(path)[1])
+    script = sweep.emit_slurm(path, tmp_path / "my out", 4, sweep_plan.planned(path)[1])
     text = script.read_text()
     assert "#SBATCH --array=0-3" in text and "#SBATCH --gpus-per-node=4" in text
     assert "--only=$SLURM_ARRAY_TASK_ID" in text and "--nproc=4" in text
@@ -273,8 +274,8 @@ def test_cli_plan_json_and_errors(tmp_path):
 
 def test_plans_for_several_ranks_run_as_planned():
     # the batch is a whole number of micro-batches, which split over the ranks: train.py runs the plan's D
-    _, runs, over = sweep.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
-    assert over["micro_batch"] == 16 and all(r.batch_seqs % 16 == 0 for r in runs) and sweep.check_equal(runs, 0.01) == []
+    _, runs, over = sweep_plan.planned(ROOT / "configs" / "sweep-2b.toml", world=8)
+    assert over["micro_batch"] == 16 and all(r.batch_seqs % 16 == 0 for r in runs) and sweep_plan.check_equal(runs, 0.01) == []
     for r in runs[:3]:
         shape = GPTConfig(**r.shape, vocab_size=65536)
         tcfg = TrainConfig(iters=r.iters, batch_seqs=r.batch_seqs, micro_batch=16, lr=r.lr, tokens=0.0)
@@ -286,9 +287,9 @@ def test_toy_sweep_runs_execute_the_planned_C_to_the_last_token(tmp_path, nproc,
     # every run's arguments, read back by train.py as it reads them, give exactly the planned D and C
     path = tmp_path / "s.toml"
     path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + (f"micro_batch = {micro}\n" if micro else ""))
-    sw, runs, over = sweep.planned(path, world=nproc)
+    sw, runs, over = sweep_plan.planned(path, world=nproc)
     for r in runs:
-        mvals, tcfg, _, _ = load_config(sweep.train_args(r, sw, over, tmp_path / r.name))
+        mvals, tcfg, _, _ = load_config(sweep_plan.train_args(r, sw, over, tmp_path / r.name))
         sched = schedule.for_training(GPTConfig(**mvals, vocab_size=256), tcfg, world=nproc)
         assert (sched.D, sched.C, sched.batch_seqs, sched.iters) == (r.D, r.C, r.batch_seqs, r.iters)
         assert sched.micro_batch == (micro or r.batch_seqs)
@@ -298,12 +299,12 @@ def test_micro_batch_that_ranks_cannot_split_is_refused_at_plan_time(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text((ROOT / "configs" / "sweep-toy.toml").read_text() + "micro_batch = 3\n")
     with pytest.raises(ValueError, match="micro_batch=3 cannot be split evenly over 2 ranks"):
-        sweep.planned(path, world=2)
+        sweep_plan.planned(path, world=2)
 
 
 def test_planning_a_sweep_loads_no_torch():
     """schedule.py and preflight.py plan and check every run without torch: `sweep.py plan` is instant."""
-    code = ("import sys, sweep; _, runs, _ = sweep.planned('configs/sweep-cpu.toml'); "
+    code = ("import sys, sweep, sweep_plan; _, runs, _ = sweep_plan.planned('configs/sweep-cpu.toml'); "
             "assert runs and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

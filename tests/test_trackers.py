@@ -7,7 +7,7 @@ import json
 import pytest
 
 import rundir
-import sweep
+import sweep_plan
 import train
 import trackers
 from tests.conftest import refused, tiny
@@ -181,10 +181,10 @@ def test_sweep_runs_are_named_by_arm_and_seed_and_grouped_by_the_sweep(tmp_path)
     from tests.conftest import MICRO
     path.write_text(MICRO.format(data=tmp_path / "d", compute="2e9", ra="[0.413]", reuse='["none"]', dense_Dm=48)
                     .replace("[sweep]\n", "[sweep]\nseeds = [1, 2]\n"))
-    s, runs, over = sweep.planned(path)
+    s, runs, over = sweep_plan.planned(path)
     for r in runs:
-        args = sweep.train_args(r, s, over, tmp_path / "runs" / "my-sweep" / r.name)
+        args = sweep_plan.train_args(r, s, over, tmp_path / "runs" / "my-sweep" / r.name)
         assert f"--wandb_run_name={r.name}" in args and "--wandb_group=my-sweep" in args and r.name.endswith(f"-s{r.seed}")
     path.write_text(path.read_text().replace("[train]\n", "[train]\nwandb_group = \"mine\"\n"))
     with pytest.raises(ValueError, match="train.wandb_group is set by the sweep for every run"):
-        sweep.planned(path)
+        sweep_plan.planned(path)

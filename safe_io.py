@@ -1,0 +1,181 @@
+"""Files read and written so that nothing is lost: opened without following links (a link or a FIFO in
+a run's place is refused, named), read as plain files only, written atomically (a temporary file of
+this process, flushed, synced and renamed: a kill leaves the old file or the new one, never half of one),
+folders swapped in one step, and a full disk reported with the bytes needed and free.
+"""
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tomllib
+from pathlib import Path
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: exit code 2, with the file named."""
+
+
+# ----------------------------------------------------------------------------- opening without links
+def open_nofollow(path, flags, mode=0o644):
+    """os.open that never goes through a symbolic link at path: a link there is refused, named."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or Path(path).is_symlink():
+            raise link_refused(path) from None
+        raise
+
+
+def link_refused(path):
+    return RunDirError(f"{path} is a symbolic link: a run's files are never opened through a link (it could "
+                       f"point anywhere); remove the link")
+
+
+def own_file_problem(st):
+    """Why a file (its stat) is not one a run may write in place, or None: a FIFO or a device, or a file with
+    other hard links, whose other names would change with it (a symbolic link is refused on opening)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a plain file"
+    if st.st_nlink > 1:
+        return f"a file with {st.st_nlink - 1} other hard link(s)"
+    return None
+
+
+def refuse_link(path):
+    if Path(path).is_symlink():
+        raise link_refused(path)
+
+
+def open_plain(path, follow=False):
+    """A plain file opened for reading: never a FIFO or a device (which could block forever), and never
+    through a link unless follow (a user's input may be one; a run's files never are)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags) if follow else open_nofollow(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a plain file")
+    return os.fdopen(fd, "rb")
+
+
+def sha256_file(path, follow=False):
+    """A file's sha256, read as a plain file (open_plain), in 16 MB blocks."""
+    h = hashlib.sha256()
+    with open_plain(path, follow) as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_problem(path):
+    """Why path cannot be (or become) a folder, or None: a file, a link to nothing, a file on the way."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return "a link to nothing"
+    if path.exists() and not path.is_dir():
+        return "a file"
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            return f"inside {parent}, which is a file"
+    return None
+
+
+def read_bytes(path, follow=False):
+    """A plain file's bytes (open_plain)."""
+    with open_plain(path, follow) as f:
+        return f.read()
+
+
+def load_toml(path):
+    """A TOML file as a dict; a missing, unreadable or malformed file is named in one ValueError."""
+    try:
+        return tomllib.loads(read_bytes(path, follow=True).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and RunDirError are ValueErrors
+        raise ValueError(e if str(path) in str(e) else f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write(path, write, needed=0):
+    """write(f) into a temporary file beside path, then flush, fsync and rename it over path. With the
+    disk full (or fewer than `needed` bytes free), nothing is left behind and path is untouched. Neither
+    path nor the temporary file is ever a symbolic link that the write would go through."""
+    path = Path(path)
+    refuse_link(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
+    free = shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise disk_full(path, needed, free)
+    try:
+        tmp.unlink(missing_ok=True)  # a leftover of a dead process with this pid (a link is removed, not followed)
+        with os.fdopen(open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, needed or None, shutil.disk_usage(path.parent).free) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a power cut only once the folder is synced
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_folder(new, old):
+    """Put the folder new in old's place (old may not exist), then delete what old held. On Linux the two
+    are exchanged in one step (renameat2 RENAME_EXCHANGE), so a kill at any point leaves one whole folder
+    at old; elsewhere old is renamed aside first and deleted once new is in place."""
+    new, old = Path(new), Path(old)
+    refuse_link(old)
+    if not old.exists():
+        os.rename(new, old)
+        return
+    if _exchange(new, old):
+        shutil.rmtree(new)  # it holds the old contents now
+        return
+    aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    shutil.rmtree(aside)
+
+
+def _exchange(a, b):
+    """Swap two paths atomically with renameat2(RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def check_replaceable(path, ours, what):
+    """An output file is written over only when it is one of ours (ours(bytes)); anything else of that name
+    is named and kept (a typo in --json must not replace a run's summary)."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        try:
+            mine = ours(read_bytes(path))
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):  # unreadable, or no such content
+            mine = False
+        if not mine:
+            raise RunDirError(f"{path} exists and is not {what}: it is kept; move it away, or write elsewhere")
+
+
+def disk_full(path, needed, free):
+    need = f"{needed:,} bytes needed" if needed else "more bytes needed"
+    return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); the previous {path.name} is untouched")
+
+
+def write_text(path, text):
+    data = text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data), len(data))
