@@ -6,13 +6,20 @@ and the hardware.
     python bench.py attention   # ALiBi through FlexAttention vs SDPA with a bias vs causal flash (fwd + bwd)
     python bench.py step        # whole training steps: an MoE and a dense model of the same N
     python bench.py profile     # where the time of a training step goes, by kernel
+    python bench.py nanogpt     # the dense twin against a nanoGPT-style GPT of its shape, per FLOP, and the MoE
+    python bench.py versions ../before .  # whole train.py processes of two checkouts, interleaved
+    python bench.py parts       # where the time of a CPU training run goes, by part (attention, router, …, save)
 
 The machines are noisy: every benchmark interleaves the things it compares, round after round, and
 reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
 """
 import argparse
+import contextlib
+import functools
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,17 +37,22 @@ if __name__ == "__main__":
     interrupts.quit_while_starting("bench.py")
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import config
+import data
 import flops
 import logbook
 import parallel
 import preflight
 import safe_io
+import schedule
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
-from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
+import model as model_module
+from model import (GPT, Attention, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
 
 from parallel import device_name
@@ -352,6 +364,301 @@ def bench_profile(a):
             "kinds": {k: v / total for k, v in kinds.items()}, "top": [[n, us / total] for n, us in top]}
 
 
+# ----------------------------------------------------------------------------- nanoGPT-style reference
+class ReferenceBlock(nn.Module):
+    """nanoGPT's block (Karpathy's model.py, written again here): pre-LayerNorm, one qkv matrix, causal
+    SDPA, a GELU MLP; no biases."""
+    def __init__(self, Dm, H, Dh, hidden):
+        super().__init__()
+        self.H, self.Dh = H, Dh
+        self.ln1, self.ln2 = nn.LayerNorm(Dm, bias=False), nn.LayerNorm(Dm, bias=False)
+        self.qkv, self.proj = nn.Linear(Dm, 3 * H * Dh, bias=False), nn.Linear(H * Dh, Dm, bias=False)
+        self.fc, self.fc_proj = nn.Linear(Dm, hidden, bias=False), nn.Linear(hidden, Dm, bias=False)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = (t.view(B, T, self.H, self.Dh).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(self.H * self.Dh, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.Dh))
+        return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
+
+
+class ReferenceGPT(nn.Module):
+    """A plain nanoGPT-style GPT at a dense Shape: learned positions, LayerNorm, causal SDPA without ALiBi,
+    and a GELU MLP of width 1.5·Dffn, which has the matmul parameters and FLOPs of the SwiGLU of width
+    Dffn; the LM head as the model's (tied or not). Its executed FLOPs per token are those of the dense
+    model of the same Shape (flops.M_exec): the same matrices, the same LM head, causal attention."""
+    def __init__(self, shape, vocab_size, tie_embeddings=False):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, shape.Dm), nn.Embedding(shape.S, shape.Dm)
+        self.blocks = nn.ModuleList(ReferenceBlock(shape.Dm, shape.H, shape.Dh, 3 * shape.Dffn // 2) for _ in range(shape.L))
+        self.ln_f = nn.LayerNorm(shape.Dm, bias=False)
+        self.lm_head = nn.Linear(shape.Dm, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def matmul_params(self):
+        """The blocks' matrices: what flops.count calls N for a dense model."""
+        return sum(m.weight.numel() for b in self.blocks for m in b.modules() if isinstance(m, nn.Linear))
+
+    def forward(self, idx_BT, targets_BT):
+        x = self.wte(idx_BT) + self.wpe(torch.arange(idx_BT.shape[1], device=idx_BT.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1)), {}
+
+
+def bench_nanogpt(a):
+    """Training steps (forward, backward, clipping, AdamW) of three models, interleaved round after round on
+    the same batches: the nanoGPT-style reference at the dense twin's Shape, the dense twin (ours) and
+    the MoE (the CPU toy or --moe), all of the same N. Compared per executed FLOP (flops.M_exec)."""
+    device = torch.device(a.device)
+    moe = load_shape(a.moe, "--moe") if a.moe else flops.Shape()
+    twin = flops.dense_shape(flops.count(moe).N, L=moe.L, S=moe.S, Dh=moe.Dh)
+    try:
+        meta = data.load_meta(a.data)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--data={a.data}: {e}") from None
+    V = config.padded_vocab(meta["vocab_size"])
+    torch.manual_seed(0)
+    models = {"nanoGPT-style": ReferenceGPT(twin, V), "dense twin": GPT(GPTConfig(**asdict(twin), vocab_size=V)),
+              "MoE": GPT(GPTConfig(**asdict(moe), vocab_size=V))}
+    if models["nanoGPT-style"].matmul_params() != flops.count(twin).Na:
+        raise RuntimeError("the reference's matrices differ from the dense twin's: the FLOP comparison would be unfair")
+    shapes = {"nanoGPT-style": twin, "dense twin": twin, "MoE": moe}
+    loader = data.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
+    batches = [tuple(torch.from_numpy(t).to(device) for t in loader.next_step(a.batch_seqs, 1, 0, 1)[0]) for _ in range(4)]
+
+    def stepper(model):
+        model.to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        turn = [0]
+
+        def step():
+            x, y = batches[turn[0] % len(batches)]
+            turn[0] += 1
+            model(x, y)[1].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    t = interleaved({name: stepper(m) for name, m in models.items()}, a.rounds, device, a.warmup)
+    tokens = a.batch_seqs * moe.S
+    print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 eager threads={torch.get_num_threads()} "
+          f"batch={a.batch_seqs}x{moe.S} warmup={a.warmup} rounds={a.rounds}; M_exec = FLOPs executed per token")
+    print(f"  {'model':15}{'N':>12}{'r_a':>7}{'M_exec':>10}{'ms/step':>10}{'tok/s':>9}{'GFLOP/s':>9}")
+    out = {"device": device_name(device), "threads": torch.get_num_threads(), "batch_seqs": a.batch_seqs,
+           "rounds": a.rounds, "models": {}}
+    for name, shape in shapes.items():
+        c, M, ms = flops.count(shape), flops.M_exec(shape, V), 1e3 * statistics.median(t[name])
+        out["models"][name] = {"shape": asdict(shape), "N": c.N, "M_exec": M, "ms_per_step": ms,
+                               "tokens_per_s": tokens / ms * 1e3, "flop_s": M * tokens / ms * 1e3}
+        print(f"  {name:15}{c.N:>12,}{100 * c.ra:>6.1f}%{M:>10.3g}{ms:>10.1f}{tokens / ms * 1e3:>9,.0f}{M * tokens / ms / 1e6:>9.2f}")
+    ratio = {  # the two dense models execute the same FLOPs per token: their FLOP/s ratio is that of their speeds
+        "dense twin / nanoGPT-style, FLOP/s": statistics.median(r / d for r, d in zip(t["nanoGPT-style"], t["dense twin"])),
+        "MoE / dense twin, tokens/s": statistics.median(d / m for d, m in zip(t["dense twin"], t["MoE"]))}
+    for k, v in ratio.items():
+        print(f"  {k}: {v:.3f} (median of per-round ratios)")
+    return {**out, "ratios": ratio}
+
+
+# ----------------------------------------------------------------------------- versions
+def bench_versions(a):
+    """Whole `python train.py` processes of two or more checkouts (folders of this repository at other
+    commits: `git worktree add`), one after the other, round after round, on the same data and arguments.
+    Wall time per process, start-up, evaluations, saves and the sample included."""
+    dirs = [Path(d).resolve() for d in a.checkouts]
+    for d in dirs:
+        if not (d / "train.py").is_file():
+            raise ValueError(f"{d}: no train.py: expected a checkout of this repository")
+    args = ([str(Path(a.config).resolve())] if a.config else []) + [
+        f"--iters={a.iters}", f"--batch_seqs={a.batch_seqs}", f"--eval_tokens={a.eval_tokens}", f"--data={Path(a.data).resolve()}"]
+    walls = {d: [] for d in dirs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.warmup + a.rounds):
+            for i, d in enumerate(dirs):
+                t = time.perf_counter()
+                done = subprocess.run([sys.executable, "train.py", *args, f"--out_dir={tmp}/{i}-{r}"], cwd=d,
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if done.returncode:
+                    raise RuntimeError(f"train.py {' '.join(args)} in {d} failed (exit {done.returncode}): "
+                                       f"{done.stderr.strip()[-500:]}")
+                if r >= a.warmup:
+                    walls[d].append(time.perf_counter() - t)
+    last = dirs[-1]
+    print(f"train.py, whole processes  threads={os.environ.get('OMP_NUM_THREADS', 'default')} "
+          f"args: {' '.join(args)}; {a.rounds} rounds after {a.warmup}")
+    out = {"args": args, "rounds": a.rounds, "checkouts": {}}
+    for d in dirs:
+        ratio = statistics.median(x / y for x, y in zip(walls[d], walls[last]))
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=d, capture_output=True,
+                               text=True).stdout.strip()
+        label = f"{commit}{' + changes' if dirty else ''}"
+        out["checkouts"][str(d)] = {"commit": label, "walls_s": walls[d], "median_s": statistics.median(walls[d]),
+                                    f"over {last.name}": ratio}
+        print(f"  {str(d):40} {label:22} median {statistics.median(walls[d]):7.2f} s   over {last.name}: {ratio:.3f} "
+              f"(median of per-round ratios; rounds {', '.join(f'{w:.1f}' for w in walls[d])})")
+    return out
+
+
+# ----------------------------------------------------------------------------- parts
+# Where the time of a training run goes, by part of the model and of the loop. train.py itself runs with
+# each part's function wrapped: a wall-clock timer for every part, and a record_function scope that
+# torch.profiler sees while it records a window of steps. A backward op belongs to the part whose
+# forward op made its autograd node (the profiler's sequence numbers link the two).
+PART = "part: "
+STEP = "step (embedding, norms, residual, backward engine)"  # the step's rest: the parts below nest inside
+IN_STEP = ("attention", "ALiBi bias", "router", "routed experts", "SwiGLU FFNs", "LM head and loss", "optimizer", STEP)
+SCOPES = [  # (where the function lives, its name, its part)
+    (model_module, "alibi_bias", "ALiBi bias"), (Attention, "forward", "attention"),
+    (MoE, "route", "router"), (MoE, "aux", "router"), (model_module, "routed_experts", "routed experts"),
+    (SwiGLU, "forward", "SwiGLU FFNs"), (GPT, "head", "LM head and loss"), (parallel, "clip_grad_norm", "optimizer"),
+    (train, "train_step", STEP), (data.Loader, "next_step", "loader"), (logbook.Logbook, "add", "logging"),
+    (logbook.Logbook, "train_record", "logging"), (logbook.Logbook, "eval_record", "logging"),
+    (train, "evaluate_splits", "evaluation"), (checkpoint, "save", "checkpoint save"), (train, "show_sample", "sample")]
+PER_CALL = ("evaluation", "checkpoint save", "sample")
+
+
+@contextlib.contextmanager
+def part_scopes(window=None):
+    """Every function of SCOPES wrapped for the duration, then put back. Yields {part: [seconds of each
+    outermost call]}. window = (profiler, first, last): the profiler records steps first..last (1-based)."""
+    walls, depth, steps = {}, {}, [0]
+
+    def wrap(part, fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if part == STEP:
+                steps[0] += 1
+                if window and steps[0] == window[1]:
+                    window[0].start()
+            depth[part] = depth.get(part, 0) + 1
+            t = time.perf_counter()
+            try:
+                with torch.profiler.record_function(PART + part):
+                    return fn(*args, **kwargs)
+            finally:
+                depth[part] -= 1
+                if not depth[part]:  # a part inside itself (Logbook's records) is timed once
+                    walls.setdefault(part, []).append(time.perf_counter() - t)
+                if part == STEP and window and steps[0] == window[2]:
+                    window[0].stop()
+        return run
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in SCOPES]
+    try:
+        for owner, name, part in SCOPES:
+            setattr(owner, name, wrap(part, owner.__dict__[name]))
+        yield walls
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def owners(events):
+    """{event id: part}: each event to the innermost part scope around it, a backward op to the part of the
+    forward op with its sequence number, the optimizer's own scopes to "optimizer"; None outside them all."""
+    seq_part, owner = {}, {}
+
+    def part_of(e):
+        chain = []
+        while e is not None and e.id not in owner:
+            chain.append(e)
+            if e.name.startswith(PART):
+                owner[e.id] = e.name[len(PART):]
+            elif e.name.startswith(("Optimizer.step#", "Optimizer.zero_grad#")):
+                owner[e.id] = "optimizer"
+            elif e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seq_part:
+                owner[e.id] = seq_part[e.sequence_nr]
+            else:
+                e = e.cpu_parent
+                continue
+            break
+        found = owner.get(e.id) if e is not None else None
+        for c in chain:
+            owner.setdefault(c.id, found)
+        return found
+    events = sorted(events, key=lambda e: e.time_range.start)  # forward ops before their backward
+    for e in events:
+        if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine") and part_of(e) in IN_STEP:
+            seq_part.setdefault(e.sequence_nr, part_of(e))
+    return {e.id: part_of(e) for e in events}
+
+
+def attribute(events):
+    """{part: self CPU µs} over the events (owners says which part each is in)."""
+    owner, parts = owners(events), {}
+    for e in events:
+        part = owner[e.id] or "outside the parts"
+        parts[part] = parts.get(part, 0.0) + e.self_cpu_time_total
+    return parts
+
+
+def whole_run(argv):
+    """(schedule, evaluations, checkpoints, log lines) of the whole run that argv configures (train.due)."""
+    mvals, tcfg, _, _ = config.load_config(argv)
+    vocab = mvals.get("vocab_size") or preflight.planned_vocab(tcfg.data)
+    sched = schedule.for_training(GPTConfig(**{**mvals, "vocab_size": vocab}), tcfg, 1)
+    due = [train.due(step, sched.iters, sched.iters, tcfg) for step in range(1, sched.iters + 1)]
+    return sched, sum(d[1] for d in due), sum(d[2] for d in due), sum(d[0] for d in due)
+
+
+def bench_parts(a):
+    """A short train.py run of the CPU toy (or the config given; --dense_twin: its dense twin at equal N),
+    timed by part, then the same run with its steps after the warm-up profiled by part. Projected onto
+    the whole run the same config makes: the steps, its evaluations, saves and log lines, the sample."""
+    if a.warmup >= a.steps:
+        raise ValueError(f"--warmup={a.warmup}: expected fewer steps than --steps={a.steps}, so that some are timed")
+    base = load_shape(a.config) if a.config else flops.Shape()
+    shape = flops.dense_shape(flops.count(base).N, L=base.L, S=base.S, Dh=base.Dh) if a.dense_twin else base
+    whole = model_args(shape) + [f"--data={a.data}", f"--device={a.device}"]
+    sched, evals, saves, logs = whole_run(whole)
+    short = whole + [f"--iters={a.steps}", f"--warmup={a.steps}", f"--eval_interval={a.steps}",
+                     f"--ckpt_interval={a.steps}", f"--batch_seqs={sched.batch_seqs}",
+                     f"--micro_batch={sched.micro(1)}"]  # the whole run's steps; evaluated and saved once, at the end
+    mvals, tcfg, given, _ = config.load_config(short)
+    preflight.check_run(mvals, tcfg, given, False, 1, torch.device(a.device))
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with tempfile.TemporaryDirectory() as tmp:
+        with part_scopes() as walls:
+            t = time.perf_counter()
+            train.train(short + [f"--out_dir={tmp}/timed"])
+            run_s = time.perf_counter() - t
+        with part_scopes((prof, a.warmup + 1, a.steps)) as walls_profiled:
+            train.train(short + [f"--out_dir={tmp}/profiled"])
+    n = a.steps - a.warmup
+    ms = {p: 1e3 * sum(w[a.warmup:]) / n for p, w in walls.items() if p not in PER_CALL}  # per step, after warm-up
+    step_ms = ms.pop(STEP)
+    profiled_ms = 1e3 * sum(walls_profiled[STEP][a.warmup:]) / n
+    inside = {p: us / 1e3 / n for p, us in attribute(prof.events()).items() if p in IN_STEP}
+    iters = sched.iters
+    calls = {"evaluation": evals, "checkpoint save": saves, "sample": 1 if tcfg.sample_tokens else 0}
+    per_call = {p: statistics.median(walls[p]) for p in PER_CALL if p in walls}
+    rows = [(p, inside[p] * step_ms / profiled_ms, iters) for p in IN_STEP if p in inside]
+    rows += [(p, ms[p], iters) for p in ("loader", "logging") if p in ms]
+    rows += [(p, 1e3 * per_call[p], calls[p]) for p in PER_CALL if p in per_call and calls[p]]
+    startup = run_s - sum(sum(walls[p]) for p in (STEP, "loader", "logging") + PER_CALL if p in walls)
+    rows.append(("start-up (data, model, checks, run directory) and the rest", 1e3 * startup, 1))
+    total = sum(m * c for _, m, c in rows)
+    c = flops.count(shape)
+    print(f"parts  {a.config or 'the CPU toy'}{' (its dense twin)' if a.dense_twin else ''}: {shape.scheme}, N={c.N:,}, "
+          f"r_a={100 * c.ra:.1f}%, {device_name(torch.device(a.device))}, threads={torch.get_num_threads()}, "
+          f"eager; a {a.steps}-step run, its last {n} steps timed and profiled")
+    print(f"  a step: {step_ms:.1f} ms ({profiled_ms:.1f} ms under the profiler; its parts below are its shares of the "
+          f"profiled step, scaled to the unprofiled one). The whole run of this config ({iters} steps, {evals} "
+          f"evaluations, {saves} saves, {logs} log lines), projected: {total / 1e3:.1f} s")
+    print(f"  {'part':58}{'ms per call':>12}{'calls':>7}{'s in run':>10}{'share':>8}")
+    for part, m, k in rows:
+        print(f"  {part:58}{m:>12.3f}{k:>7}{m * k / 1e3:>10.2f}{100 * m * k / total:>7.1f}%")
+    return {"config": a.config, "dense_twin": a.dense_twin, "shape": asdict(shape), "threads": torch.get_num_threads(),
+            "steps": a.steps, "step_ms": step_ms, "profiled_step_ms": profiled_ms, "run_s": total / 1e3,
+            "parts": {p: {"ms_per_call": m, "calls": k, "share": m * k / total} for p, m, k in rows}}
+
+
 def at_least(low, high=2**20):
     """An argparse type: an integer in low..high, named in the error."""
     def parse(raw):
@@ -415,7 +722,6 @@ def parser():
     t.add_argument("--iters", type=at_least(2, 10**6), default=60)
     t.add_argument("--micro_batch", type=at_least(0), default=0)
     t.add_argument("--log_interval", type=at_least(1), default=10)
-    t.add_argument("--data", default="data/shakespeare-byte")
     t.add_argument("--peak_flops", type=float, default=0.0,  # checked by train.py's config
                    help="per-device peak for MFU (default: datasheet on GPU, a measured matmul on CPU)")
     pr = sub.add_parser("profile", allow_abbrev=False, help="GPU time of training steps by kernel kind")
@@ -423,11 +729,30 @@ def parser():
     pr.add_argument("--vocab_size", type=at_least(1, 2**32), default=256)
     pr.add_argument("--steps", type=at_least(1, 10**4), default=3, help="profiled steps")
     pr.add_argument("--top", type=at_least(1, 10**4), default=12, help="kernels listed")
-    for q in (t, pr):
-        q.add_argument("--batch_seqs", type=at_least(1), default=16)
-    for q in (g, e, at, t, pr):
+    ng = sub.add_parser("nanogpt", allow_abbrev=False, help="the dense twin against a nanoGPT-style GPT, and the MoE")
+    ng.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
+    ve = sub.add_parser("versions", allow_abbrev=False, help="whole train.py processes of checkouts, interleaved")
+    ve.add_argument("checkouts", nargs="+", help="folders of this repository (git worktree add); ratios over the last")
+    ve.add_argument("--config", help="a train.py config file (default: none, the CPU toy)")
+    ve.add_argument("--iters", type=at_least(1, 10**6), default=120)
+    ve.add_argument("--batch_seqs", type=at_least(1), default=10, help="the CPU toy's own batch")
+    ve.add_argument("--eval_tokens", type=at_least(0, 2**40), default=65536, help="train.py's own default")
+    ve.add_argument("--rounds", type=at_least(1, 10**4), default=4)
+    ve.add_argument("--warmup", type=at_least(0, 10**4), default=0, help="untimed rounds first")
+    ve.add_argument("--data", default="data/shakespeare-byte")
+    ve.add_argument("--json", help="also write the results to this JSON file")
+    pa = sub.add_parser("parts", allow_abbrev=False, help="a short train.py run profiled by part of model and loop")
+    pa.add_argument("config", nargs="?", help="TOML with the [model] (default: the CPU toy)")
+    pa.add_argument("--dense_twin", action="store_true", help="the config's dense twin at equal N instead")
+    pa.add_argument("--steps", type=at_least(4, 10**4), default=24, help="steps of the profiled run")
+    for q in (t, pr, ng):
+        q.add_argument("--batch_seqs", type=at_least(1), default=16 if q is not ng else 10)
+    for q in (t, pa, ng):
+        q.add_argument("--data", default="data/shakespeare-byte")
+    for q in (g, e, at, t, pr, pa, ng):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--compile", type=rundir.true_or_false, default=True)
+        if q not in (pa, ng):  # parts and nanogpt time eager models, as the CPU default runs them
+            q.add_argument("--compile", type=rundir.true_or_false, default=True)
         q.add_argument("--threads", type=at_least(0, 1024), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
@@ -435,10 +760,11 @@ def parser():
         q.add_argument("--json", help="also write the results to this JSON file")
     for q in (e, at):
         q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")
-    for q in (e, at, t, pr):
+    for q in (e, at, t, pr, pa, ng):
         q.add_argument("--warmup", type=at_least(0, 10**4), default=5 if q in (e, at) else 2,
                        help="untimed rounds (steps) first")
-        q.add_argument("--rounds", type=at_least(1, 10**4), default={e: 30, at: 20, t: 9, pr: 1}[q])
+        if q is not pa:
+            q.add_argument("--rounds", type=at_least(1, 10**4), default={e: 30, at: 20, t: 9, pr: 1, ng: 20}[q])
     return p
 
 
@@ -457,24 +783,25 @@ def main(argv=None):
     if getattr(a, "peak_flops", 0.0) is not None and not 0 <= getattr(a, "peak_flops", 0.0) <= 1e30:
         p.error(f"--peak_flops={a.peak_flops}: expected FLOP/s in 0..1e30 (0: the datasheet's, or a measured matmul)")
     for key in ("moe", "dense", "config", "data"):
-        if getattr(a, key, None) is not None and not getattr(a, key).strip():
+        if isinstance(getattr(a, key, None), str) and not getattr(a, key).strip():
             p.error(f"--{key}='': expected a file" if key != "data" else "--data='': expected a folder written by data.py")
     try:
-        device = parallel.parse_device(a.device)
+        device = parallel.parse_device(getattr(a, "device", "cpu"))  # versions: the processes choose their own
         if getattr(a, "dtype", None) == "auto":
             a.dtype = "bf16" if device.type == "cuda" else "fp32"
         for key in ("moe", "dense", "config"):
             if getattr(a, key, None):
                 load_shape(getattr(a, key), f"--{key}")  # a missing file or a bad shape, named before any work
         check_memory(a, device)
-        if a.malloc == "tuned":
+        if getattr(a, "malloc", None) == "tuned":
             parallel.tune_malloc()
-        if a.threads:
+        if getattr(a, "threads", 0):
             torch.set_num_threads(a.threads)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
-               "profile": bench_profile}[a.what]
+               "profile": bench_profile, "parts": bench_parts,
+               "nanogpt": bench_nanogpt, "versions": bench_versions}[a.what]
         result = run(a)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"bench.py {a.what}: error: {e}", file=sys.stderr)

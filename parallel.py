@@ -236,29 +236,34 @@ def saved_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention="flex"):
     T = seqs * mcfg.S
     bias = 4 * mcfg.H * mcfg.S ** 2 if attention == "sdpa" else 0  # the fp32 ALiBi bias, one for all layers
     if checkpointing:
-        return T * (8 + mcfg.L * r * mcfg.Dm + head_bytes(mcfg, a, r)) + bias
+        return T * (8 + mcfg.L * r * mcfg.Dm + head_bytes(mcfg, a, r, attention)) + bias
     layers = sum(layer_bytes(mcfg, layer, a, r, attention) for layer in flops.layer_kinds(mcfg))
-    return T * (8 + layers + head_bytes(mcfg, a, r)) + bias  # 8: the token ids
+    return T * (8 + layers + head_bytes(mcfg, a, r, attention)) + bias  # 8: the token ids
 
 
 def layer_bytes(mcfg, layer, a, r, attention="flex"):
     """Per token, what one layer keeps: attention, then a dense FFN or an MoE layer."""
     Dm, HD = mcfg.Dm, mcfg.H * mcfg.Dh
-    norm = 2 * r * Dm + 4                                # input, normalised input and 1/rms (torch's composite)
-    if attention == "flex":                              # FlexAttention: q, k, v, output and logsumexp
-        attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H   # (+ qkv input and proj input)
-    else:                                                # SDPA's math path (CPU): q, k, v in the bias's fp32
+    # the norm: on the CPU (sdpa) path model.RMSNormFn keeps the normalised input and 1/rms; on CUDA,
+    # torch's rms_norm is counted as keeping the input too
+    norm = r * Dm + 4 + (r * Dm if attention == "flex" else 0)
+    if attention == "flex" or a == 4:   # FlexAttention, or SDPA's flash kernel in fp32: q, k, v, output and
+        attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H   # logsumexp (+ qkv input and proj input)
+    else:                               # SDPA's math path, under autocast: q, k, v in the bias's fp32
         attn = norm + a * Dm + 12 * HD + a * HD + 4 * mcfg.H * mcfg.S  # and the T×T probabilities
     if layer == "dense":
         return attn + norm + a * Dm + 4 * a * mcfg.Dffn  # w13 input, w13 output (2F), silu, product
-    router = 4 * Dm + 8 * mcfg.E                         # its fp32 input, the exponentials and the scores
+    # the router: its fp32 input (in fp32 the shared expert's input already, when there is one), the
+    # exponentials and the scores
+    router = (0 if a == 4 and mcfg.Dse else 4 * Dm) + 8 * mcfg.E
     routed = mcfg.K * (a * (Dm + 5 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, product,
     shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0  # gated; slot ids and gate
     return attn + norm + router + routed + shared
 
 
-def head_bytes(mcfg, a, r):
-    return 2 * r * mcfg.Dm + 4 + a * mcfg.Dm + 4 * mcfg.vocab_size  # norm, LM head input, fp32 log-softmax
+def head_bytes(mcfg, a, r, attention="flex"):
+    norm = r * mcfg.Dm + 4 + (r * mcfg.Dm if attention == "flex" else 0)  # as layer_bytes counts it
+    return norm + a * mcfg.Dm + 4 * mcfg.vocab_size  # norm, LM head input, fp32 log-softmax
 
 
 def activation_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention="flex"):

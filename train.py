@@ -127,8 +127,6 @@ def run_training(run, rank, world, device, aside):
     def run_eval():
         return evaluate_splits(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, sched.micro(world))
 
-    eval_every = tcfg.eval_interval or math.ceil(sched.iters / 5)
-    ckpt_every = tcfg.ckpt_interval or eval_every
     end = min(sched.iters, tcfg.stop_at) if tcfg.stop_at else sched.iters
     tracking = trackers.start(tcfg, out, step, sched.M_train, {"model": asdict(mcfg), "train": asdict(tcfg), **numbers}) \
         if master else None  # TensorBoard and W&B, when the config asks (off by default)
@@ -146,9 +144,9 @@ def run_training(run, rank, world, device, aside):
             book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, tcfg.grad_clip,
                                  world))
             step += 1
-            is_eval, is_ckpt = step % eval_every == 0 or step == sched.iters, step % ckpt_every == 0 or step == end
+            is_log, is_eval, is_ckpt = due(step, sched.iters, end, tcfg)
             record = {}
-            if step % tcfg.log_interval == 0 or is_eval or is_ckpt:
+            if is_log:
                 record = book.train_record(step, lr, loader.epoch, last_ckpt or "none: no checkpoint was written")
             if is_eval:
                 book.eval_record(step, loader.epoch, run_eval(), record)
@@ -178,6 +176,16 @@ def run_training(run, rank, world, device, aside):
 
 
 # ----------------------------------------------------------------------------- its parts
+def due(step, iters, end, tcfg):
+    """(log, evaluate, checkpoint) after optimizer step `step` of `iters`, the run stopping at `end`:
+    five evaluations per run unless eval_interval says, a checkpoint at each unless ckpt_interval says,
+    and at the end; a log line every log_interval steps and with each evaluation and checkpoint."""
+    eval_every = tcfg.eval_interval or math.ceil(iters / 5)
+    ckpt_every = tcfg.ckpt_interval or eval_every
+    is_eval, is_ckpt = step % eval_every == 0 or step == iters, step % ckpt_every == 0 or step == end
+    return step % tcfg.log_interval == 0 or is_eval or is_ckpt, is_eval, is_ckpt
+
+
 def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip, world):
     """One optimizer step over the step's micro-batches, then loss-free balancing's bias update when it is on:
     (sums over the micro-batches of loss, CE, balance loss and z-loss, of the expert loads [Le, E] and of

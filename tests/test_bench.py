@@ -77,3 +77,71 @@ def test_step_bench_runs(tiny_data, tmp_path):
     out = run_bench("step", f"--moe={moe}", f"--dense={dense}", f"--data={tiny_data}", "--iters=6", "--log_interval=2",
                 "--batch_seqs=4", "--rounds=1", "--compile=false")
     assert "MoE MFU / dense MFU" in out and "measured 4096² fp32 matmul rate" in out and "M_exec" in out
+
+
+TINY_MOE = '[model]\nscheme = "1dense"\nL = 2\nDm = 32\nH = 2\nDffn = 64\nE = 4\nK = 2\nDe = 16\nDse = 16\nS = 32\n'
+
+
+def test_parts_attribute_backward_ops_to_their_forward_part(tiny_data, tmp_path):
+    # a backward op goes to the part whose forward op made its autograd node; the parts add up to the step
+    import train
+    from tests.conftest import TINY_MODEL
+    originals = {name: getattr(owner, name) for owner, name, _ in bench.SCOPES}
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with bench.part_scopes((prof, 2, 3)) as walls:
+        train.train(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={tmp_path / 'r'}", "--iters=3", "--batch_seqs=2",
+                                  "--eval_tokens=64", "--sample_tokens=0", "--eval_interval=3"])
+    assert {name: getattr(owner, name) for owner, name, _ in bench.SCOPES} == originals  # put back
+    assert len(walls[bench.STEP]) == 3 and len(walls["checkpoint save"]) == 1
+    events = prof.events()
+    parts = bench.attribute(events)
+    steps = [e for e in events if e.name == bench.PART + bench.STEP]
+    assert len(steps) == 2
+    inside = sum(us for p, us in parts.items() if p in bench.IN_STEP)
+    assert inside == pytest.approx(sum(e.cpu_time_total for e in steps), rel=0.02)
+    owner, found = bench.owners(events), {}
+    for e in events:  # where the kernels of each kind went
+        found.setdefault(e.name, set()).add(owner[e.id])
+    assert found["aten::_scaled_dot_product_flash_attention_for_cpu_backward"] == {"attention"}
+    assert found["aten::_log_softmax_backward_data"] == {"LM head and loss"}
+    assert found["aten::topk"] == {"router"}
+    assert found["aten::silu_backward"] == {"routed experts", "SwiGLU FFNs"}  # the experts and the dense layer
+    assert found["aten::embedding_dense_backward"] == {bench.STEP}
+    assert {"router", "routed experts", "SwiGLU FFNs", "optimizer", "ALiBi bias"} <= set(parts)
+
+
+@pytest.mark.parametrize("L,Dm,H,Dffn", [(4, 256, 8, 800), (2, 96, 3, 264)])
+def test_reference_has_the_dense_models_matrices(L, Dm, H, Dffn):
+    # the nanoGPT-style model's GELU MLP of width 1.5·Dffn has the SwiGLU's matmul parameters: equal FLOPs per token
+    import flops
+    shape = flops.Shape(scheme="dense", L=L, Dm=Dm, H=H, Dffn=Dffn, S=64)
+    ref = bench.ReferenceGPT(shape, 256)
+    assert ref.matmul_params() == flops.count(shape).Na == flops.count(shape).N
+    idx = torch.randint(0, 256, (2, 64))
+    logits, loss, _ = ref(idx, idx)
+    assert logits.shape == (2, 64, 256) and torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_parts_and_nanogpt_benches_run(tiny_data, tmp_path):
+    (tmp_path / "moe.toml").write_text(TINY_MOE)
+    out = run_bench("parts", str(tmp_path / "moe.toml"), f"--data={tiny_data}", "--steps=4", "--warmup=1",
+                    f"--json={tmp_path / 'p.json'}")
+    for part in ("attention", "router", "routed experts", "LM head and loss", "optimizer", "loader", "logging",
+                 "evaluation", "checkpoint save", "sample", "start-up"):
+        assert f"  {part}" in out
+    shares = json.loads((tmp_path / "p.json").read_text())["parts"]
+    assert sum(p["share"] for p in shares.values()) == pytest.approx(1.0)
+    out = run_bench("nanogpt", f"--moe={tmp_path / 'moe.toml'}", f"--data={tiny_data}", "--batch_seqs=2", "--rounds=2",
+                    "--warmup=1")
+    assert "dense twin / nanoGPT-style, FLOP/s" in out and "MoE / dense twin, tokens/s" in out
+
+
+@pytest.mark.slow
+def test_versions_bench_runs_checkouts_in_turn(tiny_data, tmp_path):
+    (tmp_path / "moe.toml").write_text(TINY_MOE)
+    out = run_bench("versions", str(ROOT), str(ROOT), f"--config={tmp_path / 'moe.toml'}", f"--data={tiny_data}",
+                    "--iters=2", "--batch_seqs=2", "--eval_tokens=64", "--rounds=1")
+    assert out.count(str(ROOT)) == 2 and f"over {ROOT.name}: 1.000" in out
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "versions", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and f"{tmp_path}: no train.py" in r.stderr and "Traceback" not in r.stderr

@@ -6,6 +6,7 @@ no traceback, or a run that finishes (the value is legal). The hand-written case
 what the messages mean; these test that nothing gets through unnamed."""
 import argparse
 import re
+from pathlib import Path
 from dataclasses import fields
 
 import pytest
@@ -152,9 +153,15 @@ def cli_base(program, sub, tiny_data, finished, tmp):
         ("bench", ("step",)): ["step", f"--moe={moe}", f"--dense={dense}", f"--data={tiny_data}", "--iters=2",
                                "--log_interval=1", "--batch_seqs=2", "--peak_flops=1e11", *quick],
         ("bench", ("profile",)): ["profile", str(moe), "--batch_seqs=1", "--steps=1", "--top=2", *quick],
+        ("bench", ("parts",)): ["parts", str(moe), f"--data={tiny_data}", "--steps=4", "--warmup=3", "--malloc=default"],
+        ("bench", ("nanogpt",)): ["nanogpt", f"--moe={moe}", f"--data={tiny_data}", "--batch_seqs=1", "--rounds=1",
+                                  "--warmup=0", "--malloc=default"],
+        ("bench", ("versions",)): ["versions", str(ROOT), f"--config={moe}", f"--data={tiny_data}", "--iters=1",
+                                   "--batch_seqs=1", "--eval_tokens=33", "--rounds=1"],
     }[program, sub]
 
 
+ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = {"sample": sample, "evaluate": evaluate, "data": data, "flops": flops, "sweep": sweep, "bench": bench}
 # the flags every bench subcommand shares (--device, --compile, --threads, --malloc, --json) are fuzzed on
 # `expert`: on `gpu-check`, a legal value would run all of its checks, a minute on a CPU
@@ -168,8 +175,9 @@ def with_flag(base, flag, value, positional):
     if positional:
         first = [i for i, a in enumerate(base) if not a.startswith("-")]
         argv = list(base)
-        at = first[1] if base and base[0] in ("plan", "run", "report", "profile") and len(first) > 1 else \
-            (first[0] if first and base[0] not in ("plan", "run", "report", "profile") else None)
+        subcommands = ("plan", "run", "report", "profile", "parts", "versions")
+        at = first[1] if base and base[0] in subcommands and len(first) > 1 else \
+            (first[0] if first and base[0] not in subcommands else None)
         if at is None:
             return argv + [value]
         argv[at] = value

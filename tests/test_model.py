@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import flops
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, MoE, GPTConfig, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
+from model import GPT, MoE, GPTConfig, RMSNorm, RMSNormFn, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
 
 # FlexAttention warns when it runs uncompiled: on CPU (no backward there) that is what the tests check
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
@@ -167,8 +168,9 @@ def test_alibi_slopes(H, expected):
 
 def test_alibi_bias_penalises_distance_and_masks_the_future():
     bias = alibi_bias(torch.tensor([0.5, 0.25]), 4, torch.float32)
-    assert bias[0, 3].tolist() == [-1.5, -1.0, -0.5, 0.0]
-    assert bias[1, 2, :3].tolist() == [-0.5, -0.25, 0.0] and bias[1, 2, 3] == float("-inf")
+    assert bias.shape == (1, 2, 4, 4)
+    assert bias[0, 0, 3].tolist() == [-1.5, -1.0, -0.5, 0.0]
+    assert bias[0, 1, 2, :3].tolist() == [-0.5, -0.25, 0.0] and bias[0, 1, 2, 3] == float("-inf")
 
 
 def test_router_runs_in_fp32_under_bf16_autocast():
@@ -213,8 +215,35 @@ def test_sdpa_bias_is_built_once_in_fp32_and_keeps_every_distance_apart(monkeypa
     model = GPT(GPTConfig(scheme="dense", L=2, Dm=32, H=8, Dffn=64, S=2048, vocab_size=16))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.zeros(1, 2048, dtype=torch.long))
-    assert len(masks) == 2 and masks[0] is masks[1] and masks[0].dtype == torch.float32
-    assert masks[0][-1, -1].unique().numel() == 2048  # head 8, slope 2^-8: row 2047 sees 2048 distances
+    assert len(masks) == 2 and masks[0].data_ptr() == masks[1].data_ptr() and masks[0].dtype == torch.float32
+    assert masks[0].reshape(8, 2048, 2048)[-1, -1].unique().numel() == 2048  # head 8, slope 2^-8: 2048 distances
+
+
+@pytest.mark.parametrize("shape", [(3, 50, 24), (7, 40)])
+def test_rms_norm_by_hand_matches_torch(shape):
+    # RMSNormFn (the CPU path) against F.rms_norm and its autograd: the same forward bits, the gradients to rounding
+    torch.manual_seed(len(shape))
+    x = torch.randn(*shape, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(shape[-1])).requires_grad_()
+    dy = torch.randn(*shape)
+    ref = F.rms_norm(x, (shape[-1],), w, 1e-6)
+    g_ref = torch.autograd.grad(ref, (x, w), dy)
+    y = RMSNormFn.apply(x, w, 1e-6)
+    g = torch.autograd.grad(y, (x, w), dy)
+    assert torch.equal(y, ref)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g, g_ref))
+    assert torch.equal(RMSNorm(shape[-1]).forward(x), F.rms_norm(x, (shape[-1],), torch.ones(shape[-1]), 1e-6))
+
+
+def test_cpu_attention_takes_the_flash_kernel_not_the_math_path():
+    # with a 3-D bias SDPA fell back to the math path on CPU: every B·H·T·T score written out, 1.5× the time
+    model = GPT(GPTConfig(scheme="dense", L=1, Dm=32, H=4, Dffn=64, S=64, vocab_size=16))
+    idx = torch.zeros(2, 64, dtype=torch.long)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(idx, idx)[1].backward()
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert not any("attention_math" in n for n in names)
 
 
 def test_moe_gradients_do_not_depend_on_the_thread_count():
@@ -288,12 +317,13 @@ def test_regional_compile_matches_eager_and_shares_graphs_across_blocks():
 
 @pytest.mark.parametrize("scheme", ["dense", "full", "1dense", "interleave"])
 def test_executed_flops_are_what_torch_counts(scheme):
-    # flops.M_exec against torch's FlopCounterMode over one forward + backward. SDPA with a bias runs
-    # the whole S×S square, M_exec counts the causal triangle: the square's share is added back here.
+    # flops.M_exec against torch's FlopCounterMode over one forward + backward. The counter has no formula
+    # for the CPU flash kernel, so SDPA runs its math path here: the whole S×S square, where M_exec counts
+    # the causal triangle; the square's share is added back.
     cfg = GPTConfig(scheme=scheme, L=3, Dm=32, H=2, Dh=24, Dffn=64, E=5, K=2, De=16, Dse=16, S=16, vocab_size=40)
     model = GPT(cfg)
     idx = torch.randint(0, 40, (3, 16))
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         model(idx, idx)[1].backward()
     square_minus_triangle = 3 * 4 * cfg.H * cfg.Dh * (cfg.S - (cfg.S + 1) / 2) * cfg.L
     assert counter.get_total_flops() == pytest.approx(3 * 16 * (flops.M_exec(cfg, 40) + square_minus_triangle), rel=1e-12)
