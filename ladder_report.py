@@ -5,6 +5,7 @@ sparsest arms; the vertex of a quadratic in ln r_a over all its arms; both with 
 all rungs: one CSV of every run and one figure. And the learning-rate check's table with its rule. No torch.
 
     python ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
+        [--dense sweep-ladder-04=runs/sweep-ladder-04-dense0.5]   # a rung's dense runs from another folder
     python ladder_report.py lr-check 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04 2=runs/sweep-ladder-04-lr2
 
 Fits are least squares over every run (each seed's BPC a point), x = ln r_a. Intervals come from a residual
@@ -52,6 +53,22 @@ def load_rung(path):
     if unfinished:
         rundir.warn(f"{path}: left out, unfinished: {', '.join(unfinished)}")
     return [r for r in rows if r["run"] not in unfinished]
+
+
+def with_dense_from(rows, folder, name):
+    """The rung's MoE runs with the dense runs of another sweep folder (the same plans at another learning
+    rate, as the ladder's learning-rate check may choose): each must match a dense run of the rung in arm,
+    seed, N, C and D, and every dense run of the rung must be there."""
+    ours = {(r["arm"], r["seed"]): r for r in rows if r["kind"] == "dense"}
+    theirs = [r for r in load_rung(folder) if r["kind"] == "dense"]
+    found = {(r["arm"], r["seed"]) for r in theirs}
+    for r in theirs:
+        mine = ours.get((r["arm"], r["seed"]))
+        if mine is None or any(mine[k] != r[k] for k in ("N", "C", "D")):
+            raise ValueError(f"--dense {name}={folder}: {r['run']} is no dense run of {name} (arm, seed, N, C, D)")
+    if set(ours) - found:
+        raise ValueError(f"--dense {name}={folder}: lacks {', '.join(f'{a} seed {s}' for a, s in sorted(set(ours) - found))}")
+    return [r for r in rows if r["kind"] != "dense"] + theirs
 
 
 def _number(v):
@@ -302,6 +319,9 @@ def parser():
     r.add_argument("--out", help="write ladder-runs.csv and ladder.png in this folder")
     r.add_argument("--split", default="val", help="the validation split of the fits (default val)")
     r.add_argument("--boot", type=int, default=N_BOOT, help=f"bootstrap resamples (default {N_BOOT})")
+    r.add_argument("--dense", action="append", default=[], metavar="RUNG=FOLDER",
+                   help="take the dense runs of RUNG (its folder's name) from FOLDER, e.g. "
+                        "sweep-ladder-04=runs/sweep-ladder-04-dense0.5")
     c = sub.add_parser("lr-check", allow_abbrev=False, help="the learning-rate check of one rung, and the rule")
     c.add_argument("folders", nargs="+", metavar="MULT=FOLDER", help="e.g. 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04")
     c.add_argument("--split", default="val")
@@ -330,7 +350,18 @@ def main(argv=None):
             return
         if not 1 <= a.boot <= 100_000:
             raise ValueError(f"--boot={a.boot}: expected 1 to 100,000 resamples")
-        rungs = [summarise(rung_name(p), load_rung(p), a.split, a.boot) for p in a.rungs]
+        dense_from = {}
+        for item in a.dense:
+            name, sep, folder = item.partition("=")
+            if not sep or not folder or name not in {rung_name(p) for p in a.rungs}:
+                raise ValueError(f"--dense {item!r}: expected RUNG=FOLDER, RUNG the name of one of the rungs given")
+            dense_from[name] = folder
+        rungs = []
+        for p in a.rungs:
+            rows = load_rung(p)
+            if rung_name(p) in dense_from:
+                rows = with_dense_from(rows, dense_from[rung_name(p)], rung_name(p))
+            rungs.append(summarise(rung_name(p), rows, a.split, a.boot))
         md = markdown(rungs)
         print(md)
         if a.out:

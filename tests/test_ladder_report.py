@@ -194,3 +194,47 @@ def test_loose_rungs_dense_c_is_rung_2s_dense_2c():
     _, loose = ladder_plan("ladder-14-loose")
     a, b = rung2[1], loose[0]
     assert (a.shape, a.D, a.iters, a.batch_seqs, a.lr, a.warmup) == (b.shape, b.D, b.iters, b.batch_seqs, b.lr, b.warmup)
+
+
+def write_rung(path, rows):
+    path.parent.mkdir()
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_a_rungs_dense_runs_come_from_another_folder_of_the_same_plans(tmp_path, capsys):
+    rows = [{**r, "C": 1e12} for r in rung(lambda ra: 2.0 + 0.07 * math.log(ra), dense=3.0)]
+    main = write_rung(tmp_path / "sweep-z" / "report.csv", rows)
+    half = [{**r, "bpc_val": r["bpc_val"] - 0.2} for r in rows if r["kind"] == "dense"]
+    other = write_rung(tmp_path / "sweep-z-dense0.5" / "report.csv", half)
+    merged = lr.with_dense_from(lr.load_rung(main), other, "sweep-z")
+    assert lr.summarise("z", merged, n_boot=10)["dense_C"] == pytest.approx(2.8)
+    assert sorted(r["run"] for r in merged) == sorted(r["run"] for r in rows)
+    lr.main(["report", str(main), "--boot=10", f"--dense=sweep-z={other}"])
+    assert "2.8" in capsys.readouterr().out
+    short = write_rung(tmp_path / "short" / "report.csv", [r for r in half if r["seed"] != 3])
+    wrong = write_rung(tmp_path / "wrong" / "report.csv", [{**r, "D": r["D"] + 1} for r in half])
+    for folder, says in ((short, "lacks dense-2C seed 3"), (wrong, "is no dense run of sweep-z")):
+        with pytest.raises(SystemExit) as e:
+            lr.main(["report", str(main), "--boot=10", f"--dense=sweep-z={folder}"])
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lr.main(["report", str(main), "--boot=10", f"--dense=sweep-q={other}"])
+    assert "the name of one of the rungs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rung_", ["04", "07"])
+def test_dense_half_rate_runs_are_the_rungs_dense_runs_at_half_the_rate(rung_):
+    """docs/ladder.md runs --only 0 1 3 4 6 7 of sweep-ladder-NN-dense0.5: the rung's dense runs of every
+    seed, but for the learning rate."""
+    _, main = ladder_plan(f"ladder-{rung_}")
+    _, half = ladder_plan(f"ladder-{rung_}-dense0.5")
+    dense = [r for r in main if r.name.startswith("dense")]
+    assert [half[i].name for i in (0, 1, 3, 4, 6, 7)] == [r.name for r in dense]
+    for a, b in zip(dense, (half[i] for i in (0, 1, 3, 4, 6, 7))):
+        assert (a.shape, a.D, a.iters, a.batch_seqs, a.warmup, a.seed) == (b.shape, b.D, b.iters, b.batch_seqs,
+                                                                           b.warmup, b.seed)
+        assert b.lr == pytest.approx(0.5 * a.lr)
