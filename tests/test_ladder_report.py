@@ -238,3 +238,18 @@ def test_dense_half_rate_runs_are_the_rungs_dense_runs_at_half_the_rate(rung_):
         assert (a.shape, a.D, a.iters, a.batch_seqs, a.warmup, a.seed) == (b.shape, b.D, b.iters, b.batch_seqs,
                                                                            b.warmup, b.seed)
         assert b.lr == pytest.approx(0.5 * a.lr)
+
+
+def test_loose_rungs_half_rate_dense_runs():
+    """sweep-ladder-14-loose-dense0.5: the loose rung's dense runs at half the rate; its dense-C is
+    sweep-ladder-07-dense0.5's dense-2C, the same plan."""
+    _, loose = ladder_plan("ladder-14-loose")
+    _, half = ladder_plan("ladder-14-loose-dense0.5")
+    _, rung2_half = ladder_plan("ladder-07-dense0.5")
+    dense = [r for r in loose if r.name.startswith("dense")]
+    assert [half[i].name for i in (0, 1, 3, 4, 6, 7)] == [r.name for r in dense]
+    for a, b in zip(dense, (half[i] for i in (0, 1, 3, 4, 6, 7))):
+        assert (a.shape, a.D, a.iters, a.batch_seqs, a.seed) == (b.shape, b.D, b.iters, b.batch_seqs, b.seed)
+        assert b.lr == pytest.approx(0.5 * a.lr)
+    a, b = rung2_half[1], half[0]
+    assert (a.shape, a.D, a.iters, a.batch_seqs, a.lr, a.warmup) == (b.shape, b.D, b.iters, b.batch_seqs, b.lr, b.warmup)
