@@ -467,6 +467,16 @@ def bench_nanogpt(a):
 
 
 # ----------------------------------------------------------------------------- versions
+def checkout_label(folder):
+    """The checkout's commit, "+ changes" when its tracked files differ from it; "?" without git."""
+    try:
+        git = [subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True).stdout.strip()
+               for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])]
+    except OSError:
+        return "?"
+    return (git[0] or "?") + (" + changes" if git[1] else "")
+
+
 def bench_versions(a):
     """Whole `python train.py` processes of two or more checkouts (folders of this repository at other
     commits: `git worktree add`), one after the other, round after round, on the same data and arguments.
@@ -495,10 +505,7 @@ def bench_versions(a):
     out = {"args": args, "rounds": a.rounds, "checkouts": {}}
     for d in dirs:
         ratio = statistics.median(x / y for x, y in zip(walls[d], walls[last]))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=d, capture_output=True,
-                               text=True).stdout.strip()
-        label = f"{commit}{' + changes' if dirty else ''}"
+        label = checkout_label(d)
         out["checkouts"][str(d)] = {"commit": label, "walls_s": walls[d], "median_s": statistics.median(walls[d]),
                                     f"over {last.name}": ratio}
         print(f"  {str(d):40} {label:22} median {statistics.median(walls[d]):7.2f} s   over {last.name}: {ratio:.3f} "
