@@ -14,8 +14,6 @@ The machines are noisy: every benchmark interleaves the things it compares, roun
 reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
 """
 import argparse
-import contextlib
-import functools
 import json
 import os
 import statistics
@@ -37,22 +35,20 @@ if __name__ == "__main__":
     interrupts.quit_while_starting("bench.py")
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
 import config
 import data
 import flops
 import logbook
 import parallel
 import preflight
+import profile_parts
+import reference_gpt
 import safe_io
-import schedule
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
-import model as model_module
-from model import (GPT, Attention, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
+from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
 
 from parallel import device_name
@@ -365,53 +361,6 @@ def bench_profile(a):
 
 
 # ----------------------------------------------------------------------------- nanoGPT-style reference
-class ReferenceBlock(nn.Module):
-    """nanoGPT's block (Karpathy's model.py, written again here): pre-LayerNorm, one qkv matrix, causal
-    SDPA, a GELU MLP; no biases."""
-    def __init__(self, Dm, H, Dh, hidden):
-        super().__init__()
-        self.H, self.Dh = H, Dh
-        self.ln1, self.ln2 = nn.LayerNorm(Dm, bias=False), nn.LayerNorm(Dm, bias=False)
-        self.qkv, self.proj = nn.Linear(Dm, 3 * H * Dh, bias=False), nn.Linear(H * Dh, Dm, bias=False)
-        self.fc, self.fc_proj = nn.Linear(Dm, hidden, bias=False), nn.Linear(hidden, Dm, bias=False)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = (t.view(B, T, self.H, self.Dh).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(self.H * self.Dh, 2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.Dh))
-        return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
-
-
-class ReferenceGPT(nn.Module):
-    """A plain nanoGPT-style GPT at a dense Shape: learned positions, LayerNorm, causal SDPA without ALiBi,
-    and a GELU MLP of width 1.5·Dffn, which has the matmul parameters and FLOPs of the SwiGLU of width
-    Dffn; the LM head as the model's (tied or not). Its executed FLOPs per token are those of the dense
-    model of the same Shape (flops.M_exec): the same matrices, the same LM head, causal attention."""
-    def __init__(self, shape, vocab_size, tie_embeddings=False):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab_size, shape.Dm), nn.Embedding(shape.S, shape.Dm)
-        self.blocks = nn.ModuleList(ReferenceBlock(shape.Dm, shape.H, shape.Dh, 3 * shape.Dffn // 2) for _ in range(shape.L))
-        self.ln_f = nn.LayerNorm(shape.Dm, bias=False)
-        self.lm_head = nn.Linear(shape.Dm, vocab_size, bias=False)
-        if tie_embeddings:
-            self.lm_head.weight = self.wte.weight
-        for p in self.parameters():
-            if p.dim() == 2:
-                nn.init.normal_(p, 0.0, 0.02)
-
-    def matmul_params(self):
-        """The blocks' matrices: what flops.count calls N for a dense model."""
-        return sum(m.weight.numel() for b in self.blocks for m in b.modules() if isinstance(m, nn.Linear))
-
-    def forward(self, idx_BT, targets_BT):
-        x = self.wte(idx_BT) + self.wpe(torch.arange(idx_BT.shape[1], device=idx_BT.device))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1)), {}
-
-
 def bench_nanogpt(a):
     """Training steps (forward, backward, clipping, AdamW) of three models, interleaved round after round on
     the same batches: the nanoGPT-style reference at the dense twin's Shape, the dense twin (ours) and
@@ -425,7 +374,7 @@ def bench_nanogpt(a):
         raise ValueError(f"--data={a.data}: {e}") from None
     V = config.padded_vocab(meta["vocab_size"])
     torch.manual_seed(0)
-    models = {"nanoGPT-style": ReferenceGPT(twin, V), "dense twin": GPT(GPTConfig(**asdict(twin), vocab_size=V)),
+    models = {"nanoGPT-style": reference_gpt.ReferenceGPT(twin, V), "dense twin": GPT(GPTConfig(**asdict(twin), vocab_size=V)),
               "MoE": GPT(GPTConfig(**asdict(moe), vocab_size=V))}
     if models["nanoGPT-style"].matmul_params() != flops.count(twin).Na:
         raise RuntimeError("the reference's matrices differ from the dense twin's: the FLOP comparison would be unfair")
@@ -514,156 +463,39 @@ def bench_versions(a):
 
 
 # ----------------------------------------------------------------------------- parts
-# Where the time of a training run goes, by part of the model and of the loop. train.py itself runs with
-# each part's function wrapped: a wall-clock timer for every part, and a record_function scope that
-# torch.profiler sees while it records a window of steps. A backward op belongs to the part whose
-# forward op made its autograd node (the profiler's sequence numbers link the two).
-PART = "part: "
-STEP = "step (embedding, norms, residual, backward engine)"  # the step's rest: the parts below nest inside
-IN_STEP = ("attention", "ALiBi bias", "router", "routed experts", "SwiGLU FFNs", "LM head and loss", "optimizer", STEP)
-SCOPES = [  # (where the function lives, its name, its part)
-    (model_module, "alibi_bias", "ALiBi bias"), (Attention, "forward", "attention"),
-    (MoE, "route", "router"), (MoE, "aux", "router"), (model_module, "routed_experts", "routed experts"),
-    (SwiGLU, "forward", "SwiGLU FFNs"), (GPT, "head", "LM head and loss"), (parallel, "clip_grad_norm", "optimizer"),
-    (train, "train_step", STEP), (data.Loader, "next_step", "loader"), (logbook.Logbook, "add", "logging"),
-    (logbook.Logbook, "train_record", "logging"), (logbook.Logbook, "eval_record", "logging"),
-    (train, "evaluate_splits", "evaluation"), (checkpoint, "save", "checkpoint save"), (train, "show_sample", "sample")]
-PER_CALL = ("evaluation", "checkpoint save", "sample")
-
-
-@contextlib.contextmanager
-def part_scopes(window=None):
-    """Every function of SCOPES wrapped for the duration, then put back. Yields {part: [seconds of each
-    outermost call]}. window = (profiler, first, last): the profiler records steps first..last (1-based)."""
-    walls, depth, steps = {}, {}, [0]
-
-    def wrap(part, fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            if part == STEP:
-                steps[0] += 1
-                if window and steps[0] == window[1]:
-                    window[0].start()
-            depth[part] = depth.get(part, 0) + 1
-            t = time.perf_counter()
-            try:
-                with torch.profiler.record_function(PART + part):
-                    return fn(*args, **kwargs)
-            finally:
-                depth[part] -= 1
-                if not depth[part]:  # a part inside itself (Logbook's records) is timed once
-                    walls.setdefault(part, []).append(time.perf_counter() - t)
-                if part == STEP and window and steps[0] == window[2]:
-                    window[0].stop()
-        return run
-    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in SCOPES]
-    try:
-        for owner, name, part in SCOPES:
-            setattr(owner, name, wrap(part, owner.__dict__[name]))
-        yield walls
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
-def owners(events):
-    """{event id: part}: each event to the innermost part scope around it, a backward op to the part of the
-    forward op with its sequence number, the optimizer's own scopes to "optimizer"; None outside them all."""
-    seq_part, owner = {}, {}
-
-    def part_of(e):
-        chain = []
-        while e is not None and e.id not in owner:
-            chain.append(e)
-            if e.name.startswith(PART):
-                owner[e.id] = e.name[len(PART):]
-            elif e.name.startswith(("Optimizer.step#", "Optimizer.zero_grad#")):
-                owner[e.id] = "optimizer"
-            elif e.name.startswith("autograd::engine::evaluate_function") and e.sequence_nr in seq_part:
-                owner[e.id] = seq_part[e.sequence_nr]
-            else:
-                e = e.cpu_parent
-                continue
-            break
-        found = owner.get(e.id) if e is not None else None
-        for c in chain:
-            owner.setdefault(c.id, found)
-        return found
-    events = sorted(events, key=lambda e: e.time_range.start)  # forward ops before their backward
-    for e in events:
-        if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine") and part_of(e) in IN_STEP:
-            seq_part.setdefault(e.sequence_nr, part_of(e))
-    return {e.id: part_of(e) for e in events}
-
-
-def attribute(events):
-    """{part: self CPU µs} over the events (owners says which part each is in)."""
-    owner, parts = owners(events), {}
-    for e in events:
-        part = owner[e.id] or "outside the parts"
-        parts[part] = parts.get(part, 0.0) + e.self_cpu_time_total
-    return parts
-
-
-def whole_run(argv):
-    """(schedule, evaluations, checkpoints, log lines) of the whole run that argv configures (train.due)."""
-    mvals, tcfg, _, _ = config.load_config(argv)
-    vocab = mvals.get("vocab_size") or preflight.planned_vocab(tcfg.data)
-    sched = schedule.for_training(GPTConfig(**{**mvals, "vocab_size": vocab}), tcfg, 1)
-    due = [train.due(step, sched.iters, sched.iters, tcfg) for step in range(1, sched.iters + 1)]
-    return sched, sum(d[1] for d in due), sum(d[2] for d in due), sum(d[0] for d in due)
-
-
 def bench_parts(a):
     """A short train.py run of the CPU toy (or the config given; --dense_twin: its dense twin at equal N),
-    timed by part, then the same run with its steps after the warm-up profiled by part. Projected onto
-    the whole run the same config makes: the steps, its evaluations, saves and log lines, the sample."""
+    timed and profiled by part (profile_parts.py), projected onto the whole run the same config makes:
+    its steps, evaluations, saves and log lines, and the sample."""
     if a.warmup >= a.steps:
         raise ValueError(f"--warmup={a.warmup}: expected fewer steps than --steps={a.steps}, so that some are timed")
     base = load_shape(a.config) if a.config else flops.Shape()
     shape = flops.dense_shape(flops.count(base).N, L=base.L, S=base.S, Dh=base.Dh) if a.dense_twin else base
-    whole = model_args(shape) + [f"--data={a.data}", f"--device={a.device}"]
-    sched, evals, saves, logs = whole_run(whole)
-    short = whole + [f"--iters={a.steps}", f"--warmup={a.steps}", f"--eval_interval={a.steps}",
-                     f"--ckpt_interval={a.steps}", f"--batch_seqs={sched.batch_seqs}",
-                     f"--micro_batch={sched.micro(1)}"]  # the whole run's steps; evaluated and saved once, at the end
-    mvals, tcfg, given, _ = config.load_config(short)
-    preflight.check_run(mvals, tcfg, given, False, 1, torch.device(a.device))
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    with tempfile.TemporaryDirectory() as tmp:
-        with part_scopes() as walls:
-            t = time.perf_counter()
-            train.train(short + [f"--out_dir={tmp}/timed"])
-            run_s = time.perf_counter() - t
-        with part_scopes((prof, a.warmup + 1, a.steps)) as walls_profiled:
-            train.train(short + [f"--out_dir={tmp}/profiled"])
-    n = a.steps - a.warmup
-    ms = {p: 1e3 * sum(w[a.warmup:]) / n for p, w in walls.items() if p not in PER_CALL}  # per step, after warm-up
-    step_ms = ms.pop(STEP)
-    profiled_ms = 1e3 * sum(walls_profiled[STEP][a.warmup:]) / n
-    inside = {p: us / 1e3 / n for p, us in attribute(prof.events()).items() if p in IN_STEP}
-    iters = sched.iters
-    calls = {"evaluation": evals, "checkpoint save": saves, "sample": 1 if tcfg.sample_tokens else 0}
-    per_call = {p: statistics.median(walls[p]) for p in PER_CALL if p in walls}
-    rows = [(p, inside[p] * step_ms / profiled_ms, iters) for p in IN_STEP if p in inside]
-    rows += [(p, ms[p], iters) for p in ("loader", "logging") if p in ms]
-    rows += [(p, 1e3 * per_call[p], calls[p]) for p in PER_CALL if p in per_call and calls[p]]
-    startup = run_s - sum(sum(walls[p]) for p in (STEP, "loader", "logging") + PER_CALL if p in walls)
+    m = profile_parts.measure(model_args(shape) + [f"--data={a.data}", f"--device={a.device}"], a.steps, a.warmup)
+    walls, iters, step_ms, profiled_ms = m["walls"], m["sched"].iters, m["step_ms"], m["profiled_step_ms"]
+    calls = {"evaluation": m["evals"], "checkpoint save": m["saves"], "sample": 1 if "sample" in walls else 0}
+    rows = [(p, ms * step_ms / profiled_ms, iters) for p, ms in m["inside_ms"].items()]  # profiled shares, unprofiled step
+    rows += [(p, 1e3 * sum(walls[p][a.warmup:]) / (a.steps - a.warmup), iters) for p in ("loader", "logging") if p in walls]
+    rows += [(p, 1e3 * statistics.median(walls[p]), calls[p]) for p in profile_parts.PER_CALL if p in walls]
+    startup = m["run_s"] - sum(sum(w) for p, w in walls.items() if p in (profile_parts.STEP, "loader", "logging")
+                               + profile_parts.PER_CALL)
     rows.append(("start-up (data, model, checks, run directory) and the rest", 1e3 * startup, 1))
-    total = sum(m * c for _, m, c in rows)
+    order = {p: i for i, p in enumerate(profile_parts.IN_STEP)}
+    rows.sort(key=lambda r: order.get(r[0], len(order)))
+    total = sum(ms * k for _, ms, k in rows)
     c = flops.count(shape)
     print(f"parts  {a.config or 'the CPU toy'}{' (its dense twin)' if a.dense_twin else ''}: {shape.scheme}, N={c.N:,}, "
           f"r_a={100 * c.ra:.1f}%, {device_name(torch.device(a.device))}, threads={torch.get_num_threads()}, "
-          f"eager; a {a.steps}-step run, its last {n} steps timed and profiled")
+          f"eager; a {a.steps}-step run, its last {a.steps - a.warmup} steps timed and profiled")
     print(f"  a step: {step_ms:.1f} ms ({profiled_ms:.1f} ms under the profiler; its parts below are its shares of the "
-          f"profiled step, scaled to the unprofiled one). The whole run of this config ({iters} steps, {evals} "
-          f"evaluations, {saves} saves, {logs} log lines), projected: {total / 1e3:.1f} s")
+          f"profiled step, scaled to the unprofiled one). The whole run of this config ({iters} steps, {m['evals']} "
+          f"evaluations, {m['saves']} saves, {m['logs']} log lines), projected: {total / 1e3:.1f} s")
     print(f"  {'part':58}{'ms per call':>12}{'calls':>7}{'s in run':>10}{'share':>8}")
-    for part, m, k in rows:
-        print(f"  {part:58}{m:>12.3f}{k:>7}{m * k / 1e3:>10.2f}{100 * m * k / total:>7.1f}%")
+    for part, ms, k in rows:
+        print(f"  {part:58}{ms:>12.3f}{k:>7}{ms * k / 1e3:>10.2f}{100 * ms * k / total:>7.1f}%")
     return {"config": a.config, "dense_twin": a.dense_twin, "shape": asdict(shape), "threads": torch.get_num_threads(),
             "steps": a.steps, "step_ms": step_ms, "profiled_step_ms": profiled_ms, "run_s": total / 1e3,
-            "parts": {p: {"ms_per_call": m, "calls": k, "share": m * k / total} for p, m, k in rows}}
+            "parts": {p: {"ms_per_call": ms, "calls": k, "share": ms * k / total} for p, ms, k in rows}}
 
 
 def at_least(low, high=2**20):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import bench
+import profile_parts
+import reference_gpt
 from model import GPTConfig, MoE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,27 +88,27 @@ def test_parts_attribute_backward_ops_to_their_forward_part(tiny_data, tmp_path)
     # a backward op goes to the part whose forward op made its autograd node; the parts add up to the step
     import train
     from tests.conftest import TINY_MODEL
-    originals = {name: getattr(owner, name) for owner, name, _ in bench.SCOPES}
+    originals = {name: getattr(owner, name) for owner, name, _ in profile_parts.SCOPES}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    with bench.part_scopes((prof, 2, 3)) as walls:
+    with profile_parts.part_scopes((prof, 2, 3)) as walls:
         train.train(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={tmp_path / 'r'}", "--iters=3", "--batch_seqs=2",
                                   "--eval_tokens=64", "--sample_tokens=0", "--eval_interval=3"])
-    assert {name: getattr(owner, name) for owner, name, _ in bench.SCOPES} == originals  # put back
-    assert len(walls[bench.STEP]) == 3 and len(walls["checkpoint save"]) == 1
+    assert {name: getattr(owner, name) for owner, name, _ in profile_parts.SCOPES} == originals  # put back
+    assert len(walls[profile_parts.STEP]) == 3 and len(walls["checkpoint save"]) == 1
     events = prof.events()
-    parts = bench.attribute(events)
-    steps = [e for e in events if e.name == bench.PART + bench.STEP]
+    parts = profile_parts.attribute(events)
+    steps = [e for e in events if e.name == profile_parts.PART + profile_parts.STEP]
     assert len(steps) == 2
-    inside = sum(us for p, us in parts.items() if p in bench.IN_STEP)
+    inside = sum(us for p, us in parts.items() if p in profile_parts.IN_STEP)
     assert inside == pytest.approx(sum(e.cpu_time_total for e in steps), rel=0.02)
-    owner, found = bench.owners(events), {}
+    owner, found = profile_parts.owners(events), {}
     for e in events:  # where the kernels of each kind went
         found.setdefault(e.name, set()).add(owner[e.id])
     assert found["aten::_scaled_dot_product_flash_attention_for_cpu_backward"] == {"attention"}
     assert found["aten::_log_softmax_backward_data"] == {"LM head and loss"}
     assert found["aten::topk"] == {"router"}
     assert found["aten::silu_backward"] == {"routed experts", "SwiGLU FFNs"}  # the experts and the dense layer
-    assert found["aten::embedding_dense_backward"] == {bench.STEP}
+    assert found["aten::embedding_dense_backward"] == {profile_parts.STEP}
     assert {"router", "routed experts", "SwiGLU FFNs", "optimizer", "ALiBi bias"} <= set(parts)
 
 
@@ -115,7 +117,7 @@ def test_reference_has_the_dense_models_matrices(L, Dm, H, Dffn):
     # the nanoGPT-style model's GELU MLP of width 1.5·Dffn has the SwiGLU's matmul parameters: equal FLOPs per token
     import flops
     shape = flops.Shape(scheme="dense", L=L, Dm=Dm, H=H, Dffn=Dffn, S=64)
-    ref = bench.ReferenceGPT(shape, 256)
+    ref = reference_gpt.ReferenceGPT(shape, 256)
     assert ref.matmul_params() == flops.count(shape).Na == flops.count(shape).N
     idx = torch.randint(0, 256, (2, 64))
     logits, loss, _ = ref(idx, idx)
