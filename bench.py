@@ -46,6 +46,7 @@ import preflight
 import profile_parts
 import reference_gpt
 import safe_io
+import token_windows
 import train
 from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
@@ -379,7 +380,7 @@ def bench_nanogpt(a):
     if models["nanoGPT-style"].matmul_params() != flops.count(twin).Na:
         raise RuntimeError("the reference's matrices differ from the dense twin's: the FLOP comparison would be unfair")
     shapes = {"nanoGPT-style": twin, "dense twin": twin, "MoE": moe}
-    loader = data.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
+    loader = token_windows.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
     batches = [tuple(torch.from_numpy(t).to(device) for t in loader.next_step(a.batch_seqs, 1, 0, 1)[0]) for _ in range(4)]
 
     def stepper(model):

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import checkpoint
 import data
 import parallel
+import token_windows
 from config import resolve_dtype
 
 
@@ -37,7 +38,7 @@ def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, wo
     device = model.wte.weight.device
     for name, tokens in val_splits.items():
         nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
-        windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
+        windows = token_windows.eval_windows(tokens, S, eval_tokens, rank, world)
         n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
         for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
             rows = list(itertools.islice(windows, batch))
@@ -52,7 +53,7 @@ def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, wo
                                                         reduction="sum")
         if world > 1:
             dist.all_reduce(nll)
-        out[name] = data.bpc(nll[0].item(), nll[1].item())
+        out[name] = token_windows.bpc(nll[0].item(), nll[1].item())
     model.train(was_training)
     return out
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import data
 import schedule
+import token_windows
 import trackers
 from config import GPTConfig, TrainConfig, padded_vocab, resolve_dtype
 
@@ -56,7 +57,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         return Setup(mcfg=mcfg, tcfg=tcfg, sched=sched, resume=resume, dtype=dtype, attention=attention)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
     train_tokens = data.open_split(tcfg.data, "train", meta)
-    data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
+    token_windows.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
     for name, tokens in val_splits.items():
         if len(tokens) < mcfg.S + 1:

@@ -45,6 +45,7 @@ import preflight
 import rundir
 import safe_io
 import schedule
+import token_windows
 import trackers
 from config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
 from evaluate import evaluate_splits
@@ -86,7 +87,7 @@ def run_training(run, rank, world, device, aside):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     autocast = parallel.autocast_for(device, run.dtype)
-    loader = data.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    loader = token_windows.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     table = data.char_table(data.get_tokenizer(run.meta["tokenizer"]))
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg, run.attention).to(device)
