@@ -55,11 +55,12 @@ def load_rung(path):
     return [r for r in rows if r["run"] not in unfinished]
 
 
-def with_dense_from(rows, folder, name):
+def with_dense_from(rows, folder, name, planned=None):
     """The rung's MoE runs with the dense runs of another sweep folder (the same plans at another learning
     rate, as the ladder's learning-rate check may choose): each must match a dense run of the rung in arm,
-    seed, N, C and D, and every dense run of the rung must be there."""
-    ours = {(r["arm"], r["seed"]): r for r in rows if r["kind"] == "dense"}
+    seed, N, C and D, and every dense run of the rung must be there. The rung's dense runs are those of its
+    plan (`planned`: the rows of its plan.json) when it has one, so that they need not have been trained."""
+    ours = {(r["arm"], r["seed"]): r for r in (planned or rows) if r["kind"] == "dense"}
     theirs = [r for r in load_rung(folder) if r["kind"] == "dense"]
     found = {(r["arm"], r["seed"]) for r in theirs}
     for r in theirs:
@@ -360,7 +361,8 @@ def main(argv=None):
         for p in a.rungs:
             rows = load_rung(p)
             if rung_name(p) in dense_from:
-                rows = with_dense_from(rows, dense_from[rung_name(p)], rung_name(p))
+                planned = sweep_report.read_plan(Path(p) / "plan.json") if Path(p).is_dir() else None
+                rows = with_dense_from(rows, dense_from[rung_name(p)], rung_name(p), planned)
             rungs.append(summarise(rung_name(p), rows, a.split, a.boot))
         md = markdown(rungs)
         print(md)

@@ -1,6 +1,7 @@
 """ladder_report.py on synthetic rungs: the slope and the vertex of a known curve come back, the bootstrap
-interval covers the true vertex, a curve without a minimum says on which side it lies, the CSV and the
-learning-rate rule; and the ladder's sweep files plan as docs/ladder.md says. No torch, no runs: seconds."""
+interval covers the true vertex, a curve without a minimum says on which side it lies, the CSV, the
+learning-rate rule and a rung's dense runs from another folder; and the ladder's sweep files plan as
+docs/ladder.md says. No runs: seconds."""
 import csv
 import io
 import math
@@ -253,3 +254,32 @@ def test_loose_rungs_half_rate_dense_runs():
         assert b.lr == pytest.approx(0.5 * a.lr)
     a, b = rung2_half[1], half[0]
     assert (a.shape, a.D, a.iters, a.batch_seqs, a.lr, a.warmup) == (b.shape, b.D, b.iters, b.batch_seqs, b.lr, b.warmup)
+
+
+def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(tiny_data, tmp_path, monkeypatch, capsys):
+    """The ladder trains a rung's dense runs only at the rate the check chose, into another folder: the rung's
+    own dense runs are those of its plan.json, matched there, and need not have been trained at 1x."""
+    import json
+    import shutil
+
+    import sweep
+    from tests.conftest import finished_summary, micro_sweep
+
+    def fake(todo, total, s, over, out, nproc):  # the summary train.py writes, BPC falling with r_a
+        for _, r in todo:
+            (out / r.name).mkdir(parents=True, exist_ok=True)
+            bpc = 3.0 if r.kind == "dense" else 2.0 + r.ra + 0.01 * r.seed
+            (out / r.name / "summary.json").write_text(json.dumps(finished_summary(r, s, over, out, bpc)))
+    monkeypatch.setattr(sweep, "run_all", fake)
+    plan = micro_sweep(tmp_path, tiny_data, ra="[0.36, 0.413, 0.496]", extra="seeds = [1, 2]\n")
+    main, other = tmp_path / "sweep-m", tmp_path / "sweep-m-dense0.5"
+    sweep.run_sweep(plan, main)
+    shutil.copytree(main, other)
+    for d in main.glob("dense-*"):  # never trained at 1x
+        shutil.rmtree(d)
+    lr.main(["report", str(main), "--boot=10", f"--dense=sweep-m={other}"])
+    assert "| dense-C | 100 % | 3.0000 ± 0.0000" in capsys.readouterr().out
+    shutil.rmtree(other / "dense-2C-s2")
+    with pytest.raises(SystemExit) as e:
+        lr.main(["report", str(main), "--boot=10", f"--dense=sweep-m={other}"])
+    assert e.value.code == 2 and "lacks dense-2C seed 2" in capsys.readouterr().err
