@@ -283,3 +283,18 @@ def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(ti
     with pytest.raises(SystemExit) as e:
         lr.main(["report", str(main), "--boot=10", f"--dense=sweep-m={other}"])
     assert e.value.code == 2 and "lacks dense-2C seed 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rung_, split, slope, vertex", [
+    ("sweep-cpu", "val", 0.092, 0.020), ("sweep-ladder-04", "val", 0.041, 0.045),
+    ("sweep-ladder-07", "val", 0.037, 0.049), ("sweep-ladder-14-loose", "val", 0.019, 0.056),
+    ("sweep-cpu", "milton", 0.151, 0.0), ("sweep-ladder-04", "milton", 0.047, 0.023),
+    ("sweep-ladder-07", "milton", 0.042, 0.031), ("sweep-ladder-14-loose", "milton", -0.0005, 0.065)])
+def test_the_committed_runs_give_the_fits_docs_ladder_reports(rung_, split, slope, vertex):
+    """docs/ladder-runs.csv (every run of the ladder) against the slopes and vertices in docs/ladder.md's
+    table: three seeds of dense-C, dense-2C and eight MoE arms per rung."""
+    text = (ROOT / "docs" / "ladder-runs.csv").read_text()
+    rows = [{k: lr._number(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text)) if r["rung"] == rung_]
+    assert len(rows) == 30 and sorted({r["seed"] for r in rows}) == [1, 2, 3]
+    s = lr.summarise(rung_, rows, split, n_boot=10)
+    assert s["slope"] == pytest.approx(slope, abs=5e-4) and s["vertex"] == pytest.approx(vertex, abs=5e-4)
