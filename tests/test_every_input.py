@@ -189,7 +189,13 @@ def with_flag(base, flag, value, positional):
     return argv + [f"{flag}={value}"]
 
 
-@pytest.mark.parametrize("prog,sub,flag", FLAGS, ids=[f"{p}-{' '.join(s)}-{f}".replace(" -", "-") for p, s, f in FLAGS])
+# bench's `versions` and `parts` time whole train.py processes: where a fuzzed value is legal, seconds each
+SLOW_SUBS = {("bench", ("versions",)), ("bench", ("parts",))}
+
+
+@pytest.mark.parametrize("prog,sub,flag", [pytest.param(p, s, f, marks=[pytest.mark.slow] if (p, s) in SLOW_SUBS else [])
+                                           for p, s, f in FLAGS],
+                         ids=[f"{p}-{' '.join(s)}-{f}".replace(" -", "-") for p, s, f in FLAGS])
 def test_every_flag(prog, sub, flag, tiny_data, finished, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     positional = not flag.startswith("-")
