@@ -4,13 +4,17 @@ learning-rate rule and a rung's dense runs from another folder; and the ladder's
 docs/ladder.md says. No runs: seconds."""
 import csv
 import io
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import ladder_report as lr
+import sweep
+from tests.conftest import finished_summary, micro_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_TOKENS = 4_669_952  # data/shakespeare-byte's training split, in windows of 256 (docs/ladder.md)
@@ -259,12 +263,6 @@ def test_loose_rungs_half_rate_dense_runs():
 def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(tiny_data, tmp_path, monkeypatch, capsys):
     """The ladder trains a rung's dense runs only at the rate the check chose, into another folder: the rung's
     own dense runs are those of its plan.json, matched there, and need not have been trained at 1x."""
-    import json
-    import shutil
-
-    import sweep
-    from tests.conftest import finished_summary, micro_sweep
-
     def fake(todo, total, s, over, out, nproc):  # the summary train.py writes, BPC falling with r_a
         for _, r in todo:
             (out / r.name).mkdir(parents=True, exist_ok=True)
