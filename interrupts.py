@@ -3,6 +3,7 @@
 torch loads ends the same way; a few renames that must not stop halfway hold the signals back.
 """
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -64,10 +65,12 @@ def stop_on_signals():
 
 def quit_while_starting(program):
     """Before the heavy imports of a command line: Ctrl-C or SIGTERM while torch loads ends the program with
-    one line (nothing has begun), where Python would print a traceback. main() then calls stop_on_signals."""
+    one line (nothing has begun), where Python would print a traceback. main() then calls stop_on_signals.
+    It leaves with os._exit, not SystemExit: a library's bare `except:` around an optional import would
+    swallow the exception, and the program would go on after saying that nothing was done."""
     def handler(signum, frame):
-        print(f"{program}: {Interrupted(signum).what} while starting: nothing was done", file=sys.stderr)
-        sys.exit(128 + signum)
+        print(f"{program}: {Interrupted(signum).what} while starting: nothing was done", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
 
