@@ -66,7 +66,7 @@ def _gmm_backward(ctx, dy):
     # an expert without rows gets exactly zero, not whatever grouped_mm leaves in its slot (upstream
     # reports unwritten weight gradients for empty groups on some GPUs)
     empty_E = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
-    dw = gmm_wgrad(x, dy, offs).masked_fill(empty_E[:, None, None], 0.0)
+    dw = gmm_wgrad(x, dy, offs).masked_fill_(empty_E[:, None, None], 0.0)
     return gmm(dy, w.transpose(1, 2), offs), dw, None
 
 
@@ -136,9 +136,8 @@ def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
     offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
     xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
     h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
-    h1_RF, h3_RF = h_RF2.chunk(2, dim=-1)
     # the gate scales the narrow hidden (F wide) rather than the output (D wide): same result, less memory traffic
-    a_RF = F.silu(h1_RF) * h3_RF * g_TK.flatten()[order_R].unsqueeze(-1).to(h3_RF.dtype)
+    a_RF = swiglu(h_RF2, g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype))
     o_RD = gmm(a_RF, w2_EFD, offs_E)
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
     return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
@@ -163,6 +162,45 @@ class RMSNormFn(torch.autograd.Function):
         g = dy * w
         dx = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
         return dx, (dy * x_hat).flatten(0, -2).sum(0), None
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """a = silu(h1) ⊙ h3 ⊙ g from h = [h1 | h3], the output of the stacked W1|W3 matrix, and a gate g
+    (a column, or None for 1). Autograd's formulas, in its order, so the same bits; but the backward
+    writes dh1 and dh3 straight into the two halves of dh, where autograd's chunk would join them with a
+    copy of the whole 2F-wide gradient (4.2 against 4.6–4.9 ms forward and backward at [2560, 1600] on
+    2 CPU threads). It saves h and silu(h1), as autograd does, and recomputes silu(h1) ⊙ h3 for dg."""
+    @staticmethod
+    def forward(ctx, h, g):
+        h1, h3 = h.chunk(2, dim=-1)
+        s = F.silu(h1)
+        a = s * h3
+        ctx.save_for_backward(h, s, g)
+        return a if g is None else a * g
+
+    @staticmethod
+    def backward(ctx, da):
+        h, s, g = ctx.saved_tensors
+        h1, h3 = h.chunk(2, dim=-1)
+        dg = None
+        if g is not None:
+            dg = (da * (s * h3)).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+            da = da * g
+        dh = torch.empty_like(h)
+        dh1, dh3 = dh.chunk(2, dim=-1)
+        torch.mul(da, s, out=dh3)
+        torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh1)
+        return dh, dg
+
+
+def swiglu(h, g=None):
+    """silu(h1) ⊙ h3 (⊙ g) for h = [h1 | h3]: SwiGLUFn in eager code; compiled, the plain expression,
+    which inductor fuses into one kernel."""
+    if torch.compiler.is_compiling():
+        h1, h3 = h.chunk(2, dim=-1)
+        a = F.silu(h1) * h3
+        return a if g is None else a * g
+    return SwiGLUFn.apply(h, g)
 
 
 class RMSNorm(nn.Module):
@@ -271,8 +309,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(F_, Dm, bias=False)
 
     def forward(self, x):
-        h1, h3 = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(h1) * h3)
+        return self.w2(swiglu(self.w13(x)))
 
 
 class MoEAux(NamedTuple):

@@ -256,8 +256,8 @@ def layer_bytes(mcfg, layer, a, r, attention="flex"):
     # the router: its fp32 input (in fp32 the shared expert's input already, when there is one), the
     # exponentials and the scores
     router = (0 if a == 4 and mcfg.Dse else 4 * Dm) + 8 * mcfg.E
-    routed = mcfg.K * (a * (Dm + 5 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, product,
-    shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0  # gated; slot ids and gate
+    routed = mcfg.K * (a * (Dm + 4 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, gated
+    shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0  # product (model.SwiGLUFn); slot ids and gate
     return attn + norm + router + routed + shared
 
 

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import GPT, MoE, GPTConfig, RMSNorm, RMSNormFn, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
+from model import GPT, MoE, GPTConfig, RMSNorm, RMSNormFn, SwiGLUFn, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
 
 # FlexAttention warns when it runs uncompiled: on CPU (no backward there) that is what the tests check
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
@@ -233,6 +233,21 @@ def test_rms_norm_by_hand_matches_torch(shape):
     assert torch.equal(y, ref)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(g, g_ref))
     assert torch.equal(RMSNorm(shape[-1]).forward(x), F.rms_norm(x, (shape[-1],), torch.ones(shape[-1]), 1e-6))
+
+
+@pytest.mark.parametrize("shape,gated", [((3, 5, 2 * 7), False), ((40, 2 * 16), True), ((2, 3, 2 * 33), True)])
+def test_swiglu_by_hand_is_autograds_expression(shape, gated):
+    # SwiGLUFn against silu(h1) * h3 (* g) through autograd: the same bits forward and backward, dg included
+    torch.manual_seed(shape[-1])
+    h = torch.randn(*shape, requires_grad=True)
+    g = torch.rand(*shape[:-1], 1, requires_grad=True) if gated else None
+    da = torch.randn(*shape[:-1], shape[-1] // 2)
+    h1, h3 = h.chunk(2, dim=-1)
+    ref = F.silu(h1) * h3 * (g if gated else 1.0)
+    leaves = (h, g) if gated else (h,)
+    a = SwiGLUFn.apply(h, g)
+    assert torch.equal(a, ref)
+    assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(a, leaves, da), torch.autograd.grad(ref, leaves, da)))
 
 
 def test_cpu_attention_takes_the_flash_kernel_not_the_math_path():
