@@ -319,7 +319,7 @@ def bench_profile(a):
     attention = "flex" if device.type == "cuda" else "sdpa"
     model = GPT(cfg, attention).to(device)
     fwd = model.compile_regions() if a.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = parallel.autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")  # as train.py
     idx = torch.randint(0, cfg.vocab_size, (a.batch_seqs, cfg.S + 1), device=device)
 
@@ -365,7 +365,8 @@ def bench_profile(a):
 def bench_nanogpt(a):
     """Training steps (forward, backward, clipping, AdamW) of three models, interleaved round after round on
     the same batches: the nanoGPT-style reference at the dense twin's Shape, the dense twin (ours) and
-    the MoE (the CPU toy or --moe), all of the same N. Compared per executed FLOP (flops.M_exec)."""
+    the MoE (the CPU toy or --moe), all of the same N, each stepped as its own program steps it (AdamW,
+    compilation). Compared per executed FLOP (flops.M_exec)."""
     device = torch.device(a.device)
     moe = load_shape(a.moe, "--moe") if a.moe else flops.Shape()
     twin = flops.dense_shape(flops.count(moe).N, L=moe.L, S=moe.S, Dh=moe.Dh)
@@ -379,13 +380,18 @@ def bench_nanogpt(a):
               "MoE": GPT(GPTConfig(**asdict(moe), vocab_size=V))}
     if models["nanoGPT-style"].matmul_params() != flops.count(twin).Na:
         raise RuntimeError("the reference's matrices differ from the dense twin's: the FLOP comparison would be unfair")
+    if a.compile:  # each as its own program compiles it: nanoGPT's train.py the whole model, ours per block
+        models = {name: torch.compile(m) if name == "nanoGPT-style" else m.compile_regions() for name, m in models.items()}
     shapes = {"nanoGPT-style": twin, "dense twin": twin, "MoE": moe}
     loader = token_windows.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
     batches = [tuple(torch.from_numpy(t).to(device) for t in loader.next_step(a.batch_seqs, 1, 0, 1)[0]) for _ in range(4)]
 
-    def stepper(model):
+    def stepper(model, name):
         model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        # each model's AdamW as its program makes it: nanoGPT's configure_optimizers fuses it on CUDA only,
+        # train.py everywhere (--same_optimizer: nanoGPT's for all three)
+        fused = device.type == "cuda" or (name != "nanoGPT-style" and not a.same_optimizer)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
         turn = [0]
 
         def step():
@@ -396,12 +402,13 @@ def bench_nanogpt(a):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    t = interleaved({name: stepper(m) for name, m in models.items()}, a.rounds, device, a.warmup)
+    t = interleaved({name: stepper(m, name) for name, m in models.items()}, a.rounds, device, a.warmup)
     tokens = a.batch_seqs * moe.S
-    print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 eager threads={torch.get_num_threads()} "
+    print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 "
+          f"{'compiled' if a.compile else 'eager'}{' same-optimizer' if a.same_optimizer else ''} threads={torch.get_num_threads()} "
           f"batch={a.batch_seqs}x{moe.S} warmup={a.warmup} rounds={a.rounds}; M_exec = FLOPs executed per token")
     print(f"  {'model':15}{'N':>12}{'r_a':>7}{'M_exec':>10}{'ms/step':>10}{'tok/s':>9}{'GFLOP/s':>9}")
-    out = {"device": device_name(device), "threads": torch.get_num_threads(), "batch_seqs": a.batch_seqs,
+    out = {"device": device_name(device), "compiled": a.compile, "same_optimizer": a.same_optimizer, "threads": torch.get_num_threads(), "batch_seqs": a.batch_seqs,
            "rounds": a.rounds, "models": {}}
     for name, shape in shapes.items():
         c, M, ms = flops.count(shape), flops.M_exec(shape, V), 1e3 * statistics.median(t[name])
@@ -571,6 +578,8 @@ def parser():
     pr.add_argument("--top", type=at_least(1, 10**4), default=12, help="kernels listed")
     ng = sub.add_parser("nanogpt", allow_abbrev=False, help="the dense twin against a nanoGPT-style GPT, and the MoE")
     ng.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
+    ng.add_argument("--same_optimizer", type=rundir.true_or_false, default=False,
+                    help="true: nanoGPT's AdamW (unfused off CUDA) for all three, to compare the models alone")
     ve = sub.add_parser("versions", allow_abbrev=False, help="whole train.py processes of checkouts, interleaved")
     ve.add_argument("checkouts", nargs="+", help="folders of this repository (git worktree add); ratios over the last")
     ve.add_argument("--config", help="a train.py config file (default: none, the CPU toy)")
@@ -591,8 +600,11 @@ def parser():
         q.add_argument("--data", default="data/shakespeare-byte")
     for q in (g, e, at, t, pr, pa, ng):
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        if q not in (pa, ng):  # parts and nanogpt time eager models, as the CPU default runs them
-            q.add_argument("--compile", type=rundir.true_or_false, default=True)
+        if q is not pa:  # parts times the eager model, as the CPU default runs it
+            q.add_argument("--compile", type=rundir.true_or_false, default=q is not ng,
+                           help="nanogpt: false (default) eager, as the CPU default runs; true: the reference "
+                           "compiled whole, as nanoGPT's train.py does, ours block by block, as train.py does"
+                           if q is ng else None)
         q.add_argument("--threads", type=at_least(0, 1024), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "

@@ -217,8 +217,9 @@ def make_optimizer(model, sched, tcfg, device, strategy):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda" and strategy != "fsdp"  # sharded (DTensor) parameters take the foreach path
-    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=fused)
+    # fused: one kernel per tensor, on CPU too (2.4 against 6.6 ms a step for the CPU toy's dense twin, the
+    # same bits on 1 and 2 threads); sharded (DTensor) parameters take the foreach path
+    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=strategy != "fsdp")
 
 
 def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device):
