@@ -219,6 +219,16 @@ def test_sdpa_bias_is_built_once_in_fp32_and_keeps_every_distance_apart(monkeypa
     assert masks[0].reshape(8, 2048, 2048)[-1, -1].unique().numel() == 2048  # head 8, slope 2^-8: 2048 distances
 
 
+def test_sdpa_bias_is_kept_for_its_length_only():
+    model = GPT(GPTConfig(scheme="dense", L=1, Dm=32, H=4, Dffn=64, S=64, vocab_size=16))
+    b64 = model.alibi_bias_for(64)
+    assert model.alibi_bias_for(64) is b64 and torch.equal(b64, alibi_bias(model.slopes, 64, torch.float32))
+    model(torch.zeros(2, 48, dtype=torch.long))  # another length: a bias of that length replaces it
+    b48 = model.alibi_bias_for(48)
+    assert b48 is not b64 and torch.equal(b48, alibi_bias(model.slopes, 48, torch.float32))
+    assert not any("alibi" in k or "slopes" in k for k in model.state_dict())
+
+
 @pytest.mark.parametrize("shape", [(3, 50, 24), (7, 40)])
 def test_rms_norm_by_hand_matches_torch(shape):
     # RMSNormFn (the CPU path) against F.rms_norm and its autograd: the same forward bits, the gradients to rounding
