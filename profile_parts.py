@@ -21,9 +21,9 @@ from model import GPT, Attention, MoE, SwiGLU
 
 PART = "part: "
 STEP = "step (embedding, norms, residual, backward engine)"  # the step's rest: the parts below nest inside
-IN_STEP = ("attention", "ALiBi bias", "router", "routed experts", "SwiGLU FFNs", "LM head and loss", "optimizer", STEP)
+IN_STEP = ("attention", "router", "routed experts", "SwiGLU FFNs", "LM head and loss", "optimizer", STEP)
 SCOPES = [  # (where the function lives, its name, its part)
-    (model_module, "alibi_bias", "ALiBi bias"), (Attention, "forward", "attention"),
+    (Attention, "forward", "attention"),
     (MoE, "route", "router"), (MoE, "aux", "router"), (model_module, "routed_experts", "routed experts"),
     (SwiGLU, "forward", "SwiGLU FFNs"), (GPT, "head", "LM head and loss"), (parallel, "clip_grad_norm", "optimizer"),
     (train, "train_step", STEP), (token_windows.Loader, "next_step", "loader"), (logbook.Logbook, "add", "logging"),
