@@ -209,8 +209,13 @@ def restore(form, path, state, model, optimizer, scaler, loader, device):
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
             dcp.load(both, checkpoint_id=path)
         weights, adam, full = both["model"], both["optimizer"], False
+    # the checkpoint brings AdamW's state, not the kernel that steps it: a group's saved fused/foreach would
+    # override this code's choice (and a fused=False group under a GradScaler made for fused=True fails)
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
                    options=StateDictOptions(full_state_dict=full))
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
     scaler.load_state_dict(state["scaler"])
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"]["cpu"])

@@ -69,8 +69,10 @@ def quit_while_starting(program):
     It leaves with os._exit, not SystemExit: a library's bare `except:` around an optional import would
     swallow the exception, and the program would go on after saying that nothing was done."""
     def handler(signum, frame):
-        print(f"{program}: {Interrupted(signum).what} while starting: nothing was done", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+        try:  # a closed stderr must not keep the program from ending either
+            os.write(2, f"{program}: {Interrupted(signum).what} while starting: nothing was done\n".encode())
+        finally:
+            os._exit(128 + signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
 

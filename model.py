@@ -136,8 +136,10 @@ def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
     offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
     xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
     h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
-    # the gate scales the narrow hidden (F wide) rather than the output (D wide): same result, less memory traffic
-    a_RF = swiglu(h_RF2, g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype))
+    # each slot's gate g (M5) scales the narrow hidden (F wide) rather than the output (D wide): same
+    # result, less memory traffic; swiglu applies it with the activation
+    g_R1 = g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype)
+    a_RF = swiglu(h_RF2, g_R1)
     o_RD = gmm(a_RF, w2_EFD, offs_E)
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
     return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
@@ -165,8 +167,9 @@ class RMSNormFn(torch.autograd.Function):
 
 
 class SwiGLUFn(torch.autograd.Function):
-    """a = silu(h1) ⊙ h3 ⊙ g from h = [h1 | h3], the output of the stacked W1|W3 matrix, and a gate g
-    (a column, or None for 1). Autograd's formulas, in its order, so the same bits; but the backward
+    """The activation alone (no matrices): a = silu(h1) ⊙ h3 ⊙ g from h = [h1 | h3], the output of the
+    stacked W1|W3 matrix, and g the router's gate of each routed slot (M5: a column; None in a dense FFN).
+    Autograd's formulas, in its order, so the same bits; but the backward
     writes dh1 and dh3 straight into the two halves of dh, where autograd's chunk would join them with a
     copy of the whole 2F-wide gradient (4.0–4.2 against 4.6–4.9 ms forward and backward at [2560, 1600] on
     2 CPU threads). It saves h and silu(h1), as autograd does, and recomputes silu(h1) ⊙ h3 for dg."""
@@ -179,6 +182,7 @@ class SwiGLUFn(torch.autograd.Function):
         return a if g is None else a * g
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: the out= writes are not differentiable
     def backward(ctx, da):
         h, s, g = ctx.saved_tensors
         h1, h3 = h.chunk(2, dim=-1)
@@ -194,8 +198,8 @@ class SwiGLUFn(torch.autograd.Function):
 
 
 def swiglu(h, g=None):
-    """silu(h1) ⊙ h3 (⊙ g) for h = [h1 | h3]: SwiGLUFn in eager code; compiled, the plain expression,
-    which inductor fuses into one kernel."""
+    """silu(h1) ⊙ h3 (⊙ g, the routed slot's gate) for h = [h1 | h3]: SwiGLUFn in eager code; compiled,
+    the plain expression, which inductor fuses into one kernel."""
     if torch.compiler.is_compiling():
         h1, h3 = h.chunk(2, dim=-1)
         a = F.silu(h1) * h3
@@ -497,11 +501,14 @@ class GPT(nn.Module):
 
     def alibi_bias_for(self, T):
         """The [1, H, T, T] ALiBi bias that every layer reads, built on the first forward of length T (on the
-        slopes' device) and kept: it depends on nothing else, and building it took 1–2 ms a CPU step. It
+        slopes' device) and kept until a forward of another length: it depends on nothing else, and
+        building it took ~1 ms a step of the CPU default run. One built under inference_mode is built
+        again outside it (SDPA saves the bias for the backward, which an inference tensor refuses). It
         stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances collapse to
         641 values."""
         bias = self._alibi_bias
-        if bias is None or bias.shape[-1] != T or bias.device != self.slopes.device:
+        if (bias is None or bias.shape[-1] != T or bias.device != self.slopes.device
+                or (bias.is_inference() and not torch.is_inference_mode_enabled())):
             bias = self._alibi_bias = alibi_bias(self.slopes, T, torch.float32)
         return bias
 
@@ -565,4 +572,6 @@ class GPT(nn.Module):
                 idx_BT = torch.cat([idx_BT, nxt], dim=1)
         finally:
             self.attention = attention
+            if attention == "flex":  # a flex model never reads the bias: do not keep a [1, H, S, S] one for it
+                self._alibi_bias = None
         return idx_BT

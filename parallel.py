@@ -256,8 +256,10 @@ def layer_bytes(mcfg, layer, a, r, attention="flex"):
     # the router: its fp32 input (in fp32 the shared expert's input already, when there is one), the
     # exponentials and the scores
     router = (0 if a == 4 and mcfg.Dse else 4 * Dm) + 8 * mcfg.E
-    routed = mcfg.K * (a * (Dm + 4 * mcfg.De) + 28)      # per slot: dispatched x, h13 (2De), silu, gated
-    shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0  # product (model.SwiGLUFn); slot ids and gate
+    # routed, per slot: the dispatched x, h13 (2De) and silu(h1) (model.SwiGLUFn), the gated product (the
+    # second grouped GEMM's input); slot ids and gate. The shared expert: its input, h13, silu, product
+    routed = mcfg.K * (a * (Dm + 4 * mcfg.De) + 28)
+    shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0
     return attn + norm + router + routed + shared
 
 

@@ -97,3 +97,29 @@ def test_a_damaged_shard_is_named_and_not_loaded(tiny_run, tmp_path):
     (tmp_path / "a" / "ckpt" / "latest.json").write_text("{not json")
     with pytest.raises(safe_io.RunDirError, match="latest.json is damaged"):
         train.train([f"--out_dir={tmp_path / 'a'}", "--resume"])
+
+
+def test_a_resumed_adamw_keeps_this_codes_kernel_not_the_checkpoints(tmp_path):
+    # a checkpoint saved by an unfused AdamW (before AdamW was fused on CPU) would make the group unfused again,
+    # and a GradScaler built for the fused optimizer then fails its first step
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(scheme="dense", L=1, Dm=16, H=2, Dh=8, Dffn=32, S=8, vocab_size=16))
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=False)
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    old.step()
+    weights, adam = checkpoint.model_and_optimizer(model, old, full=True)
+    old.zero_grad(set_to_none=True)  # as train.py leaves a step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+
+    class Loader:
+        def load_state_dict(self, state):
+            pass
+    state = {"model": weights, "optimizer": adam, "scaler": scaler.state_dict(), "loader": {},
+             "rng": {"cpu": torch.get_rng_state()}, "step": 1}
+    assert checkpoint.restore("pt", tmp_path, state, model, optimizer, scaler, Loader(), torch.device("cpu")) == 1
+    assert all(g["fused"] for g in optimizer.param_groups)
+    scaler.scale(model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1]).backward()
+    scaler.step(optimizer)  # AssertionError in torch's unfused AdamW without the fix
+    scaler.update()

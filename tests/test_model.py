@@ -227,6 +227,10 @@ def test_sdpa_bias_is_kept_for_its_length_only():
     b48 = model.alibi_bias_for(48)
     assert b48 is not b64 and torch.equal(b48, alibi_bias(model.slopes, 48, torch.float32))
     assert not any("alibi" in k or "slopes" in k for k in model.state_dict())
+    idx = torch.zeros(2, 32, dtype=torch.long)
+    with torch.inference_mode():  # an evaluation under inference_mode, then training at the same length
+        model(idx, idx)
+    model(idx, idx)[1].backward()  # SDPA refuses to save an inference tensor for the backward
 
 
 @pytest.mark.parametrize("shape", [(3, 50, 24), (7, 40)])
