@@ -505,7 +505,9 @@ class GPT(nn.Module):
         building it took ~1 ms a step of the CPU default run. One built under inference_mode is built
         again outside it (SDPA saves the bias for the backward, which an inference tensor refuses). It
         stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances collapse to
-        641 values."""
+        641 values. Compiling a whole GPT, it is built in the graph, as causal_block_mask's mask is."""
+        if torch.compiler.is_compiling():
+            return alibi_bias(self.slopes, T, torch.float32)
         bias = self._alibi_bias
         if (bias is None or bias.shape[-1] != T or bias.device != self.slopes.device
                 or (bias.is_inference() and not torch.is_inference_mode_enabled())):
