@@ -404,12 +404,12 @@ def bench_nanogpt(a):
         return step
     t = interleaved({name: stepper(m, name) for name, m in models.items()}, a.rounds, device, a.warmup)
     tokens = a.batch_seqs * moe.S
-    print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 "
-          f"{'compiled' if a.compile else 'eager'}{' same-optimizer' if a.same_optimizer else ''} threads={torch.get_num_threads()} "
+    print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 {'compiled' if a.compile else 'eager'}"
+          f"{' same-optimizer' if a.same_optimizer else ''} threads={torch.get_num_threads()} "
           f"batch={a.batch_seqs}x{moe.S} warmup={a.warmup} rounds={a.rounds}; M_exec = FLOPs executed per token")
     print(f"  {'model':15}{'N':>12}{'r_a':>7}{'M_exec':>10}{'ms/step':>10}{'tok/s':>9}{'GFLOP/s':>9}")
-    out = {"device": device_name(device), "compiled": a.compile, "same_optimizer": a.same_optimizer, "threads": torch.get_num_threads(), "batch_seqs": a.batch_seqs,
-           "rounds": a.rounds, "models": {}}
+    out = {"device": device_name(device), "compiled": a.compile, "same_optimizer": a.same_optimizer,
+           "threads": torch.get_num_threads(), "batch_seqs": a.batch_seqs, "rounds": a.rounds, "models": {}}
     for name, shape in shapes.items():
         c, M, ms = flops.count(shape), flops.M_exec(shape, V), 1e3 * statistics.median(t[name])
         out["models"][name] = {"shape": asdict(shape), "N": c.N, "M_exec": M, "ms_per_step": ms,

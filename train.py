@@ -97,7 +97,7 @@ def run_training(run, rank, world, device, aside):
     if master and world == 1 and tcfg.parallel != "auto":
         rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
     fwd = parallel.wrap(model, strategy, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
-    optimizer = make_optimizer(model, sched, tcfg, device, strategy)
+    optimizer = make_optimizer(model, sched, tcfg, strategy)
     scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
     step, last_ckpt, records = 0, None, []
     numbers = describe(run, loader, strategy, rank, world, device)
@@ -211,7 +211,7 @@ def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast
     return sums, load_sum, logit_ms_sum, grad_norm
 
 
-def make_optimizer(model, sched, tcfg, device, strategy):
+def make_optimizer(model, sched, tcfg, strategy):
     """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
     FSDP has sharded the model: it then steps each rank's shards."""
     params = [p for p in model.parameters() if p.requires_grad]
