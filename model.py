@@ -82,12 +82,13 @@ def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
 # ----------------------------------------------------------------------------- dispatch / combine
 # Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
 # token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
+# index_select, not x[idx]: on CPU it copies whole rows, 2.5–3× faster at the toy's [8192, 128].
 def _dispatch(x_TD, tok_R):
-    return x_TD[tok_R]
+    return x_TD.index_select(0, tok_R)
 
 
 def _combine(o_RD, inv_R, K):
-    return o_RD[inv_R].view(-1, K, o_RD.shape[-1]).sum(1)
+    return o_RD.index_select(0, inv_R).view(-1, K, o_RD.shape[-1]).sum(1)
 
 
 class Dispatch(torch.autograd.Function):
