@@ -99,12 +99,15 @@ def wrap(model, strategy, tcfg, device, dtype):
         from torch.distributed.tensor import Shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
+        # a block's inputs are not cast: x is already bf16 (the embedding's weights are), and the SDPA ALiBi
+        # bias must stay fp32 (GPT.alibi_bias_for), as under autocast without FSDP
+        block_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
         world = dist.get_world_size()
 
         def placement(p):
             return Shard(shard_dim(tuple(p.shape), world))
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp, shard_placement_fn=placement)
+            fully_shard(block, mp_policy=block_mp, shard_placement_fn=placement)
         fully_shard(model, mp_policy=mp, shard_placement_fn=placement)  # the root: embedding, final norm, LM head
     return fwd
 

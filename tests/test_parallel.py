@@ -294,3 +294,23 @@ def test_sweep_plan_shows_memory_per_run_and_warns_where_it_cannot_fit():
     assert "DOES NOT FIT" in tight.stdout and "dense-C: needs 30.2 GiB per rank under fsdp" in tight.stderr
     bad = plan("--nproc=0", "--gpu_mem=80")
     assert bad.returncode == 2 and "--nproc=0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fsdp_in_bf16_keeps_the_alibi_bias_fp32(tmp_path):
+    # MixedPrecisionPolicy casts a sharded module's floating-point inputs to bf16; the SDPA bias that every
+    # block reads must stay fp32 (GPT.alibi_bias_for), as under autocast without FSDP
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cfg = GPTConfig(vocab_size=64, scheme="1dense", L=2, Dm=32, H=2, Dh=16, Dffn=48, S=16, E=4, K=2, De=16, Dse=16)
+        model = GPT(cfg)
+        seen = []
+        for block in model.blocks:
+            block.attn.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, args[1].dtype)))
+        parallel.wrap(model, "fsdp", TrainConfig(), torch.device("cpu"), "bfloat16")
+        x = torch.randint(0, cfg.vocab_size, (2, cfg.S))
+        with parallel.autocast_for(torch.device("cpu"), "bfloat16"):
+            model(x, x)[1].backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(torch.bfloat16, torch.float32)] * cfg.L  # bf16 activations, the fp32 bias
