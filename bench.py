@@ -14,6 +14,7 @@ The machines are noisy: every benchmark interleaves the things it compares, roun
 reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -36,6 +37,7 @@ if __name__ == "__main__":
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import data
@@ -83,6 +85,47 @@ def interleaved(fns, rounds, device, warmup=2, faults=None):
             if faults is not None:
                 faults[k] = faults.get(k, 0) + minor_faults() - f0
     return times
+
+
+class OpTimes(TorchDispatchMode):
+    """Wall time of each aten op a CPU step runs, summed per op name into `ms` (CPU ops run synchronously,
+    so an op's call is its work; torch.profiler's own bookkeeping inflates small CPU ops)."""
+    def __init__(self):
+        super().__init__()
+        self.ms = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.ms[func.overloadpacket.__name__] += 1e3 * (time.perf_counter() - t)
+        return out
+
+
+def op_kind(name):
+    return ("GEMM" if name in ("mm", "addmm", "bmm", "baddbmm", "gmm", "gmm_wgrad")
+            else "attention" if name.startswith("_scaled_dot_product") else "element-wise and the rest")
+
+
+def ms_by_op(steps, n):
+    """{model: {op: ms per step}}, the median over n rounds of one step each, the models in turn."""
+    rounds = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            with OpTimes() as timer:
+                step()
+            rounds[k].append(timer.ms)
+    return {k: {op: statistics.median(r[op] for r in rs) for op in set().union(*rs)} for k, rs in rounds.items()}
+
+
+def print_by_op(by_op, top):
+    names = list(by_op)
+    print(f"  ms per step by op (median of rounds, under a dispatch-mode timer):\n  {'':28}" +
+          "".join(f"{n:>16}" for n in names))
+    for kind in ("GEMM", "attention", "element-wise and the rest"):
+        print(f"  {kind:28}" + "".join(f"{sum(v for o, v in by_op[n].items() if op_kind(o) == kind):16.2f}" for n in names))
+    ops = sorted(set().union(*by_op.values()), key=lambda o: -max(by_op[n].get(o, 0.0) for n in names))
+    for op in [o for o in ops if op_kind(o) == "element-wise and the rest"][:top]:
+        print(f"    {op:26}" + "".join(f"{by_op[n].get(op, 0.0):16.2f}" for n in names))
 
 
 def moe_parts(moe, x, dy):
@@ -368,6 +411,8 @@ def bench_nanogpt(a):
     the MoE (the CPU toy or --moe), all of the same N, each stepped as its own program steps it (AdamW,
     compilation). Compared per executed FLOP (flops.M_exec)."""
     device = torch.device(a.device)
+    if a.by_op and (device.type != "cpu" or a.compile):
+        raise ValueError(f"--by_op={a.by_op}: times eager CPU ops; expected --device=cpu and --compile=false (or --by_op=0)")
     moe = load_shape(a.moe, "--moe") if a.moe else flops.Shape()
     twin = flops.dense_shape(flops.count(moe).N, L=moe.L, S=moe.S, Dh=moe.Dh)
     try:
@@ -402,7 +447,8 @@ def bench_nanogpt(a):
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step
-    t = interleaved({name: stepper(m, name) for name, m in models.items()}, a.rounds, device, a.warmup)
+    steps = {name: stepper(m, name) for name, m in models.items()}
+    t = interleaved(steps, a.rounds, device, a.warmup)
     tokens = a.batch_seqs * moe.S
     print(f"nanoGPT-style reference, dense twin and MoE  {device_name(device)} fp32 {'compiled' if a.compile else 'eager'}"
           f"{' same-optimizer' if a.same_optimizer else ''} threads={torch.get_num_threads()} "
@@ -420,6 +466,10 @@ def bench_nanogpt(a):
         "MoE / dense twin, tokens/s": statistics.median(d / m for d, m in zip(t["dense twin"], t["MoE"]))}
     for k, v in ratio.items():
         print(f"  {k}: {v:.3f} (median of per-round ratios)")
+    if a.by_op:
+        by_op = ms_by_op(steps, a.by_op)
+        print_by_op(by_op, top=12)
+        out["ms_by_op"] = by_op
     return {**out, "ratios": ratio}
 
 
@@ -580,6 +630,8 @@ def parser():
     ng.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
     ng.add_argument("--same_optimizer", type=rundir.true_or_false, default=False,
                     help="true: nanoGPT's AdamW (unfused off CUDA) for all three, to compare the models alone")
+    ng.add_argument("--by_op", type=at_least(0, 10**4), default=0,
+                    help="then N more rounds, each step's ops timed one by one: ms per step by op (eager CPU)")
     ve = sub.add_parser("versions", allow_abbrev=False, help="whole train.py processes of checkouts, interleaved")
     ve.add_argument("checkouts", nargs="+", help="folders of this repository (git worktree add); ratios over the last")
     ve.add_argument("--config", help="a train.py config file (default: none, the CPU toy)")

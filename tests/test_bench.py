@@ -4,6 +4,7 @@ gpu-check's checks pass on a CPU, where they run what a CPU can."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,29 @@ def test_parts_and_nanogpt_benches_run(tiny_data, tmp_path):
     shares = json.loads((tmp_path / "p.json").read_text())["parts"]
     assert sum(p["share"] for p in shares.values()) == pytest.approx(1.0)
     out = run_bench("nanogpt", f"--moe={tmp_path / 'moe.toml'}", f"--data={tiny_data}", "--batch_seqs=2", "--rounds=2",
-                    "--warmup=1")
+                    "--warmup=1", "--by_op=2", f"--json={tmp_path / 'n.json'}")
     assert "dense twin / nanoGPT-style, FLOP/s" in out and "MoE / dense twin, tokens/s" in out
+    by_op = json.loads((tmp_path / "n.json").read_text())["ms_by_op"]
+    assert set(by_op) == {"nanoGPT-style", "dense twin", "MoE"} and "gmm" in by_op["MoE"] and "gmm" not in by_op["dense twin"]
+    assert "gelu" in by_op["nanoGPT-style"] and "silu" in by_op["dense twin"] and "  GEMM  " in out
+
+
+def test_op_times_count_each_op_of_a_step_by_name(capsys):
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    t = time.perf_counter()
+    by_op = bench.ms_by_op({"step": lambda: torch.relu(a @ b).sum()}, 3)["step"]
+    wall = 1e3 * (time.perf_counter() - t)
+    assert set(by_op) == {"mm", "relu", "sum"} and 0 < sum(by_op.values()) < wall
+    bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=5)
+    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["GEMM"] == [f"{by_op['mm']:.2f}", "1.00"] and rows["attention"] == ["0.00", "2.00"]
+    assert rows["relu"] == [f"{by_op['relu']:.2f}", "0.00"]
+
+
+def test_op_times_refuse_compiled_or_gpu_steps(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["nanogpt", "--by_op=2", "--compile=true"])
+    assert e.value.code == 2 and "--by_op=2: times eager CPU ops" in capsys.readouterr().err
 
 
 @pytest.mark.slow
