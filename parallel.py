@@ -99,8 +99,8 @@ def wrap(model, strategy, tcfg, device, dtype):
         from torch.distributed.tensor import Shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if dtype == "bfloat16" else None,
                                   reduce_dtype=torch.float32)
-        # a block's inputs are not cast: x is already bf16 (the embedding's weights are), and the SDPA ALiBi
-        # bias must stay fp32 (GPT.alibi_bias_for), as under autocast without FSDP
+        # FSDP would cast every floating input of a block; only x is cast (cast_x), so that the SDPA path's
+        # ALiBi bias stays fp32 (GPT.alibi_bias_for), as under autocast without FSDP
         block_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
         world = dist.get_world_size()
 
@@ -108,8 +108,18 @@ def wrap(model, strategy, tcfg, device, dtype):
             return Shard(shard_dim(tuple(p.shape), world))
         for block in model.blocks:
             fully_shard(block, mp_policy=block_mp, shard_placement_fn=placement)
+            if mp.param_dtype is not None:
+                block.register_forward_pre_hook(cast_x(mp.param_dtype))
         fully_shard(model, mp_policy=mp, shard_placement_fn=placement)  # the root: embedding, final norm, LM head
     return fwd
+
+
+def cast_x(dtype):
+    """A block's forward pre-hook: its residual-stream input x in dtype, its other inputs as they are. On
+    CUDA a block's output can be fp32 (autocast runs rms_norm in fp32, and the MoE returns its input's dtype)."""
+    def hook(block, args):
+        return (args[0].to(dtype), *args[1:])
+    return hook
 
 
 def accumulating(fwd, strategy, last):

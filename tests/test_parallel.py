@@ -296,10 +296,13 @@ def test_sweep_plan_shows_memory_per_run_and_warns_where_it_cannot_fit():
     assert bad.returncode == 2 and "--nproc=0" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_fsdp_in_bf16_keeps_the_alibi_bias_fp32(tmp_path):
-    # MixedPrecisionPolicy casts a sharded module's floating-point inputs to bf16; the SDPA bias that every
-    # block reads must stay fp32 (GPT.alibi_bias_for), as under autocast without FSDP
+def test_fsdp_in_bf16_casts_a_blocks_x_and_keeps_the_alibi_bias_fp32(tmp_path):
+    # MixedPrecisionPolicy would cast every floating input of a sharded block to bf16: x is cast, whatever
+    # dtype the block before returned (fp32 on CUDA, where autocast runs rms_norm in fp32), and the SDPA
+    # bias stays fp32 (GPT.alibi_bias_for), as under autocast without FSDP
     import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.fail("a process group is already initialised in this process: this test needs its own")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         cfg = GPTConfig(vocab_size=64, scheme="1dense", L=2, Dm=32, H=2, Dh=16, Dffn=48, S=16, E=4, K=2, De=16, Dse=16)
@@ -311,6 +314,7 @@ def test_fsdp_in_bf16_keeps_the_alibi_bias_fp32(tmp_path):
         x = torch.randint(0, cfg.vocab_size, (2, cfg.S))
         with parallel.autocast_for(torch.device("cpu"), "bfloat16"):
             model(x, x)[1].backward()
+            model.blocks[1](torch.randn(2, cfg.S, cfg.Dm), model.alibi_bias_for(cfg.S))  # an fp32 x, as on CUDA
     finally:
         dist.destroy_process_group()
-    assert seen == [(torch.bfloat16, torch.float32)] * cfg.L  # bf16 activations, the fp32 bias
+    assert seen == [(torch.bfloat16, torch.float32)] * (cfg.L + 1)  # bf16 activations, the fp32 bias
