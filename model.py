@@ -82,7 +82,8 @@ def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
 # ----------------------------------------------------------------------------- dispatch / combine
 # Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
 # token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
-# index_select, not x[idx]: on CPU it copies whole rows, 2.5–3× faster at the toy's [8192, 128].
+# index_select, not x[idx]: on CPU it copies whole rows where x[idx] runs the general indexing kernel
+# (2.4–2.9× faster at the CPU toy's sizes, docs/results.md).
 def _dispatch(x_TD, tok_R):
     return x_TD.index_select(0, tok_R)
 

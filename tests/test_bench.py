@@ -4,7 +4,6 @@ gpu-check's checks pass on a CPU, where they run what a CPU can."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,14 @@ import bench
 import profile_parts
 import reference_gpt
 from model import GPTConfig, MoE
+from tests.conftest import refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*args):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]  # a failed gpu-check says which on stdout
     return r.stdout
 
 
@@ -143,22 +143,27 @@ def test_parts_and_nanogpt_benches_run(tiny_data, tmp_path):
     assert "gelu" in by_op["nanoGPT-style"] and "silu" in by_op["dense twin"] and "  GEMM  " in out
 
 
-def test_op_times_count_each_op_of_a_step_by_name(capsys):
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
-    t = time.perf_counter()
-    by_op = bench.ms_by_op({"step": lambda: torch.relu(a @ b).sum()}, 3)["step"]
-    wall = 1e3 * (time.perf_counter() - t)
-    assert set(by_op) == {"mm", "relu", "sum"} and 0 < sum(by_op.values()) < wall
+def test_op_times_count_each_op_of_a_step_by_name_and_the_optimizers_apart(capsys):
+    a, w = torch.randn(64, 64), torch.randn(64, 64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1, foreach=False)  # param.add_(grad) per tensor
+
+    def step():
+        torch.relu(a @ w).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    by_op = bench.ms_by_op({"step": step}, 3)["step"]
+    assert {"mm", "relu", "sum", "threshold_backward", "optimizer:add_"} <= set(by_op) and "add_" not in by_op
+    assert all(v > 0 for v in by_op.values())
     bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=5)
-    rows = {r.split()[0]: r.split()[1:] for r in capsys.readouterr().out.splitlines()[2:]}
+    rows = {r[:30].strip(): r[30:].split() for r in capsys.readouterr().out.splitlines()[2:]}
     assert rows["GEMM"] == [f"{by_op['mm']:.2f}", "1.00"] and rows["attention"] == ["0.00", "2.00"]
-    assert rows["relu"] == [f"{by_op['relu']:.2f}", "0.00"]
+    assert rows["optimizer step"] == [f"{by_op['optimizer:add_']:.2f}", "0.00"]
+    assert rows["relu"] == [f"{by_op['relu']:.2f}", "0.00"] and "optimizer:add_" not in rows
 
 
-def test_op_times_refuse_compiled_or_gpu_steps(capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["nanogpt", "--by_op=2", "--compile=true"])
-    assert e.value.code == 2 and "--by_op=2: times eager CPU ops" in capsys.readouterr().err
+def test_op_times_refuse_compiled_steps(capsys):
+    err = refused(bench.main, ["nanogpt", "--by_op=2", "--compile=true"], capsys)
+    assert "--by_op=2: times eager CPU ops" in err
 
 
 @pytest.mark.slow

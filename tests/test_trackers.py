@@ -72,8 +72,8 @@ def test_wandb_offline_keeps_its_run_in_the_run_directory_and_a_resume_continues
     train.main(["--out_dir=" + str(out), "--resume"])
     assert json.loads((out / "wandb.json").read_text())["id"] == run_id
     # offline-run-<time>-<id>; a second sitting in the same second gets W&B's "-1" after the id
-    parts = sorted(p for p in (out / "wandb").glob(f"offline-run-*-{run_id}*")
-                   if re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", p.name))
+    name = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    parts = sorted(p for p in (out / "wandb").iterdir() if name.fullmatch(p.name))
     assert len(parts) == 2 and all((p / f"run-{run_id}.wandb").stat().st_size for p in parts)  # one run, in two sittings
     assert sorted(p.name for p in (out / "wandb").iterdir() if p.name.startswith(("run-", "offline-run-"))) == \
         [p.name for p in parts]
