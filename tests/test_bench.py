@@ -154,11 +154,13 @@ def test_op_times_count_each_op_of_a_step_by_name_and_the_optimizers_apart(capsy
     by_op = bench.ms_by_op({"step": step}, 3)["step"]
     assert {"mm", "relu", "sum", "threshold_backward", "optimizer:add_"} <= set(by_op) and "add_" not in by_op
     assert all(v > 0 for v in by_op.values())
-    bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=5)
+    bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=100)
     rows = {r[:30].strip(): r[30:].split() for r in capsys.readouterr().out.splitlines()[2:]}
     assert rows["GEMM"] == [f"{by_op['mm']:.2f}", "1.00"] and rows["attention"] == ["0.00", "2.00"]
     assert rows["optimizer step"] == [f"{by_op['optimizer:add_']:.2f}", "0.00"]
     assert rows["relu"] == [f"{by_op['relu']:.2f}", "0.00"] and "optimizer:add_" not in rows
+    bench.print_by_op({"x": by_op}, top=1)  # the kinds, then the one slowest element-wise op
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(bench.OP_KINDS) + 1
 
 
 def test_op_times_refuse_compiled_steps(capsys):
