@@ -102,14 +102,17 @@ class OpTimes(TorchDispatchMode):
         self.prefix = ""
 
     def __enter__(self):
+        mode = super().__enter__()
         self.hooks = [register_optimizer_step_pre_hook(lambda *_: setattr(self, "prefix", "optimizer:")),
                       register_optimizer_step_post_hook(lambda *_: setattr(self, "prefix", ""))]
-        return super().__enter__()
+        return mode
 
     def __exit__(self, *exc):
-        for hook in self.hooks:
-            hook.remove()
-        return super().__exit__(*exc)
+        try:
+            for hook in self.hooks:
+                hook.remove()
+        finally:
+            return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t = time.perf_counter()

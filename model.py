@@ -428,7 +428,9 @@ class Block(nn.Module):
         if isinstance(self.ffn, SwiGLU):
             return x_BTD + self.ffn(h_BTD), None
         y_TD, aux = self.ffn(h_BTD.view(-1, h_BTD.shape[-1]))
-        return x_BTD + y_TD.view_as(x_BTD), aux
+        # in the residual stream's dtype: on CUDA under autocast the MoE returns fp32 (rms_norm runs in fp32),
+        # which would turn a bf16 stream (FSDP's) fp32 from here on
+        return x_BTD + y_TD.view_as(x_BTD).to(x_BTD.dtype), aux
 
 
 ATTENTION = ("sdpa", "flex")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim import optimizer
 
 import bench
 import profile_parts
@@ -151,8 +152,12 @@ def test_op_times_count_each_op_of_a_step_by_name_and_the_optimizers_apart(capsy
         torch.relu(a @ w).sum().backward()
         opt.step()
         opt.zero_grad()
+        (a * 2).sum()  # after the step: not the optimizer's
+    hooks = [len(optimizer._global_optimizer_pre_hooks), len(optimizer._global_optimizer_post_hooks)]
     by_op = bench.ms_by_op({"step": step}, 3)["step"]
-    assert {"mm", "relu", "sum", "threshold_backward", "optimizer:add_"} <= set(by_op) and "add_" not in by_op
+    assert {"mm", "relu", "sum", "threshold_backward", "optimizer:add_", "mul"} <= set(by_op)
+    assert "add_" not in by_op and "optimizer:mul" not in by_op
+    assert [len(optimizer._global_optimizer_pre_hooks), len(optimizer._global_optimizer_post_hooks)] == hooks  # removed
     assert all(v > 0 for v in by_op.values())
     bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=100)
     rows = {r[:30].strip(): r[30:].split() for r in capsys.readouterr().out.splitlines()[2:]}
