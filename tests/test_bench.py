@@ -11,6 +11,7 @@ import torch
 from torch.optim import optimizer
 
 import bench
+import op_times
 import profile_parts
 import reference_gpt
 from model import GPTConfig, MoE
@@ -154,18 +155,18 @@ def test_op_times_count_each_op_of_a_step_by_name_and_the_optimizers_apart(capsy
         opt.zero_grad()
         (a * 2).sum()  # after the step: not the optimizer's
     hooks = [len(optimizer._global_optimizer_pre_hooks), len(optimizer._global_optimizer_post_hooks)]
-    by_op = bench.ms_by_op({"step": step}, 3)["step"]
+    by_op = op_times.ms_by_op({"step": step}, 3)["step"]
     assert {"mm", "relu", "sum", "threshold_backward", "optimizer:add_", "mul"} <= set(by_op)
     assert "add_" not in by_op and "optimizer:mul" not in by_op
     assert [len(optimizer._global_optimizer_pre_hooks), len(optimizer._global_optimizer_post_hooks)] == hooks  # removed
     assert all(v > 0 for v in by_op.values())
-    bench.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=100)
+    op_times.print_by_op({"x": by_op, "y": {"mm": 1.0, "_scaled_dot_product_flash_attention_for_cpu": 2.0}}, top=100)
     rows = {r[:30].strip(): r[30:].split() for r in capsys.readouterr().out.splitlines()[2:]}
     assert rows["GEMM"] == [f"{by_op['mm']:.2f}", "1.00"] and rows["attention"] == ["0.00", "2.00"]
     assert rows["optimizer step"] == [f"{by_op['optimizer:add_']:.2f}", "0.00"]
     assert rows["relu"] == [f"{by_op['relu']:.2f}", "0.00"] and "optimizer:add_" not in rows
-    bench.print_by_op({"x": by_op}, top=1)  # the kinds, then the one slowest element-wise op
-    assert len(capsys.readouterr().out.splitlines()) == 2 + len(bench.OP_KINDS) + 1
+    op_times.print_by_op({"x": by_op}, top=1)  # the kinds, then the one slowest element-wise op
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(op_times.OP_KINDS) + 1
 
 
 def test_op_times_refuse_compiled_steps(capsys):
