@@ -13,7 +13,7 @@ import json
 import math
 import sys
 
-import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
     interrupts.quit_while_starting("evaluate.py")
 
@@ -21,11 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import checkpoint
+from harness import checkpoint
 import data
-import parallel
-import token_windows
-from config import resolve_dtype
+from harness import parallel
+from harness.config import resolve_dtype
 
 
 @torch.no_grad()
@@ -38,7 +37,7 @@ def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, wo
     device = model.wte.weight.device
     for name, tokens in val_splits.items():
         nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
-        windows = token_windows.eval_windows(tokens, S, eval_tokens, rank, world)
+        windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
         n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
         for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
             rows = list(itertools.islice(windows, batch))
@@ -53,7 +52,7 @@ def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, wo
                                                         reduction="sum")
         if world > 1:
             dist.all_reduce(nll)
-        out[name] = token_windows.bpc(nll[0].item(), nll[1].item())
+        out[name] = data.bpc(nll[0].item(), nll[1].item())
     model.train(was_training)
     return out
 

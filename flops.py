@@ -14,9 +14,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-import helptext
-import rundir
-import safe_io
+from harness import helptext
+from harness import rundir
+from harness import safe_io
 
 SCHEMES = ("dense", "full", "1dense", "interleave")
 

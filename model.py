@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
 import flops
-from config import GPTConfig  # [model] of a run's config
+from harness.config import GPTConfig  # [model] of a run's config
 
 
 # ----------------------------------------------------------------------------- grouped GEMM

@@ -7,16 +7,16 @@ import argparse
 import math
 import sys
 
-import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
     interrupts.quit_while_starting("sample.py")
 
 import torch
 
-import checkpoint
+from harness import checkpoint
 import data
-import parallel
-import rundir
+from harness import parallel
+from harness import rundir
 
 
 def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):

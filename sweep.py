@@ -14,12 +14,12 @@ import sys
 from dataclasses import MISSING, replace
 from pathlib import Path
 
-import helptext
-import interrupts
-import rundir
-import safe_io
-import sweep_plan
-from sweep_report import report
+from harness import helptext
+from harness import interrupts
+from harness import rundir
+from harness import safe_io
+from harness import sweep_plan
+from harness.sweep_report import report
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
@@ -70,7 +70,7 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
         todo = [(i, r) for i, r in enumerate(runs) if r.name not in done and (only is None or i == only)]
         if not todo:
             return runs
-        import parallel  # torch: the runs are about to start here
+        from harness import parallel  # torch: the runs are about to start here
         device = parallel.device_of(sweep_plan.train_args_config(runs[0], sweep, train_over, out))
         setups = sweep_plan.check_runs(runs, sweep, train_over, nproc, out, device, prepare=True)
         sweep_plan.check_existing(runs, setups, out)
@@ -125,8 +125,8 @@ cd {q(str(Path.cwd()))}
 # ----------------------------------------------------------------------------- command line
 def keys_help():
     """The sweep file's tables and keys, each with its default and meaning (helptext: the field comments)."""
-    here = Path(__file__).with_name("sweep_plan.py")
-    shape = {k.name: k for k in helptext.keys(here.with_name("flops.py"), "Shape")}
+    here = helptext.source_of("sweep_plan")
+    shape = {k.name: k for k in helptext.keys(helptext.source_of("flops"), "Shape")}
     arm = {k.name: k for k in helptext.keys(here, "Arm")}
     backbone = [shape[k] for k in sweep_plan.BACKBONE]
     mults = [arm["lr_mult"], arm["batch_mult"]]

@@ -24,32 +24,31 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
 if __name__ == "__main__":
     interrupts.quit_while_starting("train.py")
     if {"-h", "--help"} & set(sys.argv[1:]):  # answered before torch loads: helptext reads the keys' sources
-        import helptext
+        from harness import helptext
         helptext.show(helptext.train_help(__doc__))
         sys.exit(0)
 
 import torch
 import torch.distributed as dist
 
-import checkpoint
+from harness import checkpoint
 import data
 import flops
-import helptext
-import logbook
-import parallel
-import preflight
-import rundir
-import safe_io
-import schedule
-import token_windows
-import trackers
-from config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
+from harness import helptext
+from harness import logbook
+from harness import parallel
+from harness import preflight
+from harness import rundir
+from harness import safe_io
+from harness import schedule
+from harness import trackers
+from harness.config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
 from evaluate import evaluate_splits
-from logbook import Logbook
+from harness.logbook import Logbook
 from model import GPT, GPTConfig
 from sample import sample_text
 
@@ -87,7 +86,7 @@ def run_training(run, rank, world, device, aside):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     autocast = parallel.autocast_for(device, run.dtype)
-    loader = token_windows.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    loader = data.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     table = data.char_table(data.get_tokenizer(run.meta["tokenizer"]))
     torch.manual_seed(tcfg.seed)
     model = GPT(mcfg, run.attention).to(device)

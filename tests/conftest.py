@@ -103,7 +103,7 @@ def micro_sweep(tmp_path, data="unused", compute="2e9", ra="[0.413, 0.496]", reu
 
 def finished_summary(run, sweep_, train_over, out, bpc):
     """The summary.json that train.py writes for a finished run of a sweep's plan, with the given final BPC."""
-    import sweep_plan
+    from harness import sweep_plan
     setup = sweep_plan.run_setup(run, sweep_, train_over, out)
     numbers = {k: getattr(run, k) for k in ("ra", "N", "C", "D", "iters", "batch_seqs", "lr", "warmup", "epochs")}
     return {"finished": True, "step": run.iters, "final": {"bpc_val": bpc}, "data": data.identity(setup.meta),

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import parallel  # noqa: E402
-from config import TrainConfig  # noqa: E402
+from harness import parallel  # noqa: E402
+from harness.config import TrainConfig  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 

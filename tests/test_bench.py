@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.optim import optimizer
 
-import bench
-import op_times
-import profile_parts
-import reference_gpt
+from dev import bench
+from dev import op_times
+from dev import profile_parts
+from dev import reference_gpt
 from model import GPTConfig, MoE
 from tests.conftest import refused
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_bench(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(ROOT / "dev" / "bench.py"), *args], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]  # a failed gpu-check says which on stdout
     return r.stdout
 
@@ -180,5 +180,5 @@ def test_versions_bench_runs_checkouts_in_turn(tiny_data, tmp_path):
     out = run_bench("versions", str(ROOT), str(ROOT), f"--config={tmp_path / 'moe.toml'}", f"--data={tiny_data}",
                     "--iters=2", "--batch_seqs=2", "--eval_tokens=64", "--rounds=1")
     assert out.count(str(ROOT)) == 2 and f"over {ROOT.name}: 1.000" in out
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "versions", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "dev" / "bench.py"), "versions", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and f"{tmp_path}: no train.py" in r.stderr and "Traceback" not in r.stderr

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import rundir
-import safe_io
+from harness import checkpoint
+from harness import rundir
+from harness import safe_io
 import train
 from tests.conftest import refused, snapshot, tiny
 from tests.test_train import run_ddp

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-import schedule
-from config import TrainConfig, load_config
+from harness import schedule
+from harness.config import TrainConfig, load_config
 from model import GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,9 +12,8 @@ import torch
 
 import data
 import evaluate
-import safe_io
-import sources
-import token_windows
+from harness import safe_io
+from harness import sources
 from model import GPT, GPTConfig
 from tests.conftest import make_text
 
@@ -33,7 +32,7 @@ def positions(n):
 
 
 def test_each_window_once_per_epoch_and_epochs_differ():
-    loader = token_windows.Loader(positions(1001), S=10, seed=3)
+    loader = data.Loader(positions(1001), S=10, seed=3)
     assert loader.n_windows == 100
     ids = take(loader, steps=25, micro=5, accum=2)  # 250 windows: 2.5 epochs
     assert sorted(ids[:100]) == list(range(100)) and sorted(ids[100:200]) == list(range(100))
@@ -42,14 +41,14 @@ def test_each_window_once_per_epoch_and_epochs_differ():
 
 
 def test_windows_are_shifted_pairs():
-    loader = token_windows.Loader(positions(1001), S=10, seed=0)
+    loader = data.Loader(positions(1001), S=10, seed=0)
     (x, y), = loader.next_step(micro=4, accum=1, rank=0, world=1)
     assert x.shape == y.shape == (4, 10) and (y == x + 1).all() and (x[:, 0] % 10 == 0).all()
 
 
 def test_global_order_is_the_same_for_one_and_two_ranks():
-    one = token_windows.Loader(positions(2001), S=10, seed=5)
-    two = [token_windows.Loader(positions(2001), S=10, seed=5) for _ in range(2)]
+    one = data.Loader(positions(2001), S=10, seed=5)
+    two = [data.Loader(positions(2001), S=10, seed=5) for _ in range(2)]
     for _ in range(30):  # 30 steps of 8 windows: 1.2 epochs
         whole = take(one, 1, micro=2, accum=4)
         parts = [take(two[r], 1, micro=2, accum=2, rank=r, world=2) for r in range(2)]
@@ -59,7 +58,7 @@ def test_global_order_is_the_same_for_one_and_two_ranks():
 
 def test_strict_reuse_touches_exactly_the_unique_budget():
     S, D_hat = 16, 16 * 40  # D̂ = 640 tokens to predict, the first 641 of 10,000
-    loader = token_windows.Loader(positions(10_000), S=S, seed=1, unique_tokens=D_hat)
+    loader = data.Loader(positions(10_000), S=S, seed=1, unique_tokens=D_hat)
     assert loader.unique_tokens == D_hat
     seen = set()
     for _ in range(30):  # 120 windows: 3 epochs over the 40 windows of D̂
@@ -70,12 +69,12 @@ def test_strict_reuse_touches_exactly_the_unique_budget():
 
 
 def test_loader_resumes_mid_epoch():
-    a = token_windows.Loader(positions(1001), S=10, seed=9)
+    a = data.Loader(positions(1001), S=10, seed=9)
     take(a, 7, micro=3, accum=1)  # 21 windows in
-    b = token_windows.Loader(positions(1001), S=10, seed=9)
+    b = data.Loader(positions(1001), S=10, seed=9)
     b.load_state_dict(a.state_dict())
     assert take(a, 40, micro=3, accum=1) == take(b, 40, micro=3, accum=1)
-    c = token_windows.Loader(positions(1001), S=10, seed=10)
+    c = data.Loader(positions(1001), S=10, seed=10)
     with pytest.raises(ValueError, match="seed"):
         c.load_state_dict(a.state_dict())
 
@@ -92,7 +91,7 @@ def test_bpc_of_a_uniform_model_counts_characters_not_bytes():
     chars = int(table[targets].sum())
     assert chars < len(targets)  # multi-byte characters
     assert result["v"] == pytest.approx(8 * len(targets) / chars, rel=1e-6)  # fp32 cross-entropy
-    assert token_windows.bpc(len(targets) * math.log(256), chars) == pytest.approx(result["v"])
+    assert data.bpc(len(targets) * math.log(256), chars) == pytest.approx(result["v"])
 
 
 def test_char_table_is_additive_over_token_cuts():
@@ -145,9 +144,9 @@ def test_training_documents_are_shuffled_so_every_prefix_mixes_the_sources(tmp_p
 def test_unique_tokens_beyond_the_split_are_refused():
     tokens = np.arange(1000, dtype=np.uint16)
     with pytest.raises(ValueError, match="unique_tokens=1,000 is more than the training split holds"):
-        token_windows.Loader(tokens, 32, 0, unique_tokens=1000)  # 1,000 tokens predict 999
-    assert token_windows.Loader(tokens, 32, 0, unique_tokens=999).unique_tokens == 31 * 32  # 999 // 32 windows of 32 targets
-    assert token_windows.Loader(tokens, 32, 0).unique_tokens == 31 * 32
+        data.Loader(tokens, 32, 0, unique_tokens=1000)  # 1,000 tokens predict 999
+    assert data.Loader(tokens, 32, 0, unique_tokens=999).unique_tokens == 31 * 32  # 999 // 32 windows of 32 targets
+    assert data.Loader(tokens, 32, 0).unique_tokens == 31 * 32
 
 
 def test_big_files_are_read_in_chunks_with_the_same_tokens(tmp_path, monkeypatch):

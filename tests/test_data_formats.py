@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import data
-import sources
+from harness import sources
 from tests.conftest import make_text, refused
 
 pa = pytest.importorskip("pyarrow")

@@ -11,15 +11,15 @@ from dataclasses import fields
 
 import pytest
 
-import bench
+from dev import bench
 import data
 import evaluate
 import flops
 import sample
 import sweep
-import sweep_plan
+from harness import sweep_plan
 import train
-from config import SECTIONS
+from harness.config import SECTIONS
 from tests.conftest import MICRO, TINY_MODEL, micro_sweep
 
 # the cases whose values are mostly legal, so that each runs a benchmark of training steps: seconds each

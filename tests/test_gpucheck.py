@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpucheck
+from dev import gpucheck
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,16 +22,16 @@ def fresh(code):
 
 @pytest.mark.slow
 def test_no_import_cycle():
-    assert fresh("import sys, gpucheck; print('bench' in sys.modules)") == "False"
+    assert fresh("import sys; from dev import gpucheck; print('dev.bench' in sys.modules)") == "False"
     # bench.py imports gpucheck, from either side of a fresh interpreter
-    assert fresh("import sys, bench; print('gpucheck' in sys.modules, bench.gpu_check.__module__)") == "True gpucheck"
-    assert fresh("import gpucheck, bench; print(bench.gpu_check is gpucheck.gpu_check)") == "True"
+    assert fresh("import sys; from dev import bench; print('dev.gpucheck' in sys.modules, bench.gpu_check.__module__)") == "True dev.gpucheck"
+    assert fresh("from dev import gpucheck, bench; print(bench.gpu_check is gpucheck.gpu_check)") == "True"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
 def test_without_cuda_it_says_so_in_one_line():
-    r = subprocess.run([sys.executable, str(ROOT / "gpucheck.py")], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(ROOT / "dev" / "gpucheck.py")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and not r.stdout
     assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("gpucheck.py: error: --device=cuda: no such CUDA device here") and "--device=cpu" in r.stderr
@@ -59,4 +59,4 @@ def test_exit_code_and_json(failed, code, tmp_path, monkeypatch, capsys):
 
 
 def test_ci_runs_it():
-    assert "python3 gpucheck.py --json=" in (ROOT / ".ci" / "gpu").read_text()
+    assert "python3 dev/gpucheck.py --json=" in (ROOT / ".ci" / "gpu").read_text()

@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 
-import bench
+from dev import bench
 import data
 import evaluate
 import flops
-import gpucheck
-import helptext
-import ladder_report
+from dev import gpucheck
+from harness import helptext
+from dev import ladder_report
 import sample
 import sweep
-import sweep_plan
+from harness import sweep_plan
 import train
-from config import SECTIONS
+from harness.config import SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 # every config dataclass whose fields are keys of a file or flags: its fields must each have a line of meaning

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import ladder_report as lr
+from dev import ladder_report as lr
 import sweep
 from tests.conftest import finished_summary, micro_sweep
 
@@ -161,7 +161,7 @@ def test_lr_rule_counts_a_run_that_did_not_finish_as_worst(tmp_path):
 
 
 def ladder_plan(name):
-    import sweep_plan  # plans without torch
+    from harness import sweep_plan  # plans without torch
     s, moe, dense, _ = sweep_plan.load_sweep(ROOT / "configs" / f"sweep-{name}.toml")
     return s, sweep_plan.plan(s, moe, dense)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import logbook
+from harness import logbook
 import train
 from model import GPT, GPTConfig, MoE
 from tests.test_train import records, run_ddp, weights

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import data
-import preflight
-import rundir
-import safe_io
+from harness import preflight
+from harness import rundir
+from harness import safe_io
 import sweep
 import train
 from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
@@ -104,7 +104,7 @@ def test_outputs_are_written_only_over_their_own_kind(finished, tmp_path, capsys
 
 
 def bench_main(argv):
-    import bench
+    from dev import bench
     bench.main(argv)
 
 
@@ -584,7 +584,7 @@ def test_ctrl_c_while_starting_ends_in_one_line(tiny_data, tmp_path):
 def test_ctrl_c_while_starting_is_not_swallowed_by_a_bare_except():
     # a library's bare except around an import caught the SystemExit: the program said "nothing was done",
     # then went on (seen once in ~20 runs of the test above: SIGINT half a second into `import torch`)
-    code = ("import os, signal, time, interrupts\ninterrupts.quit_while_starting('x.py')\n"
+    code = ("import os, signal, time\nfrom harness import interrupts\ninterrupts.quit_while_starting('x.py')\n"
             "try:\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\nexcept:\n    pass\nprint('went on')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and "went on" not in r.stdout

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import parallel
-import schedule
+from harness import parallel
+from harness import schedule
 import train
-from config import TrainConfig, read_toml
+from harness.config import TrainConfig, read_toml
 from model import GPT, GPTConfig
 from tests.test_train import records, run_ddp, weights
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import rundir
-import safe_io
+from harness import rundir
+from harness import safe_io
 import train
 from tests.conftest import refused, snapshot, tiny
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_a_second_writer_is_refused_with_the_holders_pid(tiny_data, tmp_path, capsys):
     out = tmp_path / "r"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import rundir, time, sys; rundir.Lock(sys.argv[1]).acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", "import time, sys; from harness import rundir; rundir.Lock(sys.argv[1]).acquire(); "
                                "print('held', flush=True); time.sleep(60)", str(out)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import bench
+from dev import bench
 import data
 import flops
-import rundir
-import sources
+from harness import rundir
+from harness import sources
 import sweep
 import train
 from tests.conftest import TINY_MODEL, snapshot

@@ -10,9 +10,9 @@ import torch
 import data
 import evaluate
 import flops
-import schedule
+from harness import schedule
 import train
-from config import load_config
+from harness.config import load_config
 from model import GPT, GPTConfig
 from sample import sample_text
 from tests.test_parallel import sharded_weights

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 import flops
-import schedule
+from harness import schedule
 import sweep
-import sweep_plan
-import sweep_report
-from config import GPTConfig, TrainConfig, load_config
+from harness import sweep_plan
+from harness import sweep_report
+from harness.config import GPTConfig, TrainConfig, load_config
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,7 +304,7 @@ def test_micro_batch_that_ranks_cannot_split_is_refused_at_plan_time(tmp_path):
 
 def test_planning_a_sweep_loads_no_torch():
     """schedule.py and preflight.py plan and check every run without torch: `sweep.py plan` is instant."""
-    code = ("import sys, sweep, sweep_plan; _, runs, _ = sweep_plan.planned('configs/sweep-cpu.toml'); "
+    code = ("import sys, sweep; from harness import sweep_plan; _, runs, _ = sweep_plan.planned('configs/sweep-cpu.toml'); "
             "assert runs and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-import rundir
-import sweep_plan
+from harness import rundir
+from harness import sweep_plan
 import train
-import trackers
+from harness import trackers
 from tests.conftest import refused, tiny
 
 TIMING = ("tokens_per_s", "data_share", "mfu", "peak_mem_gib")  # what two runs of one trajectory may differ in

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import flops
-import rundir
-import schedule
+from harness import rundir
+from harness import schedule
 import train
-from config import TrainConfig
+from harness.config import TrainConfig
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
-import rundir
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's root, for python dev/gpucheck.py
+from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import rundir
 if __name__ == "__main__":
     interrupts.quit_while_starting("gpucheck.py")
 
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 import data
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
-import parallel
-import safe_io
-from parallel import device_name, parse_device
+from harness import parallel
+from harness import safe_io
+from harness.parallel import device_name, parse_device
 
 RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
 
@@ -164,7 +165,7 @@ def check_two_ranks(device):
         losses = {}
         for n, out in ((1, "one"), (2, "ddp"), (2, "fsdp")):
             launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if n > 1 else [])
-            r = subprocess.run(launch + [str(Path(__file__).with_name("train.py"))] + argv
+            r = subprocess.run(launch + [str(Path(__file__).resolve().parent.parent / "train.py")] + argv
                                + [f"--out_dir={tmp}/{out}"] + ([f"--parallel={out}"] if n > 1 else []),
                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if r.returncode:

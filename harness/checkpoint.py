@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import config
+from harness import config
 import data
-import rundir
-import safe_io
+from harness import rundir
+from harness import safe_io
 
 SHARDED = "ckpt"
 

@@ -29,31 +29,31 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
-import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
-import rundir
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's root, for python dev/bench.py
+from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import rundir
 if __name__ == "__main__":
     interrupts.quit_while_starting("bench.py")
 
 import torch
 import torch.nn.functional as F
 
-import config
+from harness import config
 import data
 import flops
-import logbook
-import op_times
-import parallel
-import preflight
-import profile_parts
-import reference_gpt
-import safe_io
-import token_windows
+from harness import logbook
+from dev import op_times
+from harness import parallel
+from harness import preflight
+from dev import profile_parts
+from dev import reference_gpt
+from harness import safe_io
 import train
-from gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
+from dev.gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, gmm, routed_experts)
 
-from parallel import device_name
+from harness.parallel import device_name
 
 
 def sync(device):
@@ -386,7 +386,7 @@ def bench_nanogpt(a):
     if a.compile:  # each as its own program compiles it: nanoGPT's train.py the whole model, ours per block
         models = {name: torch.compile(m) if name == "nanoGPT-style" else m.compile_regions() for name, m in models.items()}
     shapes = {"nanoGPT-style": twin, "dense twin": twin, "MoE": moe}
-    loader = token_windows.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
+    loader = data.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
     batches = [tuple(torch.from_numpy(t).to(device) for t in loader.next_step(a.batch_seqs, 1, 0, 1)[0]) for _ in range(4)]
 
     def stepper(model, name):
@@ -538,7 +538,7 @@ def bench_bytes(a):
     if a.what == "attention":
         return 4 * (12 * a.B * a.H * a.S * a.Dh + a.H * a.S ** 2 + 3 * a.B * a.H * a.S ** 2)
     if a.what in ("step", "profile"):
-        import parallel
+        from harness import parallel
         shapes = [load_shape(getattr(a, k), f"--{k}") if getattr(a, k, None) else flops.Shape() for k in ("moe", "config")]
         cfg = GPTConfig(**asdict(shapes[0] if a.what == "step" else shapes[1]), vocab_size=getattr(a, "vocab_size", 256))
         return parallel.memory(cfg, a.batch_seqs, "single", 1, "float32", False, attention="sdpa").total
@@ -547,7 +547,7 @@ def bench_bytes(a):
 
 def check_memory(a, device):
     """Refuse a benchmark that cannot fit the device's memory, naming its sizes."""
-    import parallel
+    from harness import parallel
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else parallel.host_bytes()
     need = bench_bytes(a)
     if capacity and need > capacity:

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-import rundir
+from harness import rundir
 
 CHUNK_CHARS = 1 << 22  # a big text file is tokenised in ~4 MB pieces cut at line ends: bounded memory
 # the inputs data.py reads, by how a name ends: (layout, compression). A folder gives up its files of these kinds.

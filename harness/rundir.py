@@ -25,8 +25,8 @@ import socket
 import sys
 from pathlib import Path
 
-from interrupts import raise_held, signals_held
-from safe_io import (RunDirError, atomic_write, open_nofollow, open_plain, own_file_problem, read_bytes, refuse_link,
+from harness.interrupts import raise_held, signals_held
+from harness.safe_io import (RunDirError, atomic_write, open_nofollow, open_plain, own_file_problem, read_bytes, refuse_link,
                      write_text)
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json", "tb", "wandb", "wandb.json")

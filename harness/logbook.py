@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import rundir
+from harness import rundir
 
 
 # bf16 dense tensor-core peak per device (vendor datasheets), matched against the CUDA device name

@@ -22,9 +22,9 @@ from dataclasses import MISSING, dataclass
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project
 # where train.py's two tables come from (config.SECTIONS; tests/test_help.py checks they match)
-TRAIN_TABLES = {"model": (ROOT / "config.py", "GPTConfig"), "train": (ROOT / "config.py", "TrainConfig")}
+TRAIN_TABLES = {"model": (ROOT / "harness/config.py", "GPTConfig"), "train": (ROOT / "harness/config.py", "TrainConfig")}
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,15 @@ def _parse(path):
     return ast.parse(source), comments
 
 
+def source_of(module):
+    """The source file of a project module: a top-level file (the method) or one of harness/."""
+    top = ROOT / f"{module}.py"
+    return top if top.exists() else ROOT / "harness" / f"{module}.py"
+
+
 def keys(path, cls_name):
     """[Key] of a dataclass in a source file, in the dataclass's order: its bases' fields first. A base is
-    a class of the same file (Base) or of a module next to it (module.Base)."""
+    a class of the same file (Base) or of a module (module.Base) beside it or of the project."""
     tree, comments = _parse(str(path))
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name), None)
     if cls is None:
@@ -67,7 +73,8 @@ def keys(path, cls_name):
         if isinstance(base, ast.Name):
             out.update((k.name, k) for k in keys(path, base.id))
         elif isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
-            out.update((k.name, k) for k in keys(Path(path).with_name(base.value.id + ".py"), base.attr))
+            beside = Path(path).with_name(base.value.id + ".py")
+            out.update((k.name, k) for k in keys(beside if beside.exists() else source_of(base.value.id), base.attr))
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                 and "ClassVar" not in ast.unparse(node.annotation):

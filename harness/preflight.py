@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import data
-import schedule
-import token_windows
-import trackers
-from config import GPTConfig, TrainConfig, padded_vocab, resolve_dtype
+from harness import schedule
+from harness import trackers
+from harness.config import GPTConfig, TrainConfig, padded_vocab, resolve_dtype
 
 
 @dataclass
@@ -57,7 +56,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         return Setup(mcfg=mcfg, tcfg=tcfg, sched=sched, resume=resume, dtype=dtype, attention=attention)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
     train_tokens = data.open_split(tcfg.data, "train", meta)
-    token_windows.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
+    data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
     for name, tokens in val_splits.items():
         if len(tokens) < mcfg.S + 1:
@@ -65,7 +64,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
                              f"tokens, fewer than one evaluation window of S+1 = {mcfg.S + 1} (model.S={mcfg.S}): give "
                              f"it more text, or train with a smaller S")
     if device is not None:
-        import parallel  # torch: only a run on this machine needs it
+        from harness import parallel  # torch: only a run on this machine needs it
         parallel.check_fits(mcfg, tcfg, sched, world, dtype, device, attention)
         if tcfg.compile:
             check_compile(device.type)

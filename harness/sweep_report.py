@@ -12,8 +12,8 @@ import re
 import statistics
 from pathlib import Path
 
-import rundir
-import safe_io
+from harness import rundir
+from harness import safe_io
 
 
 def collect(run_dir):

@@ -12,15 +12,15 @@ refused with the numbers (docs/method.md §8).
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import config
+from harness import config
 import flops
-import preflight
-import rundir
-import safe_io
-import schedule
-from sweep_report import REUSE
+from harness import preflight
+from harness import rundir
+from harness import safe_io
+from harness import schedule
+from harness.sweep_report import REUSE
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project
 BACKBONE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "S")
 # what the sweep decides for every run; [train] may set anything else train.py knows
 SWEEP_OWNED = ("iters", "tokens", "compute", "batch_seqs", "lr", "lr_mult", "unique_tokens", "out_dir",
@@ -136,7 +136,7 @@ def load_sweep(path):
         raise ValueError(f"{path}: dense.S = {dense.shape.S} and moe.S = {moe.shape.S}: the twins of a sweep see the same "
                          f"context, or C and the tokens per step mean other things")
     train_over = cfg.get("train", {})
-    import config  # torch comes with it: only where runs are made
+    from harness import config  # torch comes with it: only where runs are made
     known = {f.name for f in fields(config.TrainConfig)}
     for key in train_over:
         if key == "overwrite":
@@ -337,7 +337,7 @@ def memory_plan(runs, train_over, world, gpu_mem):
     """Per run, the GiB per rank of one micro-batch under DDP and FSDP (parallel.py's plan, with the sweep's
     dtype and activation checkpointing), what train.py would choose, and a warning for each run that
     fits neither way on GPUs of gpu_mem GiB. Loads torch: only sweep.py plan --gpu_mem asks for it."""
-    import parallel
+    from harness import parallel
     from model import GPTConfig
     dtype = train_over.get("dtype", "auto")
     dtype = "bfloat16" if dtype == "auto" else dtype
@@ -413,7 +413,7 @@ def check_runs(runs, sweep, train_over, world, out, device=None, prepare=False):
 def check_existing(runs, setups, out):
     """Refuse, before any run starts, a run folder of out that holds a run of another plan (another C, lr,
     shape, data, …): a run is its whole plan, and one that differs is never reused or continued."""
-    import config
+    from harness import config
     bad = []
     for run in runs:
         folder = Path(out) / run.name
@@ -435,7 +435,7 @@ def check_existing(runs, setups, out):
 
 def saved_config(folder):
     """{model: …, train: …} of a run folder (its config.toml, else its summary's), or None when it has none."""
-    import config
+    from harness import config
     path = Path(folder) / "config.toml"
     if path.exists() or path.is_symlink():
         safe_io.refuse_link(path)

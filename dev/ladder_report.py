@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-import rundir
-import safe_io
-import sweep_report
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's root, for python dev/ladder_report.py
+from harness import rundir
+from harness import safe_io
+from harness import sweep_report
 
 SPARSEST = 4        # the arms the slope is fitted over
 N_BOOT = 2000

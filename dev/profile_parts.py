@@ -9,13 +9,13 @@ import time
 
 import torch
 
-import checkpoint
-import config
-import logbook
+from harness import checkpoint
+from harness import config
+from harness import logbook
+import data
 import model as model_module
-import parallel
-import preflight
-import token_windows
+from harness import parallel
+from harness import preflight
 import train
 from model import GPT, Attention, MoE, SwiGLU
 
@@ -26,7 +26,7 @@ SCOPES = [  # (where the function lives, its name, its part)
     (Attention, "forward", "attention"),
     (MoE, "route", "router"), (MoE, "aux", "router"), (model_module, "routed_experts", "routed experts"),
     (SwiGLU, "forward", "SwiGLU FFNs"), (GPT, "head", "LM head and loss"), (parallel, "clip_grad_norm", "optimizer"),
-    (train, "train_step", STEP), (token_windows.Loader, "next_step", "loader"), (logbook.Logbook, "add", "logging"),
+    (train, "train_step", STEP), (data.Loader, "next_step", "loader"), (logbook.Logbook, "add", "logging"),
     (logbook.Logbook, "train_record", "logging"), (logbook.Logbook, "eval_record", "logging"),
     (train, "evaluate_splits", "evaluation"), (checkpoint, "save", "checkpoint save"), (train, "show_sample", "sample")]
 PER_CALL = ("evaluation", "checkpoint save", "sample")

@@ -18,8 +18,8 @@ import secrets
 import string
 from pathlib import Path
 
-import rundir
-import safe_io
+from harness import rundir
+from harness import safe_io
 
 WANDB_ID = "wandb.json"
 # what the trackers write in their folders: --overwrite moves a folder aside (and deletes it) only when it holds no other

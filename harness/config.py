@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import flops
-import rundir
-import safe_io
+from harness import rundir
+from harness import safe_io
 from flops import MAX_TOKENS
 
 

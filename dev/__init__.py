@@ -1,0 +1,1 @@
+"""Developer tools, each one command: python dev/<tool>.py --help."""
