@@ -469,7 +469,7 @@ def meta_problem(meta):
 
 def open_split(data_dir, split, meta=None):
     """The tokens of one split as a read-only memmap, checked against meta.json: a whole number of tokens,
-    their count, every id inside the vocabulary and the file's sha256 (one pass, ~1 s per GB)."""
+    their count, every id inside the vocabulary and the file's sha256 (one pass)."""
     meta = meta or load_meta(data_dir)
     if split not in meta["splits"]:
         raise ValueError(f"{data_dir}: no split {split!r} (it has {', '.join(meta['splits'])})")

@@ -14,9 +14,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from harness import helptext
-from harness import rundir
-from harness import safe_io
 
 SCHEMES = ("dense", "full", "1dense", "interleave")
 
@@ -37,45 +34,9 @@ class Shape:
     Dse: int = 128          # hidden width of the shared expert (0 = none); Dse = K·De (docs/method.md §6)
     S: int = 256            # sequence length
 
-    def __post_init__(self):
-        check_shape(self)
-        if self.Dh == 0:
+    def __post_init__(self):  # harness/config.py checks the values first (its table of ranges)
+        if self.Dh == 0 and self.H:
             self.Dh = self.Dm // self.H
-
-
-# the largest value of each dimension: far beyond any model trained so far, and small enough that no
-# tensor size, parameter count or FLOP count overflows on the way to the memory check that follows
-MAX_TOKENS = 2**53  # D, iterations·batch·S, and every token count: float64 still counts each token exactly
-LIMITS = {"L": 4096, "Dm": 2**20, "H": 2**14, "Dh": 2**16, "Dffn": 2**22, "E": 2**20, "De": 2**22, "Dse": 2**22,
-          "S": 2**22}
-
-
-def check_shape(s):
-    """Raise one ValueError naming the field and what is allowed (before any tensor exists)."""
-    if s.scheme not in SCHEMES:
-        raise ValueError(f"scheme={s.scheme!r} is unknown: expected one of {', '.join(SCHEMES)}")
-    for name in ("L", "Dm", "H", "S"):
-        _require(name, getattr(s, name), lambda v: 1 <= v <= LIMITS[name], f"an integer in 1..{LIMITS[name]:,}")
-    _require("Dh", s.Dh, lambda v: 0 <= v <= LIMITS["Dh"], f"an integer in 1..{LIMITS['Dh']:,}, or 0 for Dm // H")
-    if s.Dh == 0 and s.Dm % s.H:
-        raise ValueError(f"H={s.H} does not divide Dm={s.Dm}: set Dh explicitly (H·Dh need not equal Dm)")
-    if s.scheme in ("dense", "1dense", "interleave"):
-        _require("Dffn", s.Dffn, lambda v: 1 <= v <= LIMITS["Dffn"], f"an integer in 1..{LIMITS['Dffn']:,} for "
-                 f"scheme={s.scheme!r}")
-    if s.scheme == "interleave" and s.L < 2:
-        raise ValueError(f"L={s.L} is too small for scheme='interleave': expected L >= 2")
-    if s.scheme == "dense":
-        return
-    _require("E", s.E, lambda v: 1 <= v <= LIMITS["E"], f"an integer in 1..{LIMITS['E']:,}")
-    _require("De", s.De, lambda v: 1 <= v <= LIMITS["De"], f"an integer in 1..{LIMITS['De']:,}")
-    _require("Dse", s.Dse, lambda v: 0 <= v <= LIMITS["Dse"], f"0 (no shared expert) or an integer up to {LIMITS['Dse']:,}")
-    _require("K", s.K, lambda v: 1 <= v <= s.E, f"an integer with 1 <= K <= E={s.E}")
-
-
-def _require(name, value, ok, allowed):
-    if not isinstance(value, int) or isinstance(value, bool) or not ok(value):
-        shown = f"{value:.4g}" if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1e16 else repr(value)
-        raise ValueError(f"{name}={shown} is not allowed: expected {allowed}")
 
 
 def layer_kinds(s):
@@ -162,7 +123,7 @@ def kappa_dense(alpha, gamma):
 
 
 def kappa_moe(beta, gamma):
-    """M12: κ_MoE = 1 + 2γ/(4 + 3β) (all-MoE), with β = (Dse + K·De)/Dm and γ = S/Dm."""
+    """M12: κ_MoE = 1 + 2γ/(4 + 3β) (layout full: every layer MoE), with β = (Dse + K·De)/Dm and γ = S/Dm."""
     return 1 + 2 * gamma / (4 + 3 * beta)
 
 
@@ -282,22 +243,24 @@ def format_summary(r):
 
 
 def shape_from_dict(d, where):
-    """A Shape from a config table, naming the file and key on bad input; other keys are ignored."""
+    """A Shape from a config table, checked by train.py's rules and naming the file and key on bad input; other
+    keys are ignored."""
+    from harness import config  # the command line's checks; the accounting above needs no project module
     names = {f.name for f in fields(Shape)}
-    kw = {k: v for k, v in d.items() if k in names}
     try:
-        return Shape(**kw)
+        return Shape(**config.check_model({k: v for k, v in d.items() if k in names}))
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
+    from harness import config, helptext, rundir
     p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
                                 description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (docs/method.md §4-5).")
     p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
     for k in helptext.keys(__file__, "Shape"):  # each field's comment, as train.py --help shows it
-        p.add_argument(f"--{k.name}", type={f.name: f.type for f in fields(Shape)}[k.name], default=None,
+        p.add_argument(f"--{k.name}", type=str if k.name == "scheme" else as_number(k.name, config), default=None,
                        help=f"{k.doc} (default {helptext.toml_value(k.default)})".replace("%", "%%"))
     p.add_argument("--include_router", type=rundir.true_or_false, default=True, help="count the router's Dm·E per MoE layer (default true)")
     p.add_argument("--D", type=float, help="training tokens: also print C and the StepLaw lr and batch")
@@ -306,7 +269,20 @@ def parser():
     return p
 
 
+def as_number(key, config):
+    """--key=value read as train.py reads it (--Dm=32.0 is 32)."""
+    typ = {f.name: f.type for f in fields(Shape)}[key]
+
+    def read(raw):
+        try:
+            return config.parse_value(key, raw, typ)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return read
+
+
 def main(argv=None):
+    from harness import config, safe_io
     p = parser()
     a = p.parse_args(argv)
     source = {"D": "--D", "C": "--C"}
@@ -325,10 +301,10 @@ def main(argv=None):
                 a.C, a.D = budget.get("compute") or None, budget.get("tokens") or None
                 source = {"D": f"{a.config}: train.tokens", "C": f"{a.config}: train.compute"}
         else:
-            shape = Shape(**given)
+            shape = shape_from_dict(given, None)
     except ValueError as e:
         p.error(f"{e}" if a.config is None or a.config in str(e) else f"{a.config}: {e}")
-    for key, hi in (("D", MAX_TOKENS), ("C", 1e30)):  # the ranges of train.tokens and train.compute
+    for key, hi in (("D", config.MAX_TOKENS), ("C", 1e30)):  # the ranges of train.tokens and train.compute
         v = getattr(a, key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
             p.error(f"{source[key]}={v}: expected a finite number in (0, {hi:.3g}]")

@@ -5,12 +5,16 @@ top-K, an optional shared expert and a load-balancing loss (M1–M6). The routed
 grouped GEMMs over tokens sorted by expert: dropless, no host synchronisation, no data-dependent
 shapes, so torch.compile(fullgraph=True) makes one graph that survives any routing.
 
-Shape suffixes in the hot code, with the paper's letters: T tokens, D model width (Dm), E experts,
-K experts per token, F expert width (De), V vocabulary; R = T·K routing slots (S stays the
-sequence length, as in docs/method.md §2).
+Each layer is its plain math. Where a faster path computes the same thing, one commented line chooses it;
+the fast paths are in kernels/custom_ops.py, tested equal to the plain ones (tests/test_model.py), and
+what they bought is in docs/results.md.
+
+Shape suffixes, with the paper's letters: B batch, S sequence length, T = B·S tokens, D model width (Dm),
+H heads, E experts, K experts per token, F expert or FFN hidden width, V vocabulary, R = T·K routing slots.
 """
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -20,207 +24,40 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
-from torch.utils.flop_counter import register_flop_formula
 
 import flops
-from harness.config import GPTConfig  # [model] of a run's config
+from kernels.custom_ops import RMSNormFn, SwiGLUFn, gmm
 
 
-# ----------------------------------------------------------------------------- grouped GEMM
-# torch's grouped_mm multiplies each group of rows of x by its own matrix. We wrap it in a custom
-# op because its built-in fake kernel (what torch.compile traces with) accepts only bf16; the
-# wrapper gives fp32 on CPU a fake and an autograd rule of its own, and works for every dtype.
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+@dataclass
+class GPTConfig(flops.Shape):
+    """[model] of a run's config: the shape in the paper's notation (flops.Shape) and the rest of the model.
+    harness/config.py checks every value against its table before one of these is made."""
+    vocab_size: int = 256        # token ids; set from the data (past 256: a multiple of 64) unless given
+    norm_topk: bool = False      # M4: renormalise the K gates to sum to 1 (needs K > 1)
+    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of M6
+    tie_embeddings: bool = False  # the LM head uses the token embedding's weights
+    init_std: float = 0.02       # std of the normal init (GPT-2's); what writes into the residual: /√(2L)
+    router_z_coef: float = 0.0   # ST-MoE's router z-loss, mean over tokens of logsumexp(router logits)², times this
+    expert_bias_rate: float = 0.0  # loss-free balancing (DeepSeek-V3): a routing bias moved by this rate each step
 
 
-@torch.library.custom_op("moe_equal::gmm", mutates_args=())
-def gmm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
-    """out[r] = x[r] @ w[e] for the rows r of group e; group e ends at row offs[e].
-    Rows past offs[-1] would be left unwritten: callers make offs[-1] == len(x) (dropless routing)."""
-    return _grouped_mm(x, w, offs=offs)
-
-
-@gmm.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.shape[0], w.shape[2])
-
-
-@torch.library.custom_op("moe_equal::gmm_wgrad", mutates_args=())
-def gmm_wgrad(x: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
-    """dw[e] = x_eᵀ @ dy_e over the rows of group e (zero for an empty group)."""
-    return _grouped_mm(x.t(), dy, offs=offs)
-
-
-@gmm_wgrad.register_fake
-def _(x, dy, offs):
-    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
-
-
-def _gmm_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _gmm_backward(ctx, dy):
-    x, w, offs = ctx.saved_tensors
-    dy = dy.contiguous()  # grouped_mm's kernels reject zero-stride gradients such as that of out.sum()
-    # an expert without rows gets exactly zero, not whatever grouped_mm leaves in its slot (upstream
-    # reports unwritten weight gradients for empty groups on some GPUs)
-    empty_E = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
-    dw = gmm_wgrad(x, dy, offs).masked_fill_(empty_E[:, None, None], 0.0)
-    return gmm(dy, w.transpose(1, 2), offs), dw, None
-
-
-gmm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
-
-
-# so that torch.utils.flop_counter.FlopCounterMode counts the experts: 2 FLOPs per multiply-add, as mm
-@register_flop_formula([torch.ops.moe_equal.gmm, torch.ops.moe_equal.gmm_wgrad])
-def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
-    return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
-
-
-# ----------------------------------------------------------------------------- dispatch / combine
-# Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
-# token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
-# index_select, not x[idx]: on CPU it copies whole rows where x[idx] runs the general indexing kernel
-# (2.4–2.9× faster at the CPU toy's sizes, docs/results.md).
-def _dispatch(x_TD, tok_R):
-    return x_TD.index_select(0, tok_R)
-
-
-def _combine(o_RD, inv_R, K):
-    return o_RD.index_select(0, inv_R).view(-1, K, o_RD.shape[-1]).sum(1)
-
-
-class Dispatch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, tok_R, inv_R, K):
-        ctx.save_for_backward(inv_R)
-        ctx.K = K
-        return _dispatch(x_TD, tok_R)
-
-    @staticmethod
-    def backward(ctx, dxs_RD):
-        (inv_R,) = ctx.saved_tensors
-        return _combine(dxs_RD, inv_R, ctx.K), None, None, None
-
-
-class Combine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o_RD, tok_R, inv_R, K):
-        ctx.save_for_backward(tok_R)
-        return _combine(o_RD, inv_R, K)
-
-    @staticmethod
-    def backward(ctx, dy_TD):
-        (tok_R,) = ctx.saved_tensors
-        return _dispatch(dy_TD, tok_R), None, None, None
-
-
-def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
-    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of M5), dropless.
-    The R routing slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e].
-
-    Measured with bench.py expert (2 CPU cores, fp32, compiled; dense/MoE time at equal expert FLOPs,
-    0.87 for this path) and dropped: gathering each expert's rows inside the grouped GEMM just before
-    its mm, still in cache (10 ms faster alone, 0.3 % in the whole step); the gate on the output
-    instead of the hidden; index_add dispatch (0.78); both W2 layouts; single-threaded experts two at a
-    time. A loop over experts reaches about 0.6, an eager grouped GEMM about 0.8. Going further needs a
-    kernel that never materialises the T·K-row tensors, which grouped_mm cannot do (docs/results.md)."""
-    T, K = e_TK.shape
-    E = w13_EDF2.shape[0]
-    e_R, order_R = e_TK.flatten().sort(stable=True)      # the R = T·K slots, grouped by expert
-    tok_R = order_R // K                                  # the token behind each slot
-    inv_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=e_TK.device))
-    # group e ends where ids > e begin; the last group ends at R by construction, so no row of the
-    # grouped GEMMs is ever left unwritten (grouped_mm skips rows past the last offset)
-    ends = torch.searchsorted(e_R, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
-    offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
-    xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
-    h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
-    # each slot's gate g (M5) scales the narrow hidden (F wide) rather than the output (D wide): same
-    # result, less memory traffic; swiglu applies it with the activation
-    g_R1 = g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype)
-    a_RF = swiglu(h_RF2, g_R1)
-    o_RD = gmm(a_RF, w2_EFD, offs_E)
-    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
-
-
-# ----------------------------------------------------------------------------- layers
-class RMSNormFn(torch.autograd.Function):
-    """y = x̂ ⊙ w with x̂ = x / rms(x), rms(x) = sqrt(mean(x²) + eps), and its gradient in closed form:
-    dx = (g − x̂ · mean(g ⊙ x̂)) / rms(x) with g = dy ⊙ w, and dw = Σ_rows dy ⊙ x̂. On CPU, F.rms_norm is
-    a chain of small ops whose autograd backward is longer still: this takes 1.25 against 2.3 ms forward
-    and backward at [10, 256, 256] (the forward is the same bits; the gradient agrees to rounding)."""
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-        x_hat = x * rstd
-        ctx.save_for_backward(x_hat, rstd, w)
-        return x_hat * w
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_hat, rstd, w = ctx.saved_tensors
-        g = dy * w
-        dx = (g - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
-        return dx, (dy * x_hat).flatten(0, -2).sum(0), None
-
-
-class SwiGLUFn(torch.autograd.Function):
-    """The activation alone (no matrices): a = silu(h1) ⊙ h3 ⊙ g from h = [h1 | h3], the output of the
-    stacked W1|W3 matrix, and g the router's gate of each routed slot (M5: a column; None in a dense FFN).
-    Autograd's formulas, in its order, so the same bits; but the backward
-    writes dh1 and dh3 straight into the two halves of dh, where autograd's chunk would join them with a
-    copy of the whole 2F-wide gradient (4.0–4.2 against 4.6–4.9 ms forward and backward at [2560, 1600] on
-    2 CPU threads). It saves h and silu(h1), as autograd does, and recomputes silu(h1) ⊙ h3 for dg."""
-    @staticmethod
-    def forward(ctx, h, g):
-        h1, h3 = h.chunk(2, dim=-1)
-        s = F.silu(h1)
-        a = s * h3
-        ctx.save_for_backward(h, s, g)
-        return a if g is None else a * g
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # no double backward: the out= writes are not differentiable
-    def backward(ctx, da):
-        h, s, g = ctx.saved_tensors
-        h1, h3 = h.chunk(2, dim=-1)
-        dg = None
-        if g is not None:
-            dg = (da * (s * h3)).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
-            da = da * g
-        dh = torch.empty_like(h)
-        dh1, dh3 = dh.chunk(2, dim=-1)
-        torch.mul(da, s, out=dh3)
-        torch.ops.aten.silu_backward.grad_input(da * h3, h1, grad_input=dh1)
-        return dh, dg
-
-
-def swiglu(h, g=None):
-    """silu(h1) ⊙ h3 (⊙ g, the routed slot's gate) for h = [h1 | h3]: SwiGLUFn in eager code; compiled,
-    the plain expression, which inductor fuses into one kernel."""
-    if torch.compiler.is_compiling():
-        h1, h3 = h.chunk(2, dim=-1)
-        a = F.silu(h1) * h3
-        return a if g is None else a * g
-    return SwiGLUFn.apply(h, g)
-
-
+# ----------------------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
+    """x / rms(x) ⊙ w with rms(x) = sqrt(mean(x²) + eps)."""
     def __init__(self, D, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(D))
         self.eps = eps
 
     def forward(self, x):
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():  # elsewhere a fused kernel, or inductor's
+        # fast path, CPU eager: the same forward, its gradient in closed form
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             return RMSNormFn.apply(x, self.weight, self.eps)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # elsewhere a fused kernel, or inductor's
 
 
+# ----------------------------------------------------------------------------- ALiBi
 def alibi_slopes(H):
     """ALiBi head slopes (Press et al. 2022; docs/method.md §3): 2^(−8h/H) for H a power of two; otherwise the
     P slopes of the largest power of two P below H, then every other slope of the 2P sequence."""
@@ -232,31 +69,23 @@ def alibi_slopes(H):
     return geometric(P) + geometric(2 * P)[0::2][: H - P]
 
 
-def alibi_bias(slopes_H, T, dtype):
-    """[1, H, T, T] additive attention bias: −m_h·(i − j) for key j ≤ query i, −inf for j > i. Four
-    dimensions, not three: on CPU, SDPA takes its flash kernel only with a 2-D or 4-D mask; with [H, T, T]
-    it falls back to the math path, which writes out every B·H·T·T score (1.5× the time, fwd + bwd)."""
-    pos = torch.arange(T, device=slopes_H.device)
-    rel_TT = (pos[None, :] - pos[:, None]).float()       # j − i
-    bias = slopes_H[:, None, None] * rel_TT
-    return bias.masked_fill(rel_TT > 0, float("-inf")).to(dtype)[None]
-
-
-# FlexAttention, the CUDA path: ALiBi is a score_mod that the fused kernel evaluates on each fp32 score,
-# and causality a block mask, so the blocks above the diagonal are skipped rather than computed and
-# masked. SDPA with the materialised [1, H, T, T] bias above stays the reference and the CPU path
-# (FlexAttention has no backward on CPU). It must be compiled to be fast: inside a compiled block
-# torch.compile lowers it to the fused kernels; called eagerly it needs a compiled wrapper of its own.
-@functools.cache
-def flex_attention_compiled():
-    return torch.compile(flex_attention, dynamic=False)  # made on first use: torch.compile costs ~3 s of imports
+def alibi_bias(slopes_H, S, dtype):
+    """[1, H, S, S] additive attention bias for SDPA: −m_h·(i − j) for key j ≤ query i, −inf for j > i.
+    Four dimensions, not three: see attend."""
+    pos = torch.arange(S, device=slopes_H.device)
+    rel_SS = (pos[None, :] - pos[:, None]).float()       # j − i
+    bias = slopes_H[:, None, None] * rel_SS
+    return bias.masked_fill(rel_SS > 0, float("-inf")).to(dtype)[None]
 
 
 @functools.cache
 def alibi_score_mod(H):
-    """score − m_h·(i − j) with the slopes of alibi_slopes(H) in closed form, computed in the kernel in
-    fp32: h < P takes 2^(−8(h+1)/P); the rest every other slope of the 2P sequence, 2^(−4(2(h−P)+1)/P).
-    One function per H, so that compiled code is reused rather than traced again for a new closure."""
+    """ALiBi for FlexAttention: score − m_h·(i − j), computed in the kernel in fp32, with the slopes of
+    alibi_slopes(H) in closed form: h < P takes 2^(−8(h+1)/P); the rest every other slope of the 2P
+    sequence, 2^(−4(2(h−P)+1)/P). Written twice because neither derives from the other without changing
+    bits: from H = 64 on, the kernel's fp32 exp2 and alibi_slopes' powers differ by a rounding
+    (tests/test_model.py compares them). One function per H, so that compiled code is reused rather
+    than traced again for a new closure."""
     P = 2 ** math.floor(math.log2(H))
 
     def score_mod(score, b, h, q_idx, kv_idx):
@@ -272,18 +101,46 @@ def causal(b, h, q_idx, kv_idx):
 _block_masks = {}
 
 
-def causal_block_mask(T, device):
-    """The causal BlockMask for T×T attention: built once per (T, device) in eager code, traced into the
-    graph when compiling (it depends on nothing but T)."""
+def causal_block_mask(S, device):
+    """The causal BlockMask for S×S attention: built once per (S, device) in eager code, traced into the
+    graph when compiling (it depends on nothing but S)."""
     if torch.compiler.is_compiling():
-        return create_block_mask(causal, None, None, T, T, device=device)
-    key = (T, str(device))
+        return create_block_mask(causal, None, None, S, S, device=device)
+    key = (S, str(device))
     if key not in _block_masks:
-        _block_masks[key] = create_block_mask(causal, None, None, T, T, device=device)
+        _block_masks[key] = create_block_mask(causal, None, None, S, S, device=device)
     return _block_masks[key]
 
 
+# ----------------------------------------------------------------------------- attention
+@functools.cache
+def flex_attention_compiled():
+    return torch.compile(flex_attention, dynamic=False)  # made on first use: torch.compile costs ~3 s of imports
+
+
+def attend(q, k, v, mask, score_mod):
+    """Causal attention with ALiBi over q, k, v [B, H, S, Dh]; the one place that picks the path:
+    - mask a BlockMask, eager on CUDA: FlexAttention compiled (flex_attention_compiled). ALiBi is score_mod,
+      which the fused kernel evaluates on each fp32 score; causality is the block mask, so the blocks
+      above the diagonal are skipped rather than computed and masked.
+    - mask a BlockMask otherwise: flex_attention itself. Inside a compiled block torch.compile lowers it to
+      the same fused kernels; eager on CPU it is the slow reference (no backward there: tests only).
+    - mask the fp32 [1, H, S, S] bias (GPT.alibi_bias_for): SDPA, the reference and the CPU path."""
+    if isinstance(mask, BlockMask):
+        eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+        flex = flex_attention_compiled() if eager_cuda else flex_attention
+        return flex(q, k, v, score_mod=score_mod, block_mask=mask)
+    # SDPA. The bias is fp32 whatever the autocast dtype (in bf16 the smallest slope's 2048 distances fall on
+    # 641 values). In fp32 it goes in 4-D, [1, H, S, S], which takes SDPA's CPU flash kernel (with a 3-D mask SDPA
+    # falls back to its math path and writes out all B·H·S·S scores). Under autocast q is bf16, and the flash
+    # kernel would cast the fp32 bias to q's dtype; so there the bias goes in 3-D, [H, S, S]: the math path keeps
+    # it in fp32, and the ALiBi distances stay exact.
+    bias = mask if q.dtype == mask.dtype else mask[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 class Attention(nn.Module):
+    """Multi-head causal self-attention, H heads of width Dh, with ALiBi (no position embedding)."""
     def __init__(self, cfg):
         super().__init__()
         self.H, self.Dh = cfg.H, cfg.Dh
@@ -291,33 +148,39 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.H * cfg.Dh, cfg.Dm, bias=False)
         self.score_mod = alibi_score_mod(cfg.H)
 
-    def forward(self, x_BTD, mask):
-        """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the fp32 [1, H, T, T] ALiBi bias (SDPA)."""
-        B, T, _ = x_BTD.shape
-        # split, as nanoGPT does: the backward joins the three gradients with one cat (a permute of a
-        # [B, T, 3, H, Dh] view needed a stack and a copy: the same bits, ~1 % of the CPU step)
-        q, k, v = (t.view(B, T, self.H, self.Dh).transpose(1, 2) for t in self.qkv(x_BTD).split(self.H * self.Dh, dim=-1))
-        if isinstance(mask, BlockMask):  # on CPU (tests only: no backward there) the slow eager reference
-            eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
-            flex = flex_attention_compiled() if eager_cuda else flex_attention
-            y = flex(q, k, v, score_mod=self.score_mod, block_mask=mask)
-        else:  # the 4-D bias takes SDPA's flash kernel, which would cast it to q's dtype: under autocast the
-            # 3-D bias keeps it fp32 (the math path computes in the bias's dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if q.dtype == mask.dtype else mask[0])
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.H * self.Dh))
+    def forward(self, x_BSD, mask):
+        """mask: a BlockMask (FlexAttention with ALiBi as a score_mod) or the fp32 [1, H, S, S] ALiBi bias (SDPA)."""
+        B, S, _ = x_BSD.shape
+        # split, as nanoGPT does: the backward joins the three gradients with one cat, where a permute of a
+        # [B, S, 3, H, Dh] view needed a stack and a copy (the same bits; docs/results.md)
+        q, k, v = (t.view(B, S, self.H, self.Dh).transpose(1, 2) for t in self.qkv(x_BSD).split(self.H * self.Dh, dim=-1))
+        y = attend(q, k, v, mask, self.score_mod)
+        return self.proj(y.transpose(1, 2).reshape(B, S, self.H * self.Dh))
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+def swiglu(h, g=None):
+    """silu(h1) ⊙ h3 for h = [h1 | h3] (the output of the stacked W1|W3), times g, a routed slot's gate (M5)."""
+    if torch.compiler.is_compiling():  # compiled: the plain expression, which inductor fuses into one kernel
+        h1, h3 = h.chunk(2, dim=-1)
+        a = F.silu(h1) * h3
+        return a if g is None else a * g
+    # fast path, eager: the same bits, with a backward that writes dh1 and dh3 into one tensor (no joining copy)
+    return SwiGLUFn.apply(h, g)
 
 
 class SwiGLU(nn.Module):
-    """FFN(x) = W2·(silu(W1·x) ⊙ W3·x), with W1 and W3 stacked in one matrix: 3·Dm·F parameters."""
-    def __init__(self, Dm, F_):
+    """FFN(x) = W2·(silu(W1·x) ⊙ W3·x), with W1 and W3 stacked in one matrix: 3·Dm·hidden parameters."""
+    def __init__(self, Dm, hidden):
         super().__init__()
-        self.w13 = nn.Linear(Dm, 2 * F_, bias=False)
-        self.w2 = nn.Linear(F_, Dm, bias=False)
+        self.w13 = nn.Linear(Dm, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, Dm, bias=False)
 
     def forward(self, x):
         return self.w2(swiglu(self.w13(x)))
 
 
+# ----------------------------------------------------------------------------- MoE
 class MoEAux(NamedTuple):
     """What an MoE layer reports besides its output."""
     balance: Tensor   # M6
@@ -402,7 +265,7 @@ class MoE(nn.Module):
 
     def forward_loop(self, x_TD):
         """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
-        tested against (tests/test_model.py on CPU, bench.py gpu-check in bf16 on a GPU). Slow."""
+        tested against (tests/test_model.py on CPU, dev/bench.py gpu-check in bf16 on a GPU). Slow."""
         s_TE, g_TK, e_TK, (lse_T, logit_ms) = self.route(x_TD)
         y_TD = torch.zeros_like(x_TD)
         counts_E = torch.zeros(self.E, device=x_TD.device)
@@ -416,21 +279,84 @@ class MoE(nn.Module):
         return y_TD, self.aux(s_TE, counts_E, lse_T, logit_ms)
 
 
+# ----------------------------------------------------------------------------- routed experts
+# Dispatch copies each token to its K slots in expert order; combine sums the K slots back into the
+# token. Each is the other's adjoint, so both directions are plain gathers: deterministic, no atomics.
+# index_select, not x[idx]: on CPU it copies whole rows where x[idx] runs the general indexing kernel
+# (2.4–2.9× faster at the CPU toy's sizes, docs/results.md).
+def _dispatch(x_TD, tok_R):
+    return x_TD.index_select(0, tok_R)
+
+
+def _combine(o_RD, inv_R, K):
+    return o_RD.index_select(0, inv_R).view(-1, K, o_RD.shape[-1]).sum(1)
+
+
+class Dispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, tok_R, inv_R, K):
+        ctx.save_for_backward(inv_R)
+        ctx.K = K
+        return _dispatch(x_TD, tok_R)
+
+    @staticmethod
+    def backward(ctx, dxs_RD):
+        (inv_R,) = ctx.saved_tensors
+        return _combine(dxs_RD, inv_R, ctx.K), None, None, None
+
+
+class Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o_RD, tok_R, inv_R, K):
+        ctx.save_for_backward(tok_R)
+        return _combine(o_RD, inv_R, K)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        (tok_R,) = ctx.saved_tensors
+        return _dispatch(dy_TD, tok_R), None, None, None
+
+
+def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
+    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of M5), dropless. The R = T·K routing
+    slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e], and two grouped GEMMs (gmm)
+    run every expert's SwiGLU at once. MoE.forward_loop is the plain reference it is tested against;
+    what was tried on this path and dropped is in docs/results.md."""
+    T, K = e_TK.shape
+    E = w13_EDF2.shape[0]
+    e_R, order_R = e_TK.flatten().sort(stable=True)      # the R = T·K slots, grouped by expert
+    tok_R = order_R // K                                  # the token behind each slot
+    inv_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(T * K, device=e_TK.device))
+    # group e ends where ids > e begin; the last group ends at R by construction, so no row of the
+    # grouped GEMMs is ever left unwritten (grouped_mm skips rows past the last offset)
+    ends = torch.searchsorted(e_R, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
+    offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
+    xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
+    h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
+    # each slot's gate g (M5) scales the narrow hidden (F wide) rather than the output (D wide): same
+    # result, less memory traffic; swiglu applies it with the activation
+    g_R1 = g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype)
+    a_RF = swiglu(h_RF2, g_R1)
+    o_RD = gmm(a_RF, w2_EFD, offs_E)
+    counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
+
+
 class Block(nn.Module):
     def __init__(self, cfg, kind):
         super().__init__()
         self.norm1, self.attn, self.norm2 = RMSNorm(cfg.Dm), Attention(cfg), RMSNorm(cfg.Dm)
         self.ffn = MoE(cfg) if kind == "moe" else SwiGLU(cfg.Dm, cfg.Dffn)
 
-    def forward(self, x_BTD, mask):
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), mask)
-        h_BTD = self.norm2(x_BTD)
+    def forward(self, x_BSD, mask):
+        x_BSD = x_BSD + self.attn(self.norm1(x_BSD), mask)
+        h_BSD = self.norm2(x_BSD)
         if isinstance(self.ffn, SwiGLU):
-            return x_BTD + self.ffn(h_BTD), None
-        y_TD, aux = self.ffn(h_BTD.view(-1, h_BTD.shape[-1]))
+            return x_BSD + self.ffn(h_BSD), None
+        y_TD, aux = self.ffn(h_BSD.view(-1, h_BSD.shape[-1]))  # the MoE sees T = B·S tokens
         # in the residual stream's dtype: on CUDA under autocast the MoE returns fp32 (rms_norm runs in fp32),
         # which would turn a bf16 stream (FSDP's) fp32 from here on
-        return x_BTD + y_TD.view_as(x_BTD).to(x_BTD.dtype), aux
+        return x_BSD + y_TD.view_as(x_BSD).to(x_BSD.dtype), aux
 
 
 ATTENTION = ("sdpa", "flex")
@@ -450,7 +376,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.H)), persistent=False)
-        self._alibi_bias = None  # GPT.alibi_bias_for's [1, H, T, T] bias for the last length seen
+        self._alibi_bias = None  # GPT.alibi_bias_for's [1, H, S, S] bias for the last length seen
         self.checkpointing = False  # activation checkpointing: keep each block's input, recompute the rest
         self.reset_parameters()
 
@@ -472,13 +398,14 @@ class GPT(nn.Module):
             if isinstance(m, (Attention, SwiGLU)):
                 nn.init.normal_((m.proj if isinstance(m, Attention) else m.w2).weight, 0.0, out_std)
 
-    def forward(self, idx_BT, targets_BT=None):
+    def forward(self, idx_BS, targets_BS=None):
         """Logits, and with targets the loss L_CE + λ·L_balance (+ router_z_coef·L_z) and its parts. Stats:
         'ce', 'balance' and 'z_loss' (means over MoE layers), 'load' [Le, E] slots per expert (M6),
         'logit_ms' [Le] the mean square of each MoE layer's router logits."""
-        x = self.wte(idx_BT)
-        T = idx_BT.shape[1]
-        mask = causal_block_mask(T, x.device) if self.attention == "flex" else self.alibi_bias_for(T)
+        x = self.wte(idx_BS)
+        S = idx_BS.shape[1]
+        # FlexAttention's block mask or SDPA's bias: attend picks the path from it
+        mask = causal_block_mask(S, x.device) if self.attention == "flex" else self.alibi_bias_for(S)
         auxes = []
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -487,9 +414,9 @@ class GPT(nn.Module):
                 x, aux = block(x, mask)
             if aux is not None:
                 auxes.append(aux)
-        if targets_BT is None:
+        if targets_BS is None:
             return self.lm_head(self.norm_f(x[:, -1:])), None, {}
-        logits, ce = self.head(x, targets_BT)
+        logits, ce = self.head(x, targets_BS)
         if not auxes:  # no ce + 0 here: compiled, that sum next to ce.detach() came out without a grad_fn (torch 2.13)
             zero = ce.new_zeros(())
             return logits, ce, {"ce": ce.detach(), "balance": zero, "z_loss": zero, "load": ce.new_zeros(0, 0),
@@ -503,19 +430,19 @@ class GPT(nn.Module):
                               "load": torch.stack([a.load for a in auxes]),
                               "logit_ms": torch.stack([a.logit_ms for a in auxes])}
 
-    def alibi_bias_for(self, T):
-        """The [1, H, T, T] ALiBi bias that every layer reads, built on the first forward of length T (on the
-        slopes' device) and kept until a forward of another length: it depends on nothing else, and
-        building it took ~1 ms a step of the CPU default run. One built under inference_mode is built
-        again outside it (SDPA saves the bias for the backward, which an inference tensor refuses). It
-        stays fp32 whatever the autocast dtype: in bf16 the smallest slope's 2048 distances collapse to
-        641 values. Compiling a whole GPT, it is built in the graph, as causal_block_mask's mask is."""
+    def alibi_bias_for(self, S):
+        """The [1, H, S, S] ALiBi bias that every layer reads, built on the first forward of length S (on the
+        slopes' device) and kept until a forward of another length: it depends on nothing else (building it
+        every forward cost time, docs/results.md). One built under inference_mode is built again outside
+        it (SDPA saves the bias for the backward, which an inference tensor refuses). It stays fp32
+        whatever the autocast dtype (see attend). Compiling a whole GPT, it is built in the graph, as
+        causal_block_mask's mask is."""
         if torch.compiler.is_compiling():
-            return alibi_bias(self.slopes, T, torch.float32)
+            return alibi_bias(self.slopes, S, torch.float32)
         bias = self._alibi_bias
-        if (bias is None or bias.shape[-1] != T or bias.device != self.slopes.device
+        if (bias is None or bias.shape[-1] != S or bias.device != self.slopes.device
                 or (bias.is_inference() and not torch.is_inference_mode_enabled())):
-            bias = self._alibi_bias = alibi_bias(self.slopes, T, torch.float32)
+            bias = self._alibi_bias = alibi_bias(self.slopes, S, torch.float32)
         return bias
 
     @torch.no_grad()
@@ -527,10 +454,10 @@ class GPT(nn.Module):
             moe.expert_bias += rate * torch.sign(load_E.mean() - load_E)
             moe.expert_bias -= moe.expert_bias.mean()
 
-    def head(self, x_BTD, targets_BT):
+    def head(self, x_BSD, targets_BS):
         """Logits and the mean cross-entropy (in fp32) over the targets that are not −1."""
-        logits = self.lm_head(self.norm_f(x_BTD))
-        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BT.reshape(-1), ignore_index=-1)
+        logits = self.lm_head(self.norm_f(x_BSD))
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1), ignore_index=-1)
         return logits, ce
 
     def count_balance_over(self, group, world):
@@ -561,7 +488,7 @@ class GPT(nn.Module):
         return N, Na
 
     @torch.no_grad()
-    def generate(self, idx_BT, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab=None):
+    def generate(self, idx_BS, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab=None):
         """Sample max_new_tokens continuations, conditioning on at most the last S tokens, from the first
         `vocab` logits (the tokenizer's; vocab_size may be rounded up past it). Runs SDPA
         whatever self.attention says: the length grows by one each step, and compiled FlexAttention
@@ -569,15 +496,16 @@ class GPT(nn.Module):
         attention, self.attention = self.attention, "sdpa"
         try:
             for _ in range(max_new_tokens):
-                logits, _, _ = self(idx_BT[:, -self.cfg.S:])
+                logits, _, _ = self(idx_BS[:, -self.cfg.S:])
                 logits = logits[:, -1, :vocab].float() / max(temperature, 1e-6)
                 if top_k is not None:
                     kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-                idx_BT = torch.cat([idx_BT, nxt], dim=1)
+                idx_BS = torch.cat([idx_BS, nxt], dim=1)
         finally:
             self.attention = attention
             if attention == "flex":  # a flex model never reads the bias: do not keep a [1, H, S, S] one for it
                 self._alibi_bias = None
-        return idx_BT
+        return idx_BS
+

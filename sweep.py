@@ -1,7 +1,7 @@
 """Activation-rate sweeps at fixed N and C, with dense baselines and data reuse: the command line, and the
-runner that trains every planned run through train.py (the plan: sweep_plan.py; the report: sweep_report.py).
+runner that trains every planned run through train.py (plan: harness/sweep_plan.py; report: harness/sweep_report.py).
 
-    python sweep.py                                        # the CPU toy sweep: plan, run, report (~20 min)
+    python sweep.py                                        # the CPU toy sweep: plan, run, report (time: docs/results.md)
     python sweep.py plan configs/sweep-7b.toml [--json] [--allow-unequal]
     python sweep.py run configs/sweep-toy.toml [--out=runs/sweep-toy] [--nproc=8] [--only=3] [--emit=slurm]
     python sweep.py report runs/sweep-toy [--split=val]

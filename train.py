@@ -12,16 +12,17 @@ The budget is iterations, tokens D or compute C (C = M_train·D, M11). Peak LR a
 StepLaw (M15) unless given. AdamW (weight decay 0.1 on matrices), clipping at 1.0, linear warmup of
 clip(0.01·iters, 200, 2000) iterations, cosine to 1e-5. Every run directory holds config.toml (the
 resolved config), log.jsonl (one line per log and per evaluation), ckpt.pt (ckpt/ under FSDP) and
-summary.json. config.py reads the configuration, schedule.py plans the run, preflight.py checks all of
-it before anything is written; parallel.py shares the run over the ranks; checkpoint.py saves, checks
-and restores; evaluate.py measures BPC; logbook.py logs; rundir.py keeps the run directory whole.
+summary.json. In harness/: config.py reads the configuration, schedule.py plans the run, preflight.py
+checks all of it before anything is written; run_guard.py holds the run directory (rundir.py keeps it
+whole); parallel.py shares the run over the ranks; checkpoint.py saves, checks and restores; logbook.py
+logs. evaluate.py measures BPC.
 """
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
@@ -42,11 +43,12 @@ from harness import helptext
 from harness import logbook
 from harness import parallel
 from harness import preflight
+from harness import run_guard
 from harness import rundir
 from harness import safe_io
 from harness import schedule
 from harness import trackers
-from harness.config import TRAJECTORY, differences, is_run_config, load_config, read_toml, to_toml  # noqa: F401
+from harness.config import TRAJECTORY, differences, load_config, read_toml, to_toml
 from evaluate import evaluate_splits
 from harness.logbook import Logbook
 from model import GPT, GPTConfig
@@ -57,125 +59,263 @@ from sample import sample_text
 def train(argv):
     mvals, tcfg, given, resume = load_config(argv)
     rank, world, device = parallel.setup_distributed(tcfg)
-    lock = aside = None
     try:
         if device.type == "cpu":
             parallel.tune_malloc()
-        run = preflight.check_run(mvals, tcfg, given, resume, world, device, rank)
-        if resume and not rundir.run_files(tcfg.out_dir) and not (Path(tcfg.out_dir) / rundir.ASIDE).exists():
-            raise FileNotFoundError(f"--resume: no run in {tcfg.out_dir} (no config.toml, no checkpoint)")
-        if not resume:  # every rank refuses before any work; rank 0 checks again, locked
-            rundir.check_new_run(tcfg.out_dir, tcfg.overwrite)
-        if world > 1:
-            dist.barrier()  # every rank has checked before rank 0 writes a file
-        if rank == 0:
-            lock, aside = open_run_dir(tcfg, resume, argv[0] if argv and not argv[0].startswith("--") else None)
-        return run_training(run, rank, world, device, aside)
+        setup = preflight.check_run(mvals, tcfg, given, resume, world, device, rank)
+        config_file = argv[0] if argv and not argv[0].startswith("--") else None
+        with run_guard.protect(tcfg.out_dir, resume, tcfg.overwrite, config_file, rank, world) as aside:
+            return run_training(setup, rank, world, device, aside)
     finally:
-        if aside:
-            aside.undo()  # the new run failed before its config was written: the old run is put back
-        if lock:
-            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_training(run, rank, world, device, aside):
-    tcfg, mcfg, sched, resume = run.tcfg, run.mcfg, run.sched, run.resume
-    out, master = Path(tcfg.out_dir), rank == 0
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    autocast = parallel.autocast_for(device, run.dtype)
-    loader = data.Loader(run.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
-    table = data.char_table(data.get_tokenizer(run.meta["tokenizer"]))
-    torch.manual_seed(tcfg.seed)
-    model = GPT(mcfg, run.attention).to(device)
-    if world > 1:
-        model.count_balance_over(dist.group.WORLD, world)
-    strategy = parallel.choose(mcfg, tcfg, sched, world, run.dtype, parallel.gpu_bytes(tcfg, device))
-    if master and world == 1 and tcfg.parallel != "auto":
-        rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
-    fwd = parallel.wrap(model, strategy, tcfg, device, run.dtype)  # the parallelism lives here and in train_step alone
-    optimizer = make_optimizer(model, sched, tcfg, strategy)
-    scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == "float16")  # fp16 gradients underflow unscaled
-    step, last_ckpt, records = 0, None, []
-    numbers = describe(run, loader, strategy, rank, world, device)
-    if resume:
-        step, where = resume_from(out, run, model, optimizer, scaler, loader, rank, world, device)
-        summary = rundir.read_summary(out / "summary.json")
-        if step >= sched.iters and rundir.finished(summary):
-            if master:
-                print(f"{out} finished at step {step} already: nothing to resume")
-            return summary
-        if tcfg.stop_at and tcfg.stop_at < step:
-            raise ValueError(f"train.stop_at={tcfg.stop_at} is before step {step} of the checkpoint {where}: a run never "
-                             f"goes back; give a later stop_at, or none")
-        last_ckpt = f"{where} (step {step})" if step else None
-    if master:
-        safe_io.write_text(out / "config.toml", to_toml({"model": asdict(mcfg), "train": asdict(tcfg)}))
-        aside.discard()  # the new run has written its config: the run it replaces goes now
-        records = rundir.truncate_log(out / "log.jsonl", step) if resume else []
-
-    def save(at_step):
-        path = checkpoint.save(out, strategy == "fsdp", model, optimizer, {
-            "scaler": scaler.state_dict(), "loader": loader.state_dict(), "step": at_step, "schedule": sched.trajectory(),
-            "world": world, "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}, rank, world)
-        return f"{path} (step {at_step})"
-
-    def run_eval():
-        return evaluate_splits(model, run.val_splits, mcfg.S, tcfg.eval_tokens, table, autocast, rank, world, sched.micro(world))
-
+def run_training(setup, rank, world, device, aside):
+    """The run that preflight checked (setup), trained in its run directory, which run_guard.protect holds
+    (aside: on rank 0, the old run that --overwrite replaces); returns its summary."""
+    tcfg, sched = setup.tcfg, setup.sched
+    t = assemble(setup, rank, world, device)
+    step, last_ckpt, done = resume(t) if setup.resume else (0, None, None)
+    if done is not None:
+        return done  # finished already: its summary stands
+    records = write_config(t, aside, step)
     end = min(sched.iters, tcfg.stop_at) if tcfg.stop_at else sched.iters
-    tracking = trackers.start(tcfg, out, step, sched.M_train, {"model": asdict(mcfg), "train": asdict(tcfg), **numbers}) \
-        if master else None  # TensorBoard and W&B, when the config asks (off by default)
-    book = Logbook(out / "log.jsonl", sched, mcfg.S, step, rank, world, device, numbers["M_exec"], logbook.peak_flops(tcfg, device),
-                   tcfg.eval_tokens, tracking)
-    model.train()
+    book = open_logbook(t, step)
+    t.step_ctx.model.train()
     try:
         while step < end:
             lr = schedule.lr_at(step, sched, tcfg.min_lr)
-            for group in optimizer.param_groups:
+            for group in t.step_ctx.optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            batches = loader.next_step(sched.micro(world), sched.accum, rank, world)
+            batches = t.loader.next_step(sched.micro(world), sched.accum, rank, world)
             book.data_time += time.perf_counter() - t0
-            book.add(*train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, tcfg.grad_clip,
-                                 world))
+            book.add(*train_step(t.step_ctx, batches))
             step += 1
             is_log, is_eval, is_ckpt = due(step, sched.iters, end, tcfg)
             record = {}
             if is_log:
-                record = book.train_record(step, lr, loader.epoch, last_ckpt or "none: no checkpoint was written")
+                record = book.train_record(step, lr, t.loader.epoch, last_ckpt or "none: no checkpoint was written")
             if is_eval:
-                book.eval_record(step, loader.epoch, run_eval(), record)
+                book.eval_record(step, t.loader.epoch, evaluate(t), record)
             if is_ckpt:
                 with interrupts.signals_held() as came:  # a checkpoint is written whole; a Ctrl-C then stops the run
-                    last_ckpt = save(step)
+                    last_ckpt = save(t, step)
                 interrupts.raise_held(came)
-        final = book.last_bpc
-        logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
-        if not final and world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
-            final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
-        elif not final and step >= sched.iters:  # resumed after the last checkpoint: finish the final evaluation
-            final = book.eval_record(step, loader.epoch, run_eval(), {})
+        final = final_bpc(t, book, records, step)
         book.close()
-        summary = finish(out, numbers, run, rank, step, loader.epoch, final)
+        summary = finish(t, step, final)
     except KeyboardInterrupt as e:
         book.close()
-        raise stopped(e, out, step, sched, last_ckpt) from None
-    if master and strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
-        try:
-            show_sample(model, run.meta, tcfg.sample_tokens, out)
-        except KeyboardInterrupt as e:
-            stop = interrupts.interrupted(e)
-            stop.message = f"{stop.what} while sampling; the run had finished, and its summary is in {out / 'summary.json'}"
-            raise stop from None
+        raise stopped(e, t.out, step, sched, last_ckpt) from None
+    if rank == 0 and t.strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
+        sample_at_end(t, summary)
     return summary
 
 
-# ----------------------------------------------------------------------------- its parts
+# ----------------------------------------------------------------------------- the step
+@dataclass
+class Step:
+    """What train_step needs besides the batches, made once before the loop: by train.py (assemble), and
+    by dev/bench.py and dev/gpucheck.py, which time and check this same step."""
+    model: GPT                 # its parameters are clipped and stepped, its expert bias moved
+    fwd: object                # what the step calls: the model, its compiled blocks, DDP or FSDP (parallel.wrap)
+    optimizer: torch.optim.Optimizer
+    autocast: object           # the forward's autocast (parallel.autocast_for)
+    device: torch.device
+    accum: int = 1             # micro-batches per optimizer step
+    grad_clip: float = 1.0     # the gradient norm clipped to; 0: no clipping
+    scaler: torch.amp.GradScaler = None  # None: a disabled one (only float16 needs one)
+    strategy: str = "single"   # parallel.choose: single, ddp or fsdp
+    world: int = 1             # ranks
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+
+
+def train_step(s, batches):
+    """One optimizer step (s: a Step) over the step's micro-batches (numpy (x, y) pairs), then loss-free
+    balancing's bias update when it is on: (sums over the micro-batches of loss, CE, balance loss and
+    z-loss, of the expert loads [Le, E] and of the router logits' mean squares [Le]; the gradient norm
+    before clipping)."""
+    sums, load_sum, logit_ms_sum = torch.zeros(4, device=s.device), 0, 0
+    for j, (x, y) in enumerate(batches):
+        x = torch.from_numpy(x).to(s.device, non_blocking=True)
+        y = torch.from_numpy(y).to(s.device, non_blocking=True)
+        with parallel.accumulating(s.fwd, s.strategy, last=j == s.accum - 1), s.autocast:
+            _, loss, stats = s.fwd(x, y)
+            s.scaler.scale(loss / s.accum).backward()
+        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"], stats["z_loss"]]).float()
+        load_sum = load_sum + stats["load"].float()
+        logit_ms_sum = logit_ms_sum + stats["logit_ms"].float()
+    s.scaler.unscale_(s.optimizer)
+    grad_norm = parallel.clip_grad_norm(s.model, s.grad_clip)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.model.cfg.expert_bias_rate:  # from the load of the whole step on all ranks, so every rank moves alike
+        s.model.update_expert_bias(parallel.summed_over_ranks(load_sum, s.world))
+    return sums, load_sum, logit_ms_sum, grad_norm
+
+
+def make_optimizer(model, sched, tcfg, strategy):
+    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
+    FSDP has sharded the model: it then steps each rank's shards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # fused: one kernel per tensor, on CPU too (AdamW's step about 2.7× faster for the CPU toy's dense twin,
+    # the same bits on 1 and 2 threads: docs/results.md); sharded (DTensor) parameters are not fused (foreach on CUDA)
+    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=strategy != "fsdp")
+
+
+# ----------------------------------------------------------------------------- the loop's parts
+@dataclass
+class Training:
+    """A run's parts, made once (assemble), that the loop and its helpers share."""
+    setup: preflight.Setup
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    loader: data.Loader
+    table: object              # characters per token, for bits per character (data.char_table)
+    strategy: str              # single, ddp or fsdp
+    step_ctx: Step             # what train_step needs: the model, the optimizer, …
+    numbers: dict              # the run's numbers for summary.json (describe)
+
+    @property
+    def config(self):
+        """The resolved config, as config.toml, the checkpoint, the trackers and summary.json hold it."""
+        return {"model": asdict(self.setup.mcfg), "train": asdict(self.setup.tcfg)}
+
+
+def assemble(setup, rank, world, device):
+    """The run's parts, in the order that fixes its bits (the seed, then the model's initialisation): the
+    loader, the model, its parallelism, the optimizer and the step's record; the run's numbers printed."""
+    tcfg, mcfg, sched = setup.tcfg, setup.mcfg, setup.sched
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    autocast = parallel.autocast_for(device, setup.dtype)
+    loader = data.Loader(setup.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
+    table = data.char_table(data.get_tokenizer(setup.meta["tokenizer"]))
+    torch.manual_seed(tcfg.seed)
+    model = GPT(mcfg, setup.attention).to(device)
+    if world > 1:
+        model.count_balance_over(dist.group.WORLD, world)
+    strategy = parallel.choose(mcfg, tcfg, sched, world, setup.dtype, parallel.gpu_bytes(tcfg, device))
+    if rank == 0 and world == 1 and tcfg.parallel != "auto":
+        rundir.warn(f"train.parallel={tcfg.parallel!r} on one process: it applies under torchrun with 2 or more ranks")
+    fwd = parallel.wrap(model, strategy, tcfg, device, setup.dtype)  # the parallelism lives here and in train_step alone
+    optimizer = make_optimizer(model, sched, tcfg, strategy)
+    scaler = torch.amp.GradScaler(device.type, enabled=setup.dtype == "float16")  # fp16 gradients underflow unscaled
+    step_ctx = Step(model=model, fwd=fwd, optimizer=optimizer, autocast=autocast, device=device, accum=sched.accum,
+                    grad_clip=tcfg.grad_clip, scaler=scaler, strategy=strategy, world=world)
+    numbers = describe(setup, loader, strategy, rank, world, device)
+    return Training(setup=setup, out=Path(tcfg.out_dir), rank=rank, world=world, device=device, loader=loader,
+                    table=table, strategy=strategy, step_ctx=step_ctx, numbers=numbers)
+
+
+def resume(t):
+    """--resume: (step, the last checkpoint, None) to go on from the newest checkpoint, or (step, None, its
+    summary) when the run has finished already."""
+    step, where = resume_from(t)
+    summary = rundir.read_summary(t.out / "summary.json")
+    if step >= t.setup.sched.iters and rundir.finished(summary):
+        if t.rank == 0:
+            print(f"{t.out} finished at step {step} already: nothing to resume")
+        return step, None, summary
+    stop_at = t.setup.tcfg.stop_at
+    if stop_at and stop_at < step:
+        raise ValueError(f"train.stop_at={stop_at} is before step {step} of the checkpoint {where}: a run never "
+                         f"goes back; give a later stop_at, or none")
+    return step, f"{where} (step {step})" if step else None, None
+
+
+def resume_from(t):
+    """(step, checkpoint path) to continue from: the newest checkpoint in the run directory, verified,
+    checked and loaded; step 0 when the run stopped before its first one."""
+    out, setup, s = t.out, t.setup, t.step_ctx
+    got = checkpoint.read(out, t.rank, t.world)
+    if got is None:
+        if not (out / "config.toml").exists():
+            raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
+        diff = differences(read_toml(out / "config.toml"), setup.mcfg, setup.tcfg, TRAJECTORY, then="config.toml")
+        if diff:
+            raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
+                             + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
+                             f"afresh with --overwrite=true")
+        if t.rank == 0:
+            rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
+        return 0, None
+    form, path, state = got
+    checkpoint.check(state, path, setup.mcfg, setup.tcfg, setup.meta, setup.sched)
+    return checkpoint.restore(form, path, state, s.model, s.optimizer, s.scaler, t.loader, t.device), path
+
+
+def write_config(t, aside, step):
+    """Rank 0: config.toml written, and then the run that --overwrite replaces (aside) deleted; on resume the
+    log cut back to the checkpoint's step. The log's records so far (none on the other ranks)."""
+    if t.rank != 0:
+        return []
+    safe_io.write_text(t.out / "config.toml", to_toml(t.config))
+    aside.discard()  # the new run has written its config: the run it replaces goes now
+    return rundir.truncate_log(t.out / "log.jsonl", step) if t.setup.resume else []
+
+
+def open_logbook(t, step):
+    """The log (log.jsonl, the progress bar) from step on, and on rank 0 TensorBoard and W&B when the config
+    asks (off by default)."""
+    tcfg, sched = t.setup.tcfg, t.setup.sched
+    tracking = trackers.start(tcfg, t.out, step, sched.M_train, {**t.config, **t.numbers}) if t.rank == 0 else None
+    return Logbook(t.out / "log.jsonl", sched, t.setup.mcfg.S, step, t.rank, t.world, t.device, t.numbers["M_exec"],
+                   logbook.peak_flops(tcfg, t.device), tcfg.eval_tokens, tracking)
+
+
+def evaluate(t):
+    """Bits per character on each validation split ({bpc_<split>: value})."""
+    setup = t.setup
+    return evaluate_splits(t.step_ctx.model, setup.val_splits, setup.mcfg.S, setup.tcfg.eval_tokens, t.table,
+                           t.step_ctx.autocast, t.rank, t.world, setup.sched.micro(t.world))
+
+
+def save(t, at_step):
+    """A checkpoint of all that the run needs to go on bit for bit; its name for the log."""
+    s = t.step_ctx
+    path = checkpoint.save(t.out, t.strategy == "fsdp", s.model, s.optimizer, {
+        "scaler": s.scaler.state_dict(), "loader": t.loader.state_dict(), "step": at_step,
+        "schedule": t.setup.sched.trajectory(), "world": t.world, "config": t.config, "data": data.identity(t.setup.meta),
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}}, t.rank, t.world)
+    return f"{path} (step {at_step})"
+
+
+def final_bpc(t, book, records, step):
+    """The run's final bits per character: its last evaluation's; resumed at a step that was evaluated, the
+    numbers logged then (one process); resumed after the last checkpoint of a whole schedule, evaluated now;
+    else none (the run stopped early)."""
+    tcfg, sched = t.setup.tcfg, t.setup.sched
+    final = book.last_bpc
+    logged = [r for r in records if r["kind"] == "eval" and r["step"] == step and r.get("eval_tokens") == tcfg.eval_tokens]
+    if not final and t.world == 1 and logged:  # resumed at a step that was evaluated: its numbers stand
+        final = {k: v for k, v in logged[-1].items() if k.startswith("bpc_")}
+    elif not final and step >= sched.iters:  # resumed after the last checkpoint: finish the final evaluation
+        final = book.eval_record(step, t.loader.epoch, evaluate(t), {})
+    return final
+
+
+def sample_at_end(t, summary):
+    """Rank 0, the run finished: a few lines of what the model writes."""
+    try:
+        show_sample(t.step_ctx.model, t.setup.meta, t.setup.tcfg.sample_tokens, t.out)
+    except KeyboardInterrupt as e:
+        stop = interrupts.interrupted(e)
+        stop.message = f"{stop.what} while sampling; the run had finished, and its summary is in {t.out / 'summary.json'}"
+        raise stop from None
+
+
 def due(step, iters, end, tcfg):
     """(log, evaluate, checkpoint) after optimizer step `step` of `iters`, the run stopping at `end`:
     five evaluations per run unless eval_interval says, a checkpoint at each unless ckpt_interval says,
@@ -186,70 +326,15 @@ def due(step, iters, end, tcfg):
     return step % tcfg.log_interval == 0 or is_eval or is_ckpt, is_eval, is_ckpt
 
 
-def train_step(fwd, model, optimizer, scaler, batches, sched, strategy, autocast, device, grad_clip, world):
-    """One optimizer step over the step's micro-batches, then loss-free balancing's bias update when it is on:
-    (sums over the micro-batches of loss, CE, balance loss and z-loss, of the expert loads [Le, E] and of
-    the router logits' mean squares [Le]; the gradient norm before clipping)."""
-    sums, load_sum, logit_ms_sum = torch.zeros(4, device=device), 0, 0
-    for j, (x, y) in enumerate(batches):
-        x = torch.from_numpy(x).to(device, non_blocking=True)
-        y = torch.from_numpy(y).to(device, non_blocking=True)
-        with parallel.accumulating(fwd, strategy, last=j == sched.accum - 1), autocast:
-            _, loss, stats = fwd(x, y)
-            scaler.scale(loss / sched.accum).backward()
-        sums += torch.stack([loss.detach(), stats["ce"], stats["balance"], stats["z_loss"]]).float()
-        load_sum = load_sum + stats["load"].float()
-        logit_ms_sum = logit_ms_sum + stats["logit_ms"].float()
-    scaler.unscale_(optimizer)
-    grad_norm = parallel.clip_grad_norm(model, grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    if model.cfg.expert_bias_rate:  # from the load of the whole step on all ranks, so every rank moves alike
-        model.update_expert_bias(parallel.summed_over_ranks(load_sum, world))
-    return sums, load_sum, logit_ms_sum, grad_norm
-
-
-def make_optimizer(model, sched, tcfg, strategy):
-    """AdamW; weight decay on matrices (embeddings and stacked experts included), not on norms. Made after
-    FSDP has sharded the model: it then steps each rank's shards."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # fused: one kernel per tensor, on CPU too (2.4 against 6.6 ms a step for the CPU toy's dense twin, the
-    # same bits on 1 and 2 threads); sharded (DTensor) parameters are not fused (foreach on CUDA)
-    return torch.optim.AdamW(groups, lr=sched.lr, betas=(tcfg.beta1, tcfg.beta2), fused=strategy != "fsdp")
-
-
-def resume_from(out, run, model, optimizer, scaler, loader, rank, world, device):
-    """(step, checkpoint path) to continue from: the newest checkpoint in out, verified, checked and loaded;
-    step 0 when the run stopped before its first one."""
-    got = checkpoint.read(out, rank, world)
-    if got is None:
-        if not (out / "config.toml").exists():
-            raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
-        diff = differences(read_toml(out / "config.toml"), run.mcfg, run.tcfg, TRAJECTORY, then="config.toml")
-        if diff:
-            raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
-                             + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
-                             f"afresh with --overwrite=true")
-        if rank == 0:
-            rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
-        return 0, None
-    form, path, state = got
-    checkpoint.check(state, path, run.mcfg, run.tcfg, run.meta, run.sched)
-    return checkpoint.restore(form, path, state, model, optimizer, scaler, loader, device), path
-
-
-def describe(run, loader, strategy, rank, world, device):
+def describe(setup, loader, strategy, rank, world, device):
     """The run's numbers for summary.json, printed once by rank 0."""
-    tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
+    tcfg, mcfg, sched = setup.tcfg, setup.mcfg, setup.sched
     M_exec = flops.M_exec(mcfg, mcfg.vocab_size)
     numbers = dict(N=sched.N, Na=sched.Na, ra=sched.Na / sched.N, M_train=sched.M_train, D=sched.D, C=sched.C,
                    iters=sched.iters, batch_seqs=sched.batch_seqs, micro_batch=sched.micro_batch, accum=sched.accum,
                    world=world, lr=sched.lr, warmup=sched.warmup, unique_tokens=loader.unique_tokens,
-                   epochs=sched.D / (loader.n_windows * mcfg.S), tokenizer=run.meta["tokenizer"], device=str(device),
-                   dtype=run.dtype, attention=run.attention, parallel=strategy,
+                   epochs=sched.D / (loader.n_windows * mcfg.S), tokenizer=setup.meta["tokenizer"], device=str(device),
+                   dtype=setup.dtype, attention=setup.attention, parallel=strategy,
                    activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec)
     if rank == 0:
         print(f"model {mcfg.scheme}: N={sched.N:,} Na={sched.Na:,} r_a={100 * sched.Na / sched.N:.1f}% "
@@ -257,19 +342,20 @@ def describe(run, loader, strategy, rank, world, device):
         print(f"schedule: {sched.iters} iters × {sched.batch_seqs} seqs × {mcfg.S} = D {sched.D:.3g} tokens, C {sched.C:.3g} "
               f"FLOPs, lr {sched.lr:.3g}, warmup {sched.warmup}, {numbers['epochs']:.2f} epochs over "
               f"{loader.unique_tokens:,} unique tokens; micro-batch {sched.micro_batch} ({sched.micro(world)} per rank "
-              f"× {world} ranks) × accum {sched.accum}; {device} {run.dtype} {run.attention} {strategy}"
+              f"× {world} ranks) × accum {sched.accum}; {device} {setup.dtype} {setup.attention} {strategy}"
               f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
     return numbers
 
 
-def finish(out, numbers, run, rank, step, epoch, final):
-    tcfg, mcfg, sched = run.tcfg, run.mcfg, run.sched
-    summary = {**numbers, "step": step, "finished": step >= sched.iters, "final": final,
-               "config": {"model": asdict(mcfg), "train": asdict(tcfg)}, "data": data.identity(run.meta)}
-    if rank == 0:
-        safe_io.write_text(out / "summary.json", json.dumps(summary, indent=1))
+def finish(t, step, final):
+    """summary.json, written by rank 0 with the run's last line: the summary."""
+    tcfg, mcfg, sched = t.setup.tcfg, t.setup.mcfg, t.setup.sched
+    summary = {**t.numbers, "step": step, "finished": step >= sched.iters, "final": final,
+               "config": t.config, "data": data.identity(t.setup.meta)}
+    if t.rank == 0:
+        safe_io.write_text(t.out / "summary.json", json.dumps(summary, indent=1))
         print(("finished" if summary["finished"] else f"stopped at step {step} of {sched.iters} (resume with --resume)")
-              + f": D {step * sched.batch_seqs * mcfg.S:.3g} tokens, {epoch:.2f} epochs; "
+              + f": D {step * sched.batch_seqs * mcfg.S:.3g} tokens, {t.loader.epoch:.2f} epochs; "
               + ", ".join(f"{k.replace('bpc_', 'BPC ')} {v:.4f}" for k, v in final.items()))
     return summary
 
@@ -288,58 +374,6 @@ def show_sample(model, meta, tokens, out):
     with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every length
         text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"])
     print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
-
-
-# ----------------------------------------------------------------------------- the run directory
-def check_replaceable(out, overwrite, config_file):
-    """The run files that --overwrite may move aside, all of them train.py's, or refused with nothing
-    touched: a config.toml that is a run's resolved config and not this command's config file, a ckpt.pt
-    of train.py, a log and a summary that read as a run's, tracker folders (tb/, wandb/) that hold only what
-    the trackers wrote (rundir.check_new_run checks the kinds of file and the ckpt/ folder)."""
-    found = rundir.check_new_run(out, overwrite)
-
-    def refuse(name, what):
-        raise safe_io.RunDirError(f"{out / name} {what}: --overwrite replaces only what train.py wrote; move it away by hand")
-    if "config.toml" in found:
-        if config_file and Path(config_file).resolve() == (out / "config.toml").resolve():
-            raise safe_io.RunDirError(f"{out / 'config.toml'} is the config file of this command: --overwrite would "
-                                     f"replace it; copy it elsewhere first, or give another --out_dir")
-        try:
-            ours = is_run_config(read_toml(out / "config.toml"))
-        except ValueError:
-            ours = False
-        if not ours:
-            refuse("config.toml", "is not a run's config (train.py writes every [model] and [train] key)")
-    if "ckpt.pt" in found and not checkpoint.looks_like_ours(out / "ckpt.pt"):
-        refuse("ckpt.pt", "is not a checkpoint of train.py")
-    if "log.jsonl" in found and (out / "log.jsonl").stat().st_size and not rundir.read_log(out / "log.jsonl"):
-        refuse("log.jsonl", "holds no record of a run")
-    if "summary.json" in found and rundir.read_summary(out / "summary.json") is None:
-        refuse("summary.json", "is not a run's summary")
-    for name, others in trackers.strangers(out, found).items():  # tb/, wandb/
-        refuse(name, f"holds what no tracker wrote ({', '.join(others[:5])})")
-    return found
-
-
-def open_run_dir(tcfg, resume, config_file=None):
-    """Rank 0's hold on out_dir: the lock, what a killed --overwrite left finished, the run files checked
-    (no link, no stranger), and with --overwrite the old run moved aside (rundir.Aside)."""
-    out = Path(tcfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = rundir.Lock(out).acquire()
-    aside = rundir.Aside(out)
-    try:
-        rundir.remove_temporaries(out)
-        aside.recover()
-        if resume:
-            rundir.check_run_files(out)
-        else:
-            aside.move(check_replaceable(out, tcfg.overwrite, config_file))
-    except BaseException:
-        aside.undo()
-        lock.release()
-        raise
-    return lock, aside
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -1,14 +1,14 @@
 """Speed and memory benchmarks, and the GPU smoke test. Numbers go in docs/results.md with the command
 and the hardware.
 
-    python bench.py gpu-check   # run first on a new GPU box: the CUDA paths against their references (gpucheck.py)
-    python bench.py expert      # MoE FFN vs a dense SwiGLU of the same active FLOPs (fwd + bwd)
-    python bench.py attention   # ALiBi through FlexAttention vs SDPA with a bias vs causal flash (fwd + bwd)
-    python bench.py step        # whole training steps: an MoE and a dense model of the same N
-    python bench.py profile     # where the time of a training step goes, by kernel
-    python bench.py nanogpt     # the dense twin against a nanoGPT-style GPT of its shape, per FLOP, and the MoE
-    python bench.py versions ../before .  # whole train.py processes of two checkouts, interleaved
-    python bench.py parts       # where the time of a CPU training run goes, by part (attention, router, …, save)
+    python dev/bench.py gpu-check   # run first on a new GPU box: the CUDA paths against their references (gpucheck.py)
+    python dev/bench.py expert      # MoE FFN vs a dense SwiGLU of the same active FLOPs (fwd + bwd)
+    python dev/bench.py attention   # ALiBi through FlexAttention vs SDPA with a bias vs causal flash (fwd + bwd)
+    python dev/bench.py step        # whole training steps: an MoE and a dense model of the same N
+    python dev/bench.py profile     # where the time of a training step goes, by kernel
+    python dev/bench.py nanogpt     # the dense twin against a nanoGPT-style GPT of its shape, per FLOP, and the MoE
+    python dev/bench.py versions ../before .  # whole train.py processes of two checkouts, interleaved
+    python dev/bench.py parts       # where the time of a CPU training run goes, by part (attention, router, …, save)
 
 The machines are noisy: every benchmark interleaves the things it compares, round after round, and
 reports medians and the median of the per-round ratios. --json=PATH also writes the numbers.
@@ -51,7 +51,8 @@ from harness import safe_io
 import train
 from dev.gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
-                   flex_attention, flex_attention_compiled, gmm, routed_experts)
+                   flex_attention, flex_attention_compiled, routed_experts)
+from kernels.custom_ops import gmm
 
 from harness.parallel import device_name
 
@@ -69,7 +70,8 @@ def minor_faults():
 def interleaved(fns, rounds, device, warmup=2, faults=None):
     """Seconds per call of each fn, one list per fn: timed in turn, round after round, after `warmup`
     untimed rounds (compilation, and the heap growing to its steady size). Page faults per fn are
-    added to `faults` when given: on a VM each costs ~20 us, so a round that grows the heap is slow."""
+    added to `faults` when given: they are slow on a VM, so a round that grows the heap is slow
+    (docs/results.md, "Memory allocation")."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -116,7 +118,7 @@ def bench_expert(a):
     --breakdown also times the parts of moe_parts and says where the MoE's extra time goes."""
     device, dtype = torch.device(a.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     torch.manual_seed(0)
-    cfg = GPTConfig(scheme="full", L=1, Dm=a.Dm, H=1, E=a.E, K=a.K, De=a.De, Dse=a.Dse)
+    cfg = GPTConfig(**config.check_model(dict(scheme="full", L=1, Dm=a.Dm, H=1, E=a.E, K=a.K, De=a.De, Dse=a.Dse)))
     moe = MoE(cfg).to(device, dtype)
     dense = SwiGLU(a.Dm, a.Dse + a.K * a.De).to(device, dtype)
     for p in list(moe.parameters()) + list(dense.parameters()):
@@ -312,8 +314,8 @@ def kernel_kind(name):
 
 
 def bench_profile(a):
-    """A few training steps of one model (bf16 autocast, compiled blocks, fused AdamW, as train.py runs
-    them) under torch.profiler after warm-up: GPU time by kernel kind and the top kernels."""
+    """A few training steps of one model (train.train_step: bf16 autocast, compiled blocks, fused AdamW, as
+    train.py runs them) under torch.profiler after warm-up: GPU time by kernel kind and the top kernels."""
     device = torch.device(a.device)
     shape = load_shape(a.config) if a.config else flops.Shape()
     cfg = GPTConfig(**asdict(shape), vocab_size=a.vocab_size)
@@ -322,15 +324,12 @@ def bench_profile(a):
     fwd = model.compile_regions() if a.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = parallel.autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")  # as train.py
-    idx = torch.randint(0, cfg.vocab_size, (a.batch_seqs, cfg.S + 1), device=device)
+    step_ctx = train.Step(model=model, fwd=fwd, optimizer=opt, autocast=autocast, device=device)
+    idx = torch.randint(0, cfg.vocab_size, (a.batch_seqs, cfg.S + 1)).numpy()
+    batches = [(idx[:, :-1], idx[:, 1:])]  # one micro-batch, as the loader hands it to train.py's step
 
     def step():
-        with autocast:
-            _, loss, _ = fwd(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train.train_step(step_ctx, batches)
     for _ in range(a.warmup):
         step()
     sync(device)
@@ -367,7 +366,7 @@ def bench_nanogpt(a):
     """Training steps (forward, backward, clipping, AdamW) of three models, interleaved round after round on
     the same batches: the nanoGPT-style reference at the dense twin's Shape, the dense twin (ours) and
     the MoE (the CPU toy or --moe), all of the same N, each stepped as its own program steps it (AdamW,
-    compilation). Compared per executed FLOP (flops.M_exec)."""
+    compilation; ours through train.train_step). Compared per executed FLOP (flops.M_exec)."""
     device = torch.device(a.device)
     if a.by_op and (device.type != "cpu" or a.compile):
         raise ValueError(f"--by_op={a.by_op}: times eager CPU ops; expected --device=cpu and --compile=false (or --by_op=0)")
@@ -387,7 +386,8 @@ def bench_nanogpt(a):
         models = {name: torch.compile(m) if name == "nanoGPT-style" else m.compile_regions() for name, m in models.items()}
     shapes = {"nanoGPT-style": twin, "dense twin": twin, "MoE": moe}
     loader = data.Loader(data.open_split(a.data, "train", meta), moe.S, seed=0)
-    batches = [tuple(torch.from_numpy(t).to(device) for t in loader.next_step(a.batch_seqs, 1, 0, 1)[0]) for _ in range(4)]
+    batches = [loader.next_step(a.batch_seqs, 1, 0, 1) for _ in range(4)]  # a step's one micro-batch each
+    on_device = [tuple(torch.from_numpy(t).to(device) for t in b[0]) for b in batches]  # the reference's
 
     def stepper(model, name):
         model.to(device).train()
@@ -396,15 +396,23 @@ def bench_nanogpt(a):
         fused = device.type == "cuda" or (name != "nanoGPT-style" and not a.same_optimizer)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused)
         turn = [0]
+        if name != "nanoGPT-style":  # ours: train.py's step
+            step_ctx = train.Step(model=model, fwd=model, optimizer=opt, autocast=parallel.autocast_for(device, "float32"),
+                                  device=device)
 
-        def step():
-            x, y = batches[turn[0] % len(batches)]
+            def step():
+                train.train_step(step_ctx, batches[turn[0] % len(batches)])
+                turn[0] += 1
+            return step
+
+        def reference_step():  # as nanoGPT's train.py steps
+            x, y = on_device[turn[0] % len(on_device)]
             turn[0] += 1
             model(x, y)[1].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        return reference_step
     steps = {name: stepper(m, name) for name, m in models.items()}
     t = interleaved(steps, a.rounds, device, a.warmup)
     tokens = a.batch_seqs * moe.S
@@ -566,11 +574,11 @@ def parser():
     e.add_argument("--breakdown", action="store_true", help="also time the MoE without its router, "
                    "and its grouped GEMMs alone, to say where its extra time goes")
     for name, default in [("T", 8192), ("Dm", 512), ("E", 32), ("K", 4), ("De", 256), ("Dse", 0)]:
-        e.add_argument(f"--{name}", type=at_least(0 if name == "Dse" else 1, 2**24 if name == "T" else flops.LIMITS.get(name, 2**20)),
+        e.add_argument(f"--{name}", type=at_least(0 if name == "Dse" else 1, 2**24 if name == "T" else config.RANGES.get(name, (0, 2**20))[1]),
                        default=default)
     at = sub.add_parser("attention", allow_abbrev=False, help="FlexAttention with ALiBi vs SDPA (bias, causal)")
     for name, default in [("B", 8), ("H", 16), ("S", 2048), ("Dh", 128)]:
-        at.add_argument(f"--{name}", type=at_least(1, flops.LIMITS.get(name, 2**20)), default=default)
+        at.add_argument(f"--{name}", type=at_least(1, config.RANGES.get(name, (0, 2**20))[1]), default=default)
     t = sub.add_parser("step", allow_abbrev=False, help="training steps of an MoE and a dense model of the same N")
     t.add_argument("--moe", help="TOML with the MoE's [model] (default: the CPU toy)")
     t.add_argument("--dense", help="TOML with the dense [model] (default: solved for the MoE's N, same L)")

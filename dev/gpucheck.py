@@ -1,8 +1,8 @@
-"""The GPU smoke test: every CUDA path of the project against its reference, in a minute or two.
+"""The GPU smoke test: every CUDA path of the project against its reference.
 
-    python gpucheck.py [--device=cuda:N] [--compile=false] [--json=PATH]  # run first on a new GPU box
-    python gpucheck.py --device=cpu    # what a CPU can: no FlexAttention backward, gloo for two ranks
-    python bench.py gpu-check          # the same checks, with bench.py's --threads and --malloc
+    python dev/gpucheck.py [--device=cuda:N] [--compile=false] [--json=PATH]  # run first on a new GPU box
+    python dev/gpucheck.py --device=cpu    # what a CPU can: no FlexAttention backward, gloo for two ranks
+    python dev/bench.py gpu-check          # the same checks, with bench.py's --threads and --malloc
 
 Exit code 0 when every check passes, 1 when one fails, 2 when it cannot start (no CUDA device here, a
 bad flag). It needs nothing of bench.py: bench.py imports it, never the other way round.
@@ -33,6 +33,7 @@ from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slope
 from harness import parallel
 from harness import safe_io
 from harness.parallel import device_name, parse_device
+import train  # its training step: the one that check_training checks
 
 RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
 
@@ -111,9 +112,9 @@ def check_attention(device):
 
 
 def check_training(device, compile):
-    """A dense and an MoE GPT trained for 30 steps as train.py trains them (bf16 autocast on CUDA, the
-    blocks compiled, fused AdamW): eager and compiled give the same first loss, the loss falls, and
-    nothing recompiles once the first step has been traced."""
+    """A dense and an MoE GPT trained for 30 steps of train.py's own step (train.train_step: bf16 autocast
+    on CUDA, the blocks compiled, clipping): eager and compiled give the same first loss, the loss falls,
+    and nothing recompiles once the first step has been traced."""
     from torch._dynamo.utils import counters
     attention = "flex" if device.type == "cuda" else "sdpa"
     autocast = parallel.autocast_for(device, "bfloat16" if device.type == "cuda" else "float32")  # as train.py
@@ -123,24 +124,21 @@ def check_training(device, compile):
         cfg = GPTConfig(scheme=scheme, L=4, Dm=256, H=4, Dffn=704, E=16, K=2, De=64, Dse=128, S=256, vocab_size=512)
         model = GPT(cfg, attention).to(device)
         idx = torch.randint(0, 512, (8, 257), device=device)
-        x, y = idx[:, :-1], idx[:, 1:]
         with torch.no_grad(), autocast:
-            eager_loss = model(x, y)[1].item()
+            eager_loss = model(idx[:, :-1], idx[:, 1:])[1].item()
         torch._dynamo.reset()
         counters.clear()
         fwd = model.compile_regions() if compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=device.type == "cuda")
+        step_ctx = train.Step(model=model, fwd=fwd, optimizer=opt, autocast=autocast, device=device)
+        rows = idx.cpu().numpy()
+        batches = [(rows[:, :-1], rows[:, 1:])]  # one micro-batch, as the loader hands it to train.py's step
         losses, t0 = [], None
         for step in range(30):
             if step == 1:
                 graphs, t0 = counters["stats"]["unique_graphs"], time.perf_counter()
-            with autocast:
-                _, loss, _ = fwd(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            sums = train.train_step(step_ctx, batches)[0]  # loss, CE, balance and z-loss
+            losses.append(sums[0].item())
         ms = (time.perf_counter() - t0) / 29 * 1e3
         recompiled = counters["stats"]["unique_graphs"] - graphs
         good = (all(map(math.isfinite, losses)) and abs(losses[0] / eager_loss - 1) < 1e-2

@@ -1,12 +1,12 @@
-"""The tokens-per-parameter ladder's analysis (issue 23, docs/ladder.md). A rung is one sweep: its folder of
+"""The tokens-per-parameter ladder's analysis (docs/ladder.md). A rung is one sweep: its folder of
 runs, or the report.csv that `sweep.py report` wrote for it. For each rung: BPC per arm (mean ± sd over the
 seeds) and relative to the rung's own dense model at C; the slope of BPC against ln r_a over the four
 sparsest arms; the vertex of a quadratic in ln r_a over all its arms; both with a bootstrap interval. For
 all rungs: one CSV of every run and one figure. And the learning-rate check's table with its rule. No torch.
 
-    python ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
+    python dev/ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
         [--dense sweep-ladder-04=runs/sweep-ladder-04-dense0.5]   # a rung's dense runs from another folder
-    python ladder_report.py lr-check 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04 2=runs/sweep-ladder-04-lr2
+    python dev/ladder_report.py lr-check 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04 2=runs/sweep-ladder-04-lr2
 
 Fits are least squares over every run (each seed's BPC a point), x = ln r_a. Intervals come from a residual
 bootstrap: fit, take the residuals of all the fit's runs, centre them and scale them by sqrt(n/(n − p)) for the

@@ -1,4 +1,4 @@
-"""Where an eager CPU step's time goes, op by op (`bench.py nanogpt --by_op`): each aten op the step calls,
+"""Where an eager CPU step's time goes, op by op (`python dev/bench.py nanogpt --by_op`): each aten op the step calls,
 timed by a dispatch mode, summed by name and grouped by kind. On a CPU an op's call is its work;
 torch.profiler's own bookkeeping inflates small CPU ops."""
 import collections

@@ -1,4 +1,4 @@
-"""Where the time of a CPU training run goes, by part of the model and of the loop (`bench.py parts`).
+"""Where the time of a CPU training run goes, by part of the model and of the loop (`python dev/bench.py parts`).
 train.py itself runs with each part's function wrapped: a wall-clock timer for every part, and a
 record_function scope that torch.profiler sees while it records a window of steps. A backward op belongs
 to the part whose forward op made its autograd node (the profiler's sequence numbers link the two)."""

@@ -1,4 +1,4 @@
-"""A plain nanoGPT-style GPT, written again here (after Karpathy's model.py), that `bench.py nanogpt`
+"""A plain nanoGPT-style GPT, written again here (after Karpathy's model.py), that `python dev/bench.py nanogpt`
 measures the dense twin against, per executed FLOP. Not used for training."""
 import torch
 import torch.nn as nn

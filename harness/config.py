@@ -8,42 +8,22 @@ equations of docs/method.md.
 """
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, make_dataclass
 from pathlib import Path
 
 import flops
+from harness import helptext
 from harness import rundir
 from harness import safe_io
-from flops import MAX_TOKENS
 
 
-@dataclass
-class GPTConfig(flops.Shape):
-    vocab_size: int = 256        # token ids; set from the data (past 256: a multiple of 64) unless given
-    norm_topk: bool = False      # M4: renormalise the K gates to sum to 1 (needs K > 1)
-    balance_coef: float = 0.01   # λ in L_CE + λ·L_balance, with the normalised f of M6
-    tie_embeddings: bool = False  # the LM head uses the token embedding's weights
-    init_std: float = 0.02       # std of the normal init (GPT-2's); what writes into the residual: /√(2L)
-    router_z_coef: float = 0.0   # ST-MoE's router z-loss, mean over tokens of logsumexp(router logits)², times this
-    expert_bias_rate: float = 0.0  # loss-free balancing (DeepSeek-V3): a routing bias moved by this rate each step
-
-    def __post_init__(self):
-        super().__post_init__()
-        flops._require("vocab_size", self.vocab_size, lambda v: 1 <= v <= 2**32, "an integer in 1..2^32")
-        for name in ("balance_coef", "init_std", "router_z_coef", "expert_bias_rate"):  # λ: ours, the paper
-            # prints none (docs/method.md §9); std: GPT-2's; z-loss and bias off unless asked for
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
-                raise ValueError(f"{name}={v!r} is not allowed: expected a number in 0..1")
-        if self.scheme == "dense":
-            return
-        if self.norm_topk and self.K == 1:
-            raise ValueError("norm_topk=true needs K > 1: with K = 1 the gate is constantly 1 and the "
-                             "router gets no gradient from the loss (docs/method.md, M4)")
-        # grouped_mm needs 16-byte aligned rows: widths a multiple of 8 serve both fp32 and bf16
-        for name in ("Dm", "De"):
-            flops._require(name, getattr(self, name), lambda v: v % 8 == 0,
-                           "a multiple of 8 in an MoE model (grouped GEMM row alignment)")
+# [model] is model.GPTConfig. Its fields, types and defaults are read from model.py's source, as --help reads
+# them, into a dataclass of the same fields here: checking a config and planning a sweep load no torch.
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+_SHAPE_KEYS = {f.name for f in fields(flops.Shape)}
+ModelConfig = make_dataclass("ModelConfig", [(k.name, _TYPES[k.kind], k.default) for k in
+                                             helptext.keys(helptext.source_of("model"), "GPTConfig")
+                                             if k.name not in _SHAPE_KEYS], bases=(flops.Shape,))
 
 
 def padded_vocab(v):
@@ -95,7 +75,7 @@ class TrainConfig:
     overwrite: bool = False   # start afresh in an out_dir that holds a run, deleting it
 
 
-SECTIONS = {"model": GPTConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 # what shapes a run's trajectory: a resume is refused when one of these (or any [model] key) differs from
 # its checkpoint's; the others (stop_at, the intervals, eval_tokens, compile, device, …) may change
 TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "batch_seqs", "micro_batch", "lr",
@@ -200,15 +180,30 @@ def resumed_values(given):
     return {sec: {**saved[sec], **given[sec]} for sec in SECTIONS}
 
 
-def check_model(mvals):
-    """The [model] table's values, checked as GPTConfig checks them, before any data or tensor exists."""
-    for k, v in mvals.items():
-        coerce("model", k, v)
-    GPTConfig(**{"vocab_size": 256, **mvals})
-
-
-# each numeric [train] key's range: (lowest, highest, what is accepted); the rules between keys follow in check_train
+MAX_TOKENS = 2**53  # D, iterations·batch·S, and every token count: float64 still counts each token exactly
+# The one table of ranges: each numeric key of [model] and [train], (lowest, highest, what is accepted). train.py,
+# sweep.py and flops.py check by it; the rules between keys follow in check_model and check_train. The model's
+# largest sizes are far beyond any model trained so far, and small enough that no tensor size, parameter
+# count or FLOP count overflows on the way to the memory check.
 RANGES = {
+    # [model]: the shape (E, K, De, Dse only in an MoE; Dffn only where a layer is dense)
+    "L": (1, 4096, "an integer in 1..4,096"),
+    "Dm": (1, 2**20, "an integer in 1..1,048,576"),
+    "H": (1, 2**14, "an integer in 1..16,384"),
+    "Dh": (0, 2**16, "an integer in 1..65,536, or 0 for Dm // H"),
+    "Dffn": (1, 2**22, "an integer in 1..4,194,304"),
+    "E": (1, 2**20, "an integer in 1..1,048,576"),
+    "K": (1, 2**20, "an integer with 1 <= K <= E"),
+    "De": (1, 2**22, "an integer in 1..4,194,304"),
+    "Dse": (0, 2**22, "0 (no shared expert) or an integer up to 4,194,304"),
+    "S": (1, 2**22, "an integer in 1..4,194,304"),
+    # [model]: the rest (λ: ours, the paper prints none, docs/method.md §9; std: GPT-2's; z-loss and bias off unless asked for)
+    "vocab_size": (1, 2**32, "an integer in 1..2^32"),
+    "balance_coef": (0, 1, "a number in 0..1"),
+    "init_std": (0, 1, "a number in 0..1"),
+    "router_z_coef": (0, 1, "a number in 0..1"),
+    "expert_bias_rate": (0, 1, "a number in 0..1"),
+    # [train]
     "seed": (0, 2**63 - 1, "an integer in 0..2^63-1"),
     "iters": (0, MAX_TOKENS, "iterations >= 0 (0: the budget is tokens or compute)"),
     "tokens": (0, MAX_TOKENS, "a number of tokens in 0..2^53 (0: the budget is iters or compute)"),
@@ -233,6 +228,7 @@ RANGES = {
     "gpu_mem": (0, 2**20, "GiB per GPU in 0..2^20 (0: what CUDA reports)"),
     "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
 }
+TRAIN_RANGED = [k for k in RANGES if k in {f.name for f in fields(TrainConfig)}]
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "parallel": ("auto", "ddp", "fsdp"),
            "attention": ("auto", "flex", "sdpa")}
 
@@ -241,6 +237,58 @@ def _check(name, v, ok, allowed):
     if not ok(v):
         shown = f"{v:.4g}" if isinstance(v, (int, float)) and abs(v) >= 1e16 else repr(v)
         raise ValueError(f"train.{name}={shown} is not allowed: expected {allowed}")
+
+
+MOE_KEYS = ("E", "De", "Dse", "K")  # read only when the scheme has MoE layers
+FFN_SCHEMES = ("dense", "1dense", "interleave")  # the schemes with a dense SwiGLU layer (Dffn)
+
+
+def check_model(mvals):
+    """The [model] table's values (the defaults for what is not given): type, range and the rules between keys,
+    before any data or tensor exists. One ValueError names the key, the value and what is accepted. Returns the
+    values as their fields' types (Dm = 32.0 in a TOML file is 32)."""
+    mvals = {k: coerce("model", k, v) for k, v in mvals.items()}
+    m = {**{f.name: f.default for f in fields(ModelConfig)}, **mvals}
+    if m["scheme"] not in flops.SCHEMES:
+        raise ValueError(f"scheme={m['scheme']!r} is unknown: expected one of {', '.join(flops.SCHEMES)}")
+    moe = m["scheme"] != "dense"
+    for name in ("L", "Dm", "H", "S", "Dh") + (("Dffn",) if m["scheme"] in FFN_SCHEMES else ()) + (MOE_KEYS if moe else ()):
+        lo, hi, allowed = RANGES[name]
+        if name == "K":
+            hi, allowed = m["E"], f"an integer with 1 <= K <= E={m['E']}"
+        if name == "Dffn":
+            allowed += f" for scheme={m['scheme']!r}"
+        _in_range(name, m[name], lo, hi, allowed)
+        if name == "Dh" and m["Dh"] == 0 and m["Dm"] % m["H"]:
+            raise ValueError(f"H={m['H']} does not divide Dm={m['Dm']}: set Dh explicitly (H·Dh need not equal Dm)")
+    if m["scheme"] == "interleave" and m["L"] < 2:
+        raise ValueError(f"L={m['L']} is too small for scheme='interleave': expected L >= 2")
+    _in_range("vocab_size", m["vocab_size"], *RANGES["vocab_size"])
+    for name in ("balance_coef", "init_std", "router_z_coef", "expert_bias_rate"):
+        v = m[name]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise ValueError(f"{name}={v!r} is not allowed: expected {RANGES[name][2]}")
+    if not moe:
+        return mvals
+    if m["norm_topk"] and m["K"] == 1:
+        raise ValueError("norm_topk=true needs K > 1: with K = 1 the gate is constantly 1 and the "
+                         "router gets no gradient from the loss (docs/method.md, M4)")
+    for name in ("Dm", "De"):  # grouped_mm needs 16-byte aligned rows: widths a multiple of 8 serve fp32 and bf16
+        _in_range(name, m[name], 0, RANGES[name][1], "a multiple of 8 in an MoE model (grouped GEMM row alignment)",
+                  lambda v: v % 8 == 0)
+    return mvals
+
+
+def _in_range(name, v, lo, hi, allowed, ok=lambda v: True):
+    """A [model] integer: refused, naming the key, unless it is an int in lo..hi that ok accepts."""
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi or not ok(v):
+        shown = f"{v:.4g}" if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1e16 else repr(v)
+        raise ValueError(f"{name}={shown} is not allowed: expected {allowed}")
+
+
+def model_config(mvals):
+    """The [model] table checked, as a ModelConfig (Dh resolved)."""
+    return ModelConfig(**check_model(mvals))
 
 
 def check_train(t):
@@ -252,7 +300,8 @@ def check_train(t):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected a finite number")
         if isinstance(v, str) and not v.isprintable() or isinstance(v, str) and not rundir.utf8(v):
             raise ValueError(f"train.{f.name}={v!r} is not allowed: expected printable UTF-8 text (a path, a name)")
-    for name, (lo, hi, allowed) in RANGES.items():
+    for name in TRAIN_RANGED:
+        lo, hi, allowed = RANGES[name]
         _check(name, getattr(t, name), lambda v: lo <= v <= hi, allowed)
     for name, choices in CHOICES.items():
         _check(name, getattr(t, name), lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the project
 # where train.py's two tables come from (config.SECTIONS; tests/test_help.py checks they match)
-TRAIN_TABLES = {"model": (ROOT / "harness/config.py", "GPTConfig"), "train": (ROOT / "harness/config.py", "TrainConfig")}
+TRAIN_TABLES = {"model": (ROOT / "model.py", "GPTConfig"), "train": (ROOT / "harness/config.py", "TrainConfig")}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Key:
     name: str
     default: object  # MISSING: the key is required
     doc: str         # one line; "" when the field has no comment
+    kind: str = ""   # the field's annotation as written (int, float, bool, str, list, …)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def keys(path, cls_name):
     for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                 and "ClassVar" not in ast.unparse(node.annotation):
-            out[node.target.id] = Key(node.target.id, _default(node.value), _doc(node, comments))
+            out[node.target.id] = Key(node.target.id, _default(node.value), _doc(node, comments), ast.unparse(node.annotation))
     return list(out.values())
 
 

@@ -56,7 +56,7 @@ def parse_device(name, flag="--device"):
 
 
 def device_name(device):
-    """The GPU's name (bench.py and gpucheck.py results say where they were measured), or cpu."""
+    """The GPU's name (dev/bench.py and dev/gpucheck.py results say where they were measured), or cpu."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
@@ -145,9 +145,9 @@ def clip_grad_norm(model, max_norm):
 
 def tune_malloc():
     """Keep freed memory in the process and back big tensors with 2 MB pages. glibc's defaults hand
-    big buffers back to the OS after every step and fault them in again on the next: 20-40 % slower
-    CPU steps here (bench.py --malloc). A page fault costs ~20 us on a VM, so the rare step that grows
-    the heap is slow: 28,672 faults and 0.55 s in 4 KB pages, 528 faults and 0.16 s in 2 MB pages."""
+    big buffers back to the OS after every step and fault them in again on the next, which made the
+    CPU MoE step about 1.3× slower (dev/bench.py --malloc); 2 MB pages fault far less often when a
+    step grows the heap. Measured: docs/results.md, "Memory allocation"."""
     import ctypes
     if not sys.platform.startswith("linux"):
         return

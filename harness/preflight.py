@@ -1,5 +1,5 @@
 """Every check a run passes before anything is written or deleted, in one place: train.py runs it before
-it trains, sweep.py on every run of a plan before the first starts, bench.py before it measures. The
+it trains, sweep.py on every run of a plan before the first starts, dev/bench.py before it measures. The
 config (config.py), the schedule (schedule.py), the precision on this device, the data (the default
 corpus is prepared on first use), the vocabulary, the splits against S and unique_tokens, the packages of
 the trackers asked for; with a device, the memory and torch.compile. No torch at import: planning a sweep
@@ -12,13 +12,13 @@ from pathlib import Path
 import data
 from harness import schedule
 from harness import trackers
-from harness.config import GPTConfig, TrainConfig, padded_vocab, resolve_dtype
+from harness.config import ModelConfig, TrainConfig, model_config, padded_vocab, resolve_dtype
 
 
 @dataclass
 class Setup:
     """A run that passed every check: what train.py will do, decided before anything is written."""
-    mcfg: GPTConfig
+    mcfg: ModelConfig
     tcfg: TrainConfig
     sched: schedule.Schedule
     resume: bool
@@ -35,7 +35,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
     this device, the data (the default corpus is prepared first when prepare), the vocabulary, the splits
     against S and unique_tokens, and the memory. device None (planning elsewhere) leaves out what depends on it, and
     a data folder not prepared yet leaves out what depends on the data."""
-    shape = GPTConfig(**{"vocab_size": 256, **mvals})  # the vocabulary comes from the data; nothing here needs it
+    shape = ModelConfig(**mvals)  # the vocabulary comes from the data; nothing here needs it
     problem = trackers.missing(tcfg)
     if problem:
         raise ValueError(problem)
@@ -52,7 +52,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"train.data={tcfg.data!r}: {e}") from None
     if meta is None:
-        mcfg = GPTConfig(**{"vocab_size": planned_vocab(tcfg.data), **mvals})
+        mcfg = ModelConfig(**{**mvals, "vocab_size": planned_vocab(tcfg.data)})
         return Setup(mcfg=mcfg, tcfg=tcfg, sched=sched, resume=resume, dtype=dtype, attention=attention)
     mcfg = resolve_model_config(mvals, given, meta, tcfg.data)
     train_tokens = data.open_split(tcfg.data, "train", meta)
@@ -86,14 +86,14 @@ def check_compile(device_type):
 
 
 def resolve_model_config(mvals, given, meta, data_dir):
-    """GPTConfig from the config, with vocab_size from the data unless given (then it must cover it)."""
+    """The [model] table with vocab_size from the data unless given (then it must cover it)."""
     if "vocab_size" in given:
         if mvals["vocab_size"] < meta["vocab_size"]:
             raise ValueError(f"model.vocab_size={mvals['vocab_size']} is smaller than the vocabulary of "
                              f"{data_dir} ({meta['vocab_size']}, tokenizer {meta['tokenizer']})")
     else:
         mvals = {**mvals, "vocab_size": padded_vocab(meta["vocab_size"])}
-    return GPTConfig(**mvals)
+    return model_config(mvals)
 
 
 def prepare_data(tcfg, rank, world):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 import flops
-from flops import MAX_TOKENS
+from harness.config import MAX_TOKENS
 
 
 @dataclass(frozen=True)

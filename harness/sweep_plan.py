@@ -98,16 +98,16 @@ def load_sweep(path):
         if not _type_ok(r, float) or not 0 < r <= 1:
             raise ValueError(f"{path}: sweep.ra entries are fractions in (0, 1], got {r!r} (write 0.2 for 20 %)")
     for k in sweep.K:
-        if not _type_ok(k, int) or not 1 <= k <= flops.LIMITS["E"]:
-            raise ValueError(f"{path}: sweep.K entries are integers in 1..{flops.LIMITS['E']}, got {k!r}")
+        if not _type_ok(k, int) or not 1 <= k <= config.RANGES["E"][1]:
+            raise ValueError(f"{path}: sweep.K entries are integers in 1..{config.RANGES['E'][1]}, got {k!r}")
     if sweep.K and not sweep.De:
         raise ValueError(f"{path}: [sweep] K = {sweep.K} needs De, the expert width")
     for key, ok, allowed in (("compute", lambda v: 0 < v <= 1e30, "FLOPs in (0, 1e30]"),
                              ("dense_2C", lambda v: 1 < v <= 1e3, "a multiple of C in (1, 1000]: the baseline above C"),
                              ("tolerance", lambda v: 0 < v < 1, "a fraction in (0, 1)"),
-                             ("E_pref", lambda v: 1 <= v <= flops.LIMITS["E"], f"an integer in 1..{flops.LIMITS['E']}"),
-                             ("De", lambda v: 0 <= v <= flops.LIMITS["De"], f"an integer in 0..{flops.LIMITS['De']}"),
-                             ("De_multiple", lambda v: 1 <= v <= flops.LIMITS["De"], f"an integer in 1..{flops.LIMITS['De']}")):
+                             ("E_pref", lambda v: 1 <= v <= config.RANGES["E"][1], f"an integer in 1..{config.RANGES['E'][1]}"),
+                             ("De", lambda v: 0 <= v <= config.RANGES["De"][1], f"an integer in 0..{config.RANGES['De'][1]}"),
+                             ("De_multiple", lambda v: 1 <= v <= config.RANGES["De"][1], f"an integer in 1..{config.RANGES['De'][1]}")):
         if not ok(getattr(sweep, key)):
             raise ValueError(f"{path}: sweep.{key} = {getattr(sweep, key)!r} is not allowed: expected {allowed}")
     for v in sweep.seeds:
@@ -136,7 +136,6 @@ def load_sweep(path):
         raise ValueError(f"{path}: dense.S = {dense.shape.S} and moe.S = {moe.shape.S}: the twins of a sweep see the same "
                          f"context, or C and the tokens per step mean other things")
     train_over = cfg.get("train", {})
-    from harness import config  # torch comes with it: only where runs are made
     known = {f.name for f in fields(config.TrainConfig)}
     for key in train_over:
         if key == "overwrite":
@@ -188,12 +187,12 @@ def _arm(cfg, name, path, needs_mu):
     if name == "dense":
         table["scheme"] = "dense"
     try:
-        shape = flops.Shape(**table)
+        shape = flops.Shape(**config.check_model(table))
     except ValueError as e:
         raise ValueError(f"{path}: [{name}] {e}") from None
-    if needs_mu and not extra["mu"] * shape.Dm <= flops.LIMITS["De"]:
+    if needs_mu and not extra["mu"] * shape.Dm <= config.RANGES["De"][1]:
         raise ValueError(f"{path}: moe.mu = {extra['mu']!r} makes a total expert width μ·Dm = {extra['mu'] * shape.Dm:.4g}: "
-                         f"expected at most {flops.LIMITS['De']:,}")
+                         f"expected at most {config.RANGES['De'][1]:,}")
     return Arm(shape, **{k: float(v) for k, v in extra.items()})
 
 
@@ -413,7 +412,6 @@ def check_runs(runs, sweep, train_over, world, out, device=None, prepare=False):
 def check_existing(runs, setups, out):
     """Refuse, before any run starts, a run folder of out that holds a run of another plan (another C, lr,
     shape, data, …): a run is its whole plan, and one that differs is never reused or continued."""
-    from harness import config
     bad = []
     for run in runs:
         folder = Path(out) / run.name
@@ -435,7 +433,6 @@ def check_existing(runs, setups, out):
 
 def saved_config(folder):
     """{model: …, train: …} of a run folder (its config.toml, else its summary's), or None when it has none."""
-    from harness import config
     path = Path(folder) / "config.toml"
     if path.exists() or path.is_symlink():
         safe_io.refuse_link(path)

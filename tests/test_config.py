@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from harness import schedule
+import flops
+from harness import config
 from harness.config import TrainConfig, load_config
 from model import GPTConfig
 
@@ -54,3 +56,21 @@ def test_every_run_config_resolves(path):
 def test_toy_config_is_the_default():
     m, t, _, _ = load_config([str(ROOT / "configs" / "toy.toml")])
     assert GPTConfig(**m) == GPTConfig() and t == TrainConfig()
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(K=9, E=8), "K=9"), (dict(K=0), "K=0"), (dict(De=-8), "De=-8"), (dict(Dse=-16), "Dse=-16"),
+    (dict(H=3, Dm=128), "H=3 does not divide Dm=128"), (dict(scheme="sparse"), "scheme='sparse'"),
+    (dict(K=1, norm_topk=True), "norm_topk=true needs K > 1"), (dict(L=0), "L=0"), (dict(vocab_size=0), "vocab_size=0"),
+    (dict(De=20), "De=20"), (dict(balance_coef=-1.0), "balance_coef=-1.0"), (dict(Dm=0), "Dm=0"), (dict(E=2.5), "E"),
+    (dict(scheme="dense", Dffn=0), "Dffn=0"), (dict(scheme="interleave", L=1), "L=1")])
+def test_impossible_model_values_are_refused_naming_the_key(values, message):
+    """The one set of [model] rules (harness/config.py's table) that train.py, sweep.py and flops.py check by."""
+    with pytest.raises(ValueError, match=message):
+        config.check_model(values)
+
+
+def test_model_values_read_alike_in_every_program():
+    """Dm = 32.0 in a TOML file is the integer 32 for train.py's checks and for flops.py's."""
+    assert config.check_model({"Dm": 32.0, "scheme": "dense"}) == {"Dm": 32, "scheme": "dense"}
+    assert flops.shape_from_dict({"Dm": 32.0, "scheme": "dense"}, "x.toml").Dm == 32

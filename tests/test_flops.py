@@ -89,15 +89,6 @@ def test_warmup_is_clipped():
     assert [flops.warmup_iters(n) for n in (50, 1000, 50_000, 10**6)] == [50, 200, 500, 2000]
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("K", 9, "K=9"), ("K", 0, "K=0"), ("De", -8, "De=-8"), ("Dse", -1, "Dse=-1"), ("scheme", "moe", "scheme='moe'"),
-    ("L", 0, "L=0"), ("Dm", -1, "Dm=-1"), ("H", 3, "H=3 does not divide Dm=128"), ("S", 0, "S=0"),
-    ("E", 2.5, "E=2.5"), ("Dffn", 0, "Dffn=0")])
-def test_impossible_shape_names_the_field(field, value, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        flops.Shape(**{"E": 8, field: value})
-
-
 def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "flops.py"), *args], capture_output=True, text=True, cwd=ROOT)
 
@@ -133,7 +124,7 @@ def test_cli_budget_gives_steplaw():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--bogus=1"], "unrecognized arguments"), (["--L=abc"], "invalid int value"),
+    (["--bogus=1"], "unrecognized arguments"), (["--L=abc"], "--L=abc: expected an integer"),
     (["--K=9", "--E=8"], "K=9"), (["--include_router=maybe"], "expected true or false"),
     (["--Dm"], "expected one argument"), (["missing.toml"], "missing.toml"),
     ([str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file, see python sweep.py plan")])

@@ -23,10 +23,11 @@ import sweep
 from harness import sweep_plan
 import train
 from harness.config import SECTIONS
+from model import GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # every config dataclass whose fields are keys of a file or flags: its fields must each have a line of meaning
-CLASSES = [*SECTIONS.values(), flops.Shape, sweep_plan.Sweep, sweep_plan.Arm]
+CLASSES = [GPTConfig, SECTIONS["train"], flops.Shape, sweep_plan.Sweep, sweep_plan.Arm]
 
 
 def default(f):
@@ -45,10 +46,13 @@ def test_every_field_has_a_line_of_meaning(cls):
 
 
 def test_train_tables_are_the_config_sections():
-    # train.py --help reads model.py and config.py without importing them: the files and classes of config.SECTIONS
+    # train.py --help reads model.py and harness/config.py without importing them: model.GPTConfig and TrainConfig
     assert list(helptext.TRAIN_TABLES) == list(SECTIONS)
-    for sec, (path, name) in helptext.TRAIN_TABLES.items():
-        assert (Path(inspect.getsourcefile(SECTIONS[sec])), SECTIONS[sec].__name__) == (path, name)
+    for cls, (path, name) in zip((GPTConfig, SECTIONS["train"]), helptext.TRAIN_TABLES.values()):
+        assert (Path(inspect.getsourcefile(cls)), cls.__name__) == (path, name)
+    # the torch-free [model] table that checks and plans is model.GPTConfig, field for field
+    assert [(f.name, f.type, f.default) for f in fields(SECTIONS["model"])] == \
+           [(f.name, f.type, f.default) for f in fields(GPTConfig)]
 
 
 def test_the_comment_rules(tmp_path):
@@ -115,7 +119,7 @@ def test_train_help_lists_every_key_before_torch_loads(argv):
     assert r.stdout.startswith(train.__doc__.split("\n\n")[0].strip())
     assert "python train.py configs/<name>.toml --iters=2000" in r.stdout  # the command forms
     assert "[model]" in r.stdout and "[train]" in r.stdout
-    listed(r.stdout, [k for cls in SECTIONS.values() for k in keys_of(cls)])
+    listed(r.stdout, [k for cls in (GPTConfig, SECTIONS["train"]) for k in keys_of(cls)])
     assert r.stdout.rstrip().endswith("torch loaded: False")
 
 
@@ -124,7 +128,7 @@ def test_train_main_answers_help_too(capsys, tmp_path, monkeypatch):
     train.main(["--bogus=1", "--help"])  # --help wins over anything else given; nothing runs
     out, err = capsys.readouterr()
     assert not err and not list(tmp_path.iterdir())
-    listed(out, [k for cls in SECTIONS.values() for k in keys_of(cls)])
+    listed(out, [k for cls in (GPTConfig, SECTIONS["train"]) for k in keys_of(cls)])
 
 
 def run_help(main, argv, capsys):

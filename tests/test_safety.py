@@ -127,7 +127,7 @@ CASES = [
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__bogus="1"))], "train.bogus is unknown"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__iters="5"))], "train.iters is set by the sweep"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, moe__mu="-2.0"))], "moe.mu = -2.0 is not allowed"),
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "L=True is not allowed"),
+    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "[dense] model.L=True: expected int"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__log_interval="true"))], "train.log_interval=True: expected int"),
     # flops.py
     ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number in (0, 9.01e+15]"),
@@ -135,7 +135,7 @@ CASES = [
     ("flops", lambda t, r, d: ["--D=1e9", "--C=1e18"], "--D and --C both given"),
     ("flops", lambda t, r, d: ["--K=0"], "K=0 is not allowed"),
     ("flops", lambda t, r, d: [str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file"),
-    ("flops", lambda t, r, d: ["--L=abc"], "argument --L: invalid int value: 'abc'"),
+    ("flops", lambda t, r, d: ["--L=abc"], "argument --L: --L=abc: expected an integer"),
     ("flops", lambda t, r, d: [str(t / "gone.toml")], "gone.toml"),
     # data.py
     ("data", lambda t, r, d: ["--train", str(t / "nomatch*.txt"), f"--out={t / 'o1'}"], "no input files match"),

@@ -12,7 +12,8 @@ from harness import schedule
 import sweep
 from harness import sweep_plan
 from harness import sweep_report
-from harness.config import GPTConfig, TrainConfig, load_config
+from harness.config import TrainConfig, load_config
+from model import GPTConfig
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro
 
 ROOT = Path(__file__).resolve().parent.parent
