@@ -521,7 +521,7 @@ def identity(meta):
             "splits": {name: info["sha256"] for name, info in meta["splits"].items()}}
 
 
-def differences(saved, meta, data_dir):
+def changed_data(saved, meta, data_dir):
     """How the data a run recorded (identity) differs from the data prepared in data_dir now (its
     meta.json), one line per difference."""
     now = identity(meta)
@@ -637,11 +637,11 @@ class Loader:
     def epoch(self):
         return self.consumed / self.n_windows
 
-    def order(self, epoch):
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return self._orders[epoch]
+    def order(self, epoch_index):
+        if epoch_index not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch_index - 1}
+            self._orders[epoch_index] = np.random.default_rng([self.seed, epoch_index]).permutation(self.n_windows)
+        return self._orders[epoch_index]
 
     def windows(self, start, count):
         """Window indices at positions start .. start+count of the global stream."""

@@ -71,7 +71,7 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
         meta = data.load_meta(data_dir)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"--data={data_dir}: {e}") from None
-    changed = data.differences(state["data"], meta, data_dir) if own else []
+    changed = data.changed_data(state["data"], meta, data_dir) if own else []
     if changed:
         raise ValueError(f"{run_dir} was trained on other data than {data_dir} holds now ({'; '.join(changed)}): its "
                          f"numbers would not be the run's; give --data={data_dir} to evaluate on the data as it is")

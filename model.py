@@ -9,8 +9,9 @@ Each layer is its plain math. Where a faster path computes the same thing, one c
 the fast paths are in kernels/custom_ops.py, tested equal to the plain ones (tests/test_model.py), and
 what they bought is in docs/results.md.
 
-Shape suffixes, with the paper's letters: B batch, S sequence length, T = B·S tokens, D model width (Dm),
-H heads, E experts, K experts per token, F expert or FFN hidden width, V vocabulary, R = T·K routing slots.
+Shape suffixes, with the paper's letters: B batch, S sequence length, T = B·S tokens, D model width Dm (a
+suffix only: the paper's D, training tokens, is flops.py's), H heads, E experts, K experts per token, F expert
+or FFN hidden width, V vocabulary, R = T·K routing slots.
 """
 import functools
 import math
@@ -45,9 +46,9 @@ class GPTConfig(flops.Shape):
 # ----------------------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
     """x / rms(x) ⊙ w with rms(x) = sqrt(mean(x²) + eps)."""
-    def __init__(self, D, eps=1e-6):
+    def __init__(self, Dm, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(D))
+        self.weight = nn.Parameter(torch.ones(Dm))
         self.eps = eps
 
     def forward(self, x):

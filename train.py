@@ -48,7 +48,7 @@ from harness import rundir
 from harness import safe_io
 from harness import schedule
 from harness import trackers
-from harness.config import TRAJECTORY, differences, load_config, read_toml, to_toml
+from harness.config import TRAJECTORY, changed_keys, load_config, read_toml, to_toml
 from evaluate import evaluate_splits
 from harness.logbook import Logbook
 from model import GPT, GPTConfig
@@ -110,7 +110,7 @@ def run_training(setup, rank, world, device, aside):
         book.close()
         raise stopped(e, t.out, step, sched, last_ckpt) from None
     if rank == 0 and t.strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
-        sample_at_end(t, summary)
+        sample_at_end(t)
     return summary
 
 
@@ -242,7 +242,7 @@ def resume_from(t):
     if got is None:
         if not (out / "config.toml").exists():
             raise FileNotFoundError(f"--resume: no run in {out} (no config.toml, no checkpoint)")
-        diff = differences(read_toml(out / "config.toml"), setup.mcfg, setup.tcfg, TRAJECTORY, then="config.toml")
+        diff = changed_keys(read_toml(out / "config.toml"), setup.mcfg, setup.tcfg, TRAJECTORY, then="config.toml")
         if diff:
             raise ValueError(f"{out} has no checkpoint yet, and its config.toml is not this run's:\n  " + "\n  ".join(diff)
                              + f"\nresume it with its own config (python train.py --out_dir={out} --resume), or start "
@@ -306,7 +306,7 @@ def final_bpc(t, book, records, step):
     return final
 
 
-def sample_at_end(t, summary):
+def sample_at_end(t):
     """Rank 0, the run finished: a few lines of what the model writes."""
     try:
         show_sample(t.step_ctx.model, t.setup.meta, t.setup.tcfg.sample_tokens, t.out)

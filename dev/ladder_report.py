@@ -1,21 +1,28 @@
 """The tokens-per-parameter ladder's analysis (docs/ladder.md). A rung is one sweep: its folder of
-runs, or the report.csv that `sweep.py report` wrote for it. For each rung: BPC per arm (mean ± sd over the
-seeds) and relative to the rung's own dense model at C; the slope of BPC against ln r_a over the four
-sparsest arms; the vertex of a quadratic in ln r_a over all its arms; both with a bootstrap interval. For
-all rungs: one CSV of every run and one figure. And the learning-rate check's table with its rule. No torch.
+runs, or the report.csv that `sweep.py report` wrote for it. For each rung and validation split: BPC per arm
+(mean ± sd over the seeds) and relative to the rung's own dense model at C; the best arm; each arm's
+difference to the sparsest with a Welch 95 % interval; the slope of BPC against ln r_a over the four sparsest
+arms with a t interval; a lack-of-fit F test of a quadratic in ln r_a over all its arms, and the quadratic's
+vertex as a description. For all rungs: one CSV of every run and one figure. And the learning-rate check's
+table with its rule. No torch, no scipy: the t and F distributions are computed here (betainc).
 
     python dev/ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
         [--dense sweep-ladder-04=runs/sweep-ladder-04-dense0.5]   # a rung's dense runs from another folder
+        [--split val --split milton]                              # default: every split all the rungs have
     python dev/ladder_report.py lr-check 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04 2=runs/sweep-ladder-04-lr2
 
-Fits are least squares over every run (each seed's BPC a point), x = ln r_a. Intervals come from a residual
-bootstrap: fit, take the residuals of all the fit's runs, centre them and scale them by sqrt(n/(n − p)) for the
-p fitted coefficients, then 2,000 times (a fixed seed) add residuals drawn with replacement to the fitted
-values and fit again; the interval is the 2.5 and 97.5 percentiles. With three seeds an arm, resampling each
-arm's own runs instead covers a true vertex only ~80 % of the time (10 distinct draws an arm, variance × 2/3),
-this ~92 % (200 synthetic rungs of eight arms). A quadratic that opens downwards (or is flat) has no minimum:
-its vertex counts as below every r_a when the fit is lower at the sparsest arm than at the densest (the sparse
-end is better) and above every r_a otherwise, so the percentiles of the vertex stay defined.
+The statistics, all on the runs themselves (each seed's BPC a point, x = ln r_a):
+- Welch: the difference of two arms' means, its standard error sqrt(s1²/n1 + s2²/n2), the
+  Welch–Satterthwaite df, the 95 % interval diff ± t(0.975, df)·se and the two-sided p. Each arm keeps its
+  own variance: the seed-to-seed sd differs up to eightfold between arms of one rung.
+- The slope: ordinary least squares over every run of the four sparsest arms (12 points with three seeds),
+  its standard error from the residuals, and a t interval with n − 2 df. It pools the residual variance
+  over those four arms.
+- Lack of fit: the quadratic's residual sum of squares split into pure error (the seeds' scatter about
+  their arm's mean, n − m df for m arms) and lack of fit (the rest, m − 3 df); F = (SS_lof/df_lof) /
+  (SS_pe/df_pe), p from F(df_lof, df_pe). A small p: the arms' means do not lie on a quadratic in ln r_a,
+  and its vertex describes nothing of the curve.
+- The vertex exp(−c1/(2·c2)) of the least-squares quadratic: a description, with no interval.
 """
 import argparse
 import csv
@@ -33,7 +40,6 @@ from harness import safe_io
 from harness import sweep_report
 
 SPARSEST = 4        # the arms the slope is fitted over
-N_BOOT = 2000
 LR_MARGIN = 0.02    # BPC: a multiplier other than 1 is taken only when it is better by more than this
 
 
@@ -107,12 +113,6 @@ def points(arms):
     return ([math.log(ra) for ra, vs in arms.values() for _ in vs], [v for _, vs in arms.values() for v in vs])
 
 
-def slope(arms):
-    """Least-squares slope of BPC against ln r_a over every run of the arms: BPC per e-fold of r_a. Positive:
-    BPC rises with r_a, the sparser arm is better."""
-    return float(np.polyfit(*points(arms), 1)[0])
-
-
 def quadratic(arms):
     """(c2, c1, c0) of BPC = c2·x² + c1·x + c0, x = ln r_a, fitted over every run of the arms."""
     return tuple(float(c) for c in np.polyfit(*points(arms), 2))
@@ -129,31 +129,123 @@ def vertex(arms):
     return 0.0 if (c2 * lo + c1) * lo <= (c2 * hi + c1) * hi else math.inf  # c0 cancels
 
 
-def bootstrap(arms, stat, degree, n=N_BOOT, seed=0):
-    """stat over n residual-bootstrap copies of the arms: the polynomial of `degree` in ln r_a fitted to every
-    run, plus residuals drawn with replacement from its own (centred, scaled by sqrt(n/(n − p)))."""
-    x, y = points(arms)
-    fit = np.polyval(np.polyfit(x, y, degree), x)
-    res = (np.asarray(y) - fit) * math.sqrt(len(y) / max(1, len(y) - degree - 1))
-    res -= res.mean()
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        values = iter(fit + res[rng.integers(0, len(res), len(res))])
-        out.append(stat({a: (ra, [float(next(values)) for _ in vs]) for a, (ra, vs) in arms.items()}))
-    return out
+# ----------------------------------------------------------------------------- distributions (numpy-free math)
+def betainc(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    with the symmetry I_x(a, b) = 1 − I_{1−x}(b, a) where the fraction converges slowly."""
+    if not (a > 0 and b > 0) or not 0 <= x <= 1:
+        raise ValueError(f"betainc({a}, {b}, {x}): expected a, b > 0 and x in [0, 1]")
+    if x in (0, 1):
+        return float(x)
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 10_000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
 
 
-def interval(samples, level=0.95):
-    """The (1 − level)/2 and (1 + level)/2 percentiles (of values that may be 0 or inf: order is all they need)."""
-    s = sorted(samples)
-    lo, hi = (1 - level) / 2, (1 + level) / 2
-    return s[min(len(s) - 1, int(lo * len(s)))], s[min(len(s) - 1, math.ceil(hi * len(s)) - 1)]
+def t_cdf(t, df):
+    """P(T ≤ t) for Student's t with df degrees of freedom (df > 0, not necessarily whole)."""
+    if math.isinf(df):
+        return 0.5 * math.erfc(-t / math.sqrt(2))
+    x = t * t / (df + t * t)  # P(|T| < |t|) = I_x(1/2, df/2); its complement by the other form near the tails
+    tail = 0.5 * (1.0 - betainc(0.5, df / 2, x)) if x < 0.5 else 0.5 * betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(q, df):
+    """The q-quantile of Student's t: t_ppf(0.975, 4) = 2.776. By bisection on t_cdf."""
+    if not 0 < q < 1:
+        raise ValueError(f"t_ppf({q}, {df}): expected 0 < q < 1")
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > q:
+        lo *= 2
+    while t_cdf(hi, df) < q:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, abs(mid)):
+            break
+    return (lo + hi) / 2
+
+
+def f_sf(F, d1, d2):
+    """P(X > F) for X ~ F(d1, d2): the p-value of an F test."""
+    if F <= 0:
+        return 1.0
+    if math.isinf(F):
+        return 0.0
+    return betainc(d2 / 2, d1 / 2, d2 / (d2 + d1 * F))
+
+
+# ----------------------------------------------------------------------------- the statistics
+LEVEL = 0.95
+
+
+def welch(a, b, level=LEVEL):
+    """mean(a) − mean(b) with Welch's standard error, df, `level` interval and two-sided p."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        raise ValueError(f"welch: needs two values or more in each group (got {na} and {nb})")
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    va, vb = statistics.variance(a) / na, statistics.variance(b) / nb
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "se": 0.0, "df": math.inf, "lo": diff, "hi": diff, "p": 0.0 if diff else 1.0}
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    h = t_ppf(0.5 + level / 2, df) * se
+    return {"diff": diff, "se": se, "df": df, "lo": diff - h, "hi": diff + h, "p": 2 * t_cdf(-abs(diff) / se, df)}
+
+
+def slope_test(arms, level=LEVEL):
+    """The least-squares slope of BPC on ln r_a over every run of the arms (BPC per e-fold of r_a; positive:
+    the sparser arm is better), its standard error, n − 2 df, the t interval and the two-sided p of slope = 0."""
+    x, y = (np.asarray(v, dtype=float) for v in points(arms))
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0:
+        raise ValueError("slope: needs three runs or more over two r_a or more")
+    b, a0 = np.polyfit(x, y, 1)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    s2 = float(((y - (b * x + a0)) ** 2).sum()) / (n - 2)
+    se = math.sqrt(s2 / sxx)
+    h = t_ppf(0.5 + level / 2, n - 2) * se
+    p = 2 * t_cdf(-abs(b) / se, n - 2) if se > 0 else float(b == 0)
+    return {"slope": float(b), "se": se, "df": n - 2, "lo": float(b) - h, "hi": float(b) + h, "p": p}
+
+
+def lack_of_fit(arms, degree=2):
+    """The lack-of-fit F test of a polynomial of `degree` in ln r_a fitted to every run of the arms: pure error
+    from each arm's seeds about their mean (n − m df), lack of fit the rest of the fit's residual sum of
+    squares (m − degree − 1 df). None when either df is 0."""
+    x, y = (np.asarray(v, dtype=float) for v in points(arms))
+    m, n = len(arms), len(y)
+    df_lof, df_pe = m - degree - 1, n - m
+    if df_lof < 1 or df_pe < 1:
+        return None
+    sse = float(((y - np.polyval(np.polyfit(x, y, degree), x)) ** 2).sum())
+    sspe = sum(float(((np.asarray(vs) - np.mean(vs)) ** 2).sum()) for _, vs in arms.values())
+    sslof = max(0.0, sse - sspe)
+    F = math.inf if sspe == 0 and sslof > 0 else 0.0 if sslof == 0 else (sslof / df_lof) / (sspe / df_pe)
+    return {"F": F, "df": (df_lof, df_pe), "p": f_sf(F, df_lof, df_pe), "ss_lof": sslof, "ss_pe": sspe}
 
 
 # ----------------------------------------------------------------------------- one rung
-def summarise(name, rows, split="val", n_boot=N_BOOT):
-    """Everything the ladder reports of one rung, as a dict."""
+def summarise(name, rows, split="val"):
+    """Everything the ladder reports of one rung on one split, as a dict."""
     dense = by_arm([r for r in rows if r["kind"] == "dense"], split)
     arms = by_arm(curve(rows), split)
     if "dense-C" not in dense or len(arms) < 3:
@@ -161,15 +253,18 @@ def summarise(name, rows, split="val", n_boot=N_BOOT):
                          f"{', '.join(list(dense) + list(arms)) or 'none'}")
     ref = statistics.fmean(dense["dense-C"][1])
     dC = next(r for r in rows if r["arm"] == "dense-C")
-    sparse = dict(list(arms.items())[:SPARSEST])
-    slopes, vertices = bootstrap(sparse, slope, 1, n_boot), bootstrap(arms, vertex, 2, n_boot)
-    lo, hi = min(a[0] for a in arms.values()), max(a[0] for a in arms.values())
+    sparsest = next(iter(arms))
+    means = {a: statistics.fmean(vs) for a, (_, vs) in arms.items()}
+    best = min(means, key=means.get)
+    two = all(len(vs) > 1 for _, vs in arms.values())
     return {"name": name, "rows": rows, "split": split, "dense_C": ref, "dense_DN": dC["D"] / dC["N"],
             "dense": {a: _stats(vs) for a, (_, vs) in dense.items()},
-            "arms": {a: {"ra": ra, **_stats(vs), "delta": statistics.fmean(vs) - ref} for a, (ra, vs) in arms.items()},
-            "slope": slope(sparse), "slope_ci": interval(slopes), "quadratic": quadratic(arms),
-            "vertex": vertex(arms), "vertex_ci": interval(vertices),
-            "vertex_inside": sum(lo <= v <= hi for v in vertices) / len(vertices), "n_boot": n_boot}
+            "arms": {a: {"ra": ra, **_stats(vs), "delta": statistics.fmean(vs) - ref,
+                         "vs_sparsest": welch(vs, arms[sparsest][1]) if two and a != sparsest else None}
+                     for a, (ra, vs) in arms.items()},
+            "sparsest": sparsest, "best": best, "best_interior": best not in (sparsest, list(arms)[-1]),
+            "slope": slope_test(dict(list(arms.items())[:SPARSEST])), "lack_of_fit": lack_of_fit(arms),
+            "quadratic": quadratic(arms), "vertex": vertex(arms)}
 
 
 def _stats(values):
@@ -178,29 +273,59 @@ def _stats(values):
 
 
 def _ra(v):
-    return "none below" if v == 0 else "none above" if math.isinf(v) else f"{100 * v:.3g} %"
+    return ("none below the arms" if v == 0 else "none above the arms" if math.isinf(v) else
+            "< 0.1 %" if v < 0.001 else f"{100 * v:.1f} %")
 
 
-def markdown(rungs):
-    """Per rung, mean ± sd per arm and relative to dense at C; then the slope and vertex of every rung."""
-    out = []
-    for s in rungs:
-        out += [f"### {s['name']}: dense at C D/N = {s['dense_DN']:.3g}, BPC ({s['split']})", "",
-                "| arm | r_a | BPC mean ± sd | − dense at C | per seed |", "|---|---|---|---|---|"]
-        for a, d in s["dense"].items():
-            out.append(f"| {a} | 100 % | {d['mean']:.4f} ± {d['sd']:.4f} | {d['mean'] - s['dense_C']:+.4f} | "
-                       + ", ".join(f"{v:.4f}" for v in d["values"]) + " |")
-        for a, d in s["arms"].items():
-            out.append(f"| {a} | {100 * d['ra']:.2f} % | {d['mean']:.4f} ± {d['sd']:.4f} | {d['delta']:+.4f} | "
-                       + ", ".join(f"{v:.4f}" for v in d["values"]) + " |")
-        out.append("")
-    out += [f"| rung | dense D/N | slope over the {SPARSEST} sparsest (BPC per e-fold of r_a) [95 % CI] | "
-            f"quadratic c2 | vertex r_a [95 % CI] | resamples with a minimum inside the range |", "|---|---|---|---|---|---|"]
-    for s in rungs:
-        (a, b), (lo, hi) = s["slope_ci"], s["vertex_ci"]
-        out.append(f"| {s['name']} | {s['dense_DN']:.3g} | {s['slope']:+.4f} [{a:+.4f}, {b:+.4f}] | "
-                   f"{s['quadratic'][0]:+.4f} | {_ra(s['vertex'])} [{_ra(lo)}, {_ra(hi)}] | "
-                   f"{100 * s['vertex_inside']:.0f} % of {s['n_boot']} |")
+def _ci(w, digits=3):
+    """+0.012 [−0.030, +0.054] (3.1): a difference, its interval and its Welch df."""
+    if w is None:
+        return ""
+    df = "∞" if math.isinf(w["df"]) else f"{w['df']:.1f}"
+    return f"{w['diff']:+.{digits}f} [{w['lo']:+.{digits}f}, {w['hi']:+.{digits}f}] ({df})"
+
+
+def _p(p):
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def markdown(by_split):
+    """by_split: {split: [one summarise() per rung]}. First one row per rung and split: the best arm, its
+    difference to the sparsest, the slope, the lack of fit, the vertex; then per rung every arm on every split."""
+    splits = list(by_split)
+    out = [f"| rung | dense D/N | split | best arm (lowest mean) | best − sparsest, BPC [95 % CI] (Welch df) | "
+           f"slope over the {SPARSEST} sparsest, BPC per e-fold of r_a [95 % CI] (t, df) | quadratic's lack of fit: "
+           f"F (df), p | quadratic's vertex (a description) |", "|---|---|---|---|---|---|---|---|"]
+    for i in range(len(by_split[splits[0]])):
+        for split in splits:
+            s = by_split[split][i]
+            best, sl, lof = s["arms"][s["best"]], s["slope"], s["lack_of_fit"]
+            lof_text = "" if lof is None else (f"{lof['F']:.2f} ({lof['df'][0]}, {lof['df'][1]}), {_p(lof['p'])}")
+            out.append(f"| {s['name']} | {s['dense_DN']:.3g} | {split} | {100 * best['ra']:.1f} % "
+                       f"({best['mean']:.4f}) | {_ci(best['vs_sparsest']) or 'the sparsest'} | "
+                       f"{sl['slope']:+.4f} [{sl['lo']:+.4f}, {sl['hi']:+.4f}] ({sl['df']}) | {lof_text} | "
+                       f"{_ra(s['vertex'])} |")
+    for i in range(len(by_split[splits[0]])):
+        first = by_split[splits[0]][i]
+        out += ["", f"#### {first['name']}: dense at C D/N = {first['dense_DN']:.3g}", "",
+                "| arm | r_a | " + " | ".join(f"{sp}: mean ± sd | − dense at C | − sparsest [95 % CI] (df)"
+                                              for sp in splits) + " |", "|---|---|" + "---|---|---|" * len(splits)]
+        for a in first["dense"]:
+            cells = []
+            for sp in splits:
+                s = by_split[sp][i]
+                d = s["dense"].get(a)
+                cells += ["", "", ""] if d is None else [f"{d['mean']:.4f} ± {d['sd']:.4f}",
+                                                         f"{d['mean'] - s['dense_C']:+.4f}", ""]
+            out.append(" | ".join([f"| {a}", "100 %", *cells]) + " |")
+        for a, d0 in first["arms"].items():
+            cells = []
+            for sp in splits:
+                s = by_split[sp][i]
+                d = s["arms"][a]
+                mean = f"**{d['mean']:.4f}**" if a == s["best"] else f"{d['mean']:.4f}"
+                cells += [f"{mean} ± {d['sd']:.4f}", f"{d['delta']:+.4f}", _ci(d["vs_sparsest"])]
+            out.append(" | ".join([f"| {a}", f"{100 * d0['ra']:.2f} %", *cells]) + " |")
     return "\n".join(out)
 
 
@@ -306,6 +431,23 @@ OUTPUTS = {"ladder-runs.csv": lambda b: b.startswith(b"rung,dense_D_per_N,"),
            "ladder.png": lambda b: b.startswith(b"\x89PNG\r\n\x1a\n")}
 
 
+def load_rungs(path):
+    """[(name, rows)] of one argument: a rung (load_rung, named by rung_name), or every rung of a ladder-runs.csv
+    (a CSV with a rung column), in its order."""
+    rows = load_rung(path)
+    if rows and "rung" in rows[0]:
+        return [(str(n), [r for r in rows if r["rung"] == n]) for n in dict.fromkeys(r["rung"] for r in rows)]
+    return [(rung_name(path), rows)]
+
+
+def common_splits(rungs):
+    """The validation splits (bpc_<split> with numbers) that every rung's runs have, val first."""
+    have = [{k[4:] for r in rows for k, v in r.items() if k.startswith("bpc_") and isinstance(v, (int, float))}
+            for rows in rungs]
+    common = set.intersection(*have) if have else set()
+    return sorted(common, key=lambda s: (s != "val", s))
+
+
 def rung_name(path):
     """A rung's name: its sweep folder's (the folder of a report.csv), else the file's stem."""
     path = Path(path)
@@ -317,10 +459,11 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report", allow_abbrev=False, help="tables, the fits, a CSV of every run, the figure")
-    r.add_argument("rungs", nargs="+", help="sweep folders or report.csv files, one per rung, lowest D/N first")
+    r.add_argument("rungs", nargs="+", help="sweep folders or report.csv files, one per rung, lowest D/N first; "
+                                            "or a ladder-runs.csv, every rung of it")
     r.add_argument("--out", help="write ladder-runs.csv and ladder.png in this folder")
-    r.add_argument("--split", default="val", help="the validation split of the fits (default val)")
-    r.add_argument("--boot", type=int, default=N_BOOT, help=f"bootstrap resamples (default {N_BOOT})")
+    r.add_argument("--split", action="append", default=[], help="a validation split of the statistics (repeatable; "
+                                                                "default: every split all the rungs have, val first)")
     r.add_argument("--dense", action="append", default=[], metavar="RUNG=FOLDER",
                    help="take the dense runs of RUNG (its folder's name) from FOLDER, e.g. "
                         "sweep-ladder-04=runs/sweep-ladder-04-dense0.5")
@@ -350,23 +493,28 @@ def main(argv=None):
                 folders[mult] = folder
             print(lr_markdown(lr_check(folders, a.split, margin=a.margin)))
             return
-        if not 1 <= a.boot <= 100_000:
-            raise ValueError(f"--boot={a.boot}: expected 1 to 100,000 resamples")
+        loaded = [(name, rows, p) for p in a.rungs for name, rows in load_rungs(p)]
+        names = [name for name, _, _ in loaded]
+        if len(set(names)) < len(names):
+            raise ValueError(f"two rungs of one name ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
         dense_from = {}
         for item in a.dense:
             name, sep, folder = item.partition("=")
-            if not sep or not folder or name not in {rung_name(p) for p in a.rungs}:
+            if not sep or not folder or name not in names:
                 raise ValueError(f"--dense {item!r}: expected RUNG=FOLDER, RUNG the name of one of the rungs given")
             dense_from[name] = folder
-        rungs = []
-        for p in a.rungs:
-            rows = load_rung(p)
-            if rung_name(p) in dense_from:
+        merged = []
+        for name, rows, p in loaded:
+            if name in dense_from:
                 planned = sweep_report.read_plan(Path(p) / "plan.json") if Path(p).is_dir() else None
-                rows = with_dense_from(rows, dense_from[rung_name(p)], rung_name(p), planned)
-            rungs.append(summarise(rung_name(p), rows, a.split, a.boot))
-        md = markdown(rungs)
-        print(md)
+                rows = with_dense_from(rows, dense_from[name], name, planned)
+            merged.append((name, rows))
+        splits = a.split or common_splits([rows for _, rows in merged])
+        if not splits:
+            raise ValueError("no validation split (a bpc_<split> column) that every rung has")
+        by_split = {sp: [summarise(name, rows, sp) for name, rows in merged] for sp in dict.fromkeys(splits)}
+        rungs = by_split[splits[0]]
+        print(markdown(by_split))
         if a.out:
             out = Path(a.out)
             for name, ours in OUTPUTS.items():  # written again by every report, and never over anything else

@@ -16,10 +16,10 @@ class ReferenceBlock(nn.Module):
         self.fc, self.fc_proj = nn.Linear(Dm, hidden, bias=False), nn.Linear(hidden, Dm, bias=False)
 
     def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = (t.view(B, T, self.H, self.Dh).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(self.H * self.Dh, 2))
+        B, S, _ = x.shape
+        q, k, v = (t.view(B, S, self.H, self.Dh).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(self.H * self.Dh, 2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).contiguous().view(B, T, self.H * self.Dh))
+        x = x + self.proj(y.transpose(1, 2).contiguous().view(B, S, self.H * self.Dh))
         return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
 
 
@@ -44,9 +44,9 @@ class ReferenceGPT(nn.Module):
         """The blocks' matrices: what flops.count calls N for a dense model."""
         return sum(m.weight.numel() for b in self.blocks for m in b.modules() if isinstance(m, nn.Linear))
 
-    def forward(self, idx_BT, targets_BT):
-        x = self.wte(idx_BT) + self.wpe(torch.arange(idx_BT.shape[1], device=idx_BT.device))
+    def forward(self, idx_BS, targets_BS):
+        x = self.wte(idx_BS) + self.wpe(torch.arange(idx_BS.shape[1], device=idx_BS.device))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BT.reshape(-1)), {}
+        return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), targets_BS.reshape(-1)), {}

@@ -68,8 +68,8 @@ def check(state, path, mcfg, tcfg, meta, sched):
     same model, trajectory keys, data and schedule, on any number of ranks (the schedule does not depend on it).
     Anything else is refused, every difference named."""
     saved = state["schedule"]
-    diff = config.differences(state["config"], mcfg, tcfg, config.TRAJECTORY, then="checkpoint")
-    diff += data.differences(state["data"], meta, tcfg.data)
+    diff = config.changed_keys(state["config"], mcfg, tcfg, config.TRAJECTORY, then="checkpoint")
+    diff += data.changed_data(state["data"], meta, tcfg.data)
     diff += [f"schedule {k}: checkpoint {saved.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
              f"rank(s))" for k, v in sched.trajectory().items() if saved.get(k) != v]
     if diff:

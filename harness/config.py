@@ -335,7 +335,7 @@ def resolve_dtype(dtype, device_type):
     return dtype if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
 
 
-def differences(saved, mcfg, tcfg, train_keys, then="run", now="now"):
+def changed_keys(saved, mcfg, tcfg, train_keys, then="run", now="now"):
     """How a saved {model: …, train: …} config differs from a run's: every [model] key and the given
     [train] keys, one line per difference."""
     saved_m, saved_t = saved.get("model", {}), saved.get("train", {})

@@ -257,7 +257,7 @@ def saved_bytes(mcfg, seqs, dtype, strategy, checkpointing, attention="flex"):
 def layer_bytes(mcfg, layer, a, r, attention="flex"):
     """Per token, what one layer keeps: attention, then a dense FFN or an MoE layer."""
     Dm, HD = mcfg.Dm, mcfg.H * mcfg.Dh
-    # the norm: on the CPU (sdpa) path model.RMSNormFn keeps the normalised input and 1/rms; on CUDA,
+    # the norm: on the CPU (sdpa) path kernels.custom_ops.RMSNormFn keeps the normalised input and 1/rms; on CUDA,
     # torch's rms_norm is counted as keeping the input too
     norm = r * Dm + 4 + (r * Dm if attention == "flex" else 0)
     if attention == "flex" or a == 4:   # FlexAttention, or SDPA's flash kernel in fp32: q, k, v, output and
@@ -269,7 +269,7 @@ def layer_bytes(mcfg, layer, a, r, attention="flex"):
     # the router: its fp32 input (in fp32 the shared expert's input already, when there is one), the
     # exponentials and the scores
     router = (0 if a == 4 and mcfg.Dse else 4 * Dm) + 8 * mcfg.E
-    # routed, per slot: the dispatched x, h13 (2De) and silu(h1) (model.SwiGLUFn), the gated product (the
+    # routed, per slot: the dispatched x, h13 (2De) and silu(h1) (kernels.custom_ops.SwiGLUFn), the gated product (the
     # second grouped GEMM's input); slot ids and gate. The shared expert: its input, h13, silu, product
     routed = mcfg.K * (a * (Dm + 4 * mcfg.De) + 28)
     shared = a * Dm + 4 * a * mcfg.Dse if mcfg.Dse else 0

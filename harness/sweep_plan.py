@@ -419,11 +419,11 @@ def check_existing(runs, setups, out):
         if saved is None:
             continue
         setup = setups[run.name]
-        diff = config.differences(saved, setup.mcfg, setup.tcfg, config.RESULT_KEYS, now="plan")
+        diff = config.changed_keys(saved, setup.mcfg, setup.tcfg, config.RESULT_KEYS, now="plan")
         summary = rundir.read_summary(folder / "summary.json")
         if summary and setup.meta:
             import data
-            diff += data.differences(summary.get("data"), setup.meta, setup.tcfg.data)
+            diff += data.changed_data(summary.get("data"), setup.meta, setup.tcfg.data)
         if diff:
             bad.append(f"{folder}: " + "; ".join(diff))
     if bad:

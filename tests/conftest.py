@@ -1,6 +1,7 @@
 import hashlib
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,14 +50,58 @@ TINY_MODEL = ["--scheme=1dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=64", "--E=
               "--S=32"]
 
 
+def tiny_run_argv(tiny_data, out, *extra):
+    """argv for a 12-iteration run of a tiny MoE on the tiny corpus into out, logging every step."""
+    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=12", "--batch_seqs=4", "--warmup=3",
+                         "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
+
+
 @pytest.fixture
 def tiny_run(tiny_data, tmp_path):
     """argv for a 12-iteration run of a tiny MoE on the tiny corpus, logging every step."""
     def argv(out="run", *extra):
-        return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={tmp_path / out}", "--iters=12", "--batch_seqs=4",
-                             "--warmup=3", "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0",
-                             *extra]
+        return tiny_run_argv(tiny_data, tmp_path / out, *extra)
     return argv
+
+
+# tiny_run's config, trained once for the session by the tests that read the runs (copy a folder before changing it)
+@pytest.fixture(scope="session")
+def whole_run(tiny_data, tmp_path_factory):
+    """tiny_run's run, on one process, to the end."""
+    import train
+    out = tmp_path_factory.mktemp("session-runs") / "whole"
+    train.train(tiny_run_argv(tiny_data, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fsdp_half(tiny_data, tmp_path_factory):
+    """tiny_run's run on 2 FSDP ranks (torchrun), stopped with a sharded checkpoint at step 6."""
+    from tests.test_train import run_ddp
+    out = tmp_path_factory.mktemp("session-runs") / "half"
+    run_ddp(tiny_run_argv(tiny_data, out, "--parallel=fsdp", "--stop_at=6"), nproc=2)
+    return out
+
+
+def torn_next_save(run_dir):
+    """What a kill during the save after step 6 leaves in a sharded run: a step folder that latest.json does not
+    name, with a torn shard. Returns that folder."""
+    half = Path(run_dir) / "ckpt" / "step-00000009"
+    shutil.copytree(Path(run_dir) / "ckpt" / "step-00000006", half)
+    (half / "__1_0.distcp").write_bytes(b"torn")
+    return half
+
+
+@pytest.fixture(scope="session")
+def fsdp_resumed(fsdp_half, tmp_path_factory):
+    """fsdp_half killed during its next save (torn_next_save) and resumed on 2 FSDP ranks to the end: a finished
+    run with a sharded checkpoint."""
+    from tests.test_train import run_ddp
+    out = tmp_path_factory.mktemp("session-runs") / "resumed"
+    shutil.copytree(fsdp_half, out)
+    torn_next_save(out)
+    run_ddp(["--out_dir=" + str(out), "--resume"], nproc=2)
+    return out
 
 
 # ----------------------------------------------------------------------------- a short run, and what it must leave

@@ -14,10 +14,10 @@ from model import GPTConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# a word for a number or a boolean is test_every_input.py's, for every key
 @pytest.mark.parametrize("argv,message", [
-    (["--bogus=1"], "unknown config key 'bogus'"), (["--iters=ten"], "--iters=ten: expected an integer"),
-    (["--lr=fast"], "--lr=fast: expected a number"), (["--compile=maybe"], "expected true or false"),
-    (["--iters=1.5"], "expected an integer"), (["iters=3"], "missing.toml"), (["--L"], "expected --key=value")])
+    (["--bogus=1"], "unknown config key 'bogus'"), (["--iters=1.5"], "expected an integer"), (["iters=3"], "missing.toml"),
+    (["--L"], "expected --key=value")])
 def test_bad_arguments_name_the_key(argv, message):
     argv = ["missing.toml"] if argv == ["iters=3"] else argv
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -59,13 +59,12 @@ def test_toy_config_is_the_default():
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(K=9, E=8), "K=9"), (dict(K=0), "K=0"), (dict(De=-8), "De=-8"), (dict(Dse=-16), "Dse=-16"),
-    (dict(H=3, Dm=128), "H=3 does not divide Dm=128"), (dict(scheme="sparse"), "scheme='sparse'"),
-    (dict(K=1, norm_topk=True), "norm_topk=true needs K > 1"), (dict(L=0), "L=0"), (dict(vocab_size=0), "vocab_size=0"),
-    (dict(De=20), "De=20"), (dict(balance_coef=-1.0), "balance_coef=-1.0"), (dict(Dm=0), "Dm=0"), (dict(E=2.5), "E"),
+    (dict(K=9, E=8), "K=9"), (dict(H=3, Dm=128), "H=3 does not divide Dm=128"),
+    (dict(K=1, norm_topk=True), "norm_topk=true needs K > 1"), (dict(De=20), "De=20"), (dict(E=2.5), "E"),
     (dict(scheme="dense", Dffn=0), "Dffn=0"), (dict(scheme="interleave", L=1), "L=1")])
 def test_impossible_model_values_are_refused_naming_the_key(values, message):
-    """The one set of [model] rules (harness/config.py's table) that train.py, sweep.py and flops.py check by."""
+    """The one set of [model] rules (harness/config.py's table) that train.py, sweep.py and flops.py check by: the
+    rules between keys here; each key's own range (0, a negative, a word) is test_every_input.py's, for every key."""
     with pytest.raises(ValueError, match=message):
         config.check_model(values)
 

@@ -2,6 +2,7 @@
 config key with its default and meaning. The meaning is the comment on the dataclass field's line
 (helptext.py): a field without one fails test_every_field_has_a_line_of_meaning."""
 import inspect
+import json
 import subprocess
 import sys
 import textwrap
@@ -108,19 +109,25 @@ def keys_of(cls):
     return helptext.keys(inspect.getsourcefile(cls), cls.__name__)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["configs/toy.toml", "--iters=3", "--help"],
-                                  ["--out_dir=x", "--resume", "-h"], ["--plan", "--help"]])
-def test_train_help_lists_every_key_before_torch_loads(argv):
-    code = ("import runpy, sys\nsys.argv = ['train.py'] + sys.argv[1:]\n"
-            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('torch loaded:', 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT)
+HELP_ARGVS = [["--help"], ["-h"], ["configs/toy.toml", "--iters=3", "--help"], ["--out_dir=x", "--resume", "-h"],
+              ["--plan", "--help"]]
+
+
+def test_train_help_lists_every_key_before_torch_loads():
+    # python train.py with each command line in turn, in one fresh process that no command line loads torch into
+    code = ("import json, runpy, sys\nfor argv in json.loads(sys.argv[1]):\n    sys.argv = ['train.py'] + argv\n"
+            "    try:\n        runpy.run_path('train.py', run_name='__main__')\n"
+            "    except SystemExit as e:\n        assert not e.code, e.code\n"
+            "    print('\\f', flush=True)\nprint('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(HELP_ARGVS)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and not r.stderr, r.stderr
-    assert r.stdout.startswith(train.__doc__.split("\n\n")[0].strip())
-    assert "python train.py configs/<name>.toml --iters=2000" in r.stdout  # the command forms
-    assert "[model]" in r.stdout and "[train]" in r.stdout
-    listed(r.stdout, [k for cls in (GPTConfig, SECTIONS["train"]) for k in keys_of(cls)])
-    assert r.stdout.rstrip().endswith("torch loaded: False")
+    *helps, last = r.stdout.split("\f\n")
+    assert len(helps) == len(HELP_ARGVS) and last.strip() == "torch loaded: False"
+    for out in helps:
+        assert out.startswith(train.__doc__.split("\n\n")[0].strip())
+        assert "python train.py configs/<name>.toml --iters=2000" in out  # the command forms
+        assert "[model]" in out and "[train]" in out
+        listed(out, [k for cls in (GPTConfig, SECTIONS["train"]) for k in keys_of(cls)])
 
 
 def test_train_main_answers_help_too(capsys, tmp_path, monkeypatch):

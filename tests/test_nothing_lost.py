@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import data
@@ -392,7 +393,8 @@ def test_a_split_too_short_to_evaluate_is_refused_before_training(tmp_path, caps
     (tmp_path / "v.txt").write_text("just a few words\n")
     data.prepare_files(tmp_path / "d", [str(tmp_path / "t.txt")], {"val": [str(tmp_path / "v.txt")]}, workers=1)
     err = refused(train.main, tiny(tmp_path / "d", tmp_path / "r"), capsys)
-    assert "val.bin (split 'val') holds 19 tokens, fewer than one evaluation window of S+1 = 33" in err
+    n = data.load_meta(tmp_path / "d")["splits"]["val"]["tokens"]
+    assert f"val.bin (split 'val') holds {n} tokens, fewer than one evaluation window of S+1 = 33" in err
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="the val split holds 1 token"):
         data.prepare(tmp_path / "e", {"train": [("some text", True)], "val": [("x", False)]}, workers=1)
@@ -423,15 +425,19 @@ def damaged_copy(tiny_data, tmp_path, split, change):
     return prepared
 
 
+# the val split's token count n and bytes per token b (uint16: 2) → what the message must say
 @pytest.mark.parametrize("change,message", [
-    (lambda raw: raw + b"\x00", "its 18,547 bytes are no whole number of 2-byte tokens"),
-    (lambda raw: raw + b"\x00\x00", "holds 9,274 tokens but meta.json says 9,273"),
-    (lambda raw: raw[:-2], "holds 9,272 tokens but meta.json says 9,273"),
-    (lambda raw: raw[:10] + b"\xff\x7f" + raw[12:], "token 5 is id 32,767, outside the vocabulary of 256"),
-    (lambda raw: raw[:10] + bytes([raw[10] ^ 1]) + raw[11:], "its sha256 is not the one in meta.json"),
+    (lambda raw: raw + b"\x00", lambda n, b: f"its {n * b + 1:,} bytes are no whole number of {b}-byte tokens"),
+    (lambda raw: raw + b"\x00\x00", lambda n, b: f"holds {n + 1:,} tokens but meta.json says {n:,}"),
+    (lambda raw: raw[:-2], lambda n, b: f"holds {n - 1:,} tokens but meta.json says {n:,}"),
+    (lambda raw: raw[:10] + b"\xff\x7f" + raw[12:],
+     lambda n, b, id_=int.from_bytes(b"\xff\x7f", "little"): f"token {10 // b} is id {id_:,}, outside the vocabulary of 256"),
+    (lambda raw: raw[:10] + bytes([raw[10] ^ 1]) + raw[11:], lambda n, b: "its sha256 is not the one in meta.json"),
 ])
 def test_a_damaged_token_file_is_named_and_never_trained_on(tiny_data, tmp_path, capsys, change, message):
     prepared = damaged_copy(tiny_data, tmp_path, "val", change)
+    meta = data.load_meta(tiny_data)
+    message = message(meta["splits"]["val"]["tokens"], np.dtype(meta["dtype"]).itemsize)
     err = refused(train.main, tiny(prepared, tmp_path / "r"), capsys)
     assert f"{prepared / 'val.bin'}" in err and message in err and not (tmp_path / "r").exists()
     assert len(err.strip().splitlines()) == 1
@@ -539,10 +545,12 @@ def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly
     assert len(lines) == 1 and "ckpt.pt (step" in lines[0] and f"--out_dir={tmp_path / 'cut'} --resume" in lines[0], err
     stopped = int(lines[0].split("ckpt.pt (step ")[1].split(")")[0])
     assert stopped >= 2 and rundir.read_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == stopped
-    for argv in ([f"--out_dir={tmp_path / 'cut'}", "--resume", f"--stop_at={stopped + 4}"],  # on one thread, as the cut run
-                 common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={stopped + 4}"]):
-        proc = start([str(ROOT / "train.py"), *argv])
-        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    procs = [start([str(ROOT / "train.py"), *argv])  # on one thread, as the cut run; the two side by side
+             for argv in ([f"--out_dir={tmp_path / 'cut'}", "--resume", f"--stop_at={stopped + 4}"],
+                          common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={stopped + 4}"])]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
     timing = ("tokens_per_s", "mfu", "data_share")
     logs = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (p / "log.jsonl").read_text().splitlines()]
             for p in (tmp_path / "cut", tmp_path / "whole")]
@@ -552,7 +560,7 @@ def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly
 @pytest.mark.slow
 def test_an_interrupted_data_preparation_leaves_nothing_behind(tmp_path):
     big = tmp_path / "big.txt"
-    big.write_text(make_text(7, 3_000_000))
+    big.write_text(make_text(7, 100_000) * 30)  # 17 MB: the tokens are of no matter, only that there are many
     proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=1"])
     wait_for_tokens(proc, tmp_path / "d")
     proc.send_signal(signal.SIGINT)
@@ -594,7 +602,7 @@ def test_ctrl_c_while_starting_is_not_swallowed_by_a_bare_except():
 @pytest.mark.slow
 def test_sigterm_to_a_data_preparation_and_its_workers_ends_it_cleanly(tmp_path):
     big = tmp_path / "big.txt"
-    big.write_text(make_text(8, 6_000_000))
+    big.write_text(make_text(8, 200_000) * 30)  # 34 MB: the tokens are of no matter, only that there are many
     proc = start([str(ROOT / "data.py"), "--train", str(big), "--out", str(tmp_path / "d"), "--workers=2"],
                  start_new_session=True)
     wait_for_tokens(proc, tmp_path / "d")  # the two workers are tokenising

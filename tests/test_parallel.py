@@ -18,9 +18,11 @@ import torch.distributed.checkpoint as dcp
 
 from harness import parallel
 from harness import schedule
+import sweep
 import train
 from harness.config import TrainConfig, read_toml
 from model import GPT, GPTConfig
+from tests.conftest import refused, torn_next_save
 from tests.test_train import records, run_ddp, weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,22 +102,18 @@ def test_fsdp_composes_with_compile_and_activation_checkpointing(tiny_run, tmp_p
 
 
 @pytest.mark.slow
-def test_killed_fsdp_run_resumes_on_two_and_on_one_rank(tiny_run, tmp_path):
-    train.train(tiny_run("whole"))
-    run_ddp(tiny_run("a", "--parallel=fsdp", "--stop_at=6"), nproc=2)
-    # what a kill during the next save leaves: a half-written step folder that latest.json does not name
-    half = tmp_path / "a" / "ckpt" / "step-00000009"
-    shutil.copytree(tmp_path / "a" / "ckpt" / "step-00000006", half)
-    (half / "__1_0.distcp").write_bytes(b"torn")
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    run_ddp(["--out_dir=" + str(tmp_path / "a"), "--resume"], nproc=2)  # resharded onto 2 ranks again
-    train.train(["--out_dir=" + str(tmp_path / "b"), "--resume"])       # and onto one process
-    assert_same_run(tmp_path / "whole", tmp_path / "a")
-    assert_same_run(tmp_path / "whole", tmp_path / "b")
-    assert not half.exists()  # the next save cleared it
+def test_killed_fsdp_run_resumes_on_two_and_on_one_rank(whole_run, fsdp_half, fsdp_resumed, tmp_path):
+    # fsdp_resumed: the 2-rank run stopped at step 6 (fsdp_half), with what a kill during the next save leaves (a
+    # half-written step folder that latest.json does not name), resumed on 2 ranks again; b: the same, on one process
+    shutil.copytree(fsdp_half, tmp_path / "b")
+    torn_next_save(tmp_path / "b")
+    train.train(["--out_dir=" + str(tmp_path / "b"), "--resume"])
+    assert_same_run(whole_run, fsdp_resumed)
+    assert_same_run(whole_run, tmp_path / "b")
+    assert not (fsdp_resumed / "ckpt" / "step-00000009").exists()  # the next save cleared it
     assert (tmp_path / "b" / "ckpt.pt").exists() and not (tmp_path / "b" / "ckpt").exists()  # one form at a time
-    whole = weights(tmp_path / "whole")
-    resumed = sharded_weights(tmp_path / "a", whole)
+    whole = weights(whole_run)
+    resumed = sharded_weights(fsdp_resumed, whole)
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-5) for k in whole)
 
 
@@ -153,11 +151,10 @@ def test_fsdp_run_killed_by_sigkill_resumes_from_its_last_whole_checkpoint(tiny_
 
 
 @pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_under_fsdp(tiny_run, tmp_path):
-    train.train(tiny_run("whole"))
+def test_a_one_process_checkpoint_resumes_under_fsdp(whole_run, tiny_run, tmp_path):
     train.train(tiny_run("a", "--stop_at=6"))
     run_ddp(["--out_dir=" + str(tmp_path / "a"), "--resume", "--parallel=fsdp"], nproc=2)
-    assert_same_run(tmp_path / "whole", tmp_path / "a")
+    assert_same_run(whole_run, tmp_path / "a")
     assert (tmp_path / "a" / "ckpt" / "latest.json").exists() and not (tmp_path / "a" / "ckpt.pt").exists()
 
 
@@ -269,31 +266,27 @@ def test_memory_plan_state_is_sharded_over_the_ranks():
                            "bfloat16", 80 * parallel.GiB) == "ddp"
 
 
-@pytest.mark.slow
+# --plan's own flag (a [train] key's bad value with --plan is test_every_input.py's: the same checks)
 @pytest.mark.parametrize("argv, message", [
     (["--plan", "--nproc=0"], "--nproc=0: expected a number of ranks in 1..2^20"),
     (["--plan", "--nproc=x"], "--nproc=x: expected a number of ranks in 1..2^20"),
-    (["configs/moe-7b.toml", "--plan", "--nproc=3"], "cannot be split evenly over 3 ranks"),
-    (["--plan", "--parallel=zero3"], "train.parallel='zero3' is not allowed: expected auto, ddp or fsdp"),
-    (["--plan", "--gpu_mem=-1"], "train.gpu_mem=-1.0 is not allowed")])
-def test_bad_plan_arguments_exit_2(argv, message):
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    ([str(ROOT / "configs" / "moe-7b.toml"), "--plan", "--nproc=3"], "cannot be split evenly over 3 ranks")])
+def test_bad_plan_arguments_exit_2(argv, message, capsys):
+    assert message in refused(train.main, argv, capsys)
 
 
 @pytest.mark.slow
-def test_sweep_plan_shows_memory_per_run_and_warns_where_it_cannot_fit():
+def test_sweep_plan_shows_memory_per_run_and_warns_where_it_cannot_fit(capsys):
     def plan(*args):
-        return subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", "configs/sweep-7b.toml", *args],
-                              capture_output=True, text=True, cwd=ROOT)
+        sweep.main(["plan", str(ROOT / "configs" / "sweep-7b.toml"), *args])
+        return capsys.readouterr()
     ok, tight = plan("--nproc=8", "--gpu_mem=80"), plan("--nproc=8", "--gpu_mem=24")
-    assert ok.returncode == tight.returncode == 0
-    rows = [line.split() for line in ok.stdout.splitlines() if line.startswith(("dense-C ", "moe-ra20.1"))][-2:]
+    rows = [line.split() for line in ok.out.splitlines() if line.startswith(("dense-C ", "moe-ra20.1"))][-2:]
     assert [r[-1] for r in rows] == ["fsdp", "fsdp"] and all(float(r[2]) > 80 > float(r[3]) for r in rows)
-    assert "warning" not in ok.stderr
-    assert "DOES NOT FIT" in tight.stdout and "dense-C: needs 30.2 GiB per rank under fsdp" in tight.stderr
-    bad = plan("--nproc=0", "--gpu_mem=80")
-    assert bad.returncode == 2 and "--nproc=0" in bad.stderr and "Traceback" not in bad.stderr
+    assert "warning" not in ok.err
+    assert "DOES NOT FIT" in tight.out and "dense-C: needs 30.2 GiB per rank under fsdp" in tight.err
+    assert "--nproc=0" in refused(sweep.main, ["plan", str(ROOT / "configs" / "sweep-7b.toml"), "--nproc=0",
+                                               "--gpu_mem=80"], capsys)
 
 
 def test_fsdp_in_bf16_casts_a_blocks_x_and_keeps_the_alibi_bias_fp32(tmp_path):

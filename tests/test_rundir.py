@@ -1,5 +1,6 @@
 """rundir.py: one writer per run folder (the lock, its holder named, taken over from a dead one), no link
-written through, and an --overwrite killed halfway finished or undone by the next start."""
+written through, and an --overwrite killed halfway finished or undone by the next start; run_guard.py: the
+folder held for a run and given back however it ends."""
 import os
 import subprocess
 import sys
@@ -68,3 +69,22 @@ def test_a_killed_overwrite_is_finished_or_undone_by_the_next_start(finished, ti
     (finished / "config.toml").write_text((finished / ".replaced" / "config.toml").read_text())
     summary = train.train(tiny(tiny_data, finished, "--overwrite=true", "--seed=3"))
     assert summary["finished"] and not (finished / ".replaced").exists()
+
+
+def test_the_run_directory_is_held_for_the_run_and_given_back_however_it_ends(finished, tiny_data):
+    from harness import run_guard
+    before = snapshot(finished)
+    # --overwrite: the old run is moved aside while the new one runs; the new run fails before its config: put back
+    with pytest.raises(RuntimeError, match="the new run failed"):
+        with run_guard.protect(finished, resume=False, overwrite=True) as aside:
+            assert aside.path.is_dir() and not (finished / "config.toml").exists()
+            with pytest.raises(safe_io.RunDirError, match="is in use by process"):
+                rundir.Lock(finished).acquire()  # held
+            raise RuntimeError("the new run failed")
+    assert snapshot(finished) == before and (finished / ".lock").read_text() == ""  # put back, and the lock released
+    # a rank other than 0 refuses what rank 0 would, and takes no hold
+    with pytest.raises(safe_io.RunDirError, match="holds a run"):
+        with run_guard.protect(finished, resume=False, overwrite=False, rank=1):
+            pass
+    with run_guard.protect(finished, resume=True, overwrite=False, rank=1) as aside:
+        assert aside is None and (finished / ".lock").read_text() == ""

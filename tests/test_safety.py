@@ -3,8 +3,10 @@
 Every bad input gets exit code 2, one message that names the key or file and what is accepted, no
 traceback, and leaves an existing run directory exactly as it was. The programs run in-process
 (main(argv)), so an unexpected exception fails the test as a traceback would fail a user."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,80 +65,45 @@ def text_file(tmp, name, content):
     return path
 
 
-# (program, argv from (tmp, run, data) , what the message must name)
+# (program, argv from (tmp, run, data) , what the message must name). A key's type, range and choices (a negative,
+# zero, nan, inf, a huge number, a word, nothing, a boolean in a file) are test_every_input.py's, for every key and
+# flag of every program; these are what that table has no row for: rules between keys, bounds (beta2 = 1), the
+# state of a run directory, of files and of data
 CASES = [
-    # train.py: types, ranges, choices and rules between keys, all before any work
-    ("train", lambda t, r, d: ["--iters=true"], "--iters=true: expected an integer"),
-    ("train", lambda t, r, d: [str(text_file(t, "b.toml", "[train]\niters = true\n"))], "train.iters=True: expected int"),
-    ("train", lambda t, r, d: ["--grad_clip=-1"], "train.grad_clip=-1.0 is not allowed"),
-    ("train", lambda t, r, d: ["--weight_decay=-5"], "train.weight_decay=-5.0 is not allowed"),
-    ("train", lambda t, r, d: ["--iters=-3"], "train.iters=-3 is not allowed"),
-    ("train", lambda t, r, d: ["--tokens=-1"], "train.tokens=-1.0 is not allowed"),
-    ("train", lambda t, r, d: ["--iters=4", "--batch_seqs=-2"], "train.batch_seqs=-2 is not allowed"),
-    ("train", lambda t, r, d: ["--tokens=inf"], "--tokens=inf: expected a number"),
-    ("train", lambda t, r, d: [str(text_file(t, "inf.toml", "[train]\ntokens = inf\n"))], "train.tokens=inf"),
-    ("train", lambda t, r, d: ["--device=tpu"], "train.device='tpu' is not allowed"),
-    ("train", lambda t, r, d: ["--dtype=int8"], "train.dtype='int8' is not allowed"),
+    # train.py: bounds and rules between keys, all before any work
     ("train", lambda t, r, d: [f"--out_dir={text_file(t, 'afile', 'x')}"], "train.out_dir="),
     ("train", lambda t, r, d: ["--iters=4", "--eval_tokens=10"], "train.eval_tokens=10 is less than one window"),
-    ("train", lambda t, r, d: ["--log_interval=0"], "train.log_interval=0 is not allowed"),
-    ("train", lambda t, r, d: ["--lr=-1"], "train.lr=-1.0 is not allowed"),
     ("train", lambda t, r, d: ["--beta1=1.5"], "train.beta1=1.5 is not allowed"),
     ("train", lambda t, r, d: ["--beta2=1"], "train.beta2=1.0 is not allowed"),
-    ("train", lambda t, r, d: ["--seed=-1"], "train.seed=-1 is not allowed"),
-    ("train", lambda t, r, d: ["--lr=nan"], "--lr=nan: expected a number"),
     ("train", lambda t, r, d: ["--iters=4", "--micro_batch=8", "--batch_seqs=4"], "train.micro_batch=8 is more than"),
     ("train", lambda t, r, d: ["--iters=4", "--micro_batch=3", "--batch_seqs=4"], "micro_batch=3 does not divide"),
     ("train", lambda t, r, d: ["--warmup=-2"], "train.warmup=-2 is not allowed"),
-    ("train", lambda t, r, d: ["--lr_mult=0"], "train.lr_mult=0.0 is not allowed"),
-    ("train", lambda t, r, d: ["--attention=flash"], "train.attention='flash' is not allowed"),
     ("train", lambda t, r, d: ["--attention=flex", "--iters=4"], "train.attention='flex' on cpu"),
-    ("train", lambda t, r, d: ["--compile=maybe"], "--compile=maybe: expected true or false"),
-    ("train", lambda t, r, d: ["--ckpt_interval=-1"], "train.ckpt_interval=-1 is not allowed"),
-    ("train", lambda t, r, d: ["--stop_at=-1"], "train.stop_at=-1 is not allowed"),
-    ("train", lambda t, r, d: ["--peak_flops=-5"], "train.peak_flops=-5.0 is not allowed"),
     ("train", lambda t, r, d: ["--iters=5", "--compute=1e12"], "give exactly one budget"),
-    ("train", lambda t, r, d: ["--L=0"], "L=0 is not allowed"),
     ("train", lambda t, r, d: ["--K=9", "--E=8"], "K=9 is not allowed"),
     ("train", lambda t, r, d: ["--De=20"], "De=20 is not allowed"),
-    ("train", lambda t, r, d: ["--scheme=sparse"], "scheme='sparse' is unknown"),
-    ("train", lambda t, r, d: ["--balance_coef=-1"], "balance_coef=-1.0 is not allowed"),
     ("train", lambda t, r, d: ["--vocab_size=100", "--iters=4"], "vocab_size=100 is smaller than the vocabulary"),
     ("train", lambda t, r, d: ["--bogus=1"], "unknown config key 'bogus'"),
     ("train", lambda t, r, d: [str(t / "missing.toml")], "missing.toml"),
     ("train", lambda t, r, d: [str(text_file(t, "u.toml", "[optim]\nlr = 3\n"))], "unknown table [optim]"),
     ("train", lambda t, r, d: ["--iters=4", "--unique_tokens=1e12"], "is more than the training split holds"),
-    ("train", lambda t, r, d: ["--iters=4", f"--data={t / 'nodata'}"], "meta.json is missing"),
     ("train", lambda t, r, d: ["--iters=4"], "holds a run (config.toml, log.jsonl, ckpt.pt, summary.json)"),
     ("train", lambda t, r, d: ["--iters=4", "--resume", "--overwrite=true"], "give one of them"),
     ("train", lambda t, r, d: ["--iters=4", "--resume", "--seed=7"], "ckpt.pt is from another config:\n  train.seed: checkpoint 1337, now 7"),
     ("train", lambda t, r, d: ["--iters=4", "--resume", "--lr=0.5"], "train.lr: checkpoint 0.0, now 0.5"),
     # sweep.py
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="inf"))], "sweep.compute = inf is not allowed"),
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__compute="-1e13"))], "sweep.compute = -10000000000000.0 is not allowed"),
-    ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--nproc=0", f"--out={t / 's'}"],
-     "--nproc=0: expected processes per run in 1..2^20"),
     ("sweep", lambda t, r, d: ["run", str(ROOT / "configs" / "sweep-toy.toml"), "--only=99", f"--out={t / 's'}"],
      "--only=99 names no run"),
-    ("sweep", lambda t, r, d: ["plan", str(t / "nosuch.toml")], "nosuch.toml"),
-    ("sweep", lambda t, r, d: ["report", str(t / "nosuchdir")], "no such folder"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__reuse='["sometimes"]'))], "sweep.reuse 'sometimes'"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__ra="[1.5]"))], "sweep.ra entries are fractions"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, sweep__tolerance="2.0"))], "sweep.tolerance = 2.0"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__micro_batch="-1"))], "train.micro_batch=-1"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__bogus="1"))], "train.bogus is unknown"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__iters="5"))], "train.iters is set by the sweep"),
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, moe__mu="-2.0"))], "moe.mu = -2.0 is not allowed"),
-    ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, dense__L="true"))], "[dense] model.L=True: expected int"),
     ("sweep", lambda t, r, d: ["plan", str(sweep_file(t, train__log_interval="true"))], "train.log_interval=True: expected int"),
     # flops.py
-    ("flops", lambda t, r, d: ["--D=nan"], "--D=nan: expected a finite number in (0, 9.01e+15]"),
-    ("flops", lambda t, r, d: ["--C=-1e12"], "--C=-1000000000000.0: expected a finite number in (0, 1e+30]"),
     ("flops", lambda t, r, d: ["--D=1e9", "--C=1e18"], "--D and --C both given"),
-    ("flops", lambda t, r, d: ["--K=0"], "K=0 is not allowed"),
     ("flops", lambda t, r, d: [str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file"),
-    ("flops", lambda t, r, d: ["--L=abc"], "argument --L: --L=abc: expected an integer"),
-    ("flops", lambda t, r, d: [str(t / "gone.toml")], "gone.toml"),
     # data.py
     ("data", lambda t, r, d: ["--train", str(t / "nomatch*.txt"), f"--out={t / 'o1'}"], "no input files match"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "empty.txt", "")), f"--out={t / 'o2'}"], "empty.txt: the file is empty"),
@@ -151,16 +118,10 @@ CASES = [
     ("data", lambda t, r, d: ["--train", str(text_file(t, "a.txt", "some text\n")), "--val",
                               f"train={text_file(t, 'b.txt', 'other text')}", f"--out={t / 'o7'}"], "'train' is the training split"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "c.txt", "some text\n")), f"--out={d}"], "holds prepared data already"),
-    ("data", lambda t, r, d: ["--workers=-1"], "--workers=-1"),
-    ("data", lambda t, r, d: ["--tokenizer=nope", "--train", "x", "--out=y"], "tokenizer 'nope' could not be loaded"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "d.txt", "text")), f"--out={text_file(t, 'ofile', 'x')}"],
      "is a file: expected a folder"),
     # bench.py
-    ("bench", lambda t, r, d: ["expert", "--T=0"], "argument --T: expected an integer in 1..16,777,216, got '0'"),
     ("bench", lambda t, r, d: ["expert", "--K=9", "--E=8", "--compile=false"], "K=9 is not allowed"),
-    ("bench", lambda t, r, d: ["step", f"--moe={t / 'missing-moe.toml'}"], "missing-moe.toml"),
-    ("bench", lambda t, r, d: ["attention", "--S=0"], "argument --S: expected an integer in 1..4,194,304"),
-    ("bench", lambda t, r, d: ["expert", "--compile=sure"], "argument --compile: expected true or false"),
     ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "expected a file in a folder that exists"),
     ("bench", lambda t, r, d: ["gpu-check", "--device=cuda"], "--device=cuda: no such CUDA device here"),
     ("bench", lambda t, r, d: ["profile", str(text_file(t, "nomodel.toml", "[train]\niters = 3\n"))], "no [model] table"),
@@ -217,19 +178,32 @@ def test_a_torn_log_line_is_dropped_with_a_warning(tiny_data, tmp_path, capsys):
     assert "dropped a torn last line" in capsys.readouterr().err and rest["final"] == whole["final"]
 
 
-def test_an_empty_summary_is_left_out_of_the_report_with_a_warning(tiny_data, tmp_path, capsys):
-    train.train(tiny(tiny_data, tmp_path / "one"))
-    train.train(tiny(tiny_data, tmp_path / "two", "--seed=3"))
+def test_an_empty_summary_is_left_out_of_the_report_with_a_warning(finished_run, tmp_path, capsys):
+    for name in ("one", "two"):  # two finished runs of a folder: what a report reads of them is their summary.json
+        shutil.copytree(finished_run, tmp_path / name)
     (tmp_path / "two" / "summary.json").write_text("")
     rows = sweep.report(tmp_path)
     assert [r["arm"] for r in rows] == ["one"] and "two/summary.json: left out of the report" in capsys.readouterr().err
 
 
-def test_overwrite_replaces_a_run_only_when_asked(tiny_data, tmp_path):
-    first = train.train(tiny(tiny_data, tmp_path / "r"))
+def test_overwrite_replaces_a_run_only_when_asked(finished_run, tiny_data, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "r")  # a finished run, of 4 steps
+    first = json.loads((tmp_path / "r" / "summary.json").read_text())
     second = train.train(tiny(tiny_data, tmp_path / "r", "--seed=5", "--overwrite=true"))
     assert second["config"]["train"]["seed"] == 5 and second["final"] != first["final"]
     assert max(r["step"] for r in map(json.loads, (tmp_path / "r" / "log.jsonl").read_text().splitlines())) == 8
+
+
+def ended(pid):
+    """Whether a process has ended: it is gone, or it is a zombie, dead with its exit status not yet collected by
+    the process that inherited it (PID 1 of a container may take a second or two)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return False
 
 
 def test_a_killed_sweep_takes_its_training_child_with_it(tmp_path):
@@ -246,9 +220,7 @@ def test_a_killed_sweep_takes_its_training_child_with_it(tmp_path):
     parent.send_signal(signal.SIGKILL)  # no handler runs: the kernel's parent-death signal ends the child
     parent.wait()
     for _ in range(100):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+        if ended(child):
             return
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)

@@ -14,7 +14,8 @@ from harness import sweep_plan
 from harness import sweep_report
 from harness.config import TrainConfig, load_config
 from model import GPTConfig
-from tests.conftest import MICRO, finished_summary, micro_sweep as micro
+import train
+from tests.conftest import MICRO, finished_summary, micro_sweep as micro, refused
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = json.loads((Path(__file__).parent / "paper_tables.json").read_text())["rows"]
@@ -141,16 +142,27 @@ def test_malformed_sweep_file_names_the_key(tmp_path, edit, message):
 
 
 @pytest.mark.slow
-def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_data):
+def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_data, monkeypatch):
     path = micro(tmp_path, data=tiny_data, reuse='["none", "strict"]')
     s, runs, train_over = sweep_plan.planned(path)
     out = tmp_path / "out"
     # an interrupted run: the first MoE run stopped after 3 steps, as a killed job leaves it (with a checkpoint)
     victim = runs[2]
-    cmd = [sys.executable, str(ROOT / "train.py"), *sweep_plan.train_args(victim, s, train_over, out / victim.name), "--stop_at=3"]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    train.train(sweep_plan.train_args(victim, s, train_over, out / victim.name) + ["--stop_at=3"])
     assert sweep.status(out / victim.name) == "resumable"
+    started = []
+
+    def in_this_process(cmd):  # the runner's `python train.py …`, run by train.main here (a child process that
+        started.append(cmd)    # ends with the sweep is test_safety.py's and test_nothing_lost.py's)
+        assert cmd[:2] == [sys.executable, str(ROOT / "train.py")]
+        try:
+            train.main(cmd[2:])
+        except SystemExit as e:
+            return e.code
+        return 0
+    monkeypatch.setattr(sweep, "run_child", in_this_process)
     sweep.run_sweep(path, out)
+    assert [c[-1] == "--resume" for c in started] == [r is victim for r in runs]  # each run once, the victim resumed
     assert all(sweep.status(out / r.name) == "finished" for r in runs)
     log = [json.loads(x) for x in (out / victim.name / "log.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in log if x["kind"] == "train"]  # the stopped part's step 3, then every 10 on resume
@@ -259,18 +271,15 @@ def test_emit_slurm_writes_an_array_job(tmp_path):
     assert f"{sys.executable} {ROOT / 'sweep.py'} run" in text and f"--out='{tmp_path / 'my out'}'" in text
 
 
-def test_cli_plan_json_and_errors(tmp_path):
+def test_cli_plan_json_and_errors(tmp_path, capsys):
     r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(ROOT / "configs" / "sweep-7b.toml"), "--json"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT)  # as a program
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout)
     keys = {"name", "N", "Na", "ra", "M_train", "D", "C", "unique_tokens", "epochs", "lr", "batch_tokens"}
     assert len(runs) == 18 and all(keys <= set(x) for x in runs)
-    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "plan", str(micro(tmp_path, ra="[0.1]"))],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "out of reach" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path)], capture_output=True, text=True)
-    assert r.returncode == 2 and "no run directory with a summary.json" in r.stderr
+    assert "out of reach" in refused(sweep.main, ["plan", str(micro(tmp_path, ra="[0.1]"))], capsys)
+    assert "no run directory with a summary.json" in refused(sweep.main, ["report", str(tmp_path)], capsys)
 
 
 def test_plans_for_several_ranks_run_as_planned():

@@ -237,3 +237,27 @@ def test_float16_trains_with_a_grad_scaler_and_resumes_it(tiny_run, tmp_path):
     assert state["scaler"]["scale"] > 1  # a loss scale is in use, and saved for an exact resume
     summary = train.train(tiny_run("fp16", "--dtype=float16") + ["--resume"])
     assert summary["finished"] and all(math.isfinite(r["loss"]) for r in records(tmp_path / "fp16"))
+
+
+def test_the_step_record_of_one_process_steps_as_a_plain_training_step():
+    # dev/bench.py and dev/gpucheck.py time and check train.train_step with a train.Step of its defaults (one
+    # process, one micro-batch, no loss scale, clipping at 1): the plain step of loss, backward, clip, AdamW
+    cfg = GPTConfig(scheme="1dense", L=2, Dm=32, H=2, Dffn=64, E=4, K=2, De=16, Dse=16, S=32, vocab_size=256)
+    idx = torch.randint(0, 256, (4, 33)).numpy()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        models.append((model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)))
+    (ours, opt), (plain, plain_opt) = models
+    step = train.Step(model=ours, fwd=ours, optimizer=opt, autocast=torch.autocast("cpu", enabled=False),
+                      device=torch.device("cpu"))
+    for _ in range(3):
+        sums, load, _, grad_norm = train.train_step(step, [(idx[:, :-1], idx[:, 1:])])
+        _, loss, stats = plain(torch.from_numpy(idx[:, :-1]), torch.from_numpy(idx[:, 1:]))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        assert torch.equal(sums[0], loss.detach()) and torch.equal(grad_norm, norm) and torch.equal(load, stats["load"].float())
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
