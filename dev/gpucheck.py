@@ -87,13 +87,13 @@ def check_expert_path(device, compile):
 
 def check_attention(device):
     """ALiBi through FlexAttention (score_mod + causal block mask) and through SDPA with the bias, both
-    in bf16, against SDPA in fp32; T is no multiple of the 128-wide blocks and H no power of two."""
+    in bf16, against SDPA in fp32; S is no multiple of the 128-wide blocks and H no power of two."""
     torch.manual_seed(0)
-    B, H, T, Dh = 2, 12, 1000, 64
+    B, H, S, Dh = 2, 12, 1000, 64
     backward = device.type == "cuda"
-    q, k, v = (torch.randn(B, H, T, Dh, device=device, requires_grad=backward) for _ in range(3))
-    dy = torch.randn(B, H, T, Dh, device=device)
-    bias = alibi_bias(torch.tensor(alibi_slopes(H), device=device), T, torch.float32)
+    q, k, v = (torch.randn(B, H, S, Dh, device=device, requires_grad=backward) for _ in range(3))
+    dy = torch.randn(B, H, S, Dh, device=device)
+    bias = alibi_bias(torch.tensor(alibi_slopes(H), device=device), S, torch.float32)
     flex = flex_attention_compiled() if device.type == "cuda" else flex_attention
 
     def run(f, dtype):
@@ -101,13 +101,13 @@ def check_attention(device):
         y = f(qd, kd, vd).float()
         return y, (torch.autograd.grad((y * dy).sum(), (q, k, v)) if backward else ())
     ref, g_ref = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias), torch.float32)
-    y_flex, g_flex = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(T, device)),
+    y_flex, g_flex = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(S, device)),
                          torch.bfloat16)
     y_sdpa, g_sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias.bfloat16()), torch.bfloat16)
     e_flex = max([rel(y_flex, ref)] + [rel(a, b) for a, b in zip(g_flex, g_ref)])
     e_sdpa = max([rel(y_sdpa, ref)] + [rel(a, b) for a, b in zip(g_sdpa, g_ref)])
     what = "output and gradients" if backward else "output (no FlexAttention backward on CPU)"
-    return e_flex < 1e-2, (f"B={B} H={H} T={T} Dh={Dh} bf16, worst rel err vs fp32 SDPA over {what}: "
+    return e_flex < 1e-2, (f"B={B} H={H} S={S} Dh={Dh} bf16, worst rel err vs fp32 SDPA over {what}: "
                            f"flex {e_flex:.1e}, SDPA with a bf16 bias {e_sdpa:.1e}")
 
 

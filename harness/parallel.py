@@ -263,7 +263,7 @@ def layer_bytes(mcfg, layer, a, r, attention="flex"):
     if attention == "flex" or a == 4:   # FlexAttention, or SDPA's flash kernel in fp32: q, k, v, output and
         attn = norm + a * Dm + 5 * a * HD + 4 * mcfg.H   # logsumexp (+ qkv input and proj input)
     else:                               # SDPA's math path, under autocast: q, k, v in the bias's fp32
-        attn = norm + a * Dm + 12 * HD + a * HD + 4 * mcfg.H * mcfg.S  # and the T×T probabilities
+        attn = norm + a * Dm + 12 * HD + a * HD + 4 * mcfg.H * mcfg.S  # and the S×S probabilities
     if layer == "dense":
         return attn + norm + a * Dm + 4 * a * mcfg.Dffn  # w13 input, w13 output (2F), silu, product
     # the router: its fp32 input (in fp32 the shared expert's input already, when there is one), the

@@ -129,12 +129,22 @@ def refused(main, argv, capsys):
     return err
 
 
-@pytest.fixture
-def finished(tiny_data, tmp_path):
-    """A finished short run (tiny): what a refused command must leave as it was."""
+@pytest.fixture(scope="session")
+def finished_once(tiny_data, tmp_path_factory):
+    """A finished short run (tiny), trained once for the session: finished copies it for each test."""
     import train
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("finished") / "run"
     train.train(tiny(tiny_data, out))
+    return out
+
+
+@pytest.fixture
+def finished(finished_once, tmp_path):
+    """A finished short run (tiny) in tmp_path/run, the test's own: what a refused command must leave as it was.
+    A copy, file for file, of finished_once: its config.toml, ckpt.pt and summary.json name finished_once's folder
+    as out_dir, which no command reads back (a resume or an overwrite works in the --out_dir it is given)."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_once, out, symlinks=True)
     return out
 
 

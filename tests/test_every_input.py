@@ -2,8 +2,8 @@
 or flag is covered the day it is added: each [model], [train] and [sweep] key (and the [moe] and [dense]
 keys of a sweep file), as a --key=value flag and in a TOML file, and every flag of every command line
 (train, sample, evaluate, data, flops, sweep, bench). A value outside what the key accepts must be refused:
-exit code 2, the key and the value named, no traceback, nothing written. A legal value must run to the end,
-or be refused by a rule between keys, the key named. What a key accepts is its type, its range
+exit code 2, the key and the value named, no traceback (and for train.py, nothing written). A legal value must
+run to the end, or (train.py) be refused by a rule between keys, the key named. What a key accepts is its type, its range
 (harness/config.RANGES) and its choices for [model] and [train]; for the sweep keys and the flags it is the
 tables SWEEP_ACCEPTS and ACCEPTS below (the rest of BAD is refused). The hand-written cases of test_safety.py
 test what the messages mean; these test that nothing gets through unnamed."""
@@ -32,8 +32,7 @@ import train
 from harness.config import CHOICES, RANGES, SECTIONS
 from tests.conftest import MICRO, TINY_MODEL, make_text, micro_sweep
 
-# bench step with --peak_flops=0 measures the CPU's matmul rate (stubbed here: test_bench.py runs it), and the
-# --json of bench's subcommands: a benchmark run each (pytest -m slow)
+# bench step runs its benchmark of training steps for each legal value: a second or more each (pytest -m slow)
 SLOW_CASES = {"test_every_flag[bench-step---peak_flops]", "test_every_flag[bench-step---json]"}
 BAD = {"negative": "-1", "zero": "0", "nan": "nan", "inf": "inf", "huge": "1e308", "10**20": str(10**20),
        "wrong type": "abc", "empty": ""}
@@ -106,8 +105,9 @@ def legal(key, typ, value, how):
     if typ is str:
         if not isinstance(v, str):
             return False
-        if key in CHOICES or key in ("scheme", "device"):
-            return v in CHOICES.get(key, flops.SCHEMES if key == "scheme" else ("auto", "cpu"))
+        choices = {**CHOICES, "scheme": flops.SCHEMES, "device": ("auto", "cpu", "cuda")}  # (and cuda:N)
+        if key in choices:
+            return v in choices[key]
         if key == "data":
             return False  # no value of the table is a prepared data folder
         return key in FREE_TEXT or bool(v.strip())  # out_dir, wandb_project: a name
@@ -251,7 +251,8 @@ PROGRAMS = {"sample": sample, "evaluate": evaluate, "data": data, "flops": flops
 # gpu-check is left out: a legal value of one of its flags would run all of its checks, a minute on a CPU
 # (its flags are those every bench subcommand shares, fuzzed on each of the others)
 PARSERS = {prog: module.parser() for prog, module in PROGRAMS.items()}
-ACTIONS = {(prog, sub, flag): action for prog, p in PARSERS.items() for sub, flag, action in flags(p) if sub != ("gpu-check",)}
+ACTIONS = {(prog, sub, flag): action for prog, p in PARSERS.items() for sub, flag, action in flags(p)
+           if sub != ("gpu-check",)}
 FLAGS = list(ACTIONS)
 NAMES = set(BAD) - {"empty"}  # a new file or folder of that name, or free text
 # what a flag accepts of BAD ("<program> <flag>"; a true-or-false flag takes 0, other flags nothing): 0 where it
@@ -266,8 +267,6 @@ ACCEPTS = {
     "bench --micro_batch": {"zero"}, "bench --by_op": {"zero"}, "bench --peak_flops": {"zero", "10**20"},
     "bench --eval_tokens": {"zero"},
 }
-POSITIONAL = {"run_dir", "config", "sweep", "dir"}
-
 
 def with_flag(base, flag, value, positional):
     """base with the flag set to value: a positional replaced, an option's earlier value dropped."""
@@ -331,7 +330,8 @@ def test_every_flag(prog, sub, flag, small_data, finished, tmp_path, monkeypatch
     action = ACTIONS[prog, sub, flag]
     positional = not flag.startswith("-")
     key = flag.lstrip("-")
-    accepted = set() if positional else ACCEPTS.get(f"{prog} {flag}", {"zero"} if action.type is rundir.true_or_false else set())
+    boolean = action.type is rundir.true_or_false
+    accepted = set() if positional else ACCEPTS.get(f"{prog} {flag}", {"zero"} if boolean else set())
     for i, (name, value) in enumerate(BAD.items()):
         tmp = tmp_path / f"case{i}"
         tmp.mkdir()

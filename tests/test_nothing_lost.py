@@ -531,30 +531,37 @@ def wait_for_tokens(proc, out, timeout=120):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly(tiny_data, tmp_path, sig, code):
+def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly(tiny_data, tmp_path):
+    # Ctrl-C (SIGINT, exit 130) to one run and SIGTERM (143) to another, side by side; each resumed, and one
+    # uninterrupted run as far as the later of the two, all three side by side
     common = TINY_MODEL + [f"--data={tiny_data}", "--iters=400", "--batch_seqs=4", "--eval_interval=200",
                            "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", "--ckpt_interval=2"]
-    proc = start([str(ROOT / "train.py"), *common, f"--out_dir={tmp_path / 'cut'}"])
-    wait_for(tmp_path / "cut" / "ckpt.pt")
-    time.sleep(0.5)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "ckpt.pt (step" in lines[0] and f"--out_dir={tmp_path / 'cut'} --resume" in lines[0], err
-    stopped = int(lines[0].split("ckpt.pt (step ")[1].split(")")[0])
-    assert stopped >= 2 and rundir.read_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"] == stopped
-    procs = [start([str(ROOT / "train.py"), *argv])  # on one thread, as the cut run; the two side by side
-             for argv in ([f"--out_dir={tmp_path / 'cut'}", "--resume", f"--stop_at={stopped + 4}"],
-                          common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={stopped + 4}"])]
+    signals = {"int": (signal.SIGINT, 130), "term": (signal.SIGTERM, 143)}
+    procs = {cut: start([str(ROOT / "train.py"), *common, f"--out_dir={tmp_path / cut}"]) for cut in signals}
+    for cut, (sig, _) in signals.items():
+        wait_for(tmp_path / cut / "ckpt.pt")
+        time.sleep(0.5)
+        procs[cut].send_signal(sig)
+    stopped = {}
+    for cut, (_, code) in signals.items():
+        _, err = procs[cut].communicate(timeout=120)
+        assert procs[cut].returncode == code, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "ckpt.pt (step" in lines[0] and f"--out_dir={tmp_path / cut} --resume" in lines[0], err
+        stopped[cut] = int(lines[0].split("ckpt.pt (step ")[1].split(")")[0])
+        assert stopped[cut] >= 2 and rundir.read_checkpoint(tmp_path / cut / "ckpt.pt")["step"] == stopped[cut]
+    procs = [start([str(ROOT / "train.py"), *argv])  # on one thread, as the cut runs
+             for argv in [[f"--out_dir={tmp_path / cut}", "--resume", f"--stop_at={stopped[cut] + 4}"] for cut in signals] +
+             [common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={max(stopped.values()) + 4}"]]]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     timing = ("tokens_per_s", "mfu", "data_share")
-    logs = [[{k: v for k, v in json.loads(x).items() if k not in timing} for x in (p / "log.jsonl").read_text().splitlines()]
-            for p in (tmp_path / "cut", tmp_path / "whole")]
-    assert logs[0] == logs[1] and logs[0][-1]["step"] == stopped + 4
+    logs = {p: [{k: v for k, v in json.loads(x).items() if k not in timing}
+                for x in (tmp_path / p / "log.jsonl").read_text().splitlines()] for p in (*signals, "whole")}
+    for cut in signals:  # the interrupted run's log is the uninterrupted one's, to the step it was resumed to
+        assert logs[cut][-1]["step"] == stopped[cut] + 4
+        assert logs[cut] == [r for r in logs["whole"] if r["step"] <= stopped[cut] + 4]
 
 
 @pytest.mark.slow

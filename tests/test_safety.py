@@ -150,8 +150,17 @@ def tiny(tiny_data, out, *extra):
                          "--eval_tokens=1024", "--log_interval=1", *extra]
 
 
-def test_a_kill_before_the_summary_is_finished_by_resume(tiny_data, tmp_path):
-    whole = train.train(tiny(tiny_data, tmp_path / "a"))
+@pytest.fixture(scope="module")
+def whole(tiny_data, tmp_path_factory):
+    """tiny's run, to the end (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("whole") / "a"
+    train.train(tiny(tiny_data, out))
+    return out
+
+
+def test_a_kill_before_the_summary_is_finished_by_resume(whole, tiny_data, tmp_path):
+    shutil.copytree(whole, tmp_path / "a")  # a finished run
+    whole = json.loads((whole / "summary.json").read_text())
     (tmp_path / "a" / "summary.json").unlink()  # killed after the final checkpoint, before the summary
     again = train.train(tiny(tiny_data, tmp_path / "a") + ["--resume"])
     assert again["finished"] and again["final"] == whole["final"]
@@ -168,8 +177,8 @@ def test_a_kill_before_the_summary_is_finished_by_resume(tiny_data, tmp_path):
     assert sweep.status(tmp_path / "a") == "finished"
 
 
-def test_a_torn_log_line_is_dropped_with_a_warning(tiny_data, tmp_path, capsys):
-    whole = train.train(tiny(tiny_data, tmp_path / "whole"))
+def test_a_torn_log_line_is_dropped_with_a_warning(whole, tiny_data, tmp_path, capsys):
+    whole = json.loads((whole / "summary.json").read_text())
     train.train(tiny(tiny_data, tmp_path / "torn", "--stop_at=4"))
     with open(tmp_path / "torn" / "log.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # killed mid-line
