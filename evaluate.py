@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from harness import checkpoint
 import data
+
+from harness import checkpoint
 from harness import parallel
 from harness.config import resolve_dtype
 

@@ -27,6 +27,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from torch.utils.checkpoint import checkpoint
 
 import flops
+
 from kernels.custom_ops import RMSNormFn, SwiGLUFn, gmm
 
 

@@ -13,8 +13,9 @@ if __name__ == "__main__":
 
 import torch
 
-from harness import checkpoint
 import data
+
+from harness import checkpoint
 from harness import parallel
 from harness import rundir
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import MISSING, replace
 from pathlib import Path
 
+from harness import config
 from harness import helptext
 from harness import interrupts
 from harness import rundir
@@ -178,10 +179,13 @@ def main(argv=None):
     p = parser()
     a = p.parse_args(argv)
     interrupts.stop_on_signals()
-    if getattr(a, "nproc", 1) is not None and not 1 <= getattr(a, "nproc", 1) <= 2**20:
-        p.error(f"--nproc={a.nproc}: expected processes per run in 1..2^20")
-    if getattr(a, "gpu_mem", None) is not None and not 2 < a.gpu_mem <= 2**20:  # above parallel.RESERVE
-        p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in (2, 2^20]: 2 GiB are kept for CUDA and NCCL")
+    lo, hi, allowed = config.RANGES["nproc"]  # the ranges of train.py's
+    if getattr(a, "nproc", 1) is not None and not lo <= getattr(a, "nproc", 1) <= hi:
+        p.error(f"--nproc={a.nproc}: expected {allowed}")
+    hi = config.RANGES["gpu_mem"][1]
+    if getattr(a, "gpu_mem", None) is not None and not config.GPU_RESERVE < a.gpu_mem <= hi:
+        p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in ({config.GPU_RESERVE}, 2^20]: {config.GPU_RESERVE} GiB are "
+                f"kept for CUDA and NCCL")
     if getattr(a, "only", None) is not None and (a.only < 0 or a.emit):
         p.error(f"--only={a.only}: " + ("the script of --emit runs every run, one array task each; give one of them"
                                          if a.emit else "expected the index of a run in the plan (0, 1, …)"))

@@ -36,9 +36,14 @@ if __name__ == "__main__":
 import torch
 import torch.distributed as dist
 
-from harness import checkpoint
 import data
 import flops
+from evaluate import evaluate_splits
+from model import GPT, GPTConfig
+from sample import sample_text
+
+from harness import checkpoint
+from harness import config
 from harness import helptext
 from harness import logbook
 from harness import parallel
@@ -49,10 +54,7 @@ from harness import safe_io
 from harness import schedule
 from harness import trackers
 from harness.config import TRAJECTORY, changed_keys, load_config, read_toml, to_toml
-from evaluate import evaluate_splits
 from harness.logbook import Logbook
-from model import GPT, GPTConfig
-from sample import sample_text
 
 
 # ----------------------------------------------------------------------------- the run
@@ -384,8 +386,9 @@ def show_plan(argv):
         world = int(nproc[-1].split("=", 1)[1]) if nproc else 1
     except ValueError:
         world = 0
-    if not 1 <= world <= 2**20:
-        raise ValueError(f"{nproc[-1]}: expected a number of ranks in 1..2^20")
+    lo, hi, allowed = config.RANGES["nproc"]
+    if not lo <= world <= hi:
+        raise ValueError(f"{nproc[-1]}: expected {allowed}")
     mvals, tcfg, given, _ = load_config([a for a in argv if a != "--plan" and not a.startswith("--nproc=")])
     vocab = mvals.get("vocab_size") or preflight.planned_vocab(tcfg.data)
     mcfg = GPTConfig(**{**mvals, "vocab_size": vocab})

@@ -38,17 +38,19 @@ if __name__ == "__main__":
 import torch
 import torch.nn.functional as F
 
-from harness import config
 import data
 import flops
+import train
+
+from harness import config
 from harness import logbook
-from dev import op_times
 from harness import parallel
 from harness import preflight
+from harness import safe_io
+
+from dev import op_times
 from dev import profile_parts
 from dev import reference_gpt
-from harness import safe_io
-import train
 from dev.gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, routed_experts)

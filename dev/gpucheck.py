@@ -30,10 +30,11 @@ import torch.nn.functional as F
 import data
 from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
                    flex_attention_compiled)
+import train  # its training step: the one that check_training checks
+
 from harness import parallel
 from harness import safe_io
 from harness.parallel import device_name, parse_device
-import train  # its training step: the one that check_training checks
 
 RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
 

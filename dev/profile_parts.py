@@ -9,15 +9,16 @@ import time
 
 import torch
 
+import data
+import model as model_module
+import train
+from model import GPT, Attention, MoE, SwiGLU
+
 from harness import checkpoint
 from harness import config
 from harness import logbook
-import data
-import model as model_module
 from harness import parallel
 from harness import preflight
-import train
-from model import GPT, Attention, MoE, SwiGLU
 
 PART = "part: "
 STEP = "step (embedding, norms, residual, backward engine)"  # the step's rest: the parts below nest inside

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from harness import config
 import data
+
+from harness import config
 from harness import rundir
 from harness import safe_io
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, make_dataclass
 from pathlib import Path
 
 import flops
+
 from harness import helptext
 from harness import rundir
 from harness import safe_io
@@ -226,9 +227,12 @@ RANGES = {
     "ckpt_interval": (0, 2**63 - 1, "iterations >= 0 (0: at every evaluation)"),
     "stop_at": (0, 2**63 - 1, "an iteration >= 0 (0: run to the end)"),
     "gpu_mem": (0, 2**20, "GiB per GPU in 0..2^20 (0: what CUDA reports)"),
+    # the command lines' ranks per run (train.py --plan --nproc, sweep.py --nproc): no config key
+    "nproc": (1, 2**20, "a number of ranks in 1..2^20"),
     "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
 }
 TRAIN_RANGED = [k for k in RANGES if k in {f.name for f in fields(TrainConfig)}]
+GPU_RESERVE = 2  # GiB of each GPU kept for CUDA and NCCL (parallel.RESERVE): a gpu_mem must be more
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "parallel": ("auto", "ddp", "fsdp"),
            "attention": ("auto", "flex", "sdpa")}
 
@@ -322,7 +326,7 @@ def check_train(t):
                          f"micro_batch that divides the batch")
     if t.unique_tokens != int(t.unique_tokens):
         raise ValueError(f"train.unique_tokens={t.unique_tokens} is not allowed: expected a whole number of tokens")
-    if t.gpu_mem and t.gpu_mem <= 2:  # parallel.RESERVE
+    if t.gpu_mem and t.gpu_mem <= GPU_RESERVE:
         raise ValueError(f"train.gpu_mem={t.gpu_mem} is not allowed: expected more than the 2 GiB kept for CUDA and "
                          f"NCCL (or 0: what CUDA reports)")
     if t.lr and t.min_lr > t.lr:

@@ -24,8 +24,10 @@ import torch.distributed as dist
 import flops
 from model import GPT
 
+from harness.config import GPU_RESERVE
+
 GiB = 2**30
-RESERVE = 2 * GiB  # per GPU, kept out of the plan: CUDA context, NCCL buffers, allocator slack
+RESERVE = GPU_RESERVE * GiB  # per GPU, kept out of the plan: CUDA context, NCCL buffers, allocator slack
 KINDS = ("auto", "ddp", "fsdp")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import data
+
 from harness import schedule
 from harness import trackers
 from harness.config import ModelConfig, TrainConfig, model_config, padded_vocab, resolve_dtype

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 import flops
+
 from harness.config import MAX_TOKENS
 
 

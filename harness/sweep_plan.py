@@ -12,8 +12,9 @@ refused with the numbers (docs/method.md §8).
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from harness import config
 import flops
+
+from harness import config
 from harness import preflight
 from harness import rundir
 from harness import safe_io

@@ -9,9 +9,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import GPT, GPTConfig  # noqa: E402
+
 from harness import parallel  # noqa: E402
 from harness.config import TrainConfig  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
 
 
 def allocated(tensors):

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch.optim import optimizer
 
+from model import GPTConfig, MoE
+
 from dev import bench
 from dev import op_times
 from dev import profile_parts
 from dev import reference_gpt
-from model import GPTConfig, MoE
 from tests.conftest import refused
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
+import train
+
 from harness import checkpoint
 from harness import rundir
 from harness import safe_io
-import train
 from tests.conftest import refused, snapshot, tiny
 
 

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import schedule
 import flops
+from model import GPTConfig
+
+from harness import schedule
 from harness import config
 from harness.config import TrainConfig, load_config
-from model import GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,10 @@ import torch
 
 import data
 import evaluate
+from model import GPT, GPTConfig
+
 from harness import safe_io
 from harness import sources
-from model import GPT, GPTConfig
 from tests.conftest import make_text
 
 

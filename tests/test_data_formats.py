@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import data
+
 from harness import sources
 from tests.conftest import make_text, refused
 

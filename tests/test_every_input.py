@@ -20,16 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from dev import bench
 import data
 import evaluate
 import flops
-from harness import rundir
 import sample
 import sweep
-from harness import sweep_plan
 import train
+
+from harness import rundir
+from harness import sweep_plan
 from harness.config import CHOICES, RANGES, SECTIONS
+
+from dev import bench
 from tests.conftest import MICRO, TINY_MODEL, make_text, micro_sweep
 
 # bench step runs its benchmark of training steps for each legal value: a second or more each (pytest -m slow)

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from dev import bench
 import data
 import evaluate
 import flops
-from dev import gpucheck
-from harness import helptext
-from dev import ladder_report
 import sample
 import sweep
-from harness import sweep_plan
 import train
-from harness.config import SECTIONS
 from model import GPTConfig
+
+from harness import helptext
+from harness import sweep_plan
+from harness.config import SECTIONS
+
+from dev import bench
+from dev import gpucheck
+from dev import ladder_report
 
 ROOT = Path(__file__).resolve().parent.parent
 # every config dataclass whose fields are keys of a file or flags: its fields must each have a line of meaning

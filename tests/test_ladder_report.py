@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dev import ladder_report as lr
 import sweep
+
+from dev import ladder_report as lr
 from tests.conftest import finished_summary, micro_sweep
 
 ROOT = Path(__file__).resolve().parent.parent

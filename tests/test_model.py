@@ -12,8 +12,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels.custom_ops import RMSNormFn, SwiGLUFn, gmm
 from model import GPT, MoE, GPTConfig, RMSNorm, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask
+
+from kernels.custom_ops import RMSNormFn, SwiGLUFn, gmm
 
 # FlexAttention warns when it runs uncompiled: on CPU (no backward there) that is what the tests check
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from harness import logbook
 import train
 from model import GPT, GPTConfig, MoE
+
+from harness import logbook
 from tests.test_train import records, run_ddp, weights
 
 KNOBS = ["--router_z_coef=0.01", "--expert_bias_rate=0.01"]

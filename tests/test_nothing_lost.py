@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 import data
+import sweep
+import train
+
 from harness import preflight
 from harness import rundir
 from harness import safe_io
-import sweep
-import train
 from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,12 +16,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from harness import parallel
-from harness import schedule
 import sweep
 import train
-from harness.config import TrainConfig, read_toml
 from model import GPT, GPTConfig
+
+from harness import parallel
+from harness import schedule
+from harness.config import TrainConfig, read_toml
 from tests.conftest import refused, torn_next_save
 from tests.test_train import records, run_ddp, weights
 

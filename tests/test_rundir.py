@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import train
+
 from harness import rundir
 from harness import safe_io
-import train
 from tests.conftest import refused, snapshot, tiny
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from dev import bench
 import data
 import flops
-from harness import rundir
-from harness import sources
 import sweep
 import train
+
+from harness import rundir
+from harness import sources
+
+from dev import bench
 from tests.conftest import TINY_MODEL, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent

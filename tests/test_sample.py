@@ -11,11 +11,12 @@ import data
 import evaluate
 import flops
 import sample
-from harness import schedule
 import train
-from harness.config import load_config
 from model import GPT, GPTConfig
 from sample import sample_text
+
+from harness import schedule
+from harness.config import load_config
 from tests.conftest import refused
 from tests.test_parallel import sharded_weights
 

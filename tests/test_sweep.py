@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 import flops
-from harness import schedule
 import sweep
+from model import GPTConfig
+import train
+
+from harness import schedule
 from harness import sweep_plan
 from harness import sweep_report
 from harness.config import TrainConfig, load_config
-from model import GPTConfig
-import train
 from tests.conftest import MICRO, finished_summary, micro_sweep as micro, refused
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
+import train
+
 from harness import rundir
 from harness import sweep_plan
-import train
 from harness import trackers
 from tests.conftest import refused, tiny
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import flops
+import train
+from model import GPT, GPTConfig
+
 from harness import rundir
 from harness import schedule
-import train
 from harness.config import TrainConfig
-from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAJECTORY_KEYS = ("step", "loss", "ce", "balance", "grad_norm", "lr", "tokens", "epoch")
