@@ -540,70 +540,6 @@ def changed_data(saved, meta, data_dir):
     return diff
 
 
-# ----------------------------------------------------------------------------- command line
-MAX_WORKERS = 256
-
-
-def parser():
-    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
-    p.add_argument("--train", nargs="+", action="extend",
-                   help="training text: files, folders, globs of .txt, .md, .jsonl, .parquet, and .gz or .zst of text "
-                        "or JSON lines (default: Shakespeare); repeatable")
-    p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
-                   help="a validation set (repeatable); NAME defaults to val, val2, …")
-    p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
-    p.add_argument("--text_field", default="text", help="the field holding the text in JSON lines, the column in parquet")
-    p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
-    p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
-                   help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
-    p.add_argument("--overwrite", action="store_true", help="prepare again into a folder that holds prepared data")
-    return p
-
-
-def main(argv=None):
-    interrupts.stop_on_signals()
-    p = parser()
-    a = p.parse_args(argv)
-    if not 0 <= a.workers <= MAX_WORKERS:
-        p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or up to {MAX_WORKERS} processes")
-    if not 0 <= a.shuffle_seed < 2**63:
-        p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer in 0..2^63-1")
-    if a.out is not None and not a.out.strip():
-        p.error("--out='': expected a folder to prepare the data into")
-    if not a.text_field:
-        p.error("--text_field='': expected the name of the field (JSON lines) or column (parquet) that holds the text")
-    try:
-        get_tokenizer(a.tokenizer)
-    except ValueError as e:
-        p.error(f"--tokenizer={a.tokenizer!r}: {e}")
-    try:
-        if a.train is None:
-            if a.val:
-                p.error("--val needs --train")
-            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers,
-                            shuffle_seed=a.shuffle_seed, overwrite=a.overwrite)
-            return
-        if not a.out:
-            p.error("--out is required with --train")
-        vals = {}
-        for i, spec in enumerate(a.val):
-            name, _, src = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-            vals.setdefault(name or ("val" if i == 0 else f"val{i + 1}"), []).append(src)
-        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers, a.shuffle_seed, a.overwrite)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:
-        interrupts.exit_interrupted("data.py", e, f": nothing was written; {a.out or default_dir(a.tokenizer)} is as it was")
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ----------------------------------------------------------------------------- windows
 # The windows of S+1 tokens that training and evaluation read from a token file: the training order over
 # epochs (Loader, how D̂ unique tokens are kept), the evaluation windows, and bits per character.
@@ -687,3 +623,67 @@ def eval_windows(tokens, S, max_tokens=0, rank=0, world=1):
 def bpc(nll_nats, chars):
     """Bits per character: summed token NLL in nats / (ln 2 · characters of the decoded text)."""
     return nll_nats / (math.log(2) * chars)
+
+
+# ----------------------------------------------------------------------------- command line
+MAX_WORKERS = 256
+
+
+def parser():
+    """The command line (tests/test_every_input.py fuzzes each of its flags)."""
+    p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
+    p.add_argument("--train", nargs="+", action="extend",
+                   help="training text: files, folders, globs of .txt, .md, .jsonl, .parquet, and .gz or .zst of text "
+                        "or JSON lines (default: Shakespeare); repeatable")
+    p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
+                   help="a validation set (repeatable); NAME defaults to val, val2, …")
+    p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")
+    p.add_argument("--text_field", default="text", help="the field holding the text in JSON lines, the column in parquet")
+    p.add_argument("--workers", type=int, default=0, help="tokenising processes (default: cores, at most 8)")
+    p.add_argument("--shuffle_seed", type=int, default=SHUFFLE_SEED,
+                   help=f"the seed of the training documents' order (default {SHUFFLE_SEED})")
+    p.add_argument("--overwrite", action="store_true", help="prepare again into a folder that holds prepared data")
+    return p
+
+
+def main(argv=None):
+    interrupts.stop_on_signals()
+    p = parser()
+    a = p.parse_args(argv)
+    if not 0 <= a.workers <= MAX_WORKERS:
+        p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or up to {MAX_WORKERS} processes")
+    if not 0 <= a.shuffle_seed < 2**63:
+        p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer in 0..2^63-1")
+    if a.out is not None and not a.out.strip():
+        p.error("--out='': expected a folder to prepare the data into")
+    if not a.text_field:
+        p.error("--text_field='': expected the name of the field (JSON lines) or column (parquet) that holds the text")
+    try:
+        get_tokenizer(a.tokenizer)
+    except ValueError as e:
+        p.error(f"--tokenizer={a.tokenizer!r}: {e}")
+    try:
+        if a.train is None:
+            if a.val:
+                p.error("--val needs --train")
+            prepare_default(a.out or default_dir(a.tokenizer), a.tokenizer, workers=a.workers,
+                            shuffle_seed=a.shuffle_seed, overwrite=a.overwrite)
+            return
+        if not a.out:
+            p.error("--out is required with --train")
+        vals = {}
+        for i, spec in enumerate(a.val):
+            name, _, src = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+            vals.setdefault(name or ("val" if i == 0 else f"val{i + 1}"), []).append(src)
+        prepare_files(a.out, a.train, vals, a.tokenizer, a.text_field, a.workers, a.shuffle_seed, a.overwrite)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        interrupts.exit_interrupted("data.py", e, f": nothing was written; {a.out or default_dir(a.tokenizer)} is as it was")
+
+
+if __name__ == "__main__":
+    main()

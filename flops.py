@@ -242,17 +242,6 @@ def format_summary(r):
     return "\n".join(lines)
 
 
-def shape_from_dict(d, where):
-    """A Shape from a config table, checked by train.py's rules and naming the file and key on bad input; other
-    keys are ignored."""
-    from harness import config  # the command line's checks; the accounting above needs no project module
-    names = {f.name for f in fields(Shape)}
-    try:
-        return Shape(**config.check_model({k: v for k, v in d.items() if k in names}))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}" if where else str(e)) from None
-
-
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     from harness import config, helptext, rundir
@@ -295,16 +284,16 @@ def main(argv=None):
             if not isinstance(cfg.get("model"), dict):
                 raise ValueError(f"{a.config} has no [model] table" + (
                     ": it is a sweep file, see python sweep.py plan " + a.config if "sweep" in cfg else ""))
-            shape = shape_from_dict({**cfg["model"], **given}, a.config)
+            shape = config.shape_from_dict({**cfg["model"], **given}, a.config)
             budget = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
             if a.D is None and a.C is None:  # a run config's budget, unless --D or --C says otherwise
                 a.C, a.D = budget.get("compute") or None, budget.get("tokens") or None
                 source = {"D": f"{a.config}: train.tokens", "C": f"{a.config}: train.compute"}
         else:
-            shape = shape_from_dict(given, None)
+            shape = config.shape_from_dict(given, None)
     except ValueError as e:
         p.error(f"{e}" if a.config is None or a.config in str(e) else f"{a.config}: {e}")
-    for key, hi in (("D", config.MAX_TOKENS), ("C", 1e30)):  # the ranges of train.tokens and train.compute
+    for key, hi in (("D", config.RANGES["tokens"][1]), ("C", config.RANGES["compute"][1])):  # train.tokens, train.compute
         v = getattr(a, key)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= hi):
             p.error(f"{source[key]}={v}: expected a finite number in (0, {hi:.3g}]")

@@ -11,7 +11,7 @@ what they bought is in docs/results.md.
 
 Shape suffixes, with the paper's letters: B batch, S sequence length, T = B·S tokens, D model width Dm (a
 suffix only: the paper's D, training tokens, is flops.py's), H heads, E experts, K experts per token, F expert
-or FFN hidden width, V vocabulary, R = T·K routing slots.
+or FFN hidden width (a suffix; F alone is torch.nn.functional), V vocabulary, R = T·K routing slots.
 """
 import functools
 import math
@@ -401,7 +401,8 @@ class GPT(nn.Module):
                 nn.init.normal_((m.proj if isinstance(m, Attention) else m.w2).weight, 0.0, out_std)
 
     def forward(self, idx_BS, targets_BS=None):
-        """Logits, and with targets the loss L_CE + λ·L_balance (+ router_z_coef·L_z) and its parts. Stats:
+        """With targets: the logits, the loss L_CE + λ·L_balance (+ router_z_coef·L_z) and its parts; without: the
+        last position's logits only (what sampling needs), None and {}. Stats:
         'ce', 'balance' and 'z_loss' (means over MoE layers), 'load' [Le, E] slots per expert (M6),
         'logit_ms' [Le] the mean square of each MoE layer's router logits."""
         x = self.wte(idx_BS)

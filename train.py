@@ -111,7 +111,7 @@ def run_training(setup, rank, world, device, aside):
     except KeyboardInterrupt as e:
         book.close()
         raise stopped(e, t.out, step, sched, last_ckpt) from None
-    if rank == 0 and t.strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # FSDP: every rank would have to
+    if rank == 0 and t.strategy != "fsdp" and tcfg.sample_tokens and summary["finished"]:  # under FSDP every rank would have to sample
         sample_at_end(t)
     return summary
 
@@ -204,7 +204,7 @@ def assemble(setup, rank, world, device):
     loader = data.Loader(setup.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     table = data.char_table(data.get_tokenizer(setup.meta["tokenizer"]))
     torch.manual_seed(tcfg.seed)
-    model = GPT(mcfg, setup.attention).to(device)
+    model = GPT(GPTConfig(**asdict(mcfg)), setup.attention).to(device)  # preflight checked the values
     if world > 1:
         model.count_balance_over(dist.group.WORLD, world)
     strategy = parallel.choose(mcfg, tcfg, sched, world, setup.dtype, parallel.gpu_bytes(tcfg, device))

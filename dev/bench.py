@@ -239,7 +239,7 @@ def load_shape(path, flag="--config"):
         model = safe_io.load_toml(path).get("model")
         if not isinstance(model, dict):
             raise ValueError("no [model] table: expected a config with the model's shape")
-        return flops.shape_from_dict(model, path)
+        return config.shape_from_dict(model, path)
     except ValueError as e:
         raise ValueError(f"{flag}={path}: {e}") from None
 
@@ -628,7 +628,7 @@ def parser():
         q.add_argument("--threads", type=at_least(0, 1024), default=0, help="CPU threads (0 = torch's default)")
         q.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                        help="tuned: keep freed memory in the process (glibc mallopt) and use 2 MB pages, "
-                       "see parallel.tune_malloc")
+                       "see harness.parallel.tune_malloc")
         q.add_argument("--json", help="also write the results to this JSON file")
     for q in (e, at):
         q.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on cuda, else fp32")

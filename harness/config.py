@@ -68,7 +68,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in the backward
     gpu_mem: float = 0.0      # GiB per GPU for the memory plan and parallel=auto; 0 = what CUDA reports
     peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in logbook.PEAK_FLOPS
-    tensorboard: bool = False  # also log to TensorBoard in <out_dir>/tb/ (pip install tensorboard; trackers.py)
+    tensorboard: bool = False  # also log to TensorBoard in <out_dir>/tb/ (pip install tensorboard; harness/trackers.py)
     wandb: bool = False       # also log to Weights & Biases (pip install wandb); its run id is kept in <out_dir>/wandb.json
     wandb_project: str = "moe-equal"  # the W&B project
     wandb_run_name: str = ""  # the W&B run's name; "" = the run directory's name
@@ -227,9 +227,9 @@ RANGES = {
     "ckpt_interval": (0, 2**63 - 1, "iterations >= 0 (0: at every evaluation)"),
     "stop_at": (0, 2**63 - 1, "an iteration >= 0 (0: run to the end)"),
     "gpu_mem": (0, 2**20, "GiB per GPU in 0..2^20 (0: what CUDA reports)"),
+    "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
     # the command lines' ranks per run (train.py --plan --nproc, sweep.py --nproc): no config key
     "nproc": (1, 2**20, "a number of ranks in 1..2^20"),
-    "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
 }
 TRAIN_RANGED = [k for k in RANGES if k in {f.name for f in fields(TrainConfig)}]
 GPU_RESERVE = 2  # GiB of each GPU kept for CUDA and NCCL (parallel.RESERVE): a gpu_mem must be more
@@ -270,7 +270,8 @@ def check_model(mvals):
     _in_range("vocab_size", m["vocab_size"], *RANGES["vocab_size"])
     for name in ("balance_coef", "init_std", "router_z_coef", "expert_bias_rate"):
         v = m[name]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+                or not RANGES[name][0] <= v <= RANGES[name][1]:
             raise ValueError(f"{name}={v!r} is not allowed: expected {RANGES[name][2]}")
     if not moe:
         return mvals
@@ -288,6 +289,16 @@ def _in_range(name, v, lo, hi, allowed, ok=lambda v: True):
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi or not ok(v):
         shown = f"{v:.4g}" if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1e16 else repr(v)
         raise ValueError(f"{name}={shown} is not allowed: expected {allowed}")
+
+
+def shape_from_dict(d, where):
+    """A flops.Shape from a config table's [model] values, checked by the same rules and naming the file (where)
+    and the key on bad input; the keys that are no shape are ignored."""
+    names = {f.name for f in fields(flops.Shape)}
+    try:
+        return flops.Shape(**check_model({k: v for k, v in d.items() if k in names}))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
 
 def model_config(mvals):
@@ -327,7 +338,7 @@ def check_train(t):
     if t.unique_tokens != int(t.unique_tokens):
         raise ValueError(f"train.unique_tokens={t.unique_tokens} is not allowed: expected a whole number of tokens")
     if t.gpu_mem and t.gpu_mem <= GPU_RESERVE:
-        raise ValueError(f"train.gpu_mem={t.gpu_mem} is not allowed: expected more than the 2 GiB kept for CUDA and "
+        raise ValueError(f"train.gpu_mem={t.gpu_mem} is not allowed: expected more than the {GPU_RESERVE} GiB kept for CUDA and "
                          f"NCCL (or 0: what CUDA reports)")
     if t.lr and t.min_lr > t.lr:
         raise ValueError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine would rise to the end; expected "

@@ -152,5 +152,5 @@ def train_help(doc):
         "Each key below is a --key=value flag and a key of a config file's [model] or [train] table (the flags\n"
         "go on top of the file). --resume continues the run in out_dir from its own config.toml, the flags on top;\n"
         "--plan [--nproc=N] prints the memory per rank and runs nothing.",
-        table("[model]  (config.GPTConfig)", keys(*TRAIN_TABLES["model"])),
-        table("[train]  (config.TrainConfig)", keys(*TRAIN_TABLES["train"]))]) + "\n"
+        table("[model]  (model.GPTConfig)", keys(*TRAIN_TABLES["model"])),
+        table("[train]  (harness.config.TrainConfig)", keys(*TRAIN_TABLES["train"]))]) + "\n"

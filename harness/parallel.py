@@ -148,7 +148,7 @@ def clip_grad_norm(model, max_norm):
 def tune_malloc():
     """Keep freed memory in the process and back big tensors with 2 MB pages. glibc's defaults hand
     big buffers back to the OS after every step and fault them in again on the next, which made the
-    CPU MoE step about 1.3× slower (dev/bench.py --malloc); 2 MB pages fault far less often when a
+    CPU MoE step about 1.3× slower (dev/bench.py parts --malloc=default); 2 MB pages fault far less often when a
     step grows the heap. Measured: docs/results.md, "Memory allocation"."""
     import ctypes
     if not sys.platform.startswith("linux"):

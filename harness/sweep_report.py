@@ -35,7 +35,7 @@ def collect(run_dir):
             rundir.warn(f"{summary}: left out of the report: {name} is no run of {run_dir / 'plan.json'}")
             continue
         planned_row = order.get(name, (len(order), {}))[1]
-        differ = plan_differences(planned_row, s)
+        differ = changed_plan(planned_row, s)
         if differ:
             raise ValueError(f"{summary} is a run of another plan than {run_dir / 'plan.json'} ({'; '.join(differ)}): "
                              f"its numbers would be reported under this plan; remove the run, and sweep.py run runs it again")
@@ -75,7 +75,7 @@ REUSE = ("none", "strict", "loose")  # the data-reuse variants of a sweep (sweep
 SHAPE = ("scheme", "L", "Dm", "H", "Dh", "Dffn", "E", "K", "De", "Dse", "S")
 
 
-def plan_differences(planned, summary):
+def changed_plan(planned, summary):
     """Where a run's summary differs from its row of plan.json: the shape, the budget and schedule, the seed."""
     model = summary["config"]["model"]
     diff = [f"model.{k}: run {model.get(k)!r}, plan {v!r}" for k, v in planned.get("shape", {}).items() if model.get(k) != v]

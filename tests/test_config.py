@@ -73,4 +73,4 @@ def test_impossible_model_values_are_refused_naming_the_key(values, message):
 def test_model_values_read_alike_in_every_program():
     """Dm = 32.0 in a TOML file is the integer 32 for train.py's checks and for flops.py's."""
     assert config.check_model({"Dm": 32.0, "scheme": "dense"}) == {"Dm": 32, "scheme": "dense"}
-    assert flops.shape_from_dict({"Dm": 32.0, "scheme": "dense"}, "x.toml").Dm == 32
+    assert config.shape_from_dict({"Dm": 32.0, "scheme": "dense"}, "x.toml").Dm == 32
