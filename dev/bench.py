@@ -682,7 +682,7 @@ def main(argv=None):
         interrupts.exit_interrupted(f"bench.py {a.what}", e, "; nothing was written")
     if a.json:
         try:
-            safe_io.write_text(a.json, json.dumps({"command": "bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
+            safe_io.write_text(a.json, json.dumps({"command": "dev/bench.py " + " ".join(argv or sys.argv[1:]), **result}, indent=1))
         except (ValueError, OSError) as e:
             print(f"bench.py {a.what}: error: --json={a.json}: {e}", file=sys.stderr)
             sys.exit(2)

@@ -36,7 +36,7 @@ from harness import parallel
 from harness import safe_io
 from harness.parallel import device_name, parse_device
 
-RESULT_COMMANDS = ("bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it
+RESULT_COMMANDS = ("dev/bench.py", "dev/gpucheck.py", "bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it (older files name them without dev/)
 
 
 def rel(a, b):
@@ -229,7 +229,7 @@ def main(argv=None):
             torch.backends.cuda.matmul.allow_tf32 = True
         result = gpu_check(a)
         if a.json:
-            safe_io.write_text(a.json, json.dumps({"command": "gpucheck.py " + " ".join(argv), **result}, indent=1))
+            safe_io.write_text(a.json, json.dumps({"command": "dev/gpucheck.py " + " ".join(argv), **result}, indent=1))
     except (ValueError, OSError, RuntimeError) as e:
         print(f"gpucheck.py: error: {e}", file=sys.stderr)
         sys.exit(2)

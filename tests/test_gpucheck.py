@@ -50,7 +50,7 @@ def test_exit_code_and_json(failed, code, tmp_path, monkeypatch, capsys):
         gpucheck.main(["--device=cpu", "--compile=false", f"--json={out}"])
     assert e.value.code == code and seen == {"device": "cpu", "compile": False}
     result = json.loads(out.read_text())
-    assert result["command"] == f"gpucheck.py --device=cpu --compile=false --json={out}" and result["failed"] is failed
+    assert result["command"] == f"dev/gpucheck.py --device=cpu --compile=false --json={out}" and result["failed"] is failed
     other = tmp_path / "notes.json"
     other.write_text('{"mine": 1}')
     with pytest.raises(SystemExit) as e:  # a file that no gpucheck.py or bench.py wrote is not replaced
