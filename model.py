@@ -163,12 +163,12 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------- SwiGLU
 def swiglu(h, g=None):
     """silu(h1) ⊙ h3 for h = [h1 | h3] (the output of the stacked W1|W3), times g, a routed slot's gate (M5)."""
-    if torch.compiler.is_compiling():  # compiled: the plain expression, which inductor fuses into one kernel
-        h1, h3 = h.chunk(2, dim=-1)
-        a = F.silu(h1) * h3
-        return a if g is None else a * g
     # fast path, eager: the same bits, with a backward that writes dh1 and dh3 into one tensor (no joining copy)
-    return SwiGLUFn.apply(h, g)
+    if not torch.compiler.is_compiling():
+        return SwiGLUFn.apply(h, g)
+    h1, h3 = h.chunk(2, dim=-1)  # compiled, the plain expression: inductor fuses it into one kernel
+    a = F.silu(h1) * h3
+    return a if g is None else a * g
 
 
 class SwiGLU(nn.Module):
@@ -248,6 +248,21 @@ class MoE(nn.Module):
             f_E = funcol.all_reduce(f_E, "sum", self.balance_group) / self.balance_world
         return self.E * (f_E * s_TE.mean(0)).sum()
 
+    def forward_loop(self, x_TD):
+        """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
+        tested against (tests/test_model.py on CPU, dev/bench.py gpu-check in bf16 on a GPU). Slow."""
+        s_TE, g_TK, e_TK, (lse_T, logit_ms) = self.route(x_TD)
+        y_TD = torch.zeros_like(x_TD)
+        counts_E = torch.zeros(self.E, device=x_TD.device)
+        for i in range(self.E):
+            tok, slot = (e_TK == i).nonzero(as_tuple=True)
+            counts_E[i] = len(tok)
+            h1, h3 = (x_TD[tok] @ self.w13[i]).chunk(2, dim=-1)
+            y_TD = y_TD.index_add(0, tok, ((F.silu(h1) * h3 * g_TK[tok, slot, None].to(h3.dtype)) @ self.w2[i]).to(y_TD.dtype))
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD, self.aux(s_TE, counts_E, lse_T, logit_ms)
+
     def forward(self, x_TD):
         """(y, aux): aux holds the balance loss, the slots per expert [E], the z-loss (detached unless it
         is trained on) and the mean square of the router's logits."""
@@ -264,21 +279,6 @@ class MoE(nn.Module):
     def aux(self, s_TE, counts_E, lse_T, logit_ms):
         z = self.z_loss(lse_T if self.z_trained else lse_T.detach())
         return MoEAux(self.balance(s_TE, counts_E), counts_E, z, logit_ms)
-
-    def forward_loop(self, x_TD):
-        """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
-        tested against (tests/test_model.py on CPU, dev/bench.py gpu-check in bf16 on a GPU). Slow."""
-        s_TE, g_TK, e_TK, (lse_T, logit_ms) = self.route(x_TD)
-        y_TD = torch.zeros_like(x_TD)
-        counts_E = torch.zeros(self.E, device=x_TD.device)
-        for i in range(self.E):
-            tok, slot = (e_TK == i).nonzero(as_tuple=True)
-            counts_E[i] = len(tok)
-            h1, h3 = (x_TD[tok] @ self.w13[i]).chunk(2, dim=-1)
-            y_TD = y_TD.index_add(0, tok, ((F.silu(h1) * h3 * g_TK[tok, slot, None].to(h3.dtype)) @ self.w2[i]).to(y_TD.dtype))
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
-        return y_TD, self.aux(s_TE, counts_E, lse_T, logit_ms)
 
 
 # ----------------------------------------------------------------------------- routed experts
