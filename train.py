@@ -351,7 +351,7 @@ def describe(setup, loader, strategy, rank, world, device):
 
 def finish(t, step, final):
     """summary.json, written by rank 0 with the run's last line: the summary."""
-    tcfg, mcfg, sched = t.setup.tcfg, t.setup.mcfg, t.setup.sched
+    mcfg, sched = t.setup.mcfg, t.setup.sched
     summary = {**t.numbers, "step": step, "finished": step >= sched.iters, "final": final,
                "config": t.config, "data": data.identity(t.setup.meta)}
     if t.rank == 0:

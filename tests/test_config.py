@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-import flops
 from model import GPTConfig
 
 from harness import schedule
