@@ -1,15 +1,16 @@
 """Activation-rate sweeps at fixed N and C, with dense baselines and data reuse: the command line, and the
-runner that trains every planned run through train.py (plan: harness/sweep_plan.py; report: harness/sweep_report.py).
+loop that trains every planned run through train.py (plan: harness/sweep_plan.py; runs at once:
+harness/sweep_jobs.py; report: harness/sweep_report.py).
 
     python sweep.py                                        # the CPU toy sweep: plan, run, report (time: docs/results.md)
     python sweep.py plan configs/sweep-7b.toml [--json] [--allow-unequal]
-    python sweep.py run configs/sweep-toy.toml [--out=runs/sweep-toy] [--nproc=8] [--only=3] [--emit=slurm]
+    python sweep.py run configs/sweep-toy.toml [--out=runs/sweep-toy] [--jobs=2] [--nproc=8] [--gpus=0,1] [--only=3,5]
+    python sweep.py run configs/sweep-toy.toml --emit=slurm  # one array task per run, beyond one node
     python sweep.py report runs/sweep-toy [--split=val]
 """
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from dataclasses import MISSING, replace
 from pathlib import Path
@@ -19,83 +20,69 @@ from harness import helptext
 from harness import interrupts
 from harness import rundir
 from harness import safe_io
+from harness import sweep_jobs
 from harness import sweep_plan
 from harness.sweep_report import report
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_SWEEP = ROOT / "configs" / "sweep-toy.toml"
+MAX_JOBS = 4096  # runs at once
 
 
-def status(out_dir):
-    """finished (a whole summary with final BPC), resumable (a run was started there), or new. A run
-    killed before its first checkpoint is resumable too: train.py --resume starts it again."""
-    if rundir.finished(rundir.read_summary(Path(out_dir) / "summary.json")):
-        return "finished"
-    return "resumable" if rundir.run_files(out_dir) else "new"
-
-
-def run_child(cmd):
-    """A train.py child that ends with this process. It runs in a session of its own, so that Ctrl-C at the
-    terminal reaches this process alone, which passes the signal (or SIGTERM) on once and gives the child
-    a minute to stop in its own words; if this process dies, the kernel sends the child SIGTERM (Linux)."""
-    child = subprocess.Popen(cmd, start_new_session=True,  # in this folder: relative paths mean what they mean here
-                             preexec_fn=interrupts.die_with_parent)
-    try:
-        return child.wait()
-    except KeyboardInterrupt as e:
-        child.send_signal(interrupts.interrupted(e).signum)
-        try:
-            child.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-        raise
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-
-
-def run_sweep(path, out, nproc=1, only=None, allow_unequal=False):
-    """Run every planned run that has not finished (resuming the started ones). With reuse_at = ["best"],
-    the reuse arms join the plan once the no-reuse arms have all finished: a second pass runs them."""
-    if nproc < 1:
-        raise ValueError(f"--nproc={nproc}: expected processes per run >= 1")
+def run_sweep(path, out, nproc=1, only=None, allow_unequal=False, jobs=1, gpus=None):
+    """Run every planned run that has not finished (resuming the started ones), `jobs` at a time, with the
+    sweep's folder locked. With reuse_at = ["best"], the reuse arms join the plan once the no-reuse arms
+    have all finished: a second pass runs them."""
+    if nproc < 1 or jobs < 1:
+        raise ValueError(f"--nproc={nproc}, --jobs={jobs}: expected processes per run and runs at once >= 1")
     out = Path(out)
     if out.is_file():
         raise ValueError(f"--out={out} is a file: expected a folder for the sweep's runs")
-    done = set()
-    while True:
-        sweep, runs, train_over = sweep_plan.planned(path, allow_unequal, nproc, out)
-        if only is not None and not 0 <= only < len(runs):
-            raise ValueError(f"--only={only} names no run: the plan of {path} has runs 0..{len(runs) - 1}")
-        todo = [(i, r) for i, r in enumerate(runs) if r.name not in done and (only is None or i == only)]
-        if not todo:
-            return runs
-        from harness import parallel  # torch: the runs are about to start here
-        device = parallel.device_of(sweep_plan.train_args_config(runs[0], sweep, train_over, out))
-        setups = sweep_plan.check_runs(runs, sweep, train_over, nproc, out, device, prepare=True)
-        sweep_plan.check_existing(runs, setups, out)
-        out.mkdir(parents=True, exist_ok=True)
-        safe_io.write_text(out / "plan.json", json.dumps(sweep_plan.plan_json(runs), indent=1))
-        run_all(todo, len(runs), sweep, train_over, out, nproc)
-        done |= {r.name for _, r in todo}
+    done, lock = set(), rundir.Lock(out, "--out")
+    try:
+        while True:
+            sweep, runs, train_over = sweep_plan.planned(path, allow_unequal, nproc, out)
+            if only is not None and not set(only) <= set(range(len(runs))):
+                raise ValueError(f"--only={','.join(map(str, only))} names no run: the plan of {path} has runs "
+                                 f"0..{len(runs) - 1}")
+            todo = [(i, r) for i, r in enumerate(runs) if r.name not in done and (only is None or i in only)]
+            if not todo:
+                return runs
+            from harness import parallel  # torch: the runs are about to start here
+            device = parallel.device_of(sweep_plan.train_args_config(runs[0], sweep, train_over, out))
+            slots = sweep_jobs.slots(device.type, jobs, nproc, gpus)
+            setups = sweep_plan.check_runs(runs, sweep, train_over, nproc, out, device, prepare=True)
+            if lock.fd is None:
+                out.mkdir(parents=True, exist_ok=True)
+                lock.acquire()  # one sweep process per folder, from here to its end
+            sweep_plan.check_existing(runs, setups, out)
+            safe_io.write_text(out / "plan.json", json.dumps(sweep_plan.plan_json(runs), indent=1))
+            run_all(todo, len(runs), sweep, train_over, out, nproc, slots)
+            done |= {r.name for _, r in todo}
+    finally:
+        lock.release()
 
 
-def run_all(todo, total, sweep, train_over, out, nproc):
+def run_all(todo, total, sweep, train_over, out, nproc, slots):
+    """Train the runs of todo that have not finished through train.py (torchrun for nproc > 1), one per
+    slot at a time (harness/sweep_jobs.py); every failed run is named at the end."""
     launcher = [sys.executable, str(ROOT / "train.py")] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train.py")]
-    failed = []
+    jobs = []
     for i, run in todo:
         run_dir = out / run.name
-        state = status(run_dir)
-        print(f"[{i + 1}/{total}] {run.name}: {state}", flush=True)
+        state = sweep_jobs.status(run_dir)
         if state == "finished":
+            print(f"[{i + 1}/{total}] {run.name}: finished", flush=True)
             continue
         cmd = launcher + sweep_plan.train_args(run, sweep, train_over, run_dir) + (["--resume"] if state == "resumable" else [])
-        if run_child(cmd) != 0:
-            failed.append(run.name)
+        jobs.append(sweep_jobs.Job(f"[{i + 1}/{total}]", run.name, run_dir, cmd, run.C, run.iters))
+    if len(slots) > 1 and jobs:
+        print(f"{len(jobs)} run(s) to train, {len(slots)} at a time "
+              f"({', '.join(dict.fromkeys(sweep_jobs.slot_label(s) for s in slots))})", flush=True)
+    failed = sweep_jobs.run_jobs(jobs, slots)
     if failed:
-        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; repeat the command to resume them")
+        raise sweep_jobs.failures(failed, len(slots) > 1)
 
 
 def emit_slurm(path, out, nproc, runs):
@@ -142,6 +129,14 @@ def keys_help():
                        f"sweep sets for every run", train_keys)]) + "\n"
 
 
+def indices(text):
+    """A comma-separated list of distinct non-negative integers (--only, --gpus)."""
+    parts = text.split(",")
+    if not all(x.strip().isdigit() for x in parts) or len(set(map(int, parts))) < len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected distinct indices 0, 1, … separated by commas (3 or 0,2,5)")
+    return [int(x) for x in parts]
+
+
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags). --help (of the command, plan and
     run) ends with the sweep file's keys."""
@@ -159,12 +154,16 @@ def parser():
     q.add_argument("--nproc", type=int, default=1, help="ranks per run (the batch is planned for them)")
     q.add_argument("--gpu_mem", type=float, help="GiB per GPU: add each run's memory per rank, warn where it cannot fit")
     r = sub.add_parser("run", allow_abbrev=False, help="run (or resume) every planned run through train.py",
-                       description="Run (or resume) every planned run through train.py, then report.", epilog=keys,
+                       description="Run (or resume) every planned run through train.py, --jobs at once; "
+                       "`sweep.py report` then tabulates them.", epilog=keys,
                        formatter_class=raw)
     r.add_argument("sweep")
     r.add_argument("--out", help="the sweep's folder (default runs/<sweep file name>)")
     r.add_argument("--nproc", type=int, default=1, help="processes per run under torchrun (GPUs of one node)")
-    r.add_argument("--only", type=int, help="run only the run with this index in the plan (0-based)")
+    r.add_argument("--only", type=indices, help="run only the runs with these indices in the plan (0-based: 3 or 0,2,5)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once: on CPU each gets its share of the cores as its "
+                   "threads, with GPUs --nproc GPUs of its own (docs/results.md: when it pays)")
+    r.add_argument("--gpus", type=indices, help="the GPU IDs the jobs share out (default: every visible one)")
     r.add_argument("--emit", choices=("slurm",), help="write an sbatch array script instead of running")
     r.add_argument("--allow-unequal", action="store_true")
     t = sub.add_parser("report", allow_abbrev=False, help="tables and a plot of a sweep's final BPCs",
@@ -186,9 +185,14 @@ def main(argv=None):
     if getattr(a, "gpu_mem", None) is not None and not config.GPU_RESERVE < a.gpu_mem <= hi:
         p.error(f"--gpu_mem={a.gpu_mem}: expected GiB per GPU in ({config.GPU_RESERVE}, 2^20]: {config.GPU_RESERVE} GiB are "
                 f"kept for CUDA and NCCL")
-    if getattr(a, "only", None) is not None and (a.only < 0 or a.emit):
-        p.error(f"--only={a.only}: " + ("the script of --emit runs every run, one array task each; give one of them"
-                                         if a.emit else "expected the index of a run in the plan (0, 1, …)"))
+    if getattr(a, "emit", None):
+        for flag, given in (("only", a.only is not None), ("jobs", a.jobs != 1), ("gpus", a.gpus is not None)):
+            if given:
+                value = getattr(a, flag)
+                p.error(f"--{flag}={','.join(map(str, value)) if isinstance(value, list) else value}: the script of --emit runs every run as an array "
+                        f"task of its own, on the GPUs Slurm gives it; leave --{flag} out")
+    if getattr(a, "jobs", 1) is not None and not 1 <= getattr(a, "jobs", 1) <= MAX_JOBS:
+        p.error(f"--jobs={a.jobs}: expected runs at once in 1..{MAX_JOBS}")
     for name in ("sweep", "dir", "out", "split"):
         if getattr(a, name, None) is not None and not getattr(a, name).strip():
             p.error(f"{'--' if name in ('out', 'split') else ''}{name}='': expected "
@@ -213,7 +217,8 @@ def main(argv=None):
             if a.emit:
                 emit_slurm(a.sweep, out, a.nproc, sweep_plan.planned(a.sweep, a.allow_unequal, a.nproc)[1])
             else:
-                run_sweep(a.sweep, out, a.nproc, a.only, a.allow_unequal)
+                run_sweep(a.sweep, out, a.nproc, a.only, a.allow_unequal, a.jobs,
+                          None if a.gpus is None else [str(g) for g in a.gpus])
         else:
             report(a.dir, a.split)
     except (ValueError, RuntimeError, OSError) as e:

@@ -254,7 +254,19 @@ def resume_from(t):
         return 0, None
     form, path, state = got
     checkpoint.check(state, path, setup.mcfg, setup.tcfg, setup.meta, setup.sched)
+    t.numbers["threads"] = threads_so_far(state.get("threads"), t.numbers["threads"], path, t.rank)
     return checkpoint.restore(form, path, state, s.model, s.optimizer, s.scaler, t.loader, t.device), path
+
+
+def threads_so_far(before, now, path, rank):
+    """The CPU thread counts the run has trained on, in order: a run's bits depend on its thread count, so
+    a run resumed on another count is said to be one (older checkpoints did not record theirs)."""
+    if not before or before[-1] == now[-1]:
+        return before or now
+    if rank == 0:
+        rundir.warn(f"{path} trained on {before[-1]} CPU thread(s), this process has {now[-1]}: the run goes on, but "
+                    f"its bits now differ from a run trained on one count throughout (summary.json lists both)")
+    return before + now
 
 
 def write_config(t, aside, step):
@@ -288,7 +300,8 @@ def save(t, at_step):
     s = t.step_ctx
     path = checkpoint.save(t.out, t.strategy == "fsdp", s.model, s.optimizer, {
         "scaler": s.scaler.state_dict(), "loader": t.loader.state_dict(), "step": at_step,
-        "schedule": t.setup.sched.trajectory(), "world": t.world, "config": t.config, "data": data.identity(t.setup.meta),
+        "schedule": t.setup.sched.trajectory(), "world": t.world, "threads": t.numbers["threads"], "config": t.config,
+        "data": data.identity(t.setup.meta),
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(t.device) if t.device.type == "cuda" else None}}, t.rank, t.world)
     return f"{path} (step {at_step})"
@@ -337,7 +350,8 @@ def describe(setup, loader, strategy, rank, world, device):
                    world=world, lr=sched.lr, warmup=sched.warmup, unique_tokens=loader.unique_tokens,
                    epochs=sched.D / (loader.n_windows * mcfg.S), tokenizer=setup.meta["tokenizer"], device=str(device),
                    dtype=setup.dtype, attention=setup.attention, parallel=strategy,
-                   activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec)
+                   activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec,
+                   threads=[torch.get_num_threads()])  # CPU threads, per segment of a resumed run (threads_so_far)
     if rank == 0:
         print(f"model {mcfg.scheme}: N={sched.N:,} Na={sched.Na:,} r_a={100 * sched.Na / sched.N:.1f}% "
               f"M_train={sched.M_train:.3g} FLOPs/token (M11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")

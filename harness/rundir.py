@@ -7,6 +7,7 @@
     summary.json  written when the run stops or finishes
     tb/, wandb/, wandb.json   TensorBoard's and W&B's files, when the run logs to them (trackers.py)
     .lock         held by the one process that writes here
+    train.log     train.py's output, when sweep.py ran it beside other runs (harness/sweep_jobs.py)
 
 Every file is written atomically and no file of a run is opened through a symbolic link (safe_io.py):
 a run file that is a link is refused, named. A new run refuses a folder that holds a
@@ -54,11 +55,12 @@ def one_line(e, limit=300):
 
 # ----------------------------------------------------------------------------- one writer
 class Lock:
-    """An exclusive lock on a run directory (flock on .lock, released by the kernel if the holder dies).
+    """An exclusive lock on a run directory or a sweep's folder (flock on .lock, released by the kernel if the holder dies).
     The file names its holder; a holder that died without releasing it is reported when it is taken over."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, flag="--out_dir"):
         self.path = Path(out_dir) / ".lock"
+        self.flag = flag  # the command line's name for the folder, for the refusal
         self.fd = None
 
     def acquire(self):
@@ -79,7 +81,7 @@ class Lock:
             os.close(self.fd)
             self.fd = None
             raise RunDirError(f"{self.path.parent} is in use by {holder or 'another process'}: a second writer would "
-                              f"interleave its files; wait for it to end, or use another --out_dir") from None
+                              f"interleave its files; wait for it to end, or use another {self.flag}") from None
         stale = self._read()
         if stale:
             warn(f"{self.path.parent}: the last writer ({stale}) ended without releasing its lock; taking it over")

@@ -47,11 +47,19 @@ def collect(run_dir):
                      "E": m["E"] if moe else "", "K": m["K"] if moe else "", "De": m["De"] if moe else "",
                      "Dse": m["Dse"] if moe else "", "ra": s["ra"], "N": s["N"], "C": s["C"], "D": s["D"],
                      "unique_tokens": s["unique_tokens"], "epochs": s["epochs"], "finished": rundir.finished(s),
+                     "threads": threads_of(s),
                      **{f"bpc_{k.removeprefix('bpc_')}": v for k, v in s["final"].items()}})
     rows.sort(key=lambda r: order.get(r["run"], (len(order),))[0])
     if not rows:
         raise ValueError(f"{run_dir}: no run directory with a summary.json")
     return rows
+
+
+def threads_of(summary):
+    """The CPU thread counts a run trained on, as text: "2", or "2→1" for a run resumed on another count
+    (its bits depend on them); "" for a run whose summary does not say."""
+    threads = summary.get("threads")
+    return "→".join(map(str, threads)) if isinstance(threads, list) and all(map(rundir.is_count, threads)) else ""
 
 
 def read_plan(path):
@@ -96,7 +104,8 @@ def arms(rows, splits):
     for arm, runs in out.items():
         row = {k: runs[0][k] for k in ("arm", "kind", "reuse", "E", "K", "De", "Dse", "ra", "N", "C", "D",
                                        "unique_tokens", "epochs")}
-        row.update(seeds=[r["seed"] for r in runs], finished=all(r["finished"] for r in runs))
+        row.update(seeds=[r["seed"] for r in runs], finished=all(r["finished"] for r in runs),
+                   threads=", ".join(dict.fromkeys(r["threads"] for r in runs if r.get("threads"))))
         for s in splits:
             values = [r[f"bpc_{s}"] for r in runs if f"bpc_{s}" in r]
             if values:
@@ -110,14 +119,14 @@ def arms(rows, splits):
 def markdown(table, splits):
     """The arms, BPC as mean ± sd over the seeds, and each seed's value of the first split."""
     n = max(len(r["seeds"]) for r in table)
-    cols = ["arm", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs"] + \
+    cols = ["arm", "r_a", "E", "K", "De", "Dse", "N", "C", "D", "unique", "epochs", "threads"] + \
         [f"BPC {s}" + (" (mean ± sd)" if n > 1 else "") for s in splits] + ([f"{splits[0]} per seed"] if n > 1 else [])
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table:
         partial = f" ({len(r['seeds'])} of {n} seeds)" if len(r["seeds"]) < n else ""
         cells = [r["arm"] + ("" if r["finished"] else " (unfinished)") + partial, f"{100 * r['ra']:.2f} %", r["E"], r["K"],
                  r["De"], r["Dse"], f"{r['N']:,}", f"{r['C']:.3g}", f"{r['D']:.3g}", f"{r['unique_tokens']:.3g}",
-                 f"{r['epochs']:.2f}"]
+                 f"{r['epochs']:.2f}", r["threads"]]
         cells += [(f"{r[f'bpc_{s}']:.4f}" + (f" ± {r[f'sd_{s}']:.4f}" if n > 1 else "")) if f"bpc_{s}" in r else ""
                   for s in splits]
         if n > 1:

@@ -337,7 +337,7 @@ def test_loose_rungs_half_rate_dense_runs():
 def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(tiny_data, tmp_path, monkeypatch, capsys):
     """The ladder trains a rung's dense runs only at the rate the check chose, into another folder: the rung's
     own dense runs are those of its plan.json, matched there, and need not have been trained at 1x."""
-    def fake(todo, total, s, over, out, nproc):  # the summary train.py writes, BPC falling with r_a
+    def fake(todo, total, s, over, out, nproc, slots):  # the summary train.py writes, BPC falling with r_a
         for _, r in todo:
             (out / r.name).mkdir(parents=True, exist_ok=True)
             bpc = 3.0 if r.kind == "dense" else 2.0 + r.ra + 0.01 * r.seed

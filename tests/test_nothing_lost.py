@@ -19,6 +19,7 @@ import train
 from harness import preflight
 from harness import rundir
 from harness import safe_io
+from harness import sweep_jobs
 from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +273,7 @@ def test_resume_on_data_prepared_again_with_other_contents_is_refused(tiny_data,
 
 def fake_runs(monkeypatch, bpc=2.5):
     """sweep.run_all writing, for each run, the summary train.py would write (training itself is tested elsewhere)."""
-    def fake(todo, total, s, over, out, nproc):
+    def fake(todo, total, s, over, out, nproc, slots):
         for _, r in todo:
             (out / r.name).mkdir(parents=True, exist_ok=True)
             (out / r.name / "summary.json").write_text(json.dumps(finished_summary(r, s, over, out, bpc)))
@@ -359,7 +360,9 @@ def test_evaluate_on_the_runs_own_data_checks_it_is_still_that_data(tiny_data, t
 
 def test_a_sweep_runs_its_children_where_it_was_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert sweep.run_child([sys.executable, "-c", "import os; open('here', 'w').write(os.getcwd())"]) == 0
+    job = sweep_jobs.Job("[1/1]", "r", tmp_path / "r", [sys.executable, "-c", "import os; open('here', 'w').write(os.getcwd())"],
+                         1.0, 1)
+    assert sweep_jobs.run_jobs([job], [{}]) == []
     assert (tmp_path / "here").read_text() == str(tmp_path)
 
 # ----------------------------------------------------------------------------- one set of rules
@@ -476,7 +479,7 @@ def test_a_log_line_that_is_no_record_is_named(tiny_data, tmp_path, capsys):
 def test_a_summary_with_wrong_fields_counts_as_damaged(finished, tiny_data, capsys, edit):
     summary = json.loads((finished / "summary.json").read_text())
     (finished / "summary.json").write_text(json.dumps(edit(summary)))
-    assert sweep.status(finished) == "resumable"
+    assert sweep_jobs.status(finished) == "resumable"
     again = train.train(tiny(tiny_data, finished) + ["--resume"])
     assert "is damaged" in capsys.readouterr().err and again["final"] == summary["final"]
 
@@ -586,7 +589,7 @@ def test_an_interrupted_sweep_stops_its_run_and_says_how_to_go_on(tiny_data, tmp
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("sweep.py: interrupted (Ctrl-C); the runs that finished are kept")
     rundir.Lock(tmp_path / "out" / "dense-C").acquire().release()  # the run's train.py has ended: its lock is free
-    assert sweep.status(tmp_path / "out" / "dense-C") in ("resumable", "finished")
+    assert sweep_jobs.status(tmp_path / "out" / "dense-C") in ("resumable", "finished")
 
 
 def test_ctrl_c_while_starting_ends_in_one_line(tiny_data, tmp_path):
@@ -627,7 +630,7 @@ def test_a_stop_after_the_work_is_done_says_so(tiny_data, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as exit_:
         train.main(tiny(tiny_data, tmp_path / "r", "--sample_tokens=50"))
     err = capsys.readouterr().err
-    assert exit_.value.code == 130 and "while sampling; the run had finished" in err and sweep.status(tmp_path / "r") == "finished"
+    assert exit_.value.code == 130 and "while sampling; the run had finished" in err and sweep_jobs.status(tmp_path / "r") == "finished"
     swap = safe_io.replace_folder
 
     def swap_then_ctrl_c(new, old):

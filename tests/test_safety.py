@@ -22,6 +22,7 @@ import train
 
 from harness import rundir
 from harness import sources
+from harness import sweep_jobs
 
 from dev import bench
 from tests.conftest import TINY_MODEL, snapshot
@@ -108,7 +109,7 @@ CASES = [
     ("flops", lambda t, r, d: [str(ROOT / "configs" / "sweep-toy.toml")], "it is a sweep file"),
     # data.py
     ("data", lambda t, r, d: ["--train", str(t / "nomatch*.txt"), f"--out={t / 'o1'}"], "no input files match"),
-    ("data", lambda t, r, d: ["--train", str(text_file(t, "empty.txt", "")), f"--out={t / 'o2'}"], "empty.txt: the file is empty"),
+    ("data", lambda t, r, d: ["--train", str(text_file(t, "empty.txt", "")), f"--out={t / 'o2'}"], "empty.txt: no text in it (the file is empty)"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "bin.txt", b"ab\x00\x01cd")), f"--out={t / 'o3'}"],
      "bin.txt: looks binary (a NUL byte at offset 2)"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "bad.txt", b"fine text\n\xff\xfe more")), f"--out={t / 'o4'}"],
@@ -173,10 +174,10 @@ def test_a_kill_before_the_summary_is_finished_by_resume(whole, tiny_data, tmp_p
     assert len(kept) == len(records) - 1  # the final evaluation's record, and only it, is gone
     log.write_text("".join(json.dumps(r) + "\n" for r in kept))
     (tmp_path / "a" / "summary.json").write_text("")  # and a summary left empty by a kill mid-write
-    assert sweep.status(tmp_path / "a") == "resumable"
+    assert sweep_jobs.status(tmp_path / "a") == "resumable"
     again = train.train(tiny(tiny_data, tmp_path / "a") + ["--resume"])
     assert again["final"] == pytest.approx(whole["final"], abs=1e-6)
-    assert sweep.status(tmp_path / "a") == "finished"
+    assert sweep_jobs.status(tmp_path / "a") == "finished"
 
 
 def test_a_torn_log_line_is_dropped_with_a_warning(whole, tiny_data, tmp_path, capsys):
@@ -220,9 +221,10 @@ def ended(pid):
 def test_a_killed_sweep_takes_its_training_child_with_it(tmp_path):
     pid_file = tmp_path / "child.pid"
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import sys, sweep; sweep.run_child([sys.executable, '-c', "
-         "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)', sys.argv[1]])",
-         str(pid_file)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [sys.executable, "-c", "import sys; from pathlib import Path; from harness import sweep_jobs; "
+         "sweep_jobs.run_jobs([sweep_jobs.Job('[1/1]', 'r', Path('r'), [sys.executable, '-c', "
+         "'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(120)', sys.argv[1]], 1.0, 1)], "
+         "[{}, {}])", str(pid_file)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
     for _ in range(200):
         if pid_file.exists() and pid_file.read_text():
             break

@@ -1,18 +1,23 @@
 """sweep.py: plans against the paper, equal resources and refusals, the runner, the report."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import flops
 import sweep
 from model import GPTConfig
 import train
 
+from harness import rundir
 from harness import schedule
+from harness import sweep_jobs
 from harness import sweep_plan
 from harness import sweep_report
 from harness.config import TrainConfig, load_config
@@ -150,21 +155,22 @@ def test_runner_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, tiny_
     # an interrupted run: the first MoE run stopped after 3 steps, as a killed job leaves it (with a checkpoint)
     victim = runs[2]
     train.train(sweep_plan.train_args(victim, s, train_over, out / victim.name) + ["--stop_at=3"])
-    assert sweep.status(out / victim.name) == "resumable"
+    assert sweep_jobs.status(out / victim.name) == "resumable"
     started = []
 
-    def in_this_process(cmd):  # the runner's `python train.py …`, run by train.main here (a child process that
-        started.append(cmd)    # ends with the sweep is test_safety.py's and test_nothing_lost.py's)
-        assert cmd[:2] == [sys.executable, str(ROOT / "train.py")]
+    def in_this_process(job, env, to_log):  # the runner's `python train.py …`, run by train.main here (children
+        started.append(job.cmd)              # are test_safety.py's, test_nothing_lost.py's and the tests below)
+        assert job.cmd[:2] == [sys.executable, str(ROOT / "train.py")] and not to_log
         try:
-            train.main(cmd[2:])
+            train.main(job.cmd[2:])
+            code = 0
         except SystemExit as e:
-            return e.code
-        return 0
-    monkeypatch.setattr(sweep, "run_child", in_this_process)
+            code = e.code
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+    monkeypatch.setattr(sweep_jobs, "start_child", in_this_process)
     sweep.run_sweep(path, out)
     assert [c[-1] == "--resume" for c in started] == [r is victim for r in runs]  # each run once, the victim resumed
-    assert all(sweep.status(out / r.name) == "finished" for r in runs)
+    assert all(sweep_jobs.status(out / r.name) == "finished" for r in runs)
     log = [json.loads(x) for x in (out / victim.name / "log.jsonl").read_text().splitlines()]
     steps = [x["step"] for x in log if x["kind"] == "train"]  # the stopped part's step 3, then every 10 on resume
     assert steps == [3] + list(range(10, victim.iters, 10)) + [victim.iters]
@@ -211,7 +217,7 @@ def test_reuse_at_best_runs_the_reuse_arms_where_the_no_reuse_arms_did_best(tmp_
     assert [r.reuse for r in runs] == ["none"] * 8  # not yet known
     bpc = {"moe-ra41.3-E45-K3-De8": [2.0, 2.2], "moe-ra49.6-E42-K6-De8": [2.05, 2.06]}  # means 2.10 and 2.055
 
-    def fake_run(todo, total, sweep_, train_over, out, nproc):
+    def fake_run(todo, total, sweep_, train_over, out, nproc, slots):
         for _, r in todo:
             (out / r.name).mkdir(parents=True)
             summary = finished_summary(r, sweep_, train_over, out, bpc.get(r.arm, [3.0, 3.0])[r.seed - 1])
@@ -319,3 +325,121 @@ def test_planning_a_sweep_loads_no_torch():
             "assert runs and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- runs at once (--jobs)
+def script_job(tmp_path, i, code):
+    """A job whose child is a Python snippet run in its own run folder (i: its place in the plan)."""
+    run_dir = tmp_path / f"run{i}"
+    return sweep_jobs.Job(f"[{i + 1}/5]", f"run{i}", run_dir, [sys.executable, "-c", code], 1.0, 1)
+
+
+def test_jobs_start_in_plan_order_n_at_once_and_a_failure_stops_no_other(tmp_path, capsys):
+    # each child notes when it ran and what its slot gave it, prints a line to its log, and the third fails
+    code = ("import os, sys, time, json; t = time.time(); time.sleep(0.4); print('out of {name}'); "
+            "open('{times}', 'a').write(json.dumps([{i}, t, time.time(), os.environ['OMP_NUM_THREADS']]) + chr(10)); "
+            "sys.exit({rc})")
+    times = tmp_path / "times.jsonl"
+    jobs = [script_job(tmp_path, i, code.format(name=f"run{i}", times=times, i=i, rc=3 if i == 2 else 0)) for i in range(5)]
+    failed = sweep_jobs.run_jobs(jobs, [{"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "7"}])
+    assert [(job.name, rc) for job, rc in failed] == [("run2", 3)]
+    spans = sorted(json.loads(x) for x in times.read_text().splitlines())
+    assert [s[0] for s in spans] == list(range(5)) and {s[3] for s in spans} == {"1", "7"}
+    starts = sorted(spans, key=lambda s: s[1])
+    assert [s[0] for s in starts] == list(range(5))  # in plan order
+    at_once = max(sum(a[1] <= b[1] < a[2] for a in spans) for b in spans)
+    assert at_once == 2  # two at a time, never more
+    for i in range(5):  # each run's output in its own folder
+        log = (tmp_path / f"run{i}" / sweep_jobs.LOG).read_text()
+        assert log.startswith("--- sweep.py started") and log.splitlines()[1:] == [f"out of run{i}"]
+    out = capsys.readouterr().out
+    assert "run2: failed (exit 3)" in out and "sweep: 4 done, 1 failed, 0 running, 0 to start" in out
+    err = str(sweep_jobs.failures(failed, to_log=True))
+    assert f"run2 (exit 3, log {tmp_path / 'run2' / 'train.log'})" in err and "repeat the command" in err
+
+
+def test_each_job_gets_its_share_of_the_cores_or_gpus_of_its_own(monkeypatch):
+    monkeypatch.setattr(sweep_jobs, "cores", lambda: 8)
+    assert sweep_jobs.cpu_slots(1, 1, {}) == [{}]  # one run alone: torch's default, as python train.py
+    assert [s["OMP_NUM_THREADS"] for s in sweep_jobs.cpu_slots(2, 1, {})] == ["4", "4"]
+    assert [s["OMP_NUM_THREADS"] for s in sweep_jobs.cpu_slots(2, 2, {})] == ["2", "2"]  # per rank under torchrun
+    assert [s["OMP_NUM_THREADS"] for s in sweep_jobs.cpu_slots(16, 1, {})] == ["1"] * 16  # never fewer than one
+    assert [s["OMP_NUM_THREADS"] for s in sweep_jobs.cpu_slots(2, 1, {"OMP_NUM_THREADS": "3"})] == ["3", "3"]  # the user's
+    assert sweep_jobs.gpu_slots(2, 2, list("0123")) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    assert sweep_jobs.slots("cuda", 1, 1) == [{}]
+    assert sweep_jobs.visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5"}) == ["4", "5"]
+    with pytest.raises(ValueError, match=r"--jobs=3 with --nproc=2 needs 6 GPUs; there are 4 \(0,1,2,3\)"):
+        sweep_jobs.gpu_slots(3, 2, list("0123"))
+    with pytest.raises(ValueError, match="--gpus=0,1: the runs train on cpu"):
+        sweep_jobs.slots("cpu", 2, 1, ["0", "1"])
+
+
+def test_progress_counts_runs_and_estimates_the_time_left_from_planned_flops(tmp_path):
+    def job(name, C, iters, step):
+        (tmp_path / name).mkdir()
+        if step:
+            (tmp_path / name / "log.jsonl").write_text(json.dumps({"kind": "train", "step": step}) + "\n")
+        return sweep_jobs.Job("[1/3]", name, tmp_path / name, [], C, iters)
+    a, b, c = job("a", 2e12, 100, 0), job("b", 4e12, 100, 50), job("c", 2e12, 10, 0)  # b resumes at half way
+    p = sweep_jobs.Progress([a, b, c], live=False)
+    assert p.total == pytest.approx(2e12 + 2e12 + 2e12)  # b's done half is no work of this sweep's
+    p.done.add("a")
+    (tmp_path / "b" / "log.jsonl").write_text(json.dumps({"kind": "train", "step": 75}) + "\n")  # 1e12 more
+    p.t0 -= 90
+    share, text = p.line(["b"])
+    assert share == pytest.approx(0.5)
+    assert text.startswith("sweep: 1 done, 1 running, 1 to start; 50 % of its FLOPs in 1 min 30 s, about 1 min 30 s left")
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, tiny_data, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    held = rundir.Lock(out, "--out").acquire()
+    try:
+        err = refused(sweep.main, ["run", str(micro(tmp_path, data=tiny_data)), f"--out={out}"], capsys)
+    finally:
+        held.release()
+    assert f"{out} is in use by process {os.getpid()}" in err and "use another --out" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing planned, nothing run
+
+
+@pytest.mark.slow
+def test_packed_runs_stop_on_sigterm_resume_and_match_runs_trained_alone(tmp_path, tiny_data):
+    # --jobs=2 on one thread each, stopped by SIGTERM once both first runs have a checkpoint, then resumed by
+    # the same command; against the same sweep run one at a time on one thread: the same bits
+    path, env = micro(tmp_path, data=tiny_data), {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = sweep_plan.planned(path)[1]
+    cmd = [sys.executable, str(ROOT / "sweep.py"), "run", str(path), f"--out={tmp_path / 'packed'}", "--jobs=2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(2400):
+        if all((tmp_path / "packed" / r.name / "ckpt.pt").exists() for r in runs[:2]) or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines() == [
+        "sweep.py: stopped by SIGTERM; the runs that finished are kept, and the same command resumes the rest"], err
+    for r in runs[:2]:
+        rundir.Lock(tmp_path / "packed" / r.name).acquire().release()  # its train.py has ended
+        assert "train.py: stopped by SIGTERM" in (tmp_path / "packed" / r.name / sweep_jobs.LOG).read_text()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    alone = subprocess.run([*cmd[:4], f"--out={tmp_path / 'alone'}"], env=env, capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    for r in runs:
+        packed, single = (json.loads((tmp_path / d / r.name / "summary.json").read_text()) for d in ("packed", "alone"))
+        assert packed["final"] == single["final"] and packed["threads"] == single["threads"] == [1]
+        a, b = (torch.load(tmp_path / d / r.name / "ckpt.pt", weights_only=False)["model"] for d in ("packed", "alone"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_packed_runs_of_two_ranks_each_get_their_own_rendezvous(tmp_path, tiny_data):
+    # two torchrun jobs at once on gloo (--standalone binds a free port each): both train, on two ranks each
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "run", str(micro(tmp_path, data=tiny_data)),
+                        f"--out={tmp_path / 'out'}", "--jobs=2", "--nproc=2", "--only=0,1"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("dense-C", "dense-2C"):
+        summary = json.loads((tmp_path / "out" / name / "summary.json").read_text())
+        assert summary["finished"] and summary["world"] == 2 and summary["threads"] == [1]

@@ -43,6 +43,18 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_summary_names_the_thread_counts_a_run_trained_on(tiny_run, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert train.train(tiny_run("r", "--stop_at=3"))["threads"] == [1]
+        torch.set_num_threads(2)  # resumed on another count: its bits now differ from a run on one count throughout
+        assert train.train(tiny_run("r") + ["--resume"])["threads"] == [1, 2]
+    finally:
+        torch.set_num_threads(before)
+    assert "trained on 1 CPU thread(s), this process has 2" in capsys.readouterr().err
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tiny_run, tmp_path):
     train.train(tiny_run("ref"))
     train.train(tiny_run("killed", "--stop_at=6"))
