@@ -8,6 +8,7 @@ table with its rule. No torch, no scipy: the t and F distributions are computed 
 
     python dev/ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
         [--dense sweep-ladder-04=runs/sweep-ladder-04-dense0.5]   # a rung's dense runs from another folder
+        [--arm sweep-regime-lr0.5=runs/sweep-regime:moe-ra14.0-E76-K4-De24]   # and one arm's
         [--split val --split milton]                              # default: every split all the rungs have
     python dev/ladder_report.py lr-check 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04 2=runs/sweep-ladder-04-lr2
 
@@ -62,21 +63,21 @@ def load_rung(path):
     return [r for r in rows if r["run"] not in unfinished]
 
 
-def with_dense_from(rows, folder, name, planned=None):
-    """The rung's MoE runs with the dense runs of another sweep folder (the same plans at another learning
-    rate, as the ladder's learning-rate check may choose): each must match a dense run of the rung in arm,
-    seed, N, C and D, and every dense run of the rung must be there. The rung's dense runs are those of its
-    plan (`planned`: the rows of its plan.json) when it has one, so that they need not have been trained."""
-    ours = {(r["arm"], r["seed"]): r for r in (planned or rows) if r["kind"] == "dense"}
-    theirs = [r for r in load_rung(folder) if r["kind"] == "dense"]
+def with_runs_from(rows, folder, flag, pick, planned=None):
+    """The rung's runs, those that `pick` selects taken from another sweep folder instead (the same plans at
+    another learning rate, as a learning-rate check may choose): each must match a run of the rung in arm,
+    seed, N, C and D, and every such run of the rung must be there. The rung's runs are those of its plan
+    (`planned`: the rows of its plan.json) when it has one, so that they need not have been trained there."""
+    ours = {(r["arm"], r["seed"]): r for r in (planned or rows) if pick(r)}
+    theirs = [r for r in load_rung(folder) if pick(r)]
     found = {(r["arm"], r["seed"]) for r in theirs}
     for r in theirs:
         mine = ours.get((r["arm"], r["seed"]))
         if mine is None or any(mine[k] != r[k] for k in ("N", "C", "D")):
-            raise ValueError(f"--dense {name}={folder}: {r['run']} is no dense run of {name} (arm, seed, N, C, D)")
-    if set(ours) - found:
-        raise ValueError(f"--dense {name}={folder}: lacks {', '.join(f'{a} seed {s}' for a, s in sorted(set(ours) - found))}")
-    return [r for r in rows if r["kind"] != "dense"] + theirs
+            raise ValueError(f"{flag}: {r['run']} is no run of the rung's plan (arm, seed, N, C, D)")
+    if not ours or set(ours) - found:
+        raise ValueError(f"{flag}: lacks {', '.join(f'{a} seed {s}' for a, s in sorted(set(ours) - found)) or 'every run'}")
+    return [r for r in rows if not pick(r)] + theirs
 
 
 def _number(v):
@@ -467,6 +468,9 @@ def parser():
     r.add_argument("--dense", action="append", default=[], metavar="RUNG=FOLDER",
                    help="take the dense runs of RUNG (its folder's name) from FOLDER, e.g. "
                         "sweep-ladder-04=runs/sweep-ladder-04-dense0.5")
+    r.add_argument("--arm", action="append", default=[], metavar="RUNG=FOLDER:ARM",
+                   help="take the runs of one arm of RUNG from FOLDER, e.g. "
+                        "sweep-regime-lr0.5=runs/sweep-regime:moe-ra14.0-E76-K4-De24")
     c = sub.add_parser("lr-check", allow_abbrev=False, help="the learning-rate check of one rung, and the rule")
     c.add_argument("folders", nargs="+", metavar="MULT=FOLDER", help="e.g. 0.5=runs/sweep-ladder-04-lr0.5 1=runs/sweep-ladder-04")
     c.add_argument("--split", default="val")
@@ -497,17 +501,21 @@ def main(argv=None):
         names = [name for name, _, _ in loaded]
         if len(set(names)) < len(names):
             raise ValueError(f"two rungs of one name ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
-        dense_from = {}
-        for item in a.dense:
-            name, sep, folder = item.partition("=")
-            if not sep or not folder or name not in names:
-                raise ValueError(f"--dense {item!r}: expected RUNG=FOLDER, RUNG the name of one of the rungs given")
-            dense_from[name] = folder
+        taken = []  # (rung, folder, which runs, the flag as given)
+        for flag, items in (("--dense", a.dense), ("--arm", a.arm)):
+            for item in items:
+                name, sep, folder = item.partition("=")
+                folder, colon, arm = folder.rpartition(":") if flag == "--arm" else (folder, ":", None)
+                if not sep or not folder or not colon or arm == "" or name not in names:
+                    raise ValueError(f"{flag} {item!r}: expected RUNG=FOLDER{':ARM' if arm is not None else ''}, RUNG the "
+                                     f"name of one of the rungs given")
+                pick = (lambda r: r["kind"] == "dense") if arm is None else (lambda r, arm=arm: r["arm"] == arm)
+                taken.append((name, folder, pick, f"{flag} {item}"))
         merged = []
         for name, rows, p in loaded:
-            if name in dense_from:
-                planned = sweep_report.read_plan(Path(p) / "plan.json") if Path(p).is_dir() else None
-                rows = with_dense_from(rows, dense_from[name], name, planned)
+            planned = sweep_report.read_plan(Path(p) / "plan.json") if Path(p).is_dir() else None
+            for _, folder, pick, flag in (t for t in taken if t[0] == name):
+                rows = with_runs_from(rows, folder, flag, pick, planned)
             merged.append((name, rows))
         splits = a.split or common_splits([rows for _, rows in merged])
         if not splits:

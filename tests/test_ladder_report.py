@@ -289,14 +289,14 @@ def test_a_rungs_dense_runs_come_from_another_folder_of_the_same_plans(tmp_path,
     main = write_rung(tmp_path / "sweep-z" / "report.csv", rows)
     half = [{**r, "bpc_val": r["bpc_val"] - 0.2} for r in rows if r["kind"] == "dense"]
     other = write_rung(tmp_path / "sweep-z-dense0.5" / "report.csv", half)
-    merged = lr.with_dense_from(lr.load_rung(main), other, "sweep-z")
+    merged = lr.with_runs_from(lr.load_rung(main), other, "--dense", lambda r: r["kind"] == "dense")
     assert lr.summarise("z", merged)["dense_C"] == pytest.approx(2.8)
     assert sorted(r["run"] for r in merged) == sorted(r["run"] for r in rows)
     lr.main(["report", str(main), f"--dense=sweep-z={other}"])
     assert "2.8" in capsys.readouterr().out
     short = write_rung(tmp_path / "short" / "report.csv", [r for r in half if r["seed"] != 3])
     wrong = write_rung(tmp_path / "wrong" / "report.csv", [{**r, "D": r["D"] + 1} for r in half])
-    for folder, says in ((short, "lacks dense-2C seed 3"), (wrong, "is no dense run of sweep-z")):
+    for folder, says in ((short, "lacks dense-2C seed 3"), (wrong, "is no run of the rung's plan")):
         with pytest.raises(SystemExit) as e:
             lr.main(["report", str(main), f"--dense=sweep-z={folder}"])
         assert e.value.code == 2 and says in capsys.readouterr().err
@@ -351,6 +351,17 @@ def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(ti
         shutil.rmtree(d)
     lr.main(["report", str(main), f"--dense=sweep-m={other}"])
     assert "| dense-C | 100 % | 3.0000 ± 0.0000" in capsys.readouterr().out
+    # one arm from another folder, as a learning-rate block may choose: its numbers, and only its, change
+    arm = "moe-ra41.3-E45-K3-De8"
+    for d in other.glob(f"{arm}-s*"):
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "final": {"bpc_val": 1.5}}))
+    lr.main(["report", str(main), f"--dense=sweep-m={other}", f"--arm=sweep-m={other}:{arm}"])
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| moe-")}
+    assert "1.5000** ± 0.0000" in rows[arm] and "1.5000" not in rows["moe-ra49.6-E42-K6-De8"]
+    with pytest.raises(SystemExit) as e:
+        lr.main(["report", str(main), f"--dense=sweep-m={other}", f"--arm=sweep-m={other}:moe-none"])
+    assert e.value.code == 2 and "lacks every run" in capsys.readouterr().err
     shutil.rmtree(other / "dense-2C-s2")
     with pytest.raises(SystemExit) as e:
         lr.main(["report", str(main), f"--dense=sweep-m={other}"])
