@@ -31,14 +31,15 @@ MAX_JOBS = 4096  # runs at once
 
 def run_sweep(path, out, nproc=1, only=None, allow_unequal=False, jobs=1, gpus=None):
     """Run every planned run that has not finished (resuming the started ones), `jobs` at a time, with the
-    sweep's folder locked. With reuse_at = ["best"], the reuse arms join the plan once the no-reuse arms
+    sweep's folder locked: alone, or with `--only` beside other `--only` processes, each run folder under
+    its train.py's own lock. With reuse_at = ["best"], the reuse arms join the plan once the no-reuse arms
     have all finished: a second pass runs them."""
     if nproc < 1 or jobs < 1:
         raise ValueError(f"--nproc={nproc}, --jobs={jobs}: expected processes per run and runs at once >= 1")
     out = Path(out)
     if out.is_file():
         raise ValueError(f"--out={out} is a file: expected a folder for the sweep's runs")
-    done, lock = set(), rundir.Lock(out, "--out")
+    done, lock = set(), rundir.Lock(out, "--out", shared=only is not None)  # --only: one of many (a Slurm array)
     try:
         while True:
             sweep, runs, train_over = sweep_plan.planned(path, allow_unequal, nproc, out)
@@ -54,7 +55,7 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False, jobs=1, gpus=N
             setups = sweep_plan.check_runs(runs, sweep, train_over, nproc, out, device, prepare=True)
             if lock.fd is None:
                 out.mkdir(parents=True, exist_ok=True)
-                lock.acquire()  # one sweep process per folder, from here to its end
+                lock.acquire()  # one sweep process per folder (or --only ones), from here to its end
             sweep_plan.check_existing(runs, setups, out)
             safe_io.write_text(out / "plan.json", json.dumps(sweep_plan.plan_json(runs), indent=1))
             run_all(todo, len(runs), sweep, train_over, out, nproc, slots)

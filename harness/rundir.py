@@ -55,12 +55,15 @@ def one_line(e, limit=300):
 
 # ----------------------------------------------------------------------------- one writer
 class Lock:
-    """An exclusive lock on a run directory or a sweep's folder (flock on .lock, released by the kernel if the holder dies).
-    The file names its holder; a holder that died without releasing it is reported when it is taken over."""
+    """A lock on a run directory or a sweep's folder (flock on .lock, released by the kernel if the holder
+    dies). Exclusive: one writer, whom the file names; a holder that died without releasing it is reported
+    when it is taken over. Shared (`sweep.py run --only`, as a Slurm array runs it): many holders, each
+    working in a run folder of its own under that run's own lock, and no exclusive holder meanwhile."""
 
-    def __init__(self, out_dir, flag="--out_dir"):
+    def __init__(self, out_dir, flag="--out_dir", shared=False):
         self.path = Path(out_dir) / ".lock"
         self.flag = flag  # the command line's name for the folder, for the refusal
+        self.shared = shared
         self.fd = None
 
     def acquire(self):
@@ -73,15 +76,17 @@ class Lock:
         if problem:
             os.close(self.fd)
             self.fd = None
-            raise RunDirError(f"{self.path} is {problem}: a run's lock is a file of its own; move it away by hand")
+            raise RunDirError(f"{self.path} is {problem}: a lock is a file of its own; move it away by hand")
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             holder = self._read()
             os.close(self.fd)
             self.fd = None
             raise RunDirError(f"{self.path.parent} is in use by {holder or 'another process'}: a second writer would "
                               f"interleave its files; wait for it to end, or use another {self.flag}") from None
+        if self.shared:
+            return self  # the file names an exclusive holder only
         stale = self._read()
         if stale:
             warn(f"{self.path.parent}: the last writer ({stale}) ended without releasing its lock; taking it over")
@@ -95,7 +100,8 @@ class Lock:
 
     def release(self):
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # an empty file: released cleanly
+            if not self.shared:
+                os.ftruncate(self.fd, 0)  # an empty file: released cleanly
             os.close(self.fd)
             self.fd = None
 

@@ -401,6 +401,20 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, tiny_data, capsy
         held.release()
     assert f"{out} is in use by process {os.getpid()}" in err and "use another --out" in err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing planned, nothing run
+    # --only processes (a Slurm array's tasks) share the folder, each run under its own lock, but never with a
+    # whole sweep: it would start their runs a second time
+    one, two = (rundir.Lock(out, "--out", shared=True).acquire() for _ in range(2))
+    try:
+        err = refused(sweep.main, ["run", str(micro(tmp_path, data=tiny_data)), f"--out={out}"], capsys)
+        assert f"{out} is in use by another process" in err
+    finally:
+        one.release(), two.release()
+    held = rundir.Lock(out, "--out").acquire()
+    try:
+        err = refused(sweep.main, ["run", str(micro(tmp_path, data=tiny_data)), f"--out={out}", "--only=1"], capsys)
+    finally:
+        held.release()
+    assert f"{out} is in use by process {os.getpid()}" in err
 
 
 @pytest.mark.slow
