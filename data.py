@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import tarfile
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -229,11 +229,13 @@ FORMAT = 3  # 3: every token file's sha256 in meta.json; the training split's do
 MIN_TOKENS = 2  # a split must hold at least one token and the one it predicts
 
 
-def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED):
+def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED,
+            tallies=None):
     """Write every split of {name: iterable of pieces} and meta.json into a new folder beside out_dir,
     then put it in out_dir's place in one step (safe_io.replace_folder): a failure or a kill at any point
     leaves out_dir as it was. The training split's documents are shuffled (seeded); validation splits
-    keep their order."""
+    keep their order. tallies ({split: Counter}, filled as the pieces are read) give each split's count of the
+    empty documents that were dropped."""
     tok = get_tokenizer(tokenizer_name)
     workers = workers or min(8, os.cpu_count() or 1)
     out = Path(out_dir).absolute()
@@ -245,10 +247,14 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
         for split, documents in splits.items():
             seed = shuffle_seed if split == "train" else None
             meta["splits"][split] = s = write_split(new, split, documents, tok, workers, shuffle_seed=seed)
+            if tallies is not None:
+                s["empty_documents"] = tallies[split]["empty"]
             if s["tokens"] < MIN_TOKENS:
                 raise ValueError(f"the {split} split holds {s['tokens']} token(s) of text: expected at least {MIN_TOKENS} "
                                  f"(a token and the one it predicts); give it non-empty documents")
-            print(f"{Path(out_dir) / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, {s['documents']} documents")
+            empty = f" ({s['empty_documents']:,} empty ones dropped)" if s.get("empty_documents") else ""
+            print(f"{Path(out_dir) / s['file']}: {s['tokens']:,} tokens, {s['chars']:,} characters, "
+                  f"{s['documents']:,} documents{empty}")
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
         with interrupts.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
             safe_io.replace_folder(new, out)
@@ -302,11 +308,16 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
             raise ValueError(f"{source_flag(s)}{s['path']} holds the same bytes as {source_flag(first)}{first['path']}: "
                              f"each source once, and a validation set of text the model does not train on")
 
-    def docs(paths):
+    tallies = {split: Counter() for split in groups}  # documents kept and empty ones dropped, per split
+
+    def docs(split, paths):
         for p in paths:
-            yield from read_documents(p, text_field)
-    return prepare(out_dir, {split: docs(ps) for split, ps in groups.items()}, tokenizer_name, workers, sources,
-                   shuffle_seed)
+            try:
+                yield from read_documents(p, text_field, tallies[split])
+            except ValueError as e:  # the file is named: the flag that gave it is named too
+                raise ValueError(f"{source_flag({'split': split})}{e}") from None
+    return prepare(out_dir, {split: docs(split, ps) for split, ps in groups.items()}, tokenizer_name, workers, sources,
+                   shuffle_seed, tallies)
 
 
 # ----------------------------------------------------------------------------- the default corpus
@@ -635,8 +646,8 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
     p.add_argument("--train", nargs="+", action="extend",
-                   help="training text: files, folders, globs of .txt, .md, .jsonl, .parquet, and .gz or .zst of text "
-                        "or JSON lines (default: Shakespeare); repeatable")
+                   help="training text: files, folders, globs of .txt, .md, .json, .jsonl, .parquet, and .gz or .zst of "
+                        "text or JSON (default: Shakespeare); repeatable")
     p.add_argument("--val", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="a validation set (repeatable); NAME defaults to val, val2, …")
     p.add_argument("--out", help="output folder (default data/shakespeare-<tokenizer>)")

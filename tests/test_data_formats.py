@@ -74,7 +74,7 @@ def test_several_frames_and_members_are_read_whole(tmp_path):
     (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(halves[0]) + gzip.compress(halves[1]))
     (tmp_path / "m.jsonl").write_bytes(halves[0] + halves[1])
     want = list(sources.read_documents(tmp_path / "m.jsonl"))
-    assert len(want) == len(DOCS)
+    assert len(want) == len(DOCS) - 1  # the empty document is dropped
     assert list(sources.read_documents(tmp_path / "m.jsonl.zst")) == want
     assert list(sources.read_documents(tmp_path / "m.jsonl.gz")) == want
 
@@ -82,7 +82,7 @@ def test_several_frames_and_members_are_read_whole(tmp_path):
 def test_a_folder_of_every_kind_mixed_with_the_plain_ones(tmp_path):
     src = write_kinds(tmp_path / "src")
     (src / "notes.md").write_text("# notes\n" + make_text(7, 200))
-    (src / "skip.csv").write_text("a,b\n")  # no kind data.py reads: a folder leaves it out
+    (src / "skip.csv").write_text("a,b\n")  # no kind data.py reads: a folder leaves it out, and names it
     files = [p.name for p in sources.expand_sources([str(src)])]
     assert files == ["d.json.gz", "d.jsonl", "d.jsonl.gz", "d.jsonl.zst", "d.parquet", "notes.md"]
     assert [p.name for p in sources.expand_sources([str(src / "*.parquet"), str(src / "d.j*")])] == \
@@ -94,7 +94,8 @@ def test_a_folder_of_every_kind_mixed_with_the_plain_ones(tmp_path):
     meta = data.prepare_files(tmp_path / "o", [str(src / "d.parquet")], {"val": [str(src / "d.jsonl.zst")]}, "byte",
                               workers=1)
     assert [s["path"].rsplit("/", 1)[1] for s in meta["sources"]] == ["d.parquet", "d.jsonl.zst"]
-    assert meta["splits"]["val"]["documents"] == meta["splits"]["train"]["documents"] == len(DOCS)
+    assert meta["splits"]["val"]["documents"] == meta["splits"]["train"]["documents"] == len(DOCS) - 1  # "" dropped
+    assert meta["splits"]["val"]["empty_documents"] == meta["splits"]["train"]["empty_documents"] == 1
 
 
 def test_the_text_column_is_chosen_with_text_field(tmp_path):
@@ -159,7 +160,7 @@ def test_a_kind_whose_package_is_missing_is_refused_before_any_work(tmp_path, mo
 def test_compressed_files_of_no_known_kind_are_refused(tmp_path, capsys):
     (tmp_path / "t.csv.gz").write_bytes(gzip.compress(b"a,b\n"))
     err = refused(data.main, ["--train", str(tmp_path / "t.csv.gz"), "--out", str(tmp_path / "o")], capsys)
-    assert "t.csv.gz' is compressed text of no kind data.py reads: expected .txt.gz, .txt.zst, .jsonl.gz" in err
+    assert "t.csv.gz' is an archive or compressed file of no kind data.py reads: expected .txt.gz, .txt.zst, " in err
 
 
 def documented_command(program):
