@@ -57,8 +57,10 @@ def slots(device_type, jobs, nproc, gpus=None):
     """The environment of each of the `jobs` children that train at once (one child per slot): GPUs of its
     own on CUDA, its share of the cores on CPU. One job with no --gpus changes nothing: the child sees
     what the sweep sees, as `python train.py` would."""
-    if device_type == "cuda":
-        return [{}] if jobs == 1 and gpus is None else gpu_slots(jobs, nproc, gpus or visible_gpus())
+    if device_type == "cuda":  # the host's cores are shared out too: each rank's loader and Python run there
+        if jobs == 1 and gpus is None:
+            return [{}]
+        return [{**c, **g} for c, g in zip(cpu_slots(jobs, nproc), gpu_slots(jobs, nproc, gpus or visible_gpus()))]
     if gpus is not None:
         raise ValueError(f"--gpus={','.join(gpus)}: the runs train on {device_type}, not on GPUs (train.device)")
     return cpu_slots(jobs, nproc)
@@ -162,7 +164,7 @@ class Progress:
         self.work = {j.name: j.C * (1 - min(steps_done(j.run_dir), j.iters) / j.iters) for j in jobs}
         self.jobs, self.total, self.t0 = {j.name: j for j in jobs}, sum(self.work.values()) or 1.0, time.monotonic()
         self.done, self.failed = set(), set()
-        self.bar = tqdm(total=1000, bar_format="{desc}|{bar}| {postfix}", disable=not live, dynamic_ncols=True)
+        self.bar = tqdm(total=1000, bar_format="|{bar:24}| {desc}", disable=not live)
 
     def share_done(self, running):
         """The share of the sweep's work done: the runs that ended, and each running run's steps since it started."""
@@ -185,7 +187,7 @@ class Progress:
         share, text = self.line(running)
         if not self.bar.disable:
             self.bar.n = round(1000 * share)
-            self.bar.set_postfix_str(text.removeprefix("sweep: "), refresh=False)
+            self.bar.set_description_str(text.removeprefix("sweep: "), refresh=False)
             self.bar.refresh()
         if event:
             (tqdm.write if not self.bar.disable else print)(event + ("" if not self.bar.disable else f"\n  {text}"))

@@ -367,6 +367,9 @@ def test_each_job_gets_its_share_of_the_cores_or_gpus_of_its_own(monkeypatch):
     assert [s["OMP_NUM_THREADS"] for s in sweep_jobs.cpu_slots(2, 1, {"OMP_NUM_THREADS": "3"})] == ["3", "3"]  # the user's
     assert sweep_jobs.gpu_slots(2, 2, list("0123")) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     assert sweep_jobs.slots("cuda", 1, 1) == [{}]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the tests' own 1
+    assert sweep_jobs.slots("cuda", 2, 1, ["6", "7"]) == [{"CUDA_VISIBLE_DEVICES": g, "OMP_NUM_THREADS": "4",
+                                                          "MKL_NUM_THREADS": "4"} for g in "67"]
     assert sweep_jobs.visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5"}) == ["4", "5"]
     with pytest.raises(ValueError, match=r"--jobs=3 with --nproc=2 needs 6 GPUs; there are 4 \(0,1,2,3\)"):
         sweep_jobs.gpu_slots(3, 2, list("0123"))
