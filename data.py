@@ -16,6 +16,7 @@ distribution, as the paper validates on data unlike its training data.
 """
 import argparse
 import array
+import errno
 import glob
 import hashlib
 import json
@@ -32,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import helptext
 from harness import rundir
 from harness import safe_io
 if __name__ == "__main__":
@@ -258,8 +260,12 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
         with interrupts.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
             safe_io.replace_folder(new, out)
-    except BaseException:
+    except BaseException as e:
+        written = sum(f.stat().st_size for f in new.rglob("*") if f.is_file())
         shutil.rmtree(new, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # named, with the sizes
+            raise safe_io.RunDirError(f"{out}: the disk is full (more than the {written:,} bytes written when it ran out "
+                                      f"needed, {shutil.disk_usage(out.parent).free:,} free); {out} is as it was") from None
         raise
     if came:
         stop = interrupts.Interrupted(came[0])
@@ -551,6 +557,13 @@ def changed_data(saved, meta, data_dir):
     return diff
 
 
+def moved_note(then, now):
+    """One line for data that changed_data found to be the run's, when it lies under another path now."""
+    if then is None or Path(then).resolve() == Path(now).resolve():
+        return None
+    return f"data: {now} holds the data the run trained on in {then} (the sha256 of every split matches): going on with it"
+
+
 # ----------------------------------------------------------------------------- windows
 # The windows of S+1 tokens that training and evaluation read from a token file: the training order over
 # epochs (Loader, how D̂ unique tokens are kept), the evaluation windows, and bits per character.
@@ -622,6 +635,16 @@ class Loader:
         self.consumed = state["consumed"]
 
 
+def too_short(data_dir, meta, splits, S):
+    """The first split of {name: tokens} that holds less than one evaluation window of S+1 tokens, said in
+    words (train.py and evaluate.py refuse it, each with its remedy); None when every split has one."""
+    for name, tokens in splits.items():
+        if len(tokens) < S + 1:
+            return (f"{Path(data_dir) / meta['splits'][name]['file']} (split {name!r}) holds {len(tokens):,} tokens, "
+                    f"fewer than one evaluation window of S+1 = {S + 1} (model.S={S})")
+    return None
+
+
 def eval_windows(tokens, S, max_tokens=0, rank=0, world=1):
     """Non-overlapping windows over the first max_tokens tokens (all when 0): each token after the
     first is predicted exactly once. This rank's share: windows rank, rank + world, …"""
@@ -642,8 +665,8 @@ MAX_WORKERS = 256
 
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = helptext.Parser(prog="data.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", default="byte", help="byte, gpt2, cl100k_base, o200k_base, … (default byte)")
     p.add_argument("--train", nargs="+", action="extend",
                    help="training text: files, folders, globs of .txt, .md, .json, .jsonl, .parquet, and .gz or .zst of "
@@ -667,8 +690,8 @@ def main(argv=None):
         p.error(f"--workers={a.workers}: expected 0 (cores, at most 8) or up to {MAX_WORKERS} processes")
     if not 0 <= a.shuffle_seed < 2**63:
         p.error(f"--shuffle_seed={a.shuffle_seed}: expected an integer in 0..2^63-1")
-    if a.out is not None and not a.out.strip():
-        p.error("--out='': expected a folder to prepare the data into")
+    if a.out is not None and safe_io.path_problem(a.out):  # train.py's rule for train.data
+        p.error(f"--out={a.out!r}: expected a folder to prepare the data into (it is {safe_io.path_problem(a.out)})")
     if not a.text_field:
         p.error("--text_field='': expected the name of the field (JSON lines) or column (parquet) that holds the text")
     try:

@@ -7,7 +7,6 @@ The data must be tokenised as the run's was (the same tokenizer, within the mode
 numbers are those train.py logs: summed NLL in nats / (ln 2 · characters), over the first eval_tokens
 tokens of each split (0: all of it).
 """
-import argparse
 import itertools
 import json
 import math
@@ -88,6 +87,9 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
     if eval_tokens and eval_tokens < model.cfg.S + 1:
         raise ValueError(f"--eval_tokens={eval_tokens}: expected 0 (all of each split) or at least S+1 = {model.cfg.S + 1}")
     tokens = {s: data.open_split(data_dir, s, meta) for s in names}
+    short = data.too_short(data_dir, meta, tokens, model.cfg.S)
+    if short:
+        raise ValueError(f"{short}: give it more text, or leave it out with --splits")
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
     autocast = parallel.autocast_for(device, resolve_dtype(saved.get("dtype", "auto"), device.type))
     return evaluate_splits(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
@@ -95,7 +97,8 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
 
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    from harness import helptext
+    p = helptext.Parser(prog="evaluate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by train.py")
     p.add_argument("--data", help="a folder written by data.py (default: the run's own)")
     p.add_argument("--splits", help="comma-separated splits (default: every split but train)")

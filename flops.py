@@ -245,8 +245,8 @@ def format_summary(r):
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
     from harness import config, helptext, rundir
-    p = argparse.ArgumentParser(prog="flops.py", allow_abbrev=False,
-                                description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (docs/method.md §4-5).")
+    p = helptext.Parser(prog="flops.py", allow_abbrev=False,
+                        description="N, Na, r_a, M and StepLaw hyper-parameters for a dense or MoE GPT (docs/method.md §4-5).")
     p.add_argument("config", nargs="?", help="a TOML config whose [model] table holds the shape")
     for k in helptext.keys(__file__, "Shape"):  # each field's comment, as train.py --help shows it
         p.add_argument(f"--{k.name}", type=str if k.name == "scheme" else as_number(k.name, config), default=None,

@@ -3,7 +3,6 @@
     python sample.py out/default --prompt="ROMEO:" --tokens=300
     python sample.py out/default --samples=3 --temperature=0.8 --top_k=50 --seed=7
 """
-import argparse
 import math
 import sys
 
@@ -16,6 +15,7 @@ import torch
 import data
 
 from harness import checkpoint
+from harness import helptext
 from harness import parallel
 from harness import rundir
 
@@ -33,7 +33,7 @@ def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, s
 
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="sample.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p = helptext.Parser(prog="sample.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run directory written by train.py")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--tokens", type=int, default=300, help="tokens to sample after the prompt")

@@ -143,8 +143,8 @@ def parser():
     run) ends with the sweep file's keys."""
     raw = argparse.RawDescriptionHelpFormatter
     keys = keys_help()
-    p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                epilog=keys, formatter_class=raw)
+    p = helptext.Parser(prog="sweep.py", allow_abbrev=False, description="\n\n".join(__doc__.split("\n\n")[:2]),
+                        epilog=keys, formatter_class=raw)
     sub = p.add_subparsers(dest="cmd")
     q = sub.add_parser("plan", allow_abbrev=False, help="print the runs of a sweep", description="Print the runs of a "
                        "sweep: shapes, N, C, D, batch and lr, and whether resources are equal (docs/method.md §8).",

@@ -253,7 +253,9 @@ def resume_from(t):
             rundir.warn(f"{out}: the run stopped before its first checkpoint; starting it again from step 0")
         return 0, None
     form, path, state = got
-    checkpoint.check(state, path, setup.mcfg, setup.tcfg, setup.meta, setup.sched)
+    moved = checkpoint.check(state, path, setup.mcfg, setup.tcfg, setup.meta, setup.sched)
+    if moved and t.rank == 0:
+        print(moved)
     t.numbers["threads"] = threads_so_far(state.get("threads"), t.numbers["threads"], path, t.rank)
     return checkpoint.restore(form, path, state, s.model, s.optimizer, s.scaler, t.loader, t.device), path
 
@@ -422,6 +424,7 @@ def main(argv=None):
         return
     interrupts.stop_on_signals()
     try:
+        config.refuse_repeats(argv)  # --plan and --nproc too, which load_config never sees
         show_plan(argv) if "--plan" in argv else train(argv)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, damaged or missing files, a full disk
         print(f"train.py: error: {e}", file=sys.stderr)

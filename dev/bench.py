@@ -43,6 +43,7 @@ import flops
 import train
 
 from harness import config
+from harness import helptext
 from harness import logbook
 from harness import parallel
 from harness import preflight
@@ -569,7 +570,7 @@ def check_memory(a, device):
 
 def parser():
     """The command line (tests/test_every_input.py fuzzes each of its flags)."""
-    p = argparse.ArgumentParser(prog="bench.py", allow_abbrev=False)
+    p = helptext.Parser(prog="bench.py", allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
     g = sub.add_parser("gpu-check", allow_abbrev=False, help="the smoke test to run first on a new GPU box")
     e = sub.add_parser("expert", allow_abbrev=False, help="MoE FFN vs dense SwiGLU of equal active FLOPs")

@@ -312,13 +312,19 @@ def write(path, text):
     return len(data), hashlib.sha256(data).hexdigest()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="corpus.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    """The command line (tests/test_every_input.py walks its flags)."""
+    from harness import helptext
+    p = helptext.Parser(prog="corpus.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the folder to write the text files into (e.g. data/corpus-kjv-gcide)")
     p.add_argument("--debs", help="a folder with the .deb files (downloaded there with apt-get download when "
                                   "missing; default: <out>/debs)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     out = Path(a.out)
     try:
         debs = fetch(Path(a.debs) if a.debs else out / "debs")

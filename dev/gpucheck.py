@@ -7,7 +7,6 @@
 Exit code 0 when every check passes, 1 when one fails, 2 when it cannot start (no CUDA device here, a
 bad flag). It needs nothing of bench.py: bench.py imports it, never the other way round.
 """
-import argparse
 import contextlib
 import json
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's root, for python dev/gpucheck.py
 from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import helptext
 from harness import rundir
 if __name__ == "__main__":
     interrupts.quit_while_starting("gpucheck.py")
@@ -202,7 +202,7 @@ def gpu_check(a):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="gpucheck.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    p = helptext.Parser(prog="gpucheck.py", allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (the default), cuda:N, or cpu: what a CPU can")
     p.add_argument("--compile", type=rundir.true_or_false, default=True, help="also check torch.compile (default true)")
     p.add_argument("--json", help="also write the results to this JSON file")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's root, for python dev/ladder_report.py
+from harness import helptext
 from harness import rundir
 from harness import safe_io
 from harness import sweep_report
@@ -456,8 +457,8 @@ def rung_name(path):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="ladder_report.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = helptext.Parser(prog="ladder_report.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("report", allow_abbrev=False, help="tables, the fits, a CSV of every run, the figure")
     r.add_argument("rungs", nargs="+", help="sweep folders or report.csv files, one per rung, lowest D/N first; "

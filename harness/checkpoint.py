@@ -66,15 +66,18 @@ def read_manifest(folder):
 # ----------------------------------------------------------------------------- the check
 def check(state, path, mcfg, tcfg, meta, sched):
     """The one place a resume is checked: the checkpoint must continue the identical trajectory, with the
-    same model, trajectory keys, data and schedule, on any number of ranks (the schedule does not depend on it).
-    Anything else is refused, every difference named."""
+    same model, trajectory keys, data (by content) and schedule, on any number of ranks (the schedule does not
+    depend on it). Anything else is refused, every difference named. Returns a note when the data is the
+    run's by content under another path, else None."""
     saved = state["schedule"]
-    diff = config.changed_keys(state["config"], mcfg, tcfg, config.TRAJECTORY, then="checkpoint")
+    keys = [k for k in config.TRAJECTORY if k not in config.BY_CONTENT]
+    diff = config.changed_keys(state["config"], mcfg, tcfg, keys, then="checkpoint")
     diff += data.changed_data(state["data"], meta, tcfg.data)
     diff += [f"schedule {k}: checkpoint {saved.get(k)!r}, now {v!r} (the checkpoint ran on {state['world']} "
              f"rank(s))" for k, v in sched.trajectory().items() if saved.get(k) != v]
     if diff:
         raise ValueError(f"{path} is from another config:\n  " + "\n  ".join(diff))
+    return data.moved_note(state["config"]["train"].get("data"), tcfg.data)
 
 
 def looks_like_ours(path):
@@ -195,6 +198,16 @@ def read(out, rank, world):
     if problem:
         raise safe_io.RunDirError(f"{file} was not loaded: {problem} (not a checkpoint of this train.py)")
     return form, path, state
+
+
+def saved_config(out):
+    """(the {model, train} config the newest checkpoint in out holds, where it is), verified as a resume
+    verifies it; (None, None) when there is no checkpoint."""
+    got = read(out, 0, 1)
+    if got is None:
+        return None, None
+    _, path, state = got
+    return state["config"], f"{path} (step {state['step']})"
 
 
 def restore(form, path, state, model, optimizer, scaler, loader, device):

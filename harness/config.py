@@ -84,6 +84,9 @@ TRAJECTORY = ("data", "seed", "iters", "tokens", "compute", "unique_tokens", "ba
               "attention")
 # what shapes a finished run's results: a sweep reuses a finished run only when these (and [model]) are its plan's
 RESULT_KEYS = TRAJECTORY + ("eval_tokens",)
+# the data is known by its content (data.changed_data: the sha256 of every split), not by its path, wherever
+# a run recorded it: a folder moved or copied whole is the same data
+BY_CONTENT = ("data",)
 
 
 def parse_value(key, raw, typ):
@@ -136,10 +139,22 @@ def coerce(sec, key, v, where=""):
     return v
 
 
+def refuse_repeats(argv):
+    """A --key given twice on one command line (--lr=1 --lr=2: which one was meant?) is refused, naming both;
+    the flags of train.py go on top of its config file, never on top of each other."""
+    seen = {}
+    for arg in argv:
+        key = arg.partition("=")[0]
+        if key.startswith("--") and key in seen:
+            raise ValueError(f"{key} given twice ({seen[key]} and {arg}): give it once")
+        seen[key] = arg
+
+
 def load_config(argv):
     """(model values, TrainConfig, keys given, resume) from [config.toml] --key=value … [--resume].
     With --resume the base is the run's own config.toml (in --out_dir, or the config file's out_dir), and
     what is given goes on top: checkpoint.check then refuses what changes the trajectory."""
+    refuse_repeats(argv)
     resume = "--resume" in argv
     args = [a for a in argv if a != "--resume"]
     given = {name: {} for name in SECTIONS}
@@ -173,9 +188,17 @@ def resumed_values(given):
     """The run's saved config.toml with the given values on top. Whether they change its trajectory is
     checked in one place, against the checkpoint (checkpoint.check), which names every difference."""
     path = Path(given["train"].get("out_dir", TrainConfig.out_dir)) / "config.toml"
-    if not path.is_file():
-        return given  # no run there: train.py says so when it finds no checkpoint either
-    saved = {sec: {k: coerce(sec, k, v, f"{path}: ") for k, v in table.items()} for sec, table in read_toml(path).items()}
+    where = path
+    if path.is_file():
+        saved = read_toml(path)
+    else:  # a run whose config.toml is gone: its checkpoint holds the same config (torch is loaded for it)
+        from harness import checkpoint
+        saved, where = checkpoint.saved_config(path.parent)
+        if saved is None:
+            return given  # no run there: train.py says so
+        rundir.warn(f"{path} is missing: the run's config comes from its checkpoint {where}, and config.toml is "
+                    f"written again when the run goes on")
+    saved = {sec: {k: coerce(sec, k, v, f"{where}: ") for k, v in table.items()} for sec, table in saved.items()}
     for key in ("stop_at", "overwrite"):  # what one invocation asks for, not a setting of the run
         saved["train"].pop(key, None)
     return {sec: {**saved[sec], **given[sec]} for sec in SECTIONS}
@@ -244,6 +267,8 @@ def _check(name, v, ok, allowed):
 
 
 MOE_KEYS = ("E", "De", "Dse", "K")  # read only when the scheme has MoE layers
+# what only an MoE layer reads: on a dense model each must be left at its default, or it is refused
+MOE_ONLY = MOE_KEYS + ("norm_topk", "balance_coef", "router_z_coef", "expert_bias_rate")
 FFN_SCHEMES = ("dense", "1dense", "interleave")  # the schemes with a dense SwiGLU layer (Dffn)
 
 
@@ -256,6 +281,11 @@ def check_model(mvals):
     if m["scheme"] not in flops.SCHEMES:
         raise ValueError(f"scheme={m['scheme']!r} is unknown: expected one of {', '.join(flops.SCHEMES)}")
     moe = m["scheme"] != "dense"
+    for name in () if moe else MOE_ONLY:
+        default = getattr(ModelConfig, name)
+        if mvals.get(name, default) != default:
+            raise ValueError(f"{name}={mvals[name]!r} means nothing for scheme='dense' (it is read by MoE layers only): "
+                             f"expected it left out, or its default {default!r}")
     for name in ("L", "Dm", "H", "S", "Dh") + (("Dffn",) if m["scheme"] in FFN_SCHEMES else ()) + (MOE_KEYS if moe else ()):
         lo, hi, allowed = RANGES[name]
         if name == "K":
@@ -292,11 +322,13 @@ def _in_range(name, v, lo, hi, allowed, ok=lambda v: True):
 
 
 def shape_from_dict(d, where):
-    """A flops.Shape from a config table's [model] values, checked by the same rules and naming the file (where)
-    and the key on bad input; the keys that are no shape are ignored."""
-    names = {f.name for f in fields(flops.Shape)}
+    """A flops.Shape from a config table's [model] values, checked by train.py's rules (every key, the shape's
+    and the rest) and naming the file (where) and the key on bad input."""
     try:
-        return flops.Shape(**check_model({k: v for k, v in d.items() if k in names}))
+        unknown = [k for k in d if k not in {f.name for f in fields(ModelConfig)}]
+        if unknown:
+            raise ValueError(f"unknown config key model.{unknown[0]}")
+        return flops.Shape(**{k: v for k, v in check_model(d).items() if k in _SHAPE_KEYS})
     except ValueError as e:
         raise ValueError(f"{where}: {e}" if where else str(e)) from None
 
@@ -322,13 +354,13 @@ def check_train(t):
         _check(name, getattr(t, name), lambda v: v in choices, ", ".join(choices[:-1]) + " or " + choices[-1])
     _check("device", t.device, lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
            "auto, cpu, cuda or cuda:N")
-    _check("data", t.data, lambda v: v.strip(), "a prepared data folder")
+    _check("data", t.data, lambda v: not safe_io.path_problem(v),
+           f"a prepared data folder (it is {safe_io.path_problem(t.data)})")
     _check("wandb_project", t.wandb_project, lambda v: 0 < len(v) <= 128 and not set(v) & set("/\\#?%:"),
            "a W&B project name: 1 to 128 characters, none of / \\ # ? % :")
     for name in ("wandb_run_name", "wandb_group"):
         _check(name, getattr(t, name), lambda v: len(v) <= 128, "at most 128 characters")
-    _check("out_dir", t.out_dir, lambda v: v.strip() and not safe_io.folder_problem(v),
-           f"a folder (it is {safe_io.folder_problem(t.out_dir) if t.out_dir.strip() else 'empty'})")
+    _check("out_dir", t.out_dir, lambda v: not safe_io.path_problem(v), f"a folder (it is {safe_io.path_problem(t.out_dir)})")
     budgets = {k: getattr(t, k) for k in ("iters", "tokens", "compute") if getattr(t, k)}
     if len(budgets) != 1:
         raise ValueError(f"give exactly one budget of train.iters, train.tokens and train.compute (got {budgets or 'none'})")

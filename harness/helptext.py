@@ -12,6 +12,7 @@ The classes are read from their source files, never imported, so `train.py --hel
 loads. tests/test_help.py checks that every field of every config class has a line here, and that the
 names and defaults read equal the dataclasses' own.
 """
+import argparse
 import ast
 import io
 import json
@@ -154,3 +155,28 @@ def train_help(doc):
         "--plan [--nproc=N] prints the memory per rank and runs nothing.",
         table("[model]  (model.GPTConfig)", keys(*TRAIN_TABLES["model"])),
         table("[train]  (harness.config.TrainConfig)", keys(*TRAIN_TABLES["train"]))]) + "\n"
+
+
+class Parser(argparse.ArgumentParser):
+    """The command line of every program: an ArgumentParser that refuses a flag given twice (--lr=1 --lr=2:
+    which one was meant?), naming the flag and both values. (A positional of several values may repeat one:
+    `dev/bench.py versions A A` times a checkout against itself.) Flags meant to repeat (action="append" or "extend", such as data.py --val) stay repeatable. Its
+    subcommands are Parsers too (add_subparsers makes them of the parser's class)."""
+    REPEATABLE = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction,  # (and extend)
+                  argparse._HelpAction)  # -h -h: still the help
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = {}  # action -> the strings it was given, for this parse
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            del self._given
+
+    def _get_values(self, action, arg_strings):  # argparse calls this once for each argument it meets
+        name = action.option_strings[0] if action.option_strings else action.dest
+        if action.option_strings and not isinstance(action, self.REPEATABLE):
+            if action in self._given:
+                both = "" if action.nargs == 0 else f" ({self._given[action]!r} and {' '.join(arg_strings)!r})"
+                self.error(f"argument {name}: given twice{both}: give it once")
+            self._given[action] = " ".join(arg_strings)
+        return super()._get_values(action, arg_strings)

@@ -59,11 +59,9 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
     train_tokens = data.open_split(tcfg.data, "train", meta)
     data.Loader(train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)  # the windows, and unique_tokens, checked
     val_splits = {s: data.open_split(tcfg.data, s, meta) for s in meta["splits"] if s != "train"}
-    for name, tokens in val_splits.items():
-        if len(tokens) < mcfg.S + 1:
-            raise ValueError(f"{Path(tcfg.data) / meta['splits'][name]['file']} (split {name!r}) holds {len(tokens):,} "
-                             f"tokens, fewer than one evaluation window of S+1 = {mcfg.S + 1} (model.S={mcfg.S}): give "
-                             f"it more text, or train with a smaller S")
+    short = data.too_short(tcfg.data, meta, val_splits, mcfg.S)
+    if short:
+        raise ValueError(f"{short}: give it more text, or train with a smaller S")
     if device is not None:
         from harness import parallel  # torch: only a run on this machine needs it
         parallel.check_fits(mcfg, tcfg, sched, world, dtype, device, attention)

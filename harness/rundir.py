@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -64,27 +65,25 @@ class Lock:
         self.path = Path(out_dir) / ".lock"
         self.flag = flag  # the command line's name for the folder, for the refusal
         self.shared = shared
-        self.fd = None
+        self.fd, self.created = None, False
 
     def acquire(self):
         try:
             import fcntl
         except ImportError:  # not POSIX: no flock, so no lock is taken
             return self
-        self.fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT)
-        problem = own_file_problem(os.fstat(self.fd))
-        if problem:
-            os.close(self.fd)
-            self.fd = None
-            raise RunDirError(f"{self.path} is {problem}: a lock is a file of its own; move it away by hand")
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._read()
-            os.close(self.fd)
-            self.fd = None
-            raise RunDirError(f"{self.path.parent} is in use by {holder or 'another process'}: a second writer would "
-                              f"interleave its files; wait for it to end, or use another {self.flag}") from None
+        while True:
+            self.fd, self.created = self._open()
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError:
+                holder = self._read()
+                self._close()
+                raise RunDirError(f"{self.path.parent} is in use by {holder or 'another process'}: a second writer "
+                                  f"would interleave its files; wait for it to end, or use another {self.flag}") from None
+            if self._still_the_file():
+                break
+            self._close()  # its holder removed it as we locked it: lock the file that is there now
         if self.shared:
             return self  # the file names an exclusive holder only
         stale = self._read()
@@ -95,15 +94,43 @@ class Lock:
         os.fsync(self.fd)
         return self
 
+    def _open(self):
+        """(fd, whether this process created the file): a lock file of its own, never through a link."""
+        try:
+            fd, created = open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL), True
+        except FileExistsError:
+            fd, created = open_nofollow(self.path, os.O_RDWR), False
+        problem = own_file_problem(os.fstat(fd))
+        if problem:
+            os.close(fd)
+            raise RunDirError(f"{self.path} is {problem}: a lock is a file of its own; move it away by hand")
+        return fd, created
+
+    def _still_the_file(self):
+        try:
+            here, ours = os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _close(self):
+        os.close(self.fd)
+        self.fd = None
+
     def _read(self):
         return os.pread(self.fd, 200, 0).decode(errors="replace").strip()
 
     def release(self):
-        if self.fd is not None:
-            if not self.shared:
-                os.ftruncate(self.fd, 0)  # an empty file: released cleanly
-            os.close(self.fd)
-            self.fd = None
+        """Unlocked, and the lock file as it was: removed when this process made it (a refused command leaves
+        nothing behind), else emptied (released cleanly). A shared holder leaves the file to the others."""
+        if self.fd is None:
+            return
+        if not self.shared:
+            if self.created:
+                os.unlink(self.path)  # still locked: whoever opened it meanwhile finds it gone (_still_the_file)
+            else:
+                os.ftruncate(self.fd, 0)
+        self._close()
 
 
 def run_files(out_dir):
@@ -268,20 +295,35 @@ def checksum(obj, h=None):
     return h
 
 
-def tensor_bytes(obj):
+def saved_bytes(obj):
+    """At least the size of torch.save's file of obj: each tensor's bytes and RECORD for its entry in the
+    zip archive (header, name, alignment), and the pickle of everything else (what the pre-check needs)."""
     import torch
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return obj.numel() * obj.element_size() if isinstance(obj, torch.Tensor) else 0
+
+    def walk(x):  # (tensor bytes, tensors, x with its tensors taken out)
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size(), 1, None
+        if isinstance(x, dict):
+            parts = {k: walk(v) for k, v in x.items()}
+            return sum(b for b, _, _ in parts.values()), sum(n for _, n, _ in parts.values()), \
+                {k: rest for k, (_, _, rest) in parts.items()}
+        if isinstance(x, (list, tuple)):
+            parts = [walk(v) for v in x]
+            return sum(b for b, _, _ in parts), sum(n for _, n, _ in parts), [rest for _, _, rest in parts]
+        return 0, 0, x
+    nbytes, tensors, rest = walk(obj)
+    return nbytes + RECORD * tensors + len(pickle.dumps(rest)) + ARCHIVE
+
+
+RECORD = 512   # bytes a tensor's entry adds to torch.save's zip archive and pickle, at most (measured: 300-320)
+ARCHIVE = 4096  # the archive's own entries and directory (measured: about 1,300 bytes)
 
 
 def save_checkpoint(path, state):
     """Atomically, with the checksum of everything saved; refused before writing if the disk cannot hold it."""
     import torch
     state = {**state, "sha256": checksum(state).hexdigest()}
-    atomic_write(path, lambda f: torch.save(state, f), needed=tensor_bytes(state))
+    atomic_write(path, lambda f: torch.save(state, f), needed=saved_bytes(state))
 
 
 def read_checkpoint(path):

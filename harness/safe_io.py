@@ -80,6 +80,21 @@ def folder_problem(path):
     return None
 
 
+def path_problem(path):
+    """Why a folder's path, as given (data.py --out, train.data, train.out_dir), cannot name a folder, or None:
+    blank, not printable, not UTF-8, or a file where a folder would be. One rule, so that every folder data.py
+    prepares is one train.py reads."""
+    if not path.strip():
+        return "empty"
+    if not path.isprintable():
+        return f"not printable: it holds {next(c for c in path if not c.isprintable())!r}"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not UTF-8 (bytes of another encoding)"
+    return folder_problem(path)
+
+
 def read_bytes(path, follow=False):
     """A plain file's bytes (open_plain)."""
     with open_plain(path, follow) as f:
@@ -112,11 +127,16 @@ def atomic_write(path, write, needed=0):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, needed or None, shutil.disk_usage(path.parent).free) from None
-        raise
+        failed = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+        if not isinstance(failed, OSError):
+            raise
+        if failed.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, needed, shutil.disk_usage(path.parent).free) from None
+        raise RunDirError(f"{path}: could not be written ({failed.strerror or failed}"
+                          f"{', past the file-size limit (ulimit -f)' if failed.errno == errno.EFBIG else ''}); "
+                          f"the previous {path.name} is untouched") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -172,7 +192,9 @@ def check_replaceable(path, ours, what):
 
 
 def disk_full(path, needed, free):
-    need = f"{needed:,} bytes needed" if needed else "more bytes needed"
+    """The one line for a disk too full to write path: the bytes needed (an estimate, which a write that ran
+    out of space proved short when it is not above what is free) and the bytes free."""
+    need = f"{needed:,} bytes needed" if needed > free else "more bytes needed"
     return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); the previous {path.name} is untouched")
 
 

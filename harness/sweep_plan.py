@@ -185,15 +185,17 @@ def _arm(cfg, name, path, needs_mu):
     for k in table:
         if k not in BACKBONE:
             raise ValueError(f"{path}: unknown key {name}.{k} (expected {', '.join(BACKBONE)}, mu, lr_mult, batch_mult)")
-    if name == "dense":
-        table["scheme"] = "dense"
+    scheme = table.setdefault("scheme", "dense" if name == "dense" else flops.Shape.scheme)
+    if (scheme == "dense") != (name == "dense"):  # each arm is of its own kind
+        raise ValueError(f"{path}: {name}.scheme = {scheme!r} is not allowed: expected " + (
+            '"dense" (or no scheme)' if name == "dense" else f"an MoE layout, one of {', '.join(flops.SCHEMES[1:])}"))
     try:
         shape = flops.Shape(**config.check_model(table))
     except ValueError as e:
         raise ValueError(f"{path}: [{name}] {e}") from None
-    if needs_mu and not extra["mu"] * shape.Dm <= config.RANGES["De"][1]:
+    if needs_mu and not 1 <= extra["mu"] * shape.Dm <= config.RANGES["De"][1]:
         raise ValueError(f"{path}: moe.mu = {extra['mu']!r} makes a total expert width μ·Dm = {extra['mu'] * shape.Dm:.4g}: "
-                         f"expected at most {config.RANGES['De'][1]:,}")
+                         f"expected 1 to {config.RANGES['De'][1]:,}")
     return Arm(shape, **{k: float(v) for k, v in extra.items()})
 
 
@@ -216,7 +218,15 @@ def make_run(name, kind, reuse, shape, arm, C, sweep, world=1, micro_batch=0, bu
 
 
 def moe_shapes(sweep, moe, N_dense):
+    """The MoE shapes of the sweep, each of total expert width W = μ·Dm; one that cannot be built names moe.mu."""
     W = round(moe.mu * moe.shape.Dm)
+    try:
+        return _moe_shapes(sweep, moe, N_dense, W)
+    except ValueError as e:
+        raise ValueError(f"moe.mu = {moe.mu!r} (a total expert width μ·Dm = {W}): {e}") from None
+
+
+def _moe_shapes(sweep, moe, N_dense, W):
     if sweep.ra:
         return [flops.solve_moe(moe.shape, W, ra, sweep.include_router, sweep.De_multiple, sweep.E_pref,
                                 sweep.tolerance, N_ref=N_dense) for ra in sweep.ra]
@@ -420,11 +430,16 @@ def check_existing(runs, setups, out):
         if saved is None:
             continue
         setup = setups[run.name]
-        diff = config.changed_keys(saved, setup.mcfg, setup.tcfg, config.RESULT_KEYS, now="plan")
         summary = rundir.read_summary(folder / "summary.json")
-        if summary and setup.meta:
+        by_content = bool(summary and setup.meta)  # the data compared by its fingerprint, not by its path
+        keys = [k for k in config.RESULT_KEYS if not (by_content and k in config.BY_CONTENT)]
+        diff = config.changed_keys(saved, setup.mcfg, setup.tcfg, keys, now="plan")
+        if by_content:
             import data
             diff += data.changed_data(summary.get("data"), setup.meta, setup.tcfg.data)
+            moved = not diff and data.moved_note(saved.get("train", {}).get("data"), setup.tcfg.data)
+            if moved:
+                print(f"{folder}: {moved}")
         if diff:
             bad.append(f"{folder}: " + "; ".join(diff))
     if bad:

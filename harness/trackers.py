@@ -13,6 +13,7 @@ a run that asks for one that is missing is refused before any work (preflight.ch
 """
 import importlib.util
 import json
+import os
 import re
 import secrets
 import string
@@ -115,6 +116,9 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         folder = Path(out_dir) / "tb"
         safe_io.refuse_link(folder)
+        folder.mkdir(exist_ok=True)
+        if not os.access(folder, os.W_OK):  # else the writer's own thread would fail later, with a traceback
+            raise PermissionError(f"{folder} cannot be written")
         self.writer = SummaryWriter(str(folder), purge_step=step + 1)
 
     def log(self, step, values):

@@ -50,10 +50,20 @@ TINY_MODEL = ["--scheme=1dense", "--L=2", "--Dm=32", "--H=2", "--Dffn=64", "--E=
               "--S=32"]
 
 
+def on_top(base, extra):
+    """base with the flags of extra in place of its own (train.py refuses a flag given twice); with
+    --scheme=dense on top, without base's MoE-only keys (train.py refuses them on a dense model)."""
+    from harness.config import MOE_ONLY
+    given = {a.partition("=")[0] for a in extra}
+    if "--scheme=dense" in extra:
+        given |= {f"--{k}" for k in MOE_ONLY}
+    return [a for a in base if a.partition("=")[0] not in given] + list(extra)
+
+
 def tiny_run_argv(tiny_data, out, *extra):
     """argv for a 12-iteration run of a tiny MoE on the tiny corpus into out, logging every step."""
-    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=12", "--batch_seqs=4", "--warmup=3",
-                         "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
+    return on_top(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=12", "--batch_seqs=4", "--warmup=3",
+                                "--eval_interval=6", "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0"], extra)
 
 
 @pytest.fixture
@@ -116,8 +126,8 @@ def snapshot(folder):
 
 def tiny(tiny_data, out, *extra):
     """argv for a 6-iteration run of the tiny MoE into out, evaluated every 3 steps, without a sample."""
-    return TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
-                         "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0", *extra]
+    return on_top(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={out}", "--iters=6", "--batch_seqs=4", "--eval_interval=3",
+                                "--eval_tokens=1024", "--log_interval=1", "--sample_tokens=0"], extra)
 
 
 def refused(main, argv, capsys):

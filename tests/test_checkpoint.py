@@ -3,7 +3,11 @@ one (a torn or flipped ckpt.pt, a shard, a manifest) named and never loaded. Res
 test_train.py's and, sharded over ranks, test_parallel.py's."""
 import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from harness import rundir
 from harness import safe_io
 from tests.conftest import refused, snapshot, tiny
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
@@ -24,9 +30,29 @@ def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypat
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_fills)
-    with pytest.raises(safe_io.RunDirError, match=r"ckpt.pt: the disk is full \(12 bytes needed, [\d,]+ free\); the previous"):
+    with pytest.raises(safe_io.RunDirError, match=r"ckpt.pt: the disk is full \(more bytes needed, [\d,]+ free\); the "
+                                                  r"previous ckpt.pt is untouched"):  # the estimate fell short
         rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert rundir.read_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_the_free_space_estimate_is_never_short_of_the_file(finished):
+    state = torch.load(finished / "ckpt.pt", weights_only=True)  # a whole run's: weights, AdamW, RNG, config
+    for obj in (state, {"step": 1, "w": torch.ones(3)}, {"many": [torch.ones(1)] * 300}):
+        torch.save(obj, finished / "x.pt")
+        assert rundir.saved_bytes(obj) >= (finished / "x.pt").stat().st_size
+
+
+def test_a_write_past_the_file_size_limit_is_named_in_one_line(tiny_data, tmp_path):
+    import resource
+    limit = 100_000  # bytes: config.toml and the log fit, the tiny run's checkpoint (~0.5 MB) does not
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny(tiny_data, tmp_path / "r")], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: {tmp_path / 'r' / 'ckpt.pt'}: could not be written (File too large, past the file-size "
+        f"limit (ulimit -f)); the previous ckpt.pt is untouched") and "Traceback" not in r.stderr, r.stderr
+    assert not list((tmp_path / "r").glob(".*.tmp"))
 
 
 @pytest.fixture(scope="module")

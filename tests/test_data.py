@@ -1,6 +1,8 @@
 """data.py: token files, the loader's epochs and reuse, BPC."""
+import errno
 import json
 import math
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -16,7 +18,7 @@ from model import GPT, GPTConfig
 
 from harness import safe_io
 from harness import sources
-from tests.conftest import make_text
+from tests.conftest import make_text, refused
 
 
 def take(loader, steps, micro, accum, rank=0, world=1):
@@ -324,3 +326,17 @@ def test_the_real_default_corpus_holds_out_whole_plays(tmp_path):
     assert "Full fathom five" in text["val"] and "Full fathom five" not in text["train"]
     assert "Of Mans First Disobedience" in text["milton"] and "\r" not in text["milton"]
     assert text["milton"].count("Of Mans First Disobedience") == 1  # duplicates removed
+
+
+def test_a_full_disk_while_preparing_is_named_with_the_folder_and_the_sizes(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.txt").write_text("some training text " * 400)
+    real = data.write_split
+
+    def fills_the_disk(out_dir, split, *args, **kwargs):
+        real(out_dir, split, *args, **kwargs)  # the split's token file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data, "write_split", fills_the_disk)
+    err = refused(data.main, ["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--workers=1"], capsys)
+    assert re.search(rf"{re.escape(str(tmp_path / 'd'))}: the disk is full \(more than the [\d,]+ bytes written when it "
+                     rf"ran out needed, [\d,]+ free\); .* is as it was", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]  # nothing left behind

@@ -3,6 +3,7 @@ rules for the planner and the trainer, every file read checked, and Ctrl-C or SI
 with a run that resumes exactly."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import data
+import evaluate
 import sweep
 import train
 
@@ -20,7 +22,7 @@ from harness import preflight
 from harness import rundir
 from harness import safe_io
 from harness import sweep_jobs
-from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny
+from tests.conftest import TINY_MODEL, finished_summary, make_text, micro_sweep, refused, snapshot, tiny, tiny_run_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ def copy_data(tiny_data, to):
                                  ["--batch_seqs=100000000"], ["--vocab_size=100"], ["--data=/nonexistent"]])
 def test_overwrite_that_fails_its_checks_deletes_nothing(finished, tiny_data, capsys, bad):
     before = snapshot(finished)
-    refused(train.main, tiny(tiny_data, finished, "--overwrite=true") + bad, capsys)
+    refused(train.main, tiny(tiny_data, finished, "--overwrite=true", *bad), capsys)
     assert snapshot(finished) == before
 
 
@@ -388,21 +390,23 @@ def test_the_planner_refuses_what_train_refuses(tiny_data, tmp_path, capsys):
     (["--S=20000"], "fewer than one evaluation window of S+1 = 20001"),
 ])
 def test_meaningless_schedules_and_shapes_are_refused_before_any_file(tiny_data, tmp_path, capsys, argv, message):
-    err = refused(train.main, tiny(tiny_data, tmp_path / "r", "--eval_tokens=0") + argv, capsys)
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r", "--eval_tokens=0", *argv), capsys)
     assert message in err and not (tmp_path / "r").exists()
 
 
-def test_a_split_too_short_to_evaluate_is_refused_before_training(tmp_path, capsys):
+def test_a_split_too_short_to_evaluate_is_refused_before_training_or_evaluating(tmp_path, capsys, finished):
     (tmp_path / "t.txt").write_text(make_text(1, 3000))
     (tmp_path / "v.txt").write_text("just a few words\n")
     data.prepare_files(tmp_path / "d", [str(tmp_path / "t.txt")], {"val": [str(tmp_path / "v.txt")]}, workers=1)
     err = refused(train.main, tiny(tmp_path / "d", tmp_path / "r"), capsys)
     n = data.load_meta(tmp_path / "d")["splits"]["val"]["tokens"]
-    assert f"val.bin (split 'val') holds {n} tokens, fewer than one evaluation window of S+1 = 33" in err
-    assert not (tmp_path / "r").exists()
+    says = f"val.bin (split 'val') holds {n} tokens, fewer than one evaluation window of S+1 = 33"
+    assert says in err and not (tmp_path / "r").exists()
+    err = refused(evaluate.main, [str(finished), f"--data={tmp_path / 'd'}"], capsys)  # the run's S is 32 too
+    assert says in err and "leave it out with --splits" in err
     with pytest.raises(ValueError, match="the val split holds 1 token"):
         data.prepare(tmp_path / "e", {"train": [("some text", True)], "val": [("x", False)]}, workers=1)
-    assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "t.txt", "v.txt"]
+    assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "run", "t.txt", "v.txt"]
 
 
 def test_resume_never_goes_back_and_keeps_the_bpc_of_the_step_it_stops_at(tiny_data, tmp_path, capsys):
@@ -642,3 +646,70 @@ def test_a_stop_after_the_work_is_done_says_so(tiny_data, tmp_path, capsys, monk
         data.main(["--train", str(tmp_path / "t.txt"), "--out", str(tmp_path / "d"), "--workers=1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and "after the data was prepared" in err and data.load_meta(tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------- a run is resumed whole, or refused
+@pytest.fixture(scope="module")
+def stopped_once(tiny_data, tmp_path_factory):
+    """tiny_run's run stopped at step 6 with a checkpoint (whole_run is the same run to its end)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train.train(tiny_run_argv(tiny_data, out, "--stop_at=6"))
+    (out / ".lock").unlink(missing_ok=True)  # as a run copied elsewhere has none
+    return out
+
+
+# a resume that changes what the checkpoint fixes: [flags], what the refusal names
+CHANGED_RESUMES = [(["--lr=0.5"], "schedule lr"), (["--S=16"], "model.S"), (["--iters=20"], "schedule D"),
+                   (["--batch_seqs=8"], "schedule D"), (["--seed=5"], "train.seed"), (["--dtype=float16"], "train.dtype"),
+                   (["--Dm=64"], "model.Dm"), (["--scheme=dense"], "scheme='dense'"), (["--K=3"], "model.K"),
+                   (["--balance_coef=0.5"], "model.balance_coef"), (["--unique_tokens=2000"], "train.unique_tokens"),
+                   (["--stop_at=2"], "train.stop_at=2 is before step 6")]
+
+
+@pytest.mark.parametrize("flags,names", CHANGED_RESUMES, ids=[f[0] for f, _ in CHANGED_RESUMES])
+def test_a_refused_resume_names_what_differs_and_leaves_the_run_as_it_was(stopped_once, tmp_path, capsys, flags, names):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_once, run)
+    before = snapshot(run)
+    err = refused(train.main, [f"--out_dir={run}", "--resume", *flags], capsys)
+    assert names in err and snapshot(run) == before  # config.toml as it was, and no .lock left behind
+
+
+@pytest.mark.parametrize("gone", ["config.toml", "config.toml and log.jsonl"])
+def test_a_run_whose_config_is_gone_resumes_from_its_checkpoints_config(stopped_once, whole_run, tmp_path, capsys, gone):
+    run = tmp_path / "run"
+    shutil.copytree(stopped_once, run)
+    for name in gone.split(" and "):
+        (run / name).unlink()
+    summary = train.train([f"--out_dir={run}", "--resume"])
+    assert "config.toml is missing: the run's config comes from its checkpoint" in capsys.readouterr().err
+    assert summary["final"] == json.loads((whole_run / "summary.json").read_text())["final"]  # the same run, whole
+    assert (run / "config.toml").read_text().replace(str(run), "") == \
+        (whole_run / "config.toml").read_text().replace(str(whole_run), "")
+    assert not (tmp_path / "data").exists()  # no default corpus prepared on the way
+
+
+def test_data_is_known_by_its_content_not_its_path(tiny_data, stopped_once, whole_run, tmp_path, monkeypatch, capsys):
+    moved = tmp_path / "moved data"
+    shutil.copytree(tiny_data, moved)
+    # a run resumed on a byte-identical copy under another path goes on, saying so in one line, to the same end
+    run = tmp_path / "run"
+    shutil.copytree(stopped_once, run)
+    summary = train.train([f"--out_dir={run}", "--resume", f"--data={moved}"])
+    assert f"data: {moved} holds the data the run trained on in {tiny_data}" in capsys.readouterr().out
+    assert summary["final"] == json.loads((whole_run / "summary.json").read_text())["final"]
+    # data of other contents is refused, naming the split that differs
+    for seed, name in enumerate(("t.txt", "v.txt")):
+        (tmp_path / name).write_text(make_text(40 + seed, 6000))
+    other = tmp_path / "other"
+    data.prepare_files(other, [str(tmp_path / "t.txt")], {"val": [str(tmp_path / "v.txt")]}, workers=1)
+    run2 = tmp_path / "run2"
+    shutil.copytree(stopped_once, run2)
+    err = refused(train.main, [f"--out_dir={run2}", "--resume", f"--data={other}"], capsys)
+    assert f"data split 'train' of {other}: run sha256" in err
+    # a sweep whose data folder moved keeps its finished runs
+    fake_runs(monkeypatch)
+    sweep.run_sweep(micro_sweep(tmp_path, tiny_data), tmp_path / "out")
+    capsys.readouterr()
+    sweep.run_sweep(micro_sweep(tmp_path, moved), tmp_path / "out")
+    assert f"dense-C: data: {moved} holds the data the run trained on in {tiny_data}" in capsys.readouterr().out

@@ -25,7 +25,7 @@ from harness import sources
 from harness import sweep_jobs
 
 from dev import bench
-from tests.conftest import TINY_MODEL, snapshot
+from tests.conftest import TINY_MODEL, on_top, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_SWEEP = (ROOT / "configs" / "sweep-toy.toml").read_text()
@@ -122,7 +122,7 @@ CASES = [
                               f"train={text_file(t, 'b.txt', 'other text')}", f"--out={t / 'o7'}"], "'train' is the training split"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "c.txt", "some text\n")), f"--out={d}"], "holds prepared data already"),
     ("data", lambda t, r, d: ["--train", str(text_file(t, "d.txt", "text")), f"--out={text_file(t, 'ofile', 'x')}"],
-     "is a file: expected a folder"),
+     "expected a folder to prepare the data into (it is a file)"),
     # bench.py
     ("bench", lambda t, r, d: ["expert", "--K=9", "--E=8", "--compile=false"], "K=9 is not allowed"),
     ("bench", lambda t, r, d: ["expert", f"--json={t / 'no' / 'such' / 'x.json'}"], "expected a file in a folder that exists"),
@@ -139,7 +139,7 @@ def test_bad_input_exits_2_naming_it_and_touches_no_run(program, argv, message, 
     args = argv(tmp_path, finished_run, tiny_data)
     if program == "train":  # every train.py case aims at the finished run, unless it names another folder
         config = args[:1] if args and not args[0].startswith("--") else []
-        args = config + TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={finished_run}"] + args[len(config):]
+        args = config + on_top(TINY_MODEL + [f"--data={tiny_data}", f"--out_dir={finished_run}"], args[len(config):])
     with pytest.raises(SystemExit) as exit_:
         PROGRAMS[program](args)
     err = capsys.readouterr().err

@@ -403,7 +403,7 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path, tiny_data, capsy
     finally:
         held.release()
     assert f"{out} is in use by process {os.getpid()}" in err and "use another --out" in err
-    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing planned, nothing run
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing planned, nothing run, the lock gone with its maker
     # --only processes (a Slurm array's tasks) share the folder, each run under its own lock, but never with a
     # whole sweep: it would start their runs a second time
     one, two = (rundir.Lock(out, "--out", shared=True).acquire() for _ in range(2))

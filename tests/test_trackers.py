@@ -3,7 +3,9 @@ appends to the same TensorBoard folder and W&B run; a tracker changes nothing of
 fails warns once while training goes on; a missing package is refused before any work; sweep.py names and
 groups its runs."""
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +14,7 @@ import train
 from harness import rundir
 from harness import sweep_plan
 from harness import trackers
+from harness.config import TrainConfig
 from tests.conftest import refused, tiny
 
 TIMING = ("tokens_per_s", "data_share", "mfu", "peak_mem_gib")  # what two runs of one trajectory may differ in
@@ -192,3 +195,15 @@ def test_sweep_runs_are_named_by_arm_and_seed_and_grouped_by_the_sweep(tmp_path)
     path.write_text(path.read_text().replace("[train]\n", "[train]\nwandb_group = \"mine\"\n"))
     with pytest.raises(ValueError, match="train.wandb_group is set by the sweep for every run"):
         sweep_plan.planned(path)
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_one_warning(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path).name == "tb" else real(path, mode))
+    tcfg = TrainConfig(tensorboard=True, out_dir=str(tmp_path))
+    sinks = trackers.start(tcfg, tmp_path, 0, 1.0, {})
+    err = capsys.readouterr().err
+    assert not sinks and err.strip().splitlines() == [
+        f"warning: TensorBoard could not start (PermissionError: {tmp_path / 'tb'} cannot be written); training goes "
+        f"on, log.jsonl holds every record"]
