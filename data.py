@@ -16,6 +16,7 @@ distribution, as the paper validates on data unlike its training data.
 """
 import argparse
 import array
+import contextlib
 import errno
 import glob
 import hashlib
@@ -232,7 +233,7 @@ MIN_TOKENS = 2  # a split must hold at least one token and the one it predicts
 
 
 def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None, shuffle_seed=SHUFFLE_SEED,
-            tallies=None):
+            tallies=None, overwrite=False):
     """Write every split of {name: iterable of pieces} and meta.json into a new folder beside out_dir,
     then put it in out_dir's place in one step (safe_io.replace_folder): a failure or a kill at any point
     leaves out_dir as it was. The training split's documents are shuffled (seeded); validation splits
@@ -259,7 +260,8 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
                   f"{s['documents']:,} documents{empty}")
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
         with interrupts.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
-            safe_io.replace_folder(new, out)
+            with held_for_swap(out, overwrite):  # out checked again, now, with every writer there kept out
+                safe_io.replace_folder(new, out)
     except BaseException as e:
         written = sum(f.stat().st_size for f in new.rglob("*") if f.is_file())
         shutil.rmtree(new, ignore_errors=True)
@@ -272,6 +274,24 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
         stop.message = f"{stop.what}, after the data was prepared: {out_dir} holds it whole"
         raise stop
     return meta
+
+
+@contextlib.contextmanager
+def held_for_swap(out, overwrite):
+    """out held while the new data takes its place: the lock beside it that every data.py swapping into out
+    takes, and out's own lock (a run's writer holds it), then out checked again as at the start: what a run
+    or another data.py put there meanwhile is never deleted."""
+    beside = rundir.Lock(out, "--out", beside=True).acquire()
+    inside = None
+    try:
+        if out.is_dir():
+            inside = rundir.Lock(out, "--out").acquire()
+        check_out(out, overwrite)
+        yield
+    finally:
+        if inside:
+            inside.release()
+        beside.release()
 
 
 def fresh_folder(out):
@@ -323,7 +343,7 @@ def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text"
             except ValueError as e:  # the file is named: the flag that gave it is named too
                 raise ValueError(f"{source_flag({'split': split})}{e}") from None
     return prepare(out_dir, {split: docs(split, ps) for split, ps in groups.items()}, tokenizer_name, workers, sources,
-                   shuffle_seed, tallies)
+                   shuffle_seed, tallies, overwrite)
 
 
 # ----------------------------------------------------------------------------- the default corpus
@@ -374,10 +394,11 @@ def check_out(out_dir, overwrite):
     safe_io.refuse_link(out)
     if safe_io.folder_problem(out):
         raise ValueError(f"--out={out} is {safe_io.folder_problem(out)}: expected a folder")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:  # new, or empty but for a lock
         return
     files = prepared_files(out)
-    others = sorted(p.name for p in out.iterdir() if files is None or p.name not in files or not p.is_file() or p.is_symlink())
+    others = sorted(p.name for p in out.iterdir() if p.name != ".lock" and  # (held by this data.py at the swap)
+                    (files is None or p.name not in files or not p.is_file() or p.is_symlink()))
     if others:
         raise ValueError(f"--out={out} holds {'other files than prepared data' if files else 'files and no meta.json of data.py'} "
                          f"({', '.join(others[:5])}{', …' if len(others) > 5 else ''}): expected a new or empty folder, "
@@ -409,7 +430,7 @@ def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0,
         {"split": split, "path": name, "sha256": hashlib.sha256(text.encode()).hexdigest()}
         for split, docs in corpus.items() for name, text in docs]
     splits = {split: [(text, True) for _, text in docs] for split, docs in corpus.items()}
-    return prepare(out_dir, splits, tokenizer_name, workers, sources, shuffle_seed)
+    return prepare(out_dir, splits, tokenizer_name, workers, sources, shuffle_seed, overwrite=overwrite)
 
 
 def default_dir(tokenizer_name):

@@ -56,12 +56,22 @@ def run_sweep(path, out, nproc=1, only=None, allow_unequal=False, jobs=1, gpus=N
             if lock.fd is None:
                 out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()  # one sweep process per folder (or --only ones), from here to its end
+                check_kind(out)
             sweep_plan.check_existing(runs, setups, out)
             safe_io.write_text(out / "plan.json", json.dumps(sweep_plan.plan_json(runs), indent=1))
             run_all(todo, len(runs), sweep, train_over, out, nproc, slots)
             done |= {r.name for _, r in todo}
     finally:
         lock.release()
+
+
+def check_kind(out):
+    """A sweep writes only into a folder of its own kind (checked with its lock held): never into a run's
+    folder, nor into prepared data."""
+    found = rundir.run_files(out)
+    kind = f"a run ({', '.join(found)})" if found else "prepared data (data.py)" if (out / "meta.json").exists() else None
+    if kind:
+        raise ValueError(f"--out={out} holds {kind}: a sweep's folder holds one folder per run; give another --out")
 
 
 def run_all(todo, total, sweep, train_over, out, nproc, slots):

@@ -61,8 +61,9 @@ class Lock:
     when it is taken over. Shared (`sweep.py run --only`, as a Slurm array runs it): many holders, each
     working in a run folder of its own under that run's own lock, and no exclusive holder meanwhile."""
 
-    def __init__(self, out_dir, flag="--out_dir", shared=False):
-        self.path = Path(out_dir) / ".lock"
+    def __init__(self, out_dir, flag="--out_dir", shared=False, beside=False):
+        self.folder = Path(out_dir)  # beside: a lock on a folder that is about to be replaced, in .<name>.lock beside it
+        self.path = self.folder.parent / f".{self.folder.name}.lock" if beside else self.folder / ".lock"
         self.flag = flag  # the command line's name for the folder, for the refusal
         self.shared = shared
         self.fd, self.created = None, False
@@ -79,7 +80,7 @@ class Lock:
             except OSError:
                 holder = self._read()
                 self._close()
-                raise RunDirError(f"{self.path.parent} is in use by {holder or 'another process'}: a second writer "
+                raise RunDirError(f"{self.folder} is in use by {holder or 'another process'}: a second writer "
                                   f"would interleave its files; wait for it to end, or use another {self.flag}") from None
             if self._still_the_file():
                 break
@@ -88,7 +89,7 @@ class Lock:
             return self  # the file names an exclusive holder only
         stale = self._read()
         if stale:
-            warn(f"{self.path.parent}: the last writer ({stale}) ended without releasing its lock; taking it over")
+            warn(f"{self.folder}: the last writer ({stale}) ended without releasing its lock; taking it over")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         os.fsync(self.fd)
@@ -126,7 +127,7 @@ class Lock:
         if self.fd is None:
             return
         if not self.shared:
-            if self.created:
+            if self.created and self._still_the_file():  # (a folder swapped away took it with it)
                 os.unlink(self.path)  # still locked: whoever opened it meanwhile finds it gone (_still_the_file)
             else:
                 os.ftruncate(self.fd, 0)
@@ -139,9 +140,18 @@ def run_files(out_dir):
     return [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
 
 
+OTHER_KINDS = {"meta.json": "prepared data (data.py)", "plan.json": "a sweep's folder (sweep.py)"}  # by the file that marks them
+
+
+def other_kind(out_dir):
+    """What a folder is when it is a folder of another program's (prepared data, a sweep), else None."""
+    out = Path(out_dir)
+    return next((kind for name, kind in OTHER_KINDS.items() if (out / name).exists() or (out / name).is_symlink()), None)
+
+
 def check_new_run(out_dir, overwrite):
     """Refuse to start a run where one is, unless overwrite: then the run's files are checked (nothing is
-    touched here) and returned, to be moved aside."""
+    touched here) and returned, to be moved aside. A folder of another kind is never a run's."""
     out = Path(out_dir)
     found = run_files(out)
     if found and not overwrite:
@@ -155,6 +165,9 @@ def check_run_files(out_dir):
     no link, a plain file of its own (no other hard link) for each file, a folder for ckpt/ that holds
     nothing but checkpoints."""
     out = Path(out_dir)
+    kind = other_kind(out)
+    if kind:
+        raise RunDirError(f"{out} holds {kind}: a run writes only into a folder of its own; give another --out_dir")
     found = run_files(out)
     for name in found:
         target = out / name

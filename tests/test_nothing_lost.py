@@ -713,3 +713,69 @@ def test_data_is_known_by_its_content_not_its_path(tiny_data, stopped_once, whol
     capsys.readouterr()
     sweep.run_sweep(micro_sweep(tmp_path, moved), tmp_path / "out")
     assert f"dense-C: data: {moved} holds the data the run trained on in {tiny_data}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one kind and one writer per folder
+@pytest.fixture
+def folders(finished, tiny_data, tmp_path, monkeypatch):
+    """A folder of each kind: a finished run, a sweep's folder (plan.json and a run folder per run), prepared data."""
+    fake_runs(monkeypatch)
+    sweep.run_sweep(micro_sweep(tmp_path, tiny_data), tmp_path / "sweep")
+    shutil.copytree(tiny_data, tmp_path / "data")
+    return {"run": finished, "sweep": tmp_path / "sweep", "data": tmp_path / "data"}
+
+
+WRITERS = {  # each program that writes a folder, as it is told to write into X, and the kind of folder it owns
+    "train": ("run", lambda t, d, x: (train.main, tiny(d, x))),
+    "train --overwrite": ("run", lambda t, d, x: (train.main, tiny(d, x, "--overwrite=true"))),
+    "sweep run": ("sweep", lambda t, d, x: (sweep.main, ["run", str(micro_sweep(t, d)), f"--out={x}"])),
+    "data.py --overwrite": ("data", lambda t, d, x: (data.main, ["--train", str(t / "t.txt"), "--out", str(x), "--workers=1",
+                                                                  "--overwrite"])),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("kind", ["run", "sweep", "data"])
+def test_no_program_writes_into_a_folder_of_another_kind(writer, kind, folders, tiny_data, tmp_path, capsys):
+    owns, command = WRITERS[writer]
+    if owns == kind:
+        return  # its own kind: the tests of that program
+    (tmp_path / "t.txt").write_text(make_text(3, 3000))
+    before = snapshot(folders[kind])
+    main, argv = command(tmp_path, tiny_data, folders[kind])
+    err = refused(main, argv, capsys)
+    assert str(folders[kind]) in err and snapshot(folders[kind]) == before, err
+
+
+def test_data_py_deletes_nothing_that_came_to_its_out_meanwhile(finished, tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.txt").write_text(make_text(3, 3000))
+    (tmp_path / "u.txt").write_text(make_text(4, 3000))
+    out, real = tmp_path / "d", data.write_split
+    meanwhile = []
+
+    def write_split(*args, **kwargs):  # while this data.py prepares, something else comes to its --out
+        result = real(*args, **kwargs)
+        if meanwhile:
+            meanwhile.pop()()
+        return result
+    monkeypatch.setattr(data, "write_split", write_split)
+    argv = ["--train", str(tmp_path / "t.txt"), "--out", str(out), "--workers=1"]
+    # a run trained into it (a finished run is copied there)
+    meanwhile.append(lambda: shutil.copytree(finished, out))
+    err = refused(data.main, argv, capsys)
+    assert f"{out} holds files and no meta.json of data.py (ckpt.pt" in err and (out / "ckpt.pt").exists()
+    # a second data.py prepared it first: the one that ends last is refused, and the first one's data stays
+    shutil.rmtree(out)
+    second = [sys.executable, str(ROOT / "data.py"), "--train", str(tmp_path / "u.txt"), "--out", str(out), "--workers=1"]
+    meanwhile.append(lambda: subprocess.run(second, check=True, capture_output=True))
+    err = refused(data.main, argv, capsys)
+    first = data.load_meta(out)
+    assert "holds prepared data already" in err and first["sources"][0]["path"].endswith("u.txt")
+    # a run being written there (it holds the folder's lock): refused, even with --overwrite
+    held = rundir.Lock(out).acquire()
+    try:
+        err = refused(data.main, argv + ["--overwrite"], capsys)
+    finally:
+        held.release()
+    assert f"{out} is in use by process {os.getpid()}" in err and data.load_meta(out) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "run", "t.txt", "u.txt"]  # no lock, no temporary left
