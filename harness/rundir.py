@@ -29,7 +29,7 @@ from pathlib import Path
 
 from harness.interrupts import raise_held, signals_held
 from harness.safe_io import (RunDirError, atomic_write, open_nofollow, open_plain, own_file_problem, read_bytes, refuse_link,
-                     write_text)
+                     write_failed, write_text)
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json", "tb", "wandb", "wandb.json")
 FOLDERS = {"ckpt": "sharded checkpoints", "tb": "TensorBoard events", "wandb": "W&B files"}  # the run files that are folders
@@ -375,9 +375,12 @@ def append_log(path, record):
     if problem:
         os.close(fd)
         raise RunDirError(f"{path} is {problem}: a run's log is a file of its own; move it away by hand")
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    try:
+        with os.fdopen(fd, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+    except OSError as e:
+        raise write_failed(path, e, "its earlier lines are kept") from None
 
 
 def read_log(path):

@@ -132,11 +132,7 @@ def atomic_write(path, write, needed=0):
         failed = e if isinstance(e, OSError) else e.__cause__ or e.__context__
         if not isinstance(failed, OSError):
             raise
-        if failed.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, needed, shutil.disk_usage(path.parent).free) from None
-        raise RunDirError(f"{path}: could not be written ({failed.strerror or failed}"
-                          f"{', past the file-size limit (ulimit -f)' if failed.errno == errno.EFBIG else ''}); "
-                          f"the previous {path.name} is untouched") from None
+        raise write_failed(path, failed, f"the previous {path.name} is untouched", needed) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -191,11 +187,20 @@ def check_replaceable(path, ours, what):
             raise RunDirError(f"{path} exists and is not {what}: it is kept; move it away, or write elsewhere")
 
 
-def disk_full(path, needed, free):
+def write_failed(path, error, kept, needed=0):
+    """The one line for a write to path that failed with the OSError error: the disk full (with the bytes),
+    a file-size limit, or whatever the system said; and `kept`, what is as it was."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(path, needed, shutil.disk_usage(Path(path).parent).free, kept)
+    limit = ", past the file-size limit (ulimit -f)" if error.errno == errno.EFBIG else ""
+    return RunDirError(f"{path}: could not be written ({error.strerror or error}{limit}); {kept}")
+
+
+def disk_full(path, needed, free, kept=None):
     """The one line for a disk too full to write path: the bytes needed (an estimate, which a write that ran
     out of space proved short when it is not above what is free) and the bytes free."""
     need = f"{needed:,} bytes needed" if needed > free else "more bytes needed"
-    return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); the previous {path.name} is untouched")
+    return RunDirError(f"{path}: the disk is full ({need}, {free:,} free); {kept or f'the previous {path.name} is untouched'}")
 
 
 def write_text(path, text):

@@ -151,3 +151,40 @@ def test_a_resumed_adamw_keeps_this_codes_kernel_not_the_checkpoints(tmp_path):
     scaler.scale(model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1]).backward()
     scaler.step(optimizer)  # AssertionError in torch's unfused AdamW without the fix
     scaler.update()
+
+
+class FailingFile:
+    """A file whose writes fail with one OSError, as a full disk, a file-size limit or a bad disk makes them."""
+
+    def __init__(self, f, code):
+        self.f, self.code = f, code
+
+    def write(self, data):
+        raise OSError(self.code, os.strerror(self.code))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a file descriptor's path in /proc")
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EIO], ids=["full", "ulimit", "io-error"])
+@pytest.mark.parametrize("target", ["config.toml", "log.jsonl", "ckpt.pt", "summary.json"])
+def test_every_file_of_a_run_that_fails_to_be_written_is_named_in_one_line(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                           target, code):
+    real = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        f = real(fd, *args, **kwargs)
+        name = Path(os.readlink(f"/proc/self/fd/{fd}")).name  # the file itself, or its atomic write's temporary
+        return FailingFile(f, code) if name == target or name.startswith(f".{target}.") else f
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    err = refused(train.main, tiny(tiny_data, tmp_path / "r"), capsys)
+    says = {errno.ENOSPC: "the disk is full", errno.EFBIG: "past the file-size limit (ulimit -f)",
+            errno.EIO: "could not be written (Input/output error)"}[code]
+    assert err.strip().splitlines()[-1].startswith(f"train.py: error: {tmp_path / 'r' / target}: ") and says in err, err
