@@ -24,7 +24,6 @@ import data
 
 from harness import checkpoint
 from harness import parallel
-from harness.config import resolve_dtype
 
 
 @torch.no_grad()
@@ -91,8 +90,8 @@ def evaluate_run(run_dir, data_dir=None, splits=None, eval_tokens=None, device="
     if short:
         raise ValueError(f"{short}: give it more text, or leave it out with --splits")
     table = data.char_table(data.get_tokenizer(meta["tokenizer"]))
-    autocast = parallel.autocast_for(device, resolve_dtype(saved.get("dtype", "auto"), device.type))
-    return evaluate_splits(model, tokens, model.cfg.S, eval_tokens, table, autocast, 0, 1, batch), state
+    return evaluate_splits(model, tokens, model.cfg.S, eval_tokens, table, checkpoint.autocast_of(state, device), 0, 1,
+                           batch), state
 
 
 def parser():

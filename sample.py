@@ -3,6 +3,7 @@
     python sample.py out/default --prompt="ROMEO:" --tokens=300
     python sample.py out/default --samples=3 --temperature=0.8 --top_k=50 --seed=7
 """
+import contextlib
 import math
 import sys
 
@@ -20,14 +21,17 @@ from harness import parallel
 from harness import rundir
 
 
-def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None):
-    """The prompt and `tokens` sampled tokens after it, decoded. Its own generator: the global RNG is untouched."""
+def sample_text(model, tokenizer, prompt, tokens, temperature=0.8, top_k=None, seed=1337, vocab=None,
+                autocast=contextlib.nullcontext()):
+    """The prompt and `tokens` sampled tokens after it, decoded, under the run's autocast. Its own generator:
+    the global RNG is untouched."""
     device = next(model.parameters()).device
     model.eval()  # also: no balance loss, so no collective under DDP
     ids = tokenizer.encode(prompt) or tokenizer.encode("\n")
     generator = torch.Generator(device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(idx, tokens, temperature, top_k, generator, vocab)
+    with autocast:
+        out = model.generate(idx, tokens, temperature, top_k, generator, vocab)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -68,7 +72,7 @@ def main(argv=None):
             if i:
                 print("\n" + "-" * 40)
             print(sample_text(model, tokenizer, a.prompt, a.tokens, a.temperature, a.top_k or None, a.seed + i,
-                              state["data"]["vocab_size"]))
+                              state["data"]["vocab_size"], checkpoint.autocast_of(state, device)))
     except (ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -326,7 +326,7 @@ def final_bpc(t, book, records, step):
 def sample_at_end(t):
     """Rank 0, the run finished: a few lines of what the model writes."""
     try:
-        show_sample(t.step_ctx.model, t.setup.meta, t.setup.tcfg.sample_tokens, t.out)
+        show_sample(t.step_ctx.model, t.setup.meta, t.setup.tcfg.sample_tokens, t.out, t.step_ctx.autocast)
     except KeyboardInterrupt as e:
         stop = interrupts.interrupted(e)
         stop.message = f"{stop.what} while sampling; the run had finished, and its summary is in {t.out / 'summary.json'}"
@@ -387,10 +387,12 @@ def stopped(e, out, step, sched, last_ckpt):
     return stop
 
 
-def show_sample(model, meta, tokens, out):
-    """A few lines of what the model writes, so that a newcomer sees it learned (python sample.py for more)."""
+def show_sample(model, meta, tokens, out, autocast):
+    """A few lines of what the model writes, so that a newcomer sees it learned (python sample.py for more),
+    in the run's precision."""
     with torch.compiler.set_stance("force_eager"):  # compiled blocks would compile again for every length
-        text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"])
+        text = sample_text(model, data.get_tokenizer(meta["tokenizer"]), "\n", tokens, vocab=meta["vocab_size"],
+                           autocast=autocast)
     print(f"sample (more: python sample.py {out}):\n" + text.strip("\n"))
 
 

@@ -238,6 +238,13 @@ def restore(form, path, state, model, optimizer, scaler, loader, device):
     return state["step"]
 
 
+def autocast_of(state, device):
+    """The autocast a checkpoint's run trained under on this kind of device: sampling and evaluation use the
+    run's precision (on CUDA, fp32 would send the MoE to torch's slow grouped-GEMM fallback)."""
+    from harness import parallel
+    return parallel.autocast_for(device, config.resolve_dtype(state["config"]["train"].get("dtype", "auto"), device.type))
+
+
 def load_model(run_dir, device="cpu"):
     """(GPT in eval mode, the checkpoint's state without weights) from a run directory's newest checkpoint,
     whole or sharded, on one process: for sampling and evaluation, not for resuming."""

@@ -17,7 +17,7 @@ from sample import sample_text
 
 from harness import schedule
 from harness.config import load_config
-from tests.conftest import refused
+from tests.conftest import refused, tiny
 from tests.test_parallel import sharded_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,3 +116,18 @@ def test_the_dense_twin_has_the_toy_models_N_and_C():
     assert dense.scheme == "dense" and flops.count(dense).N == pytest.approx(flops.count(toy).N, rel=0.01)
     C_toy, C_dense = schedule.for_training(toy, t, 1).C, schedule.for_training(dense, td, 1).C
     assert C_dense == pytest.approx(C_toy, rel=0.01)
+
+
+def test_sampling_uses_the_runs_precision(tiny_data, tmp_path, monkeypatch, capsys):
+    """At the end of a run and in sample.py, under the run's autocast: on CUDA, fp32 would send the MoE to
+    torch's slow grouped-GEMM fallback (evaluation: evaluate.py and train.py pass the same autocast)."""
+    seen, real = [], GPT.generate
+
+    def generate(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(GPT, "generate", generate)
+    for name, dtype in (("bf", ["--dtype=bfloat16"]), ("fp", [])):
+        train.train(tiny(tiny_data, tmp_path / name, "--sample_tokens=5", *dtype))
+        sample.main([str(tmp_path / name), "--tokens=5", "--device=cpu"])
+    assert seen == [torch.bfloat16, torch.bfloat16, None, None]
