@@ -184,6 +184,8 @@ class Progress:
 
     def show(self, running, event=None):
         """The live bar, redrawn; with an event (a run started or ended), the event and the line, printed."""
+        if self.bar.disable and not event:
+            return  # nothing to draw: the logs are not read
         share, text = self.line(running)
         if not self.bar.disable:
             self.bar.n = round(1000 * share)
