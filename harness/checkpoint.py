@@ -1,19 +1,25 @@
 """A run's checkpoint, whole or sharded, and the one place where a resume is checked.
 
-    ckpt.pt            one process or DDP: rank 0 writes everything (rundir.save_checkpoint, checksummed)
+    ckpt.pt            one process or DDP: rank 0 writes everything (write_file: torch.save's archive, then
+                       its sha256, hashed as the archive was written)
     ckpt/step-<n>/     FSDP: torch.distributed.checkpoint (DCP) writes each rank's shards, rank 0 extra.pt
-                       (loader, RNG, step, schedule, config; checksummed as ckpt.pt is)
+                       (loader, RNG, step, schedule, config; written as ckpt.pt is)
     ckpt/latest.json   names the last whole step-<n>/ with the sha256 of each of its files. It is written
                        last and atomically, so a save killed halfway leaves the previous step loadable.
 
 Weights and AdamW state go through torch.distributed.checkpoint.state_dict, keyed by parameter name,
 so either form loads into a plain, DDP or FSDP model on any number of ranks: DCP reshards the shards
 to whatever the new ranks hold. Whether the trajectory may continue is decided by check() alone.
+
+A resume reads a checkpoint file's bytes once: rank 0 hashes it and tells every rank the verdict, then every
+rank maps the file (torch.load mmap=True), so the ranks of one machine share its pages in the page cache.
 """
 import json
+import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,21 +34,23 @@ from harness import safe_io
 SHARDED = "ckpt"
 
 
-def found(out):
-    """The newest checkpoint in out: ('pt', path, None) or ('dcp', folder, manifest), or None."""
+def found(out, rank, world):
+    """The newest checkpoint in out: ('pt', path, None, its state when it was loaded to tell) or ('dcp', folder,
+    manifest, None), or None."""
     out = Path(out)
     whole = out / "ckpt.pt"
     safe_io.refuse_link(whole)
     safe_io.refuse_link(out / SHARDED)
     manifest = read_manifest(out / SHARDED)
     if manifest and whole.exists():  # a kill between writing one form and deleting the other: the newer
-        step = rundir.read_checkpoint(whole).get("step")
-        if not rundir.is_count(step):
+        state = load_file(whole, rank, world)
+        if not rundir.is_count(state.get("step")):
             raise safe_io.RunDirError(f"{whole} was not loaded: it has no valid step (not a checkpoint of this train.py)")
-        return ("pt", whole, None) if step > manifest["step"] else ("dcp", out / SHARDED / manifest["dir"], manifest)
+        if state["step"] > manifest["step"]:
+            return "pt", whole, None, state
     if manifest:
-        return "dcp", out / SHARDED / manifest["dir"], manifest
-    return ("pt", whole, None) if whole.exists() else None
+        return "dcp", out / SHARDED / manifest["dir"], manifest, None
+    return ("pt", whole, None, None) if whole.exists() else None
 
 
 def read_manifest(folder):
@@ -81,12 +89,15 @@ def check(state, path, mcfg, tcfg, meta, sched):
 
 
 def looks_like_ours(path):
-    """Whether ckpt.pt is a checkpoint of this train.py (its fields, read without loading the tensors)."""
+    """Whether ckpt.pt is a checkpoint of train.py: closed by a sha256 (not checked here), or holding one as a
+    field (an earlier train.py's), and with its fields (read without loading the tensors)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a torch file, or one that cannot be mapped: not ours
+        with safe_io.open_plain(path) as f:
+            sealed = seal_of(f) is not None
+        state = mapped(path)
+    except (OSError, safe_io.RunDirError):  # unreadable, or not a torch file: not ours
         return False
-    return isinstance(state, dict) and "sha256" in state and state_problem(state, whole=True) is None
+    return (sealed or "sha256" in state) and state_problem(state, whole=True) is None
 
 
 def state_problem(state, whole):
@@ -113,7 +124,7 @@ def save(out, sharded, model, optimizer, extra, rank, world):
     if not sharded:
         weights, adam = model_and_optimizer(model, optimizer, full=True)
         if rank == 0:
-            rundir.save_checkpoint(out / "ckpt.pt", {"model": weights, "optimizer": adam, **extra})
+            write_file(out / "ckpt.pt", {"model": weights, "optimizer": adam, **extra})
             remove_sharded(out / SHARDED)
         return out / "ckpt.pt"
     import torch.distributed.checkpoint as dcp
@@ -130,7 +141,7 @@ def save(out, sharded, model, optimizer, extra, rank, world):
         raise safe_io.RunDirError(f"{folder}: the sharded checkpoint could not be written ({str(e)[:300]}); the "
                                  f"previous one, named in {out / SHARDED / 'latest.json'}, is untouched") from None
     if rank == 0:
-        rundir.save_checkpoint(folder / "extra.pt", extra)
+        write_file(folder / "extra.pt", extra)
     dist.barrier()  # every rank's files are written and synced (DCP fsyncs them)
     mine = {p.name: safe_io.sha256_file(p) for p in sorted(folder.iterdir()) if p.name.startswith(f"__{rank}_")}
     if rank == 0:
@@ -147,6 +158,104 @@ def save(out, sharded, model, optimizer, extra, rank, world):
         (out / "ckpt.pt").unlink(missing_ok=True)
     dist.barrier()
     return folder
+
+
+SEAL = b"\nmoe-equal sha256 "  # closes a checkpoint file: after torch.save's archive, SEAL, its sha256 in hex, "\n"
+TRAILER = len(SEAL) + 64 + 1  # bytes after the archive (torch.load finds the archive by its end record: it reads past them)
+
+
+def write_file(path, state):
+    """torch.save(state) to path atomically (refused before writing if the disk cannot hold it), closed by the
+    sha256 of the archive's bytes, hashed as torch.save writes them: one pass over the data."""
+    def write(f):
+        hashed = safe_io.HashingWriter(f)
+        torch.save(state, hashed)
+        f.write(SEAL + hashed.sha256.hexdigest().encode() + b"\n")
+    safe_io.atomic_write(path, write, needed=rundir.saved_bytes(state) + TRAILER)
+
+
+def seal_of(f):
+    """The sha256 (hex) that closes the open checkpoint file f, or None when it has none."""
+    size = os.fstat(f.fileno()).st_size
+    if size < TRAILER:
+        return None
+    f.seek(size - TRAILER)
+    end = f.read(TRAILER)
+    digest = end[len(SEAL):-1]
+    if end.startswith(SEAL) and end.endswith(b"\n") and re.fullmatch(rb"[0-9a-f]{64}", digest):
+        return digest.decode()
+    return None
+
+
+def file_problem(path):
+    """Why the file at path is not a checkpoint of this train.py as it was written (one line naming it), or
+    None: its archive is hashed in one streamed pass and compared with the sha256 that closes it. Nothing in
+    it is loaded."""
+    try:
+        with safe_io.open_plain(path) as f:
+            saved = seal_of(f)
+            f.seek(0)
+            if saved is None and zipfile.is_zipfile(f):
+                return earlier_format_problem(path)
+            if saved is None:
+                return f"{path} is damaged and was not loaded: it cannot be read as a checkpoint (not a whole torch file)"
+            f.seek(0)
+            if safe_io.sha256_stream(f, os.fstat(f.fileno()).st_size - TRAILER) != saved:
+                return f"{path} is damaged and was not loaded: its contents do not match the checksum saved with them"
+    except safe_io.RunDirError as e:  # a link, a directory, a FIFO
+        return str(e)
+    except OSError as e:
+        return f"{path} was not loaded: it could not be read ({e.strerror or e})"
+    return None
+
+
+def earlier_format_problem(path):
+    """Why a torch file without a closing sha256 is not a checkpoint of train.py, or None: an earlier train.py
+    kept the checksum as a field over the contents (rundir.read_checkpoint), checked by loading it whole, once,
+    so that its run still resumes."""
+    try:
+        rundir.read_checkpoint(path)
+    except safe_io.RunDirError as e:
+        return str(e)
+    return None
+
+
+def decided_on_rank0(problem_of, rank, world):
+    """problem_of() computed on rank 0 alone and handed to every rank: one read of the file, one verdict, and
+    no rank left waiting when rank 0 fails."""
+    try:
+        verdict = [problem_of() if rank == 0 else None]
+    except Exception as e:
+        verdict = [f"the checkpoint was not verified: {type(e).__name__}: {e}"]
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def mapped(path):
+    """The checkpoint file at path, loaded with weights_only and mmap=True: its tensors are the file's pages
+    (copy on write), read when used and shared through the page cache by every process that maps it."""
+    try:
+        with safe_io.open_plain(path) as f:  # torch.load maps a path: on Linux, the very file opened here
+            fd = f"/proc/self/fd/{f.fileno()}"
+            state = torch.load(fd if os.path.exists(fd) else path, map_location="cpu", weights_only=True, mmap=True)
+    except safe_io.RunDirError:
+        raise
+    except Exception as e:  # not a torch archive: torch raises many kinds
+        raise safe_io.RunDirError(f"{path} is damaged and was not loaded: it cannot be read as a checkpoint "
+                                  f"({type(e).__name__}: {str(e).strip()[:120]})") from None
+    if not isinstance(state, dict):
+        raise safe_io.RunDirError(f"{path} was not loaded: it holds no dict (not a checkpoint of this train.py)")
+    return state
+
+
+def load_file(path, rank, world):
+    """A checkpoint file, verified once (file_problem on rank 0, the verdict on every rank, so that a damaged
+    file stops every rank with the same line) and then mapped on every rank."""
+    problem = decided_on_rank0(lambda: file_problem(path), rank, world)
+    if problem:
+        raise safe_io.RunDirError(problem)
+    return mapped(path)
 
 
 def remove_sharded(folder):
@@ -186,14 +295,15 @@ def verify(folder, manifest, rank, world):
 
 def read(out, rank, world):
     """(form, path, state without weights) of the newest checkpoint in out, verified; None when there is none."""
-    got = found(out)
+    got = found(out, rank, world)
     if got is None:
         return None
-    form, path, manifest = got
+    form, path, manifest, state = got
     if form == "dcp":
         verify(path, manifest, rank, world)
     file = path if form == "pt" else path / "extra.pt"
-    state = rundir.read_checkpoint(file)
+    if state is None:
+        state = load_file(file, rank, world)
     problem = state_problem(state, whole=form == "pt")
     if problem:
         raise safe_io.RunDirError(f"{file} was not loaded: {problem} (not a checkpoint of this train.py)")
@@ -228,6 +338,8 @@ def restore(form, path, state, model, optimizer, scaler, loader, device):
     kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=adam,
                    options=StateDictOptions(full_state_dict=full))
+    if form == "pt":
+        own_memory(optimizer)
     for group, kernel in zip(optimizer.param_groups, kernels):
         group.update(kernel)
     scaler.load_state_dict(state["scaler"])
@@ -236,6 +348,16 @@ def restore(form, path, state, model, optimizer, scaler, loader, device):
     if device.type == "cuda" and state["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     return state["step"]
+
+
+def own_memory(optimizer):
+    """AdamW's state copied into memory of its own, one tensor at a time. set_state_dict keeps the tensors it is
+    given, which map ckpt.pt: the mapping would last the whole run and hold the file's disk space after the next
+    save replaces it. The weights are copied into the model's parameters already."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                state[key] = value.clone()
 
 
 def autocast_of(state, device):

@@ -332,15 +332,9 @@ RECORD = 512   # bytes a tensor's entry adds to torch.save's zip archive and pic
 ARCHIVE = 4096  # the archive's own entries and directory (measured: about 1,300 bytes)
 
 
-def save_checkpoint(path, state):
-    """Atomically, with the checksum of everything saved; refused before writing if the disk cannot hold it."""
-    import torch
-    state = {**state, "sha256": checksum(state).hexdigest()}
-    atomic_write(path, lambda f: torch.save(state, f), needed=saved_bytes(state))
-
-
 def read_checkpoint(path):
-    """A checkpoint whose contents match its checksum; anything else is named and refused, never loaded."""
+    """A checkpoint of an earlier train.py (its checksum a field over its contents: checksum) whose contents match
+    it; anything else is named and refused, never loaded. checkpoint.write_file writes today's."""
     import torch
     path = Path(path)
     refuse_link(path)

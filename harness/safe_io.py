@@ -59,12 +59,42 @@ def open_plain(path, follow=False):
 
 
 def sha256_file(path, follow=False):
-    """A file's sha256, read as a plain file (open_plain), in 16 MB blocks."""
-    h = hashlib.sha256()
+    """A file's sha256, read as a plain file (open_plain), in one streamed pass (sha256_stream)."""
     with open_plain(path, follow) as f:
-        while block := f.read(1 << 24):
-            h.update(block)
+        return sha256_stream(f)
+
+
+BLOCK = 1 << 24  # bytes per read when hashing: few system calls, and hashlib releases the GIL on each block
+
+
+def sha256_stream(f, size=None):
+    """The sha256 (hex) of the next size bytes of the open file f (all that is left when None), read in one
+    pass of BLOCK-sized reads into one reused buffer. A file shorter than size gives the hash of what it has."""
+    h = hashlib.sha256()
+    buffer = memoryview(bytearray(BLOCK))
+    left = float("inf") if size is None else size
+    while left > 0:
+        n = f.readinto(buffer[:min(BLOCK, left)])
+        if not n:
+            break
+        h.update(buffer[:n])
+        left -= n
     return h.hexdigest()
+
+
+class HashingWriter:
+    """A file's writes passed on and hashed as they go: the sha256 of exactly the bytes written, computed in
+    the same pass. torch.save writes through it (it calls write and flush only)."""
+
+    def __init__(self, f):
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data):
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
 
 
 def folder_problem(path):

@@ -1,7 +1,9 @@
-"""Checkpoints (checkpoint.py, and rundir.py's checksummed ckpt.pt): written whole or not at all, and a damaged
-one (a torn or flipped ckpt.pt, a shard, a manifest) named and never loaded. Resuming from them exactly is
-test_train.py's and, sharded over ranks, test_parallel.py's."""
+"""Checkpoints (checkpoint.py): written whole or not at all, closed by the sha256 hashed as they are written,
+verified once on rank 0 and mapped on every rank, and a damaged one (a torn or flipped ckpt.pt, a shard, a
+manifest) named and never loaded, on every rank. Resuming from them exactly is test_train.py's and, sharded over
+ranks, test_parallel.py's."""
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    rundir.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    checkpoint.write_file(path, {"step": 1, "w": torch.ones(3)})
 
     def disk_fills(obj, f):
         f.write(b"partial")
@@ -32,8 +34,22 @@ def test_checkpoint_write_is_atomic_and_a_full_disk_is_named(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", disk_fills)
     with pytest.raises(safe_io.RunDirError, match=r"ckpt.pt: the disk is full \(more bytes needed, [\d,]+ free\); the "
                                                   r"previous ckpt.pt is untouched"):  # the estimate fell short
-        rundir.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
-    assert rundir.read_checkpoint(path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+        checkpoint.write_file(path, {"step": 2, "w": torch.zeros(3)})
+    assert checkpoint.load_file(path, 0, 1)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_the_checksum_is_hashed_as_the_file_is_written_and_is_the_sha256_of_the_file(tmp_path, monkeypatch):
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the file was read back to hash it")
+    monkeypatch.setattr(safe_io, "sha256_stream", no_second_pass)
+    monkeypatch.setattr(safe_io, "open_plain", no_second_pass)
+    path = tmp_path / "ckpt.pt"
+    checkpoint.write_file(path, {"step": 1, "w": torch.randn(1000, 100), "many": [torch.ones(7)] * 50})
+    raw = path.read_bytes()
+    archive, end = raw[:-checkpoint.TRAILER], raw[-checkpoint.TRAILER:]
+    assert end == checkpoint.SEAL + hashlib.sha256(archive).hexdigest().encode() + b"\n"
+    monkeypatch.undo()
+    assert torch.equal(checkpoint.load_file(path, 0, 1)["many"][0], torch.ones(7))
 
 
 def test_the_free_space_estimate_is_never_short_of_the_file(finished):
@@ -74,7 +90,7 @@ def damage(kind, path):
         path.unlink()
         path.mkdir()
     elif kind == "flipped":  # one byte inside the tensor data: torch.load alone would not notice
-        state = rundir.read_checkpoint(path)
+        state = checkpoint.load_file(path, 0, 1)
         raw = bytearray(path.read_bytes())
         needle = state["model"]["wte.weight"][0, :4].numpy().tobytes()
         at = bytes(raw).index(needle)
@@ -94,6 +110,108 @@ def test_a_damaged_checkpoint_is_named_and_never_loaded(stopped, tiny_data, tmp_
     err = refused(train.main, tiny(tiny_data, tmp_path / "r") + ["--resume"], capsys)
     assert f"{ckpt} {message}" in err and len(err.strip().splitlines()) == 1
     assert snapshot(tmp_path / "r") == before
+
+
+def test_a_checkpoint_of_an_earlier_train_py_still_resumes(stopped, finished_once, tiny_data, tmp_path, capsys):
+    # an earlier train.py kept the checksum as a field over the contents: its run resumes to the same end as
+    # today's, and such a file with a flipped byte is refused
+    shutil.copytree(stopped, tmp_path / "r")
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    state = {k: v for k, v in torch.load(ckpt, weights_only=True).items()}
+    torch.save({**state, "sha256": rundir.checksum(state).hexdigest()}, ckpt)
+    shutil.copytree(tmp_path / "r", tmp_path / "flipped")
+    damage("flipped", tmp_path / "flipped" / "ckpt.pt")
+    err = refused(train.main, tiny(tiny_data, tmp_path / "flipped") + ["--resume"], capsys)
+    assert "ckpt.pt is damaged and was not loaded: its contents do not match the checksum" in err
+    resumed = train.train(tiny(tiny_data, tmp_path / "r") + ["--resume"])
+    assert resumed["final"] == json.loads((finished_once / "summary.json").read_text())["final"]
+
+
+def on_two_ranks(fn, tmp_path, *args):
+    """fn(rank, store, *args) on two gloo ranks (spawned processes); each returns a JSON value, given back as
+    [rank 0's, rank 1's]. A rank that hangs fails the test within a minute."""
+    import torch.multiprocessing as mp
+    context = mp.spawn(fn, args=(tmp_path, *args), nprocs=2, join=False)
+    for _ in range(120):
+        if context.join(timeout=0.5):
+            break
+    else:
+        for proc in context.processes:
+            proc.kill()
+        raise AssertionError("a rank hung")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def resume_on_rank(rank, tmp_path, out):
+    """One rank reading the checkpoint in out as a resume does, counting the bytes it hashed and the files it
+    loaded; it writes (those counts, a digest of the weights and AdamW state, or the error) to rank<r>.json."""
+    import torch.distributed as dist
+    from datetime import timedelta
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=rank, world_size=2,
+                           timeout=timedelta(seconds=30))
+    hashed, loads = [], []
+    stream, mapped = safe_io.sha256_stream, checkpoint.mapped
+    safe_io.sha256_stream = lambda f, size=None: hashed.append(size) or stream(f, size)
+    checkpoint.mapped = lambda path: loads.append(str(path)) or mapped(path)
+    try:
+        _, _, state = checkpoint.read(out, rank, 2)
+        got = {"digest": digest({"model": state["model"], "optimizer": state["optimizer"]})}
+    except safe_io.RunDirError as e:
+        got = {"error": str(e)}
+    (tmp_path / f"rank{rank}.json").write_text(json.dumps({**got, "hashed": hashed, "loads": loads}))
+    dist.destroy_process_group()
+
+
+def digest(obj):
+    """A sha256 over nested dicts and lists of tensors and plain values."""
+    h = hashlib.sha256()
+    for key, value in sorted(torch.utils._pytree.tree_flatten_with_path(obj)[0], key=lambda kv: str(kv[0])):
+        h.update(str(key).encode())
+        h.update(value.numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value).encode())
+    return h.hexdigest()
+
+
+def test_two_ranks_resume_from_one_verification_and_get_identical_state(stopped, tmp_path):
+    ckpt = stopped / "ckpt.pt"
+    ranks = on_two_ranks(resume_on_rank, tmp_path, stopped)
+    assert ranks[0]["hashed"] == [ckpt.stat().st_size - checkpoint.TRAILER] and ranks[1]["hashed"] == []
+    assert ranks[0]["loads"] == ranks[1]["loads"] == [str(ckpt)]
+    state = checkpoint.load_file(ckpt, 0, 1)
+    assert ranks[0]["digest"] == ranks[1]["digest"] == digest({"model": state["model"], "optimizer": state["optimizer"]})
+
+
+def test_a_damaged_checkpoint_stops_both_ranks_with_the_same_line(stopped, tmp_path):
+    shutil.copytree(stopped, tmp_path / "r")
+    ckpt = tmp_path / "r" / "ckpt.pt"
+    damage("flipped", ckpt)
+    ranks = on_two_ranks(resume_on_rank, tmp_path, tmp_path / "r")
+    line = f"{ckpt} is damaged and was not loaded: its contents do not match the checksum saved with them"
+    assert ranks[0]["error"] == ranks[1]["error"] == line
+    assert ranks[0]["loads"] == ranks[1]["loads"] == [] and len(ranks[0]["hashed"]) == 1 and ranks[1]["hashed"] == []
+
+
+def test_a_restored_adamw_owns_its_state_and_maps_no_checkpoint(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    weights, adam = checkpoint.model_and_optimizer(model, optimizer, full=True)
+    checkpoint.write_file(tmp_path / "ckpt.pt", {"model": weights, "optimizer": adam})
+    state = checkpoint.load_file(tmp_path / "ckpt.pt", 0, 1)  # mapped: its tensors are the file's pages
+    model.zero_grad(set_to_none=True)  # as train.py leaves a step
+    fresh = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    class Loader:
+        def load_state_dict(self, state):
+            pass
+    state |= {"scaler": scaler.state_dict(), "loader": {}, "rng": {"cpu": torch.get_rng_state()}, "step": 1}
+    checkpoint.restore("pt", tmp_path, state, model, fresh, scaler, Loader(), torch.device("cpu"))
+    file_pages = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(state["optimizer"])
+                  if isinstance(t, torch.Tensor)}
+    held = [t for s in fresh.state.values() for t in s.values()]
+    assert len(held) == 6 and not file_pages & {t.untyped_storage().data_ptr() for t in held}
+    assert digest(checkpoint.model_and_optimizer(model, fresh, full=True)[1]) == digest(adam)
 
 
 def test_a_manifest_must_list_every_file_of_its_checkpoint(tiny_data, tmp_path):

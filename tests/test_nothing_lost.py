@@ -18,6 +18,7 @@ import evaluate
 import sweep
 import train
 
+from harness import checkpoint
 from harness import preflight
 from harness import rundir
 from harness import safe_io
@@ -557,7 +558,7 @@ def test_an_interrupted_run_says_where_to_resume_in_one_line_and_resumes_exactly
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "ckpt.pt (step" in lines[0] and f"--out_dir={tmp_path / cut} --resume" in lines[0], err
         stopped[cut] = int(lines[0].split("ckpt.pt (step ")[1].split(")")[0])
-        assert stopped[cut] >= 2 and rundir.read_checkpoint(tmp_path / cut / "ckpt.pt")["step"] == stopped[cut]
+        assert stopped[cut] >= 2 and checkpoint.load_file(tmp_path / cut / "ckpt.pt", 0, 1)["step"] == stopped[cut]
     procs = [start([str(ROOT / "train.py"), *argv])  # on one thread, as the cut runs
              for argv in [[f"--out_dir={tmp_path / cut}", "--resume", f"--stop_at={stopped[cut] + 4}"] for cut in signals] +
              [common + [f"--out_dir={tmp_path / 'whole'}", f"--stop_at={max(stopped.values()) + 4}"]]]
