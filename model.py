@@ -2,8 +2,9 @@
 
 Pre-norm decoder: RMSNorm, causal attention with ALiBi, SwiGLU. An MoE layer is a softmax router,
 top-K, an optional shared expert and a load-balancing loss (M1–M6). The routed experts run as two
-grouped GEMMs over tokens sorted by expert: dropless, no host synchronisation, no data-dependent
-shapes, so torch.compile(fullgraph=True) makes one graph that survives any routing.
+grouped GEMMs over tokens sorted by expert: dropless, no data-dependent shapes, so
+torch.compile(fullgraph=True) makes one graph that survives any routing; no host synchronisation on the
+grouped path (CPU, sm90/sm100 in bf16), one host read per layer on the padded path (other GPUs).
 
 Each layer is its plain math. Where a faster path computes the same thing, one commented line chooses it;
 the fast paths are in kernels/custom_ops.py, tested equal to the plain ones (tests/test_model.py), and
@@ -28,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 import flops
 
-from kernels.custom_ops import RMSNormFn, SwiGLUFn, gmm
+from kernels.custom_ops import RMSNormFn, SwiGLUFn, expert_path, gmm, padded_mm
 
 
 @dataclass
@@ -100,6 +101,17 @@ def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
+# FlexAttention's blocks are 128 wide. With both a block mask and a score_mod, its backward gives NaN
+# gradients at lengths off a multiple of 128 (pytorch/pytorch#153799, open): such lengths are padded to
+# the next multiple (attend), and the block mask is built for the padded length.
+FLEX_BLOCK = 128
+
+
+def flex_length(S):
+    """The length FlexAttention runs at: S rounded up to a multiple of FLEX_BLOCK."""
+    return -(-S // FLEX_BLOCK) * FLEX_BLOCK
+
+
 _block_masks = {}
 
 
@@ -122,7 +134,7 @@ def flex_attention_compiled():
 
 def attend(q, k, v, mask, score_mod):
     """Causal attention with ALiBi over q, k, v [B, H, S, Dh]; the one place that picks the path:
-    - mask a BlockMask, eager on CUDA: FlexAttention compiled (flex_attention_compiled). ALiBi is score_mod,
+    - mask a BlockMask (built for flex_length(S)), eager on CUDA: FlexAttention compiled (flex_attention_compiled). ALiBi is score_mod,
       which the fused kernel evaluates on each fp32 score; causality is the block mask, so the blocks
       above the diagonal are skipped rather than computed and masked.
     - mask a BlockMask otherwise: flex_attention itself. Inside a compiled block torch.compile lowers it to
@@ -131,7 +143,12 @@ def attend(q, k, v, mask, score_mod):
     if isinstance(mask, BlockMask):
         eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
         flex = flex_attention_compiled() if eager_cuda else flex_attention
-        return flex(q, k, v, score_mod=score_mod, block_mask=mask)
+        # zeros past S to the mask's length (flex_length): causality keeps the padded keys from every real
+        # query, and the padded queries' rows are cut off, so they get no gradient
+        S, pad = q.shape[2], mask.seq_lengths[0] - q.shape[2]
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        return flex(q, k, v, score_mod=score_mod, block_mask=mask)[:, :, :S]
     # SDPA. The bias is fp32 whatever the autocast dtype (in bf16 the smallest slope's 2048 distances fall on
     # 641 values). In fp32 it goes in 4-D, [1, H, S, S], which takes SDPA's CPU flash kernel (with a 3-D mask SDPA
     # falls back to its math path and writes out all B·H·S·S scores). Under autocast q is bf16, and the flash
@@ -185,10 +202,11 @@ class SwiGLU(nn.Module):
 # ----------------------------------------------------------------------------- MoE
 class MoEAux(NamedTuple):
     """What an MoE layer reports besides its output."""
-    balance: Tensor   # M6
+    balance: Tensor   # M6, over this layer's tokens
     load: Tensor      # [E] routing slots per expert
     z_loss: Tensor    # mean over tokens of logsumexp(router logits)²
     logit_ms: Tensor  # mean square of the router logits
+    p: Tensor         # [E] mean gate score per expert (M6's p), with its gradient
 
 
 class MoE(nn.Module):
@@ -202,9 +220,6 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(cfg.E, cfg.Dm, 2 * cfg.De))     # [W1ᵀ | W3ᵀ] per expert
         self.w2 = nn.Parameter(torch.empty(cfg.E, cfg.De, cfg.Dm))          # W2ᵀ per expert
         self.shared = SwiGLU(cfg.Dm, cfg.Dse) if cfg.Dse else None
-        # under DDP the ranks' micro-batches together are one micro-batch: f (M6) is counted over all
-        # of them, so the balance loss, and the run, do not depend on how many ranks share the batch
-        self.balance_group, self.balance_world = None, 1
         # loss-free balancing (DeepSeek-V3): a bias on the scores that chooses the top K and nothing else;
         # moved after each optimizer step (GPT.update_expert_bias), saved with the model, not a parameter:
         # outside N and C (docs/method.md §9)
@@ -239,14 +254,10 @@ class MoE(nn.Module):
         """ST-MoE's router z-loss: the mean over tokens of logsumexp(z)², z the router's logits."""
         return lse_T.square().mean()
 
-    def balance(self, s_TE, counts_E):
-        """M6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score. Under DDP,
-        f comes from every rank's counts (a constant: no gradient flows through it); each rank's p is
-        its own, and averaging the ranks' gradients makes it the mean p of the whole micro-batch."""
-        f_E = counts_E.float() / counts_E.sum()
-        if self.balance_group is not None and self.training:
-            f_E = funcol.all_reduce(f_E, "sum", self.balance_group) / self.balance_world
-        return self.E * (f_E * s_TE.mean(0)).sum()
+    def balance(self, p_E, counts_E):
+        """M6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score (p_E), over this
+        layer's tokens. Under DDP, GPT.balance counts f over every rank's tokens instead."""
+        return self.E * (counts_E.float() / counts_E.sum() * p_E).sum()
 
     def forward_loop(self, x_TD):
         """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
@@ -278,7 +289,8 @@ class MoE(nn.Module):
 
     def aux(self, s_TE, counts_E, lse_T, logit_ms):
         z = self.z_loss(lse_T if self.z_trained else lse_T.detach())
-        return MoEAux(self.balance(s_TE, counts_E), counts_E, z, logit_ms)
+        p_E = s_TE.mean(0)
+        return MoEAux(self.balance(p_E, counts_E), counts_E, z, logit_ms, p_E)
 
 
 # ----------------------------------------------------------------------------- routed experts
@@ -320,10 +332,11 @@ class Combine(torch.autograd.Function):
 
 
 def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
-    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of M5), dropless. The R = T·K routing
-    slots are sorted by expert; expert e owns the slots offs[e-1]:offs[e], and two grouped GEMMs (gmm)
-    run every expert's SwiGLU at once. MoE.forward_loop is the plain reference it is tested against;
-    what was tried on this path and dropped is in docs/results.md."""
+    """Σ_k g_k · SwiGLU_{e_k}(x) for every token (the routed part of M5), dropless. The R = T·K routing slots
+    are sorted by expert; expert e owns the slots offs[e-1]:offs[e], and two GEMMs run every expert's SwiGLU
+    at once, on the path expert_path picks: gmm (torch's grouped GEMM, no host sync) or padded_mm (a padded
+    bmm, one host read per layer, forward and backward). Tested against MoE.forward_loop; what was tried and
+    dropped is in docs/results.md."""
     T, K = e_TK.shape
     E = w13_EDF2.shape[0]
     e_R, order_R = e_TK.flatten().sort(stable=True)      # the R = T·K slots, grouped by expert
@@ -333,13 +346,14 @@ def routed_experts(x_TD, g_TK, e_TK, w13_EDF2, w2_EFD):
     # grouped GEMMs is ever left unwritten (grouped_mm skips rows past the last offset)
     ends = torch.searchsorted(e_R, torch.arange(E - 1, device=e_TK.device), right=True, out_int32=True)
     offs_E = torch.cat([ends, ends.new_full((1,), T * K)])
+    mm = gmm if expert_path(x_TD.device, x_TD.dtype)[0] == "grouped_mm" else padded_mm(offs_E, T * K)
     xs_RD = Dispatch.apply(x_TD, tok_R, inv_R, K)
-    h_RF2 = gmm(xs_RD, w13_EDF2, offs_E)
+    h_RF2 = mm(xs_RD, w13_EDF2, offs_E)
     # each slot's gate g (M5) scales the narrow hidden (F wide) rather than the output (D wide): same
     # result, less memory traffic; swiglu applies it with the activation
     g_R1 = g_TK.flatten()[order_R].unsqueeze(-1).to(h_RF2.dtype)
     a_RF = swiglu(h_RF2, g_R1)
-    o_RD = gmm(a_RF, w2_EFD, offs_E)
+    o_RD = mm(a_RF, w2_EFD, offs_E)
     counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
     return Combine.apply(o_RD, tok_R, inv_R, K), counts_E
 
@@ -379,6 +393,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.register_buffer("slopes", torch.tensor(alibi_slopes(cfg.H)), persistent=False)
         self._alibi_bias = None  # GPT.alibi_bias_for's [1, H, S, S] bias for the last length seen
+        # under DDP the ranks' micro-batches together are one micro-batch: f (M6) is counted over all of them
+        # (GPT.balance), so the balance loss, and the run, do not depend on how many ranks share the batch
+        self.balance_group = None
         self.checkpointing = False  # activation checkpointing: keep each block's input, recompute the rest
         self.reset_parameters()
 
@@ -408,7 +425,7 @@ class GPT(nn.Module):
         x = self.wte(idx_BS)
         S = idx_BS.shape[1]
         # FlexAttention's block mask or SDPA's bias: attend picks the path from it
-        mask = causal_block_mask(S, x.device) if self.attention == "flex" else self.alibi_bias_for(S)
+        mask = causal_block_mask(flex_length(S), x.device) if self.attention == "flex" else self.alibi_bias_for(S)
         auxes = []
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -424,8 +441,8 @@ class GPT(nn.Module):
             zero = ce.new_zeros(())
             return logits, ce, {"ce": ce.detach(), "balance": zero, "z_loss": zero, "load": ce.new_zeros(0, 0),
                                 "logit_ms": ce.new_zeros(0)}
-        balance = torch.stack([a.balance for a in auxes]).mean()  # means over the MoE layers (our choice)
-        z_loss = torch.stack([a.z_loss for a in auxes]).mean()
+        balance = self.balance(auxes)
+        z_loss = torch.stack([a.z_loss for a in auxes]).mean()  # means over the MoE layers (our choice)
         loss = ce + self.cfg.balance_coef * balance
         if self.cfg.router_z_coef:
             loss = loss + self.cfg.router_z_coef * z_loss
@@ -464,10 +481,20 @@ class GPT(nn.Module):
         return logits, ce
 
     def count_balance_over(self, group, world):
-        """Under DDP: each MoE layer's f (M6) over the micro-batches of all `world` ranks of `group`."""
-        for m in self.modules():
-            if isinstance(m, MoE):
-                m.balance_group, m.balance_world = group, world
+        """Under DDP: each MoE layer's f (M6) over the micro-batches of all `world` ranks of `group` (one
+        rank: over its own)."""
+        self.balance_group = group if world > 1 else None
+
+    def balance(self, auxes):
+        """M6, the mean over the MoE layers of each layer's balance loss. Training over several ranks, f
+        counts the slots of every rank's micro-batch: one all-reduce of all layers' counts [Le, E] per
+        forward, after the last layer (f is a constant: no gradient flows through it). Each rank's p is its
+        own, and averaging the ranks' gradients makes it the mean p of the whole micro-batch."""
+        if self.balance_group is None or not self.training:
+            return torch.stack([a.balance for a in auxes]).mean()
+        counts_LE = funcol.all_reduce(torch.stack([a.load for a in auxes]).float(), "sum", self.balance_group)
+        f_LE = counts_LE / counts_LE.sum(-1, keepdim=True)
+        return (self.cfg.E * (f_LE * torch.stack([a.p for a in auxes])).sum(-1)).mean()
 
     def compile_regions(self):
         """torch.compile each block and the head on their own ("regional compilation"), in place. Blocks

@@ -67,6 +67,7 @@ class TrainConfig:
     parallel: str = "auto"    # over ranks: ddp | fsdp (FSDP2: weights, gradients and AdamW sharded); auto = ddp when it fits
     activation_checkpointing: bool = False  # keep each block's input only and recompute the rest in the backward
     gpu_mem: float = 0.0      # GiB per GPU for the memory plan and parallel=auto; 0 = what CUDA reports
+    dist_timeout_s: int = 1800  # seconds a rank waits in a collective (NCCL or gloo) before the run fails
     peak_flops: float = 0.0   # per-device peak FLOP/s for MFU; 0 = look the GPU up in logbook.PEAK_FLOPS
     tensorboard: bool = False  # also log to TensorBoard in <out_dir>/tb/ (pip install tensorboard; harness/trackers.py)
     wandb: bool = False       # also log to Weights & Biases (pip install wandb); its run id is kept in <out_dir>/wandb.json
@@ -250,6 +251,7 @@ RANGES = {
     "ckpt_interval": (0, 2**63 - 1, "iterations >= 0 (0: at every evaluation)"),
     "stop_at": (0, 2**63 - 1, "an iteration >= 0 (0: run to the end)"),
     "gpu_mem": (0, 2**20, "GiB per GPU in 0..2^20 (0: what CUDA reports)"),
+    "dist_timeout_s": (1, 7 * 86400, "seconds in 1..604,800 (a week)"),
     "peak_flops": (0, 1e30, "FLOP/s in 0..1e30 (0: the datasheet's)"),
     # the command lines' ranks per run (train.py --plan --nproc, sweep.py --nproc): no config key
     "nproc": (1, 2**20, "a number of ranks in 1..2^20"),

@@ -12,6 +12,8 @@ each op, so the two round differently. Expert parallelism is out of scope: every
 every expert.
 """
 import contextlib
+import datetime
+import inspect
 import math
 import os
 import re
@@ -33,18 +35,20 @@ KINDS = ("auto", "ddp", "fsdp")
 
 # ----------------------------------------------------------------------------- processes
 def setup_distributed(tcfg):
-    """(rank, world, device): a process group under torchrun (NCCL on GPU, gloo on CPU), else one process."""
+    """(rank, world, device): a process group under torchrun (NCCL on GPU, gloo on CPU), else one process.
+    A collective that waits longer than train.dist_timeout_s (a rank that died or hangs) fails the run.
+    NCCL is bound to the rank's GPU at once (device_id), so that its communicators are made eagerly there."""
     device = device_of(tcfg)  # a device that is not here is refused before anything starts
-    use_cuda = device.type == "cuda"
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if use_cuda:
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            return rank, world, torch.device("cuda", local)
-        return rank, world, torch.device("cpu")
-    return 0, 1, device
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    timeout = datetime.timedelta(seconds=tcfg.dist_timeout_s)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def parse_device(name, flag="--device"):
@@ -95,7 +99,8 @@ def wrap(model, strategy, tcfg, device, dtype):
     fwd = model.compile_regions() if tcfg.compile else model
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True)
+        return torch.nn.parallel.DistributedDataParallel(fwd, device_ids=ids, gradient_as_bucket_view=True,
+                                                         **no_buffer_sync())
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import Shard
@@ -114,6 +119,14 @@ def wrap(model, strategy, tcfg, device, dtype):
                 block.register_forward_pre_hook(cast_x(mp.param_dtype))
         fully_shard(model, mp_policy=mp, shard_placement_fn=placement)  # the root: embedding, final norm, LM head
     return fwd
+
+
+def no_buffer_sync():
+    """DDP's argument that turns off its broadcast of the buffers before every forward (a collective each time):
+    the buffers are the constant ALiBi slopes and the expert bias, which every rank moves alike from the step's
+    all-reduced load (train.train_step). torch 2.13 renamed it forward_sync_buffers and warns on the old name."""
+    new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
 
 
 def cast_x(dtype):

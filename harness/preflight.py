@@ -44,7 +44,7 @@ def check_run(mvals, tcfg, given, resume, world=1, device=None, rank=0, prepare=
         raise ValueError(f"train.eval_tokens={tcfg.eval_tokens} is less than one window of S+1 = {shape.S + 1} tokens: "
                          f"expected 0 (all of each split) or at least {shape.S + 1}")
     sched = schedule.for_training(shape, tcfg, world)
-    dtype, attention = precision(tcfg, device.type if device else None, shape)
+    dtype, attention = precision(tcfg, device.type if device else None)
     try:
         if prepare:
             meta = prepare_data(tcfg, rank, world)
@@ -109,11 +109,9 @@ def prepare_data(tcfg, rank, world):
     return data.load_meta(path)
 
 
-def precision(tcfg, device_type, mcfg):
+def precision(tcfg, device_type):
     """(dtype name, attention path) on this kind of device (None: not known yet), refused if impossible."""
-    dtype = resolve_dtype(tcfg.dtype, device_type)
-    if dtype == "float16" and device_type == "cuda" and mcfg.scheme != "dense":
-        raise ValueError("train.dtype='float16' with an MoE on CUDA: torch's grouped GEMM takes bfloat16 only")
+    dtype = resolve_dtype(tcfg.dtype, device_type)  # an MoE in float16 takes the padded expert path (expert_path)
     attention = tcfg.attention if tcfg.attention != "auto" else ("flex" if device_type == "cuda" else "sdpa")
     if attention == "flex" and device_type not in ("cuda", None):
         raise ValueError(f"train.attention='flex' on {device_type}: FlexAttention has no backward there; use sdpa")

@@ -2,10 +2,14 @@
 
 - gmm, gmm_wgrad: torch's grouped GEMM as the custom ops moe_equal::gmm and moe_equal::gmm_wgrad, with fake
   kernels, an autograd rule and a FLOP formula (the routed experts of model.routed_experts);
+- expert_path, padded_mm: which of two expert GEMMs runs for a device and dtype, and the second one, a padded
+  bmm for the GPUs and dtypes where torch's grouped GEMM runs one GEMM per expert, as the custom ops
+  moe_equal::padded_layout, moe_equal::padded_gmm and moe_equal::padded_gmm_backward (eager or compiled);
 - RMSNormFn: RMSNorm with its gradient in closed form (model.RMSNorm, CPU eager; plain path F.rms_norm);
 - SwiGLUFn: the SwiGLU activation with a backward that writes into one gradient tensor (model.swiglu, eager).
 
-tests/test_model.py checks each against its plain path; what each bought is in docs/results.md.
+tests/test_model.py and tests/test_expert_paths.py check each against its plain path; what each bought is in
+docs/results.md.
 """
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,123 @@ gmm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 @register_flop_formula([torch.ops.moe_equal.gmm, torch.ops.moe_equal.gmm_wgrad])
 def _gmm_flops(x_shape, w_shape, offs_shape, out_shape=None, **kwargs):
     return 2 * x_shape[0] * x_shape[1] * out_shape[-1]
+
+
+# ----------------------------------------------------------------------------- choosing the expert path
+# torch's _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp) takes its CUTLASS kernel
+# (bf16bf16_grouped_mm: no host sync) only when mat_a, mat_b and the output are bf16 and
+# _scaled_mm_allowed_device(sm90_only=true, sm100_only=true) holds, i.e. compute capability major 9 or 10
+# (ROCm: only CK builds on gfx942/gfx950). Everywhere else it runs _grouped_mm_fallback
+# (aten/src/ATen/native/GroupedMMUtils.h): offs.cpu(), then one mm_out per group; the CPU build runs that
+# fallback too, where copying offs waits for nothing.
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def expert_path(device, dtype, capability=None):
+    """("grouped_mm" or "padded", why): how model.routed_experts runs the experts' GEMMs for inputs of this
+    device and dtype; the one place that chooses. capability (major, minor) stands in for the GPU's, so the
+    table can be checked without a GPU. The choice is the same compiled or not: both paths are custom ops
+    that torch.compile(fullgraph=True) traces."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "grouped_mm", f"{device.type}: torch's own grouped_mm, no device to wait for"
+    if torch.version.hip and capability is None:
+        return "padded", "ROCm: torch's grouped_mm has a fast kernel only in CK builds on gfx942/gfx950"
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    where = f"sm{major}{minor} in {_DTYPE_NAMES.get(dtype, str(dtype))}"
+    if major not in (9, 10):
+        before = "before sm90" if major < 9 else "outside sm90 and sm100"
+        return "padded", f"{where}: torch's grouped_mm falls back to one GEMM per expert {before}"
+    if dtype != torch.bfloat16:
+        return "padded", f"{where}: torch's grouped_mm falls back to one GEMM per expert outside bf16"
+    return "grouped_mm", f"{where}: torch's grouped_mm runs its CUTLASS kernel, no host sync"
+
+
+# ----------------------------------------------------------------------------- padded expert GEMM
+# Three custom ops, so that torch.compile(fullgraph=True) traces the path as it traces gmm: the one
+# data-dependent size, M, lives inside them, and their fake kernels give static shapes.
+PAD_ROWS = 16  # each expert's rows are padded to the largest load rounded up to this, so shapes repeat
+
+
+@torch.library.custom_op("moe_equal::padded_layout", mutates_args=())
+def padded_layout(offs: Tensor, R: int) -> tuple[Tensor, Tensor]:
+    """(slot [R], M): M the largest group (expert load) rounded up to PAD_ROWS, as a 0-dim int64 tensor on
+    the host, and slot[r] = e·M + (r − start of e) the slot of row r of group e in an [E·M] padding.
+    Its .cpu() is the padded path's one device-to-host read per layer, forward and backward together (one
+    more where activation checkpointing recomputes the layer): the GEMMs below read M from that host
+    tensor, which waits for nothing. torch's fallback syncs once per GEMM, six per layer."""
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    M = -(-counts.max().cpu() // PAD_ROWS) * PAD_ROWS
+    r = torch.arange(R, device=offs.device)
+    e_R = torch.searchsorted(offs, r.to(offs.dtype), right=True)
+    return e_R * int(M) + r - (offs - counts).long()[e_R], M.long()
+
+
+@padded_layout.register_fake
+def _(offs, R):
+    return offs.new_empty(R, dtype=torch.int64), torch.empty((), dtype=torch.int64, device="cpu")
+
+
+def _pad(x_RD, slot_R, E, M):
+    """[R, D] rows sorted by expert → [E, M, D], each row at its slot, zeros where no row falls."""
+    return x_RD.new_zeros(E * M, x_RD.shape[1]).index_copy_(0, slot_R, x_RD).view(E, M, -1)
+
+
+def _unpad(y_EMD, slot_R):
+    return y_EMD.flatten(0, 1).index_select(0, slot_R)
+
+
+@torch.library.custom_op("moe_equal::padded_gmm", mutates_args=())
+def padded_gmm(x: Tensor, w: Tensor, slot: Tensor, M: Tensor) -> Tensor:
+    """gmm's product, out[r] = x[r] @ w[e], as one torch.bmm over [E, M, Din]: the rows scattered to their
+    slots (padded_layout), multiplied, gathered back."""
+    return _unpad(torch.bmm(_pad(x, slot, w.shape[0], int(M)), w), slot)
+
+
+@padded_gmm.register_fake
+def _(x, w, slot, M):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moe_equal::padded_gmm_backward", mutates_args=())
+def padded_gmm_backward(dy: Tensor, x: Tensor, w: Tensor, slot: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
+    """(dx, dw) of padded_gmm, by the same padded bmm; an empty expert's padded rows are all zero, so its
+    dw is exactly zero."""
+    E, M = w.shape[0], int(M)
+    dy_EMF = _pad(dy, slot, E, M)
+    return (_unpad(torch.bmm(dy_EMF, w.transpose(1, 2)), slot),
+            torch.bmm(_pad(x, slot, E, M).transpose(1, 2), dy_EMF))
+
+
+@padded_gmm_backward.register_fake
+def _(dy, x, w, slot, M):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _padded_gmm_backward(ctx, dy):
+    return *padded_gmm_backward(dy, *ctx.saved_tensors), None, None
+
+
+padded_gmm.register_autograd(_padded_gmm_backward, setup_context=_gmm_setup)
+
+
+@register_flop_formula(torch.ops.moe_equal.padded_gmm)
+def _padded_gmm_flops(x_shape, w_shape, slot_shape, M_shape, out_shape=None, **kwargs):
+    return 2 * x_shape[0] * x_shape[1] * w_shape[2]  # the useful R rows, as gmm's: not the E·M padded ones
+
+
+@register_flop_formula(torch.ops.moe_equal.padded_gmm_backward)
+def _padded_gmm_backward_flops(dy_shape, x_shape, w_shape, slot_shape, M_shape, out_shape=None, **kwargs):
+    return 2 * 2 * x_shape[0] * x_shape[1] * w_shape[2]  # dx and dw
+
+
+def padded_mm(offs_E, R):
+    """gmm's stand-in where torch's grouped_mm would run one GEMM per expert (expert_path): made once per
+    layer from offs, with the layer's one host read (padded_layout), then called as gmm is, for the
+    layer's GEMMs, forward and backward. It costs E·M rows of GEMM for R rows of work. Eager or compiled:
+    torch.compile(fullgraph=True) sees three custom ops with static shapes."""
+    slot_R, M = padded_layout(offs_E, R)
+    return lambda x_RD, w_EDF, offs_E=None: padded_gmm(x_RD, w_EDF, slot_R, M)
 
 
 # ----------------------------------------------------------------------------- hand-written backwards

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import flops
+import model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.flop_counter import FlopCounterMode
@@ -340,6 +341,21 @@ def test_block_mask_skips_the_blocks_above_the_diagonal():
     assert blocks.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     q, kv = torch.arange(300)[:, None], torch.arange(300)[None, :]
     assert torch.equal(mask.mask_mod(0, 0, q, kv), q >= kv)
+
+
+def test_flex_attention_runs_only_at_multiples_of_its_block(monkeypatch):
+    # FlexAttention with a block mask and a score_mod has NaN gradients at lengths off 128 upstream: the
+    # model pads S = 150 to 256 for the kernel and returns S rows, equal to SDPA's
+    seen = []
+    monkeypatch.setattr(model, "flex_attention", lambda q, *a, **kw: seen.append(q.shape[2]) or flex_attention(q, *a, **kw))
+    torch.manual_seed(3)
+    cfg = GPTConfig(scheme="dense", L=1, Dm=32, H=4, Dh=8, Dffn=64, S=150, vocab_size=40)
+    sdpa, flex = GPT(cfg), GPT(cfg, attention="flex")
+    flex.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 40, (2, 150))
+    with torch.no_grad():
+        (logits_s, _, _), (logits_f, _, _) = sdpa(idx, idx), flex(idx, idx)
+    assert seen == [256] and logits_f.shape == logits_s.shape and rel_err(logits_f, logits_s) < 1e-5
 
 
 @pytest.mark.parametrize("scheme", ["dense", "1dense"])

@@ -1,6 +1,7 @@
 """parallel.py and checkpoint.py: FSDP2 against one process, sharded checkpoints that resume on any
 number of ranks, activation checkpointing, and the memory plan against the real tensors."""
 import contextlib
+import datetime
 import fcntl
 import json
 import os
@@ -23,7 +24,7 @@ from model import GPT, GPTConfig
 from harness import parallel
 from harness import schedule
 from harness.config import TrainConfig, read_toml
-from tests.conftest import refused, torn_next_save
+from tests.conftest import refused, tiny_run_argv, torn_next_save
 from tests.test_train import records, run_ddp, weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +177,104 @@ def test_activation_checkpointing_changes_memory_not_the_run(tiny_run, tmp_path)
     train.train(tiny_run("ckpt", "--activation_checkpointing=true"))
     assert records(tmp_path / "plain") == records(tmp_path / "ckpt")
     assert records(tmp_path / "plain", "eval") == records(tmp_path / "ckpt", "eval")
+
+
+# ----------------------------------------------------------------------------- DDP: process group, buffers, collectives
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_process_group_gets_the_timeout_and_nccl_the_rank_gpu(device, monkeypatch):
+    calls = []
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with 2 GPUs, this rank on the second
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    tcfg = train.load_config([f"--device={device}", "--dist_timeout_s=77"])[1]
+    rank_world_device = parallel.setup_distributed(tcfg)
+    timeout = datetime.timedelta(seconds=77)
+    if device == "cpu":
+        assert calls == [(("gloo",), {"timeout": timeout})] and rank_world_device == (3, 4, torch.device("cpu"))
+    else:
+        gpu = torch.device("cuda", 1)
+        assert calls == [gpu, (("nccl",), {"timeout": timeout, "device_id": gpu})] and rank_world_device == (3, 4, gpu)
+
+
+# two MoE layers with loss-free balancing, two micro-batches (of one sequence per rank) per step
+BIASED = ("--L=3", "--expert_bias_rate=0.01", "--micro_batch=2")
+ACCUM = 2
+
+
+def traced_rank(out, argv):
+    """One rank of a train.py run under torchrun (run_traced): train.train, with the collectives of each
+    optimizer step counted (torch's profiler records every c10d op: DDP's gradient buckets, funcol's
+    all-reduces, broadcasts), and the rank's buffers, collective counts and DDP's bucket count saved to out."""
+    steps, held = [], []
+    step, assemble = train.train_step, train.assemble
+
+    def traced_step(s, batches):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            result = step(s, batches)
+        steps.append(sum(e.name.startswith("c10d::") for e in prof.events()))
+        return result
+
+    def kept(*args):
+        held.append(assemble(*args))
+        return held[-1]
+    train.train_step, train.assemble = traced_step, kept
+    train.train(argv)
+    s = held[0].step_ctx
+    record = {"buffers": dict(s.model.named_buffers()), "collectives": steps,
+              "buckets": s.fwd._get_ddp_logging_data()["num_buckets_reduced"]}
+    torch.save(record, Path(out) / f"rank{os.environ['RANK']}.pt")
+
+
+def run_traced(argv, out):
+    """run_ddp's 2-rank run, each rank through traced_rank: [rank 0's record, rank 1's]."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    code = "import sys; from tests.test_parallel import traced_rank; traced_rank(sys.argv[1], sys.argv[2:])"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--no-python", sys.executable, "-c", code, str(out), *argv],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def traced_ddp(tiny_data, tmp_path_factory):
+    """(run directory, each rank's record) of tiny_run's MoE with BIASED, under DDP on 2 gloo ranks."""
+    out = tmp_path_factory.mktemp("traced-ddp")
+    return out / "run", run_traced(tiny_run_argv(tiny_data, out / "run", *BIASED), out)
+
+
+@pytest.mark.slow
+def test_ddp_keeps_the_expert_bias_equal_on_every_rank_and_follows_one_process(traced_ddp, tiny_run, tmp_path):
+    # DDP broadcasts no buffer: each rank moves its own expert bias, from the step's all-reduced load
+    out, ranks = traced_ddp
+    train.train(tiny_run("one", *BIASED))
+    assert_same_run(tmp_path / "one", out)
+    one = weights(tmp_path / "one")
+    for name, buf in ranks[0]["buffers"].items():
+        assert torch.equal(buf, ranks[1]["buffers"][name]), name  # bit for bit
+        assert name == "slopes" or torch.equal(buf, one[name]), name  # as on one process (slopes: not saved)
+    assert ranks[0]["buffers"]["blocks.2.ffn.expert_bias"].abs().sum() > 0  # it moved
+
+
+@pytest.mark.slow
+def test_a_ddp_step_makes_one_collective_per_forward_and_per_gradient_bucket(traced_ddp):
+    # per micro-batch one all-reduce of both MoE layers' expert counts (GPT.balance; one per layer would make
+    # two), on the last micro-batch one per gradient bucket, after the step one of the load (the expert bias).
+    # The second step also broadcasts the bucket layout that DDP rebuilt from the first: it is left out.
+    for rank in traced_ddp[1]:
+        counted = rank["collectives"][:1] + rank["collectives"][2:]
+        assert rank["buckets"] >= 1 and counted == [ACCUM + rank["buckets"] + 1] * 11, rank
+
+
+@pytest.mark.slow
+def test_ddp_composes_with_compile(traced_ddp, tiny_run, tmp_path):
+    run_ddp(tiny_run("compiled", *BIASED, "--compile=true"), nproc=2)
+    assert_same_run(traced_ddp[0], tmp_path / "compiled")  # to 1e-5: the same run, other kernels
 
 
 # ----------------------------------------------------------------------------- the memory plan
