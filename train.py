@@ -39,6 +39,7 @@ import torch.distributed as dist
 import data
 import flops
 from evaluate import evaluate_splits
+from kernels.custom_ops import expert_path
 from model import GPT, GPTConfig
 from sample import sample_text
 
@@ -198,8 +199,8 @@ def assemble(setup, rank, world, device):
     """The run's parts, in the order that fixes its bits (the seed, then the model's initialisation): the
     loader, the model, its parallelism, the optimizer and the step's record; the run's numbers printed."""
     tcfg, mcfg, sched = setup.tcfg, setup.mcfg, setup.sched
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    # TF32 stays off (torch's default): under autocast every matmul is bf16 but the router's, which is fp32 on
+    # purpose (MoE.route), and a float32 run is fp32 throughout
     autocast = parallel.autocast_for(device, setup.dtype)
     loader = data.Loader(setup.train_tokens, mcfg.S, tcfg.seed, tcfg.unique_tokens)
     table = data.char_table(data.get_tokenizer(setup.meta["tokenizer"]))
@@ -354,6 +355,8 @@ def describe(setup, loader, strategy, rank, world, device):
                    dtype=setup.dtype, attention=setup.attention, parallel=strategy,
                    activation_checkpointing=tcfg.activation_checkpointing, M_exec=M_exec,
                    threads=[torch.get_num_threads()])  # CPU threads, per segment of a resumed run (threads_so_far)
+    if mcfg.scheme != "dense":  # the routed experts' GEMMs, for the device and the dtype they run in
+        numbers["expert_path"], why = expert_path(device, getattr(torch, setup.dtype))
     if rank == 0:
         print(f"model {mcfg.scheme}: N={sched.N:,} Na={sched.Na:,} r_a={100 * sched.Na / sched.N:.1f}% "
               f"M_train={sched.M_train:.3g} FLOPs/token (M11, for C); executed {M_exec:.3g} (LM head, causal attention: for MFU)")
@@ -362,6 +365,8 @@ def describe(setup, loader, strategy, rank, world, device):
               f"{loader.unique_tokens:,} unique tokens; micro-batch {sched.micro_batch} ({sched.micro(world)} per rank "
               f"× {world} ranks) × accum {sched.accum}; {device} {setup.dtype} {setup.attention} {strategy}"
               f"{' compiled' if tcfg.compile else ''}{' checkpointed' if tcfg.activation_checkpointing else ''}")
+        if "expert_path" in numbers:
+            print(f"experts: {numbers['expert_path']} ({why})")
     return numbers
 
 
@@ -413,10 +418,34 @@ def show_plan(argv):
     sched = schedule.for_training(mcfg, tcfg, world)
     dtype = tcfg.dtype if tcfg.dtype != "auto" else "bfloat16"  # the memory plan is for GPUs
     capacity = int(tcfg.gpu_mem * parallel.GiB) if tcfg.gpu_mem else None
-    text, _, _ = parallel.format_memory_plan(mcfg, tcfg, sched, world, dtype, capacity)
+    text, _, chosen = parallel.format_memory_plan(mcfg, tcfg, sched, world, dtype, capacity)
     print(f"model {mcfg.scheme}: N={sched.N:,} (+ vocabulary {vocab:,} × Dm {mcfg.Dm}), schedule {sched.iters} iters × "
           f"{sched.batch_seqs} seqs × {mcfg.S} tokens")
     print(text)
+    print(plan_of_io(mcfg, tcfg, sched, world, chosen))
+
+
+def plan_of_io(mcfg, tcfg, sched, world, strategy):
+    """--plan's lines on what a run reads and writes besides training: its evaluations and checkpoints."""
+    evals = ckpts = 0
+    for step in range(1, sched.iters + 1):  # counted by the loop's own rule
+        _, is_eval, is_ckpt = due(step, sched.iters, sched.iters, tcfg)
+        evals, ckpts = evals + is_eval, ckpts + is_ckpt
+    splits = None
+    if (Path(tcfg.data) / "meta.json").exists():
+        splits = {k: v["tokens"] for k, v in data.load_meta(tcfg.data)["splits"].items() if k != "train"}
+    if splits is None:
+        reads = (f"{tcfg.eval_tokens:,} tokens of each validation split" if tcfg.eval_tokens
+                 else "all of each validation split (eval_tokens = 0)") + f" ({tcfg.data} is not prepared here)"
+    else:
+        read = {k: min(n, tcfg.eval_tokens or n) for k, n in splits.items()}
+        reads = f"{sum(read.values()):,} tokens (" + ", ".join(f"{k} {n:,}" for k, n in read.items()) + ")"
+    P = sum(math.prod(shape) for shape in parallel.param_shapes(mcfg).values())
+    size = 12 * P / parallel.GiB  # fp32 weights and AdamW's two moments, 4 bytes each
+    where = f"{size / world:.3g} GiB per rank, sharded" if strategy == "fsdp" else "one file, written by rank 0"
+    return (f"evaluation: {evals} per run, each reading {reads}\n"
+            f"checkpoint: {size:.3g} GiB ({P:,} parameters × 12 bytes: fp32 weights and AdamW's two moments; {where}), "
+            f"{ckpts} per run")
 
 
 def main(argv=None):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from harness import safe_io
 from dev import op_times
 from dev import profile_parts
 from dev import reference_gpt
-from dev.gpucheck import RESULT_COMMANDS, gpu_check  # the smoke test is its own program; bench.py gpu-check runs it too
+from dev.gpucheck import RESULT_COMMANDS, gpu_check, keeper  # the smoke test is its own program; bench.py gpu-check runs it too
 from model import (GPT, GPTConfig, MoE, SwiGLU, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask,
                    flex_attention, flex_attention_compiled, routed_experts)
 from kernels.custom_ops import gmm
@@ -266,38 +267,46 @@ def bench_step(a):
     elif not peak:
         peak, peak_label = matmul_rate(device, dtype), "measured 4096² fp32 matmul rate"
     stats = {name: {"tok_s": [], "data": [], "mem": []} for name in ("dense", "moe")}
-    with tempfile.TemporaryDirectory() as tmp:
+    out = {"device": device_name(device), "peak_flops": peak, "peak_label": peak_label, "compiled": a.compile,
+           "batch_seqs": a.batch_seqs, "micro_batch": a.micro_batch or a.batch_seqs, "iters": a.iters, "models": {}}
+    # it times steps: no sample, and no checkpoint (at 350M several GB, written and checksummed)
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(train, "save", lambda t, at_step: None):
         for r in range(a.rounds):
             for name, shape in (("dense", dense), ("moe", moe)):
-                summary = train.train(model_args(shape) + common + [f"--out_dir={tmp}/{name}{r}"])
+                summary = train.train(model_args(shape) + common + ["--sample_tokens=0", f"--out_dir={tmp}/{name}{r}"])
                 logs = [x for x in rundir.read_log(Path(tmp) / f"{name}{r}" / "log.jsonl") if x["kind"] == "train"][1:]  # after warm-up
                 stats[name]["tok_s"] += [x["tokens_per_s"] for x in logs]
                 stats[name]["data"] += [x["data_share"] for x in logs]
                 stats[name]["mem"] += [x["peak_mem_gib"] for x in logs if "peak_mem_gib" in x]
                 stats[name]["M_exec"], stats[name]["vocab"] = summary["M_exec"], summary["config"]["model"]["vocab_size"]
+                out["models"][name] = step_numbers(shape, stats[name], peak)
+                a.keep(out)  # what is measured so far survives a time cap
+    out["moe_mfu_over_dense"] = out["models"]["moe"]["mfu"] / out["models"]["dense"]["mfu"]
     print(f"\ntraining step  {device_name(device)} {str(dtype).replace('torch.', '')} {'compiled' if a.compile else 'eager'} "
           f"threads={torch.get_num_threads()} batch={a.batch_seqs}x{moe.S} micro={a.micro_batch or a.batch_seqs} "
           f"iters={a.iters} rounds={a.rounds}; MFU from the FLOPs executed (M_exec) against the {peak_label}, "
           f"{peak / 1e12:.3g} TFLOP/s")
     print(f"  {'model':6}{'N':>13}{'Na':>13}{'r_a':>7}{'M_exec':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
           f"{'peak GiB':>9}{'loader':>8}")
-    out = {"device": device_name(device), "peak_flops": peak, "peak_label": peak_label, "compiled": a.compile,
-           "batch_seqs": a.batch_seqs, "micro_batch": a.micro_batch or a.batch_seqs, "iters": a.iters, "models": {}}
     for name, shape in (("dense", dense), ("moe", moe)):
-        c, M, st = flops.count(shape), stats[name]["M_exec"], stats[name]
-        tok_s = statistics.median(st["tok_s"])
-        mem = max(st["mem"]) if st["mem"] else None
-        out["models"][name] = {"shape": asdict(shape), "N": c.N, "Na": c.Na, "ra": c.ra, "M_exec": M,
-                               "M_train": flops.M_train(shape), "vocab_size": st["vocab"], "tokens_per_s": tok_s,
-                               "mfu": tok_s * M / peak, "peak_mem_gib": mem, "loader_share": statistics.median(st["data"])}
-        print(f"  {name:6}{c.N:>13,}{c.Na:>13,}{100 * c.ra:>6.1f}%{M:>10.3g}{tok_s:>10,.0f}{tok_s * M / 1e12:>9.3g}"
-              f"{100 * tok_s * M / peak:>6.1f}%{mem if mem is not None else float('nan'):>9.1f}"
-              f"{100 * statistics.median(st['data']):>7.2f}%")
+        m = out["models"][name]
+        mem = m["peak_mem_gib"]
+        print(f"  {name:6}{m['N']:>13,}{m['Na']:>13,}{100 * m['ra']:>6.1f}%{m['M_exec']:>10.3g}{m['tokens_per_s']:>10,.0f}"
+              f"{m['tokens_per_s'] * m['M_exec'] / 1e12:>9.3g}{100 * m['mfu']:>6.1f}%"
+              f"{mem if mem is not None else float('nan'):>9.1f}{100 * m['loader_share']:>7.2f}%")
         shown = {k: v for k, v in asdict(shape).items() if name == "moe" or k not in ("E", "K", "De", "Dse")}
-        print("         shape: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", vocab_size={st['vocab']}")
-    out["moe_mfu_over_dense"] = out["models"]["moe"]["mfu"] / out["models"]["dense"]["mfu"]
+        print("         shape: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", vocab_size={m['vocab_size']}")
     print(f"  MoE MFU / dense MFU {out['moe_mfu_over_dense']:.3f}; loader = median share of step time in Loader.next_step")
     return out
+
+
+def step_numbers(shape, st, peak):
+    """One model's line of the step benchmark from its runs' records so far."""
+    c, M = flops.count(shape), st["M_exec"]
+    tok_s = statistics.median(st["tok_s"])
+    return {"shape": asdict(shape), "N": c.N, "Na": c.Na, "ra": c.ra, "M_exec": M, "M_train": flops.M_train(shape),
+            "vocab_size": st["vocab"], "tokens_per_s": tok_s, "mfu": tok_s * M / peak,
+            "peak_mem_gib": max(st["mem"]) if st["mem"] else None, "loader_share": statistics.median(st["data"])}
 
 
 # ----------------------------------------------------------------------------- profile
@@ -670,8 +679,7 @@ def main(argv=None):
             parallel.tune_malloc()
         if getattr(a, "threads", 0):
             torch.set_num_threads(a.threads)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
+        a.keep = keeper(a.json, "dev/bench.py " + " ".join(argv or sys.argv[1:]))
         run = {"gpu-check": gpu_check, "expert": bench_expert, "attention": bench_attention, "step": bench_step,
                "profile": bench_profile, "parts": bench_parts,
                "nanogpt": bench_nanogpt, "versions": bench_versions}[a.what]

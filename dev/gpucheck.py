@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, causal_block_mask, flex_attention,
-                   flex_attention_compiled)
+from model import (GPT, GPTConfig, MoE, alibi_bias, alibi_score_mod, alibi_slopes, attend, causal_block_mask,
+                   flex_attention, flex_attention_compiled, flex_length)
+from kernels.custom_ops import expert_path
 import train  # its training step: the one that check_training checks
 
 from harness import parallel
@@ -37,6 +38,16 @@ from harness import safe_io
 from harness.parallel import device_name, parse_device
 
 RESULT_COMMANDS = ("dev/bench.py", "dev/gpucheck.py", "bench.py", "gpucheck.py")  # a --json file that may be replaced: one of these wrote it (older files name them without dev/)
+
+
+def keeper(path, command):
+    """keep(result): what a long check or benchmark has measured so far, written to `path` (--json; nothing
+    when None) after each piece with "partial": true, so that a part cut off by a time cap keeps it. The
+    caller writes the whole result last."""
+    def keep(result):
+        if path:
+            safe_io.write_text(path, json.dumps({"command": command, "partial": True, **result}, indent=1))
+    return keep
 
 
 def rel(a, b):
@@ -66,8 +77,15 @@ def check_expert_path(device, compile):
     y32, _, _ = run(moe.forward_loop, x, dy, bf16=False)
     errs = {"out": rel(y, y_loop), "grads (worst)": max(rel(a, b) for a, b in zip(g, g_loop))}
     ok = torch.equal(counts, counts_loop) and errs["out"] < 1e-2 and errs["grads (worst)"] < 2e-2
-    detail = (f"T=4096 E=16 K=4 bf16: same routing {torch.equal(counts, counts_loop)}, rel err vs loop: out "
-              f"{errs['out']:.1e}, grads {errs['grads (worst)']:.1e} (fp32 loop: out {rel(y, y32):.1e})")
+    detail = (f"T=4096 E=16 K=4 bf16 ({expert_path(device, torch.bfloat16)[0]}): same routing "
+              f"{torch.equal(counts, counts_loop)}, rel err vs loop: out {errs['out']:.1e}, grads "
+              f"{errs['grads (worst)']:.1e} (fp32 loop: out {rel(y, y32):.1e})")
+    # fp32, the other expert path on a GPU (expert_path): against the fp32 loop
+    y_fp32, _, g_fp32 = run(moe, x, dy, bf16=False)
+    _, _, g_loop32 = run(moe.forward_loop, x, dy, bf16=False)
+    fp32_err = max([rel(y_fp32, y32)] + [rel(a, b) for a, b in zip(g_fp32, g_loop32)])
+    ok &= fp32_err < 1e-4
+    detail += f"; fp32 ({expert_path(device, torch.float32)[0]}) vs loop {fp32_err:.1e}"
     if compile:
         from torch._dynamo.utils import counters
         torch._dynamo.reset()
@@ -88,9 +106,24 @@ def check_expert_path(device, compile):
 
 def check_attention(device):
     """ALiBi through FlexAttention (score_mod + causal block mask) and through SDPA with the bias, both
-    in bf16, against SDPA in fp32; S is no multiple of the 128-wide blocks and H no power of two."""
-    torch.manual_seed(0)
-    B, H, S, Dh = 2, 12, 1000, 64
+    in bf16, against SDPA in fp32, with H no power of two. Two lengths apart: S = 1024, a multiple of
+    FlexAttention's 128-wide blocks, and S = 1000, which the model pads to 1024 (model.attend; unpadded,
+    such lengths give NaN gradients upstream, pytorch/pytorch#153799: reported, not judged)."""
+    details, ok = [], True
+    for S in (1024, 1000):
+        errs, raw_finite = attention_errors(device, S)
+        ok &= all(math.isfinite(e) and e < 1e-2 for e in errs.values())
+        details.append(f"S={S}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+                       + ("" if raw_finite is None else f"; unpadded flex finite: {raw_finite}"))
+    what = "output and gradients" if device.type == "cuda" else "output (no FlexAttention backward on CPU)"
+    return ok, f"B=2 H=12 Dh=64 bf16, worst rel err vs fp32 SDPA over {what}: " + "; ".join(details)
+
+
+def attention_errors(device, S):
+    """Worst relative errors of the model's FlexAttention path (model.attend) and of SDPA with a bf16 bias
+    against fp32 SDPA at length S; and, at a length off the blocks, whether unpadded flex stays finite."""
+    torch.manual_seed(S)
+    B, H, Dh = 2, 12, 64
     backward = device.type == "cuda"
     q, k, v = (torch.randn(B, H, S, Dh, device=device, requires_grad=backward) for _ in range(3))
     dy = torch.randn(B, H, S, Dh, device=device)
@@ -101,15 +134,34 @@ def check_attention(device):
         qd, kd, vd = (t.to(dtype) for t in (q, k, v))
         y = f(qd, kd, vd).float()
         return y, (torch.autograd.grad((y * dy).sum(), (q, k, v)) if backward else ())
+
+    def worst(y, g):
+        return max([rel(y, ref)] + [rel(a, b) for a, b in zip(g, g_ref)])
     ref, g_ref = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias), torch.float32)
-    y_flex, g_flex = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(S, device)),
-                         torch.bfloat16)
-    y_sdpa, g_sdpa = run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias.bfloat16()), torch.bfloat16)
-    e_flex = max([rel(y_flex, ref)] + [rel(a, b) for a, b in zip(g_flex, g_ref)])
-    e_sdpa = max([rel(y_sdpa, ref)] + [rel(a, b) for a, b in zip(g_sdpa, g_ref)])
-    what = "output and gradients" if backward else "output (no FlexAttention backward on CPU)"
-    return e_flex < 1e-2, (f"B={B} H={H} S={S} Dh={Dh} bf16, worst rel err vs fp32 SDPA over {what}: "
-                           f"flex {e_flex:.1e}, SDPA with a bf16 bias {e_sdpa:.1e}")
+    mask = causal_block_mask(flex_length(S), device)
+    errs = {"flex": worst(*run(lambda *t: attend(*t, mask, alibi_score_mod(H)), torch.bfloat16)),
+            "SDPA with a bf16 bias": worst(*run(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=bias.bfloat16()),
+                                                torch.bfloat16))}
+    raw_finite = None
+    if S != flex_length(S):
+        y, g = run(lambda *t: flex(*t, score_mod=alibi_score_mod(H), block_mask=causal_block_mask(S, device)),
+                   torch.bfloat16)
+        raw_finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(t).all()) for t in g)
+    return errs, raw_finite
+
+
+def check_router_precision(device):
+    """The router runs in fp32 under bf16 autocast (MoE.route), and fp32 means fp32: its logits against an
+    fp64 reference to fp32's precision. TF32 (10 mantissa bits) would be off by about 1e-3."""
+    torch.manual_seed(0)
+    moe = MoE(GPTConfig(scheme="full", L=1, Dm=1024, H=2, E=64, K=4, De=64)).to(device)
+    x = torch.randn(4096, 1024, device=device)
+    with torch.autocast(device.type, torch.bfloat16):
+        s, _, _, _ = moe.route(x)
+    z64 = x.double() @ moe.router.weight.double().t()
+    err = rel(s, torch.softmax(z64, -1))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    return err < 1e-5, f"Dm=1024 E=64 under bf16 autocast: gate scores vs fp64 rel err {err:.1e}; TF32 matmuls {'on' if tf32 else 'off'}"
 
 
 def check_training(device, compile):
@@ -181,8 +233,11 @@ def gpu_check(a):
     if device.type == "cuda":
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
         env["memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    for dtype in (torch.bfloat16, torch.float32):  # which expert GEMM a run in this dtype takes here, and why
+        env[f"experts_{str(dtype)[6:]}"] = " ".join(expert_path(device, dtype))
     print("gpu-check  " + "  ".join(f"{k}={v}" for k, v in env.items()))
     checks = {"expert path (fused vs loop)": lambda: check_expert_path(device, a.compile),
+              "router in fp32": lambda: check_router_precision(device),
               "ALiBi attention (flex, SDPA)": lambda: check_attention(device),
               "training steps": lambda: check_training(device, a.compile),
               "two ranks vs one": lambda: check_two_ranks(device)}
@@ -197,6 +252,7 @@ def gpu_check(a):
         failed |= ok is False
         results[name] = {"status": status, "detail": detail, "seconds": time.perf_counter() - t}
         print(f"  {status}  {name:30} {detail}  ({results[name]['seconds']:.0f} s)", flush=True)
+        getattr(a, "keep", lambda r: None)({"env": env, "checks": results, "failed": failed})
     print("gpu-check: " + ("FAILED" if failed else "all checks passed"))
     return {"env": env, "checks": results, "failed": failed}
 
@@ -225,8 +281,7 @@ def main(argv=None):
                 raise ValueError(f"--json={a.json!r}: expected a file in a folder that exists")
             safe_io.check_replaceable(a.json, lambda b: json.loads(b).get("command", "").startswith(RESULT_COMMANDS),
                                      "a gpucheck.py or bench.py result")
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
+        a.keep = keeper(a.json, "dev/gpucheck.py " + " ".join(argv))
         result = gpu_check(a)
         if a.json:
             safe_io.write_text(a.json, json.dumps({"command": "dev/gpucheck.py " + " ".join(argv), **result}, indent=1))

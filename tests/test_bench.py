@@ -56,7 +56,7 @@ def test_gpu_check_passes_on_cpu(tmp_path):
     out = run_bench("gpu-check", "--compile=false", f"--json={tmp_path / 'g.json'}")
     assert "gpu-check: all checks passed" in out
     checks = json.loads((tmp_path / "g.json").read_text())["checks"]
-    assert [c["status"] for c in checks.values()] == ["PASS"] * 4  # two gloo ranks stand in for NCCL
+    assert [c["status"] for c in checks.values()] == ["PASS"] * 5  # two gloo ranks stand in for NCCL
 
 
 @pytest.mark.parametrize("Dse", [0, 16])
@@ -81,8 +81,10 @@ def test_step_bench_runs(tiny_data, tmp_path):
     moe.write_text('[model]\nscheme = "1dense"\nL = 2\nDm = 32\nH = 2\nDffn = 64\nE = 4\nK = 2\nDe = 16\nDse = 16\nS = 32\n')
     dense.write_text('[model]\nscheme = "dense"\nL = 2\nDm = 32\nH = 2\nDffn = 160\nS = 32\n')
     out = run_bench("step", f"--moe={moe}", f"--dense={dense}", f"--data={tiny_data}", "--iters=6", "--log_interval=2",
-                "--batch_seqs=4", "--rounds=1", "--compile=false")
+                "--batch_seqs=4", "--rounds=1", "--compile=false", f"--json={tmp_path / 'step.json'}")
     assert "MoE MFU / dense MFU" in out and "measured 4096² fp32 matmul rate" in out and "M_exec" in out
+    result = json.loads((tmp_path / "step.json").read_text())  # the whole result replaces the partial ones
+    assert set(result["models"]) == {"dense", "moe"} and "partial" not in result and "sample" not in out
 
 
 TINY_MOE = '[model]\nscheme = "1dense"\nL = 2\nDm = 32\nH = 2\nDffn = 64\nE = 4\nK = 2\nDe = 16\nDse = 16\nS = 32\n'

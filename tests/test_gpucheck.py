@@ -2,6 +2,8 @@
 machine has no CUDA device (exit 2), and exits 0 or 1 as its checks pass or fail. The checks themselves
 run on a CPU in tests/test_bench.py (bench.py gpu-check)."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,5 +60,25 @@ def test_exit_code_and_json(failed, code, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "gpucheck.py: error:" in capsys.readouterr().err and other.read_text() == '{"mine": 1}'
 
 
-def test_ci_runs_it():
-    assert "python3 dev/gpucheck.py --json=" in (ROOT / ".ci" / "gpu").read_text()
+def test_ci_gpu_runs_offline_and_names_what_was_not_carried(tmp_path):
+    # the GPU box has no internet: a part whose data was not carried is skipped with one line naming it and
+    # the command that prepares it, and nothing is downloaded; the script writes at most 7 files
+    script = (ROOT / ".ci" / "gpu").read_text()
+    assert "python3 dev/gpucheck.py --json=" in script and "pip download" not in script
+    assert len(set(re.findall(r'\$OUT/([\w.]+)', script))) <= 7
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "not-carried"), "PARTS": "shakespeare step"}
+    r = subprocess.run(["bash", str(ROOT / ".ci" / "gpu")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    skips = [line for line in r.stdout.splitlines() if line.startswith("=== SKIP")]
+    assert [s.split(":")[0] for s in skips] == ["=== SKIP gpu-shakespeare", "=== SKIP step"]
+    assert all("not-carried is missing: prepare it with python data.py --tokenizer=cl100k_base" in s for s in skips)
+    assert os.listdir(tmp_path / "out") == ["log.txt"]
+
+
+def test_router_precision_check_tells_fp32_from_a_rounded_router(monkeypatch):
+    # passes on the fp32 router, fails when the router's matmul loses mantissa bits as TF32 would
+    cpu = torch.device("cpu")
+    assert gpucheck.check_router_precision(cpu)[0] is True
+    import model
+    linear = model.F.linear
+    monkeypatch.setattr(model.F, "linear", lambda x, w, *a: linear(x.bfloat16(), w.bfloat16(), *a).float())
+    assert gpucheck.check_router_precision(cpu)[0] is False

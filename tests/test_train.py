@@ -2,20 +2,25 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
+import data
 import flops
 import train
 from model import GPT, GPTConfig
 
+from harness import parallel
 from harness import rundir
 from harness import schedule
 from harness.config import TrainConfig
+from tests.conftest import tiny_run_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAJECTORY_KEYS = ("step", "loss", "ce", "balance", "grad_norm", "lr", "tokens", "epoch")
@@ -274,3 +279,29 @@ def test_the_step_record_of_one_process_steps_as_a_plain_training_step():
         plain_opt.zero_grad(set_to_none=True)
         assert torch.equal(sums[0], loss.detach()) and torch.equal(grad_norm, norm) and torch.equal(load, stats["load"].float())
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
+
+
+def test_plan_says_what_a_run_evaluates_and_checkpoints(tiny_data, tmp_path, capsys):
+    # --plan's evaluation and checkpoint lines against the run itself: its evaluations in log.jsonl, the
+    # tokens each read, and its ckpt.pt's size
+    argv = tiny_run_argv(tiny_data, tmp_path / "r", "--Dm=96", "--De=64", "--Dse=64", "--Dffn=256", "--eval_tokens=700")
+    train.main(argv + ["--plan"])
+    lines = {l.split(":")[0]: l for l in capsys.readouterr().out.splitlines()}
+    train.train(argv)
+    evals = [r for r in rundir.read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
+    splits = data.load_meta(tiny_data)["splits"]
+    assert lines["evaluation"].startswith(f"evaluation: {len(evals)} per run, each reading "
+                                          f"{sum(min(700, s['tokens']) for k, s in splits.items() if k != 'train'):,} tokens")
+    gib = float(lines["checkpoint"].split()[1])
+    assert gib * parallel.GiB == pytest.approx((tmp_path / "r" / "ckpt.pt").stat().st_size, rel=0.05)
+
+
+@pytest.mark.parametrize("name", ["moe-2b", "dense-2b", "moe-7b", "dense-7b"])
+def test_the_paper_configs_take_the_largest_micro_batch_their_plan_fits(name, capsys):
+    # on 8 GPUs of 80 GB, for the strategy auto chooses; the 7B ones also split over 32 ranks
+    train.main([str(ROOT / "configs" / f"{name}.toml"), "--plan", "--nproc=8", "--gpu_mem=80"])
+    out = capsys.readouterr().out
+    chosen = re.search(r"chooses (\w+) with activation checkpointing off", out).group(1)
+    largest = int(next(l.split()[-1] for l in out.splitlines() if l.split()[:2] == [chosen, "off"]))
+    micro = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())["train"]["micro_batch"]
+    assert micro == (largest if name.endswith("2b") else largest // 32 * 32)
