@@ -588,11 +588,15 @@ def too_short(data_dir, meta, splits, S):
     return None
 
 
+def eval_window_count(n_tokens, S, max_tokens=0):
+    """The windows of S targets in the first max_tokens of n_tokens tokens (all when 0): S·count + 1 tokens read."""
+    return (min(n_tokens, max_tokens or n_tokens) - 1) // S
+
+
 def eval_windows(tokens, S, max_tokens=0, rank=0, world=1):
     """Non-overlapping windows over the first max_tokens tokens (all when 0): each token after the
     first is predicted exactly once. This rank's share: windows rank, rank + world, …"""
-    usable = min(len(tokens), max_tokens or len(tokens))
-    for i in range(rank, (usable - 1) // S, world):
+    for i in range(rank, eval_window_count(len(tokens), S, max_tokens), world):
         row = np.asarray(tokens[i * S: i * S + S + 1], dtype=np.int64)
         yield row[:-1], row[1:]
 

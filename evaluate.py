@@ -37,7 +37,7 @@ def evaluate_splits(model, val_splits, S, eval_tokens, table, autocast, rank, wo
     for name, tokens in val_splits.items():
         nll = torch.zeros(2, dtype=torch.float64, device=device)  # [nats, characters]
         windows = data.eval_windows(tokens, S, eval_tokens, rank, world)
-        n_windows = (min(len(tokens), eval_tokens or len(tokens)) - 1) // S
+        n_windows = data.eval_window_count(len(tokens), S, eval_tokens)
         for _ in range(math.ceil(math.ceil(n_windows / world) / batch)):  # streamed: never all in memory
             rows = list(itertools.islice(windows, batch))
             x, y = (np.array([r[i] for r in rows], np.int64).reshape(-1, S) for i in (0, 1))

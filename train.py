@@ -431,15 +431,17 @@ def plan_of_io(mcfg, tcfg, sched, world, strategy):
     for step in range(1, sched.iters + 1):  # counted by the loop's own rule
         _, is_eval, is_ckpt = due(step, sched.iters, sched.iters, tcfg)
         evals, ckpts = evals + is_eval, ckpts + is_ckpt
-    splits = None
+    S = mcfg.S
     if (Path(tcfg.data) / "meta.json").exists():
         splits = {k: v["tokens"] for k, v in data.load_meta(tcfg.data)["splits"].items() if k != "train"}
-    if splits is None:
-        reads = (f"{tcfg.eval_tokens:,} tokens of each validation split" if tcfg.eval_tokens
-                 else "all of each validation split (eval_tokens = 0)") + f" ({tcfg.data} is not prepared here)"
+        windows = {k: data.eval_window_count(n, S, tcfg.eval_tokens) for k, n in splits.items()}
+        reads = (f"{S * sum(windows.values()):,} targets (" + ", ".join(f"{k} {w:,} windows" for k, w in windows.items())
+                 + f" of {S})")
+    elif tcfg.eval_tokens:
+        reads = (f"{S * data.eval_window_count(tcfg.eval_tokens, S):,} targets of each validation split "
+                 f"({data.eval_window_count(tcfg.eval_tokens, S):,} windows of {S}; {tcfg.data} is not prepared here)")
     else:
-        read = {k: min(n, tcfg.eval_tokens or n) for k, n in splits.items()}
-        reads = f"{sum(read.values()):,} tokens (" + ", ".join(f"{k} {n:,}" for k, n in read.items()) + ")"
+        reads = f"all of each validation split (eval_tokens = 0; {tcfg.data} is not prepared here)"
     P = sum(math.prod(shape) for shape in parallel.param_shapes(mcfg).values())
     size = 12 * P / parallel.GiB  # fp32 weights and AdamW's two moments, 4 bytes each
     where = f"{size / world:.3g} GiB per rank, sharded" if strategy == "fsdp" else "one file, written by rank 0"

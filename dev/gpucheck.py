@@ -271,7 +271,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     interrupts.stop_on_signals()
     try:
-        device = parse_device(a.device)
+        parse_device(a.device)  # no such device: named here, before any work
     except ValueError as e:  # above all: no CUDA device here
         p.exit(2, f"gpucheck.py: error: {e}" + ("; this is the GPU smoke test: --device=cpu runs what a CPU can\n"
                                                  if a.device.startswith("cuda") and "no such" in str(e) else "\n"))

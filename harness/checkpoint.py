@@ -187,6 +187,13 @@ def seal_of(f):
     return None
 
 
+def torn_seal(f):
+    """Whether the end of the open file f holds the seal's words without a whole seal (a cut or damaged end)."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - 2 * TRAILER))
+    return SEAL.strip() in f.read()
+
+
 def file_problem(path):
     """Why the file at path is not a checkpoint of this train.py as it was written (one line naming it), or
     None: its archive is hashed in one streamed pass and compared with the sha256 that closes it. Nothing in
@@ -194,6 +201,9 @@ def file_problem(path):
     try:
         with safe_io.open_plain(path) as f:
             saved = seal_of(f)
+            f.seek(0)
+            if saved is None and torn_seal(f):
+                return f"{path} is damaged and was not loaded: its closing checksum is cut or damaged"
             f.seek(0)
             if saved is None and zipfile.is_zipfile(f):
                 return earlier_format_problem(path)
@@ -210,13 +220,15 @@ def file_problem(path):
 
 
 def earlier_format_problem(path):
-    """Why a torch file without a closing sha256 is not a checkpoint of train.py, or None: an earlier train.py
-    kept the checksum as a field over the contents (rundir.read_checkpoint), checked by loading it whole, once,
-    so that its run still resumes."""
-    try:
-        rundir.read_checkpoint(path)
-    except safe_io.RunDirError as e:
-        return str(e)
+    """Why a torch file without a closing sha256 is not a checkpoint of train.py, or None. An earlier train.py
+    kept the checksum as a field, over the contents (rundir.checksum): checked over the mapped file, each
+    tensor read once, so that its run still resumes."""
+    state = mapped(path)
+    if "sha256" not in state:
+        return f"{path} has no checksum: it is not a checkpoint of this train.py (or an older one's)"
+    saved = state.pop("sha256")
+    if rundir.checksum(state).hexdigest() != saved:
+        return f"{path} is damaged and was not loaded: its contents do not match the checksum saved with them"
     return None
 
 
@@ -234,11 +246,16 @@ def decided_on_rank0(problem_of, rank, world):
 
 def mapped(path):
     """The checkpoint file at path, loaded with weights_only and mmap=True: its tensors are the file's pages
-    (copy on write), read when used and shared through the page cache by every process that maps it."""
+    (copy on write), read when used and shared through the page cache by every process that maps it. Where
+    the file cannot be mapped (some network file systems), it is read into memory instead."""
     try:
         with safe_io.open_plain(path) as f:  # torch.load maps a path: on Linux, the very file opened here
             fd = f"/proc/self/fd/{f.fileno()}"
-            state = torch.load(fd if os.path.exists(fd) else path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(fd if os.path.exists(fd) else path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:  # not mappable, or not a torch archive: the plain load tells which
+                f.seek(0)
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except safe_io.RunDirError:
         raise
     except Exception as e:  # not a torch archive: torch raises many kinds
@@ -251,11 +268,23 @@ def mapped(path):
 
 def load_file(path, rank, world):
     """A checkpoint file, verified once (file_problem on rank 0, the verdict on every rank, so that a damaged
-    file stops every rank with the same line) and then mapped on every rank."""
+    file stops every rank with the same line) and then mapped on every rank; a rank that cannot read it
+    (a node that does not see the file) stops every rank, naming it, rather than leaving them waiting."""
     problem = decided_on_rank0(lambda: file_problem(path), rank, world)
     if problem:
         raise safe_io.RunDirError(problem)
-    return mapped(path)
+    state = None
+    try:
+        state = mapped(path)
+    except safe_io.RunDirError as e:
+        problem = f"rank {rank}: {e}" if world > 1 else str(e)
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise safe_io.RunDirError(problem)
+    return state
 
 
 def remove_sharded(folder):
@@ -356,7 +385,7 @@ def own_memory(optimizer):
     save replaces it. The weights are copied into the model's parameters already."""
     for state in optimizer.state.values():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":  # on a GPU: copied there already
                 state[key] = value.clone()
 
 

@@ -124,7 +124,9 @@ def wrap(model, strategy, tcfg, device, dtype):
 def no_buffer_sync():
     """DDP's argument that turns off its broadcast of the buffers before every forward (a collective each time):
     the buffers are the constant ALiBi slopes and the expert bias, which every rank moves alike from the step's
-    all-reduced load (train.train_step). torch 2.13 renamed it forward_sync_buffers and warns on the old name."""
+    all-reduced load (train.train_step). torch 2.13 renamed it forward_sync_buffers and warns on the old name;
+    under the new name DDP still broadcasts the buffers once when it wraps the model, which changes nothing
+    here (every rank builds them alike, and a resume restores them after the wrap on every rank)."""
     new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
     return {"forward_sync_buffers" if new else "broadcast_buffers": False}
 

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from harness.interrupts import raise_held, signals_held
-from harness.safe_io import (RunDirError, atomic_write, open_nofollow, open_plain, own_file_problem, read_bytes, refuse_link,
+from harness.safe_io import (RunDirError, open_nofollow, own_file_problem, read_bytes, refuse_link,
                      write_failed, write_text)
 
 RUN_FILES = ("config.toml", "log.jsonl", "ckpt.pt", "ckpt", "summary.json", "tb", "wandb", "wandb.json")
@@ -330,32 +330,6 @@ def saved_bytes(obj):
 
 RECORD = 512   # bytes a tensor's entry adds to torch.save's zip archive and pickle, at most (measured: 300-320)
 ARCHIVE = 4096  # the archive's own entries and directory (measured: about 1,300 bytes)
-
-
-def read_checkpoint(path):
-    """A checkpoint of an earlier train.py (its checksum a field over its contents: checksum) whose contents match
-    it; anything else is named and refused, never loaded. checkpoint.write_file writes today's."""
-    import torch
-    path = Path(path)
-    refuse_link(path)
-    if path.is_dir():
-        raise RunDirError(f"{path} is a directory, not a checkpoint")
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    try:
-        with open_plain(path) as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except RunDirError:
-        raise
-    except Exception as e:  # truncated, empty, text, not a zip: torch raises many kinds
-        raise RunDirError(f"{path} is damaged and was not loaded: it cannot be read as a checkpoint "
-                          f"({type(e).__name__}: {str(e).strip()[:120]})") from None
-    if not isinstance(state, dict) or "sha256" not in state:
-        raise RunDirError(f"{path} has no checksum: it is not a checkpoint of this train.py (or an older one's)")
-    saved = state.pop("sha256")
-    if checksum(state).hexdigest() != saved:
-        raise RunDirError(f"{path} is damaged and was not loaded: its contents do not match the checksum saved with them")
-    return state
 
 
 # ----------------------------------------------------------------------------- log and summary

@@ -89,6 +89,8 @@ def damage(kind, path):
     elif kind == "directory":
         path.unlink()
         path.mkdir()
+    elif kind == "seal":  # the closing checksum cut short: the archive itself is whole
+        path.write_bytes(path.read_bytes()[:-1])
     elif kind == "flipped":  # one byte inside the tensor data: torch.load alone would not notice
         state = checkpoint.load_file(path, 0, 1)
         raw = bytearray(path.read_bytes())
@@ -101,6 +103,7 @@ def damage(kind, path):
 @pytest.mark.parametrize("kind,message", [
     ("truncated", "is damaged and was not loaded: it cannot be read"), ("empty", "is damaged and was not loaded"),
     ("text", "is damaged and was not loaded"), ("directory", "is a folder where a run keeps a file"),
+    ("seal", "is damaged and was not loaded: its closing checksum is cut or damaged"),
     ("flipped", "is damaged and was not loaded: its contents do not match the checksum")])
 def test_a_damaged_checkpoint_is_named_and_never_loaded(stopped, tiny_data, tmp_path, capsys, kind, message):
     shutil.copytree(stopped, tmp_path / "r")
@@ -125,6 +128,17 @@ def test_a_checkpoint_of_an_earlier_train_py_still_resumes(stopped, finished_onc
     assert "ckpt.pt is damaged and was not loaded: its contents do not match the checksum" in err
     resumed = train.train(tiny(tiny_data, tmp_path / "r") + ["--resume"])
     assert resumed["final"] == json.loads((finished_once / "summary.json").read_text())["final"]
+
+
+def test_a_checkpoint_that_cannot_be_mapped_is_read_instead(stopped, monkeypatch):
+    # some file systems refuse mmap: the verified file is then read into memory, not called damaged
+    load = torch.load
+    def no_mmap(f, *a, mmap=False, **kw):
+        if mmap:
+            raise RuntimeError("mmap: operation not supported")
+        return load(f, *a, **kw)
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert checkpoint.load_file(stopped / "ckpt.pt", 0, 1)["step"] == 4
 
 
 def on_two_ranks(fn, tmp_path, *args):

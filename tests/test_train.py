@@ -281,17 +281,19 @@ def test_the_step_record_of_one_process_steps_as_a_plain_training_step():
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
 
 
-def test_plan_says_what_a_run_evaluates_and_checkpoints(tiny_data, tmp_path, capsys):
+def test_plan_says_what_a_run_evaluates_and_checkpoints(tiny_data, tmp_path, capsys, monkeypatch):
     # --plan's evaluation and checkpoint lines against the run itself: its evaluations in log.jsonl, the
     # tokens each read, and its ckpt.pt's size
     argv = tiny_run_argv(tiny_data, tmp_path / "r", "--Dm=96", "--De=64", "--Dse=64", "--Dffn=256", "--eval_tokens=700")
     train.main(argv + ["--plan"])
     lines = {l.split(":")[0]: l for l in capsys.readouterr().out.splitlines()}
+    windows = []  # every window the run's evaluations read
+    eval_windows = data.eval_windows
+    monkeypatch.setattr(data, "eval_windows", lambda *a, **kw: (windows.append(1) or w for w in eval_windows(*a, **kw)))
     train.train(argv)
     evals = [r for r in rundir.read_log(tmp_path / "r" / "log.jsonl") if r["kind"] == "eval"]
-    splits = data.load_meta(tiny_data)["splits"]
     assert lines["evaluation"].startswith(f"evaluation: {len(evals)} per run, each reading "
-                                          f"{sum(min(700, s['tokens']) for k, s in splits.items() if k != 'train'):,} tokens")
+                                          f"{32 * len(windows) // len(evals):,} targets")
     gib = float(lines["checkpoint"].split()[1])
     assert gib * parallel.GiB == pytest.approx((tmp_path / "r" / "ckpt.pt").stat().st_size, rel=0.05)
 
