@@ -599,7 +599,11 @@ def test_an_interrupted_sweep_stops_its_run_and_says_how_to_go_on(tiny_data, tmp
 
 def test_ctrl_c_while_starting_ends_in_one_line(tiny_data, tmp_path):
     proc = start([str(ROOT / "train.py"), *tiny(tiny_data, tmp_path / "r")])
-    time.sleep(0.3)  # torch is still loading
+    for _ in range(6000):  # until torch's library is mapped: torch is loading (at a fixed delay, a loaded
+        maps = Path(f"/proc/{proc.pid}/maps")  # machine was still importing the standard library)
+        if proc.poll() is not None or "libtorch" in maps.read_text():
+            break
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
