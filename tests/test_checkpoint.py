@@ -185,6 +185,7 @@ def digest(obj):
     return h.hexdigest()
 
 
+@pytest.mark.slow  # two spawned gloo ranks, as every multi-rank test
 def test_two_ranks_resume_from_one_verification_and_get_identical_state(stopped, tmp_path):
     ckpt = stopped / "ckpt.pt"
     ranks = on_two_ranks(resume_on_rank, tmp_path, stopped)
@@ -194,6 +195,7 @@ def test_two_ranks_resume_from_one_verification_and_get_identical_state(stopped,
     assert ranks[0]["digest"] == ranks[1]["digest"] == digest({"model": state["model"], "optimizer": state["optimizer"]})
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_stops_both_ranks_with_the_same_line(stopped, tmp_path):
     shutil.copytree(stopped, tmp_path / "r")
     ckpt = tmp_path / "r" / "ckpt.pt"
