@@ -9,7 +9,7 @@ ends it. Resume: a fresh AdamW on every rank, the checkpoint read, verified and 
 optimizer, a barrier ends it. Between the two the file is dropped from the page cache (posix_fadvise), so the
 resume reads it from the disk, as a resume after a restart does (--warm keeps it cached).
 
-old: the checksum is a sha256 over the state's contents, computed before torch.save (a pass over every tensor,
+old: the checksum is a sha256 over the state's contents (rundir.checksum, still the earlier format's check), computed before torch.save (a pass over every tensor,
      copying each); on resume every rank loads the whole file into its own memory and hashes the contents.
 new: checkpoint.save / read / restore: the file's sha256 is hashed while torch.save writes it; on resume rank 0
      hashes the file once, and every rank maps it (torch.load mmap=True) and copies from it.
@@ -20,7 +20,6 @@ page cache, one copy per machine however many ranks map them; reset before each 
 the RSS of the model and its AdamW state before the phase. The files are removed at the end.
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from harness import checkpoint, safe_io  # noqa: E402
+from harness import checkpoint, rundir, safe_io  # noqa: E402
 
 GIB = 1 << 30
 
@@ -100,39 +99,18 @@ class Loader:
 
 
 # ----------------------------------------------------------------------------- the old path, reproduced
-def content_checksum(obj, h=None):
-    """The old checksum: sha256 over every tensor's dtype, shape and bytes (copied out), every other value's repr."""
-    h = h or hashlib.sha256()
-    if isinstance(obj, dict):
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            content_checksum(obj[k], h)
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for v in obj:
-            content_checksum(v, h)
-        h.update(b"]")
-    elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(repr(obj).encode())
-    return h
-
-
 def old_save(out, model, optimizer, rank, world):
     weights, adam = checkpoint.model_and_optimizer(model, optimizer, full=True)
     if rank == 0:
         state = {"model": weights, "optimizer": adam, **extra(world)}
-        state["sha256"] = content_checksum(state).hexdigest()
+        state["sha256"] = rundir.checksum(state).hexdigest()
         safe_io.atomic_write(out / "ckpt.pt", lambda f: torch.save(state, f))
 
 
 def old_read(out):
     with safe_io.open_plain(out / "ckpt.pt") as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
-    if content_checksum({k: v for k, v in state.items() if k != "sha256"}).hexdigest() != state.pop("sha256"):
+    if rundir.checksum({k: v for k, v in state.items() if k != "sha256"}).hexdigest() != state.pop("sha256"):
         raise safe_io.RunDirError("damaged")
     return "pt", out / "ckpt.pt", state
 
