@@ -3,8 +3,8 @@ runs, or the report.csv that `sweep.py report` wrote for it. For each rung and v
 (mean ± sd over the seeds) and relative to the rung's own dense model at C; the best arm; each arm's
 difference to the sparsest with a Welch 95 % interval; the slope of BPC against ln r_a over the four sparsest
 arms with a t interval; a lack-of-fit F test of a quadratic in ln r_a over all its arms, and the quadratic's
-vertex as a description. For all rungs: one CSV of every run and one figure. And the learning-rate check's
-table with its rule. No torch, no scipy: the t and F distributions are computed here (betainc).
+vertex as a description; the verdict of the read-out fixed in advance in docs/rung-regime.md. For all rungs:
+one CSV of every run and one figure. And the learning-rate check's table with its rule. No torch, no scipy: the t and F distributions are computed here (betainc).
 
     python dev/ladder_report.py report runs/sweep-cpu runs/sweep-ladder-04 runs/sweep-ladder-07 [--out=docs]
         [--dense sweep-ladder-04=runs/sweep-ladder-04-dense0.5]   # a rung's dense runs from another folder
@@ -266,7 +266,26 @@ def summarise(name, rows, split="val"):
                      for a, (ra, vs) in arms.items()},
             "sparsest": sparsest, "best": best, "best_interior": best not in (sparsest, list(arms)[-1]),
             "slope": slope_test(dict(list(arms.items())[:SPARSEST])), "lack_of_fit": lack_of_fit(arms),
-            "quadratic": quadratic(arms), "vertex": vertex(arms)}
+            "quadratic": quadratic(arms), "vertex": vertex(arms), "verdict": verdict(arms, best)}
+
+
+def verdict(arms, best):
+    """The read-out fixed in advance in docs/rung-regime.md: the best arm's lead over the sparsest,
+    mean(sparsest) − mean(best), against its Welch standard error sqrt(s_best²/n_best + s_sparsest²/n_sparsest);
+    a lead of 2 se or more is resolved. One of: "turns" (an interior best, resolved), "interior best, not
+    resolved", "no turn seen" (the sparsest is best), "optimum at the densest arm or above" (resolved or not)."""
+    sparsest, densest = next(iter(arms)), list(arms)[-1]
+    if best == sparsest:
+        return {"lead": 0.0, "se": None, "resolved": False, "text": "no turn seen"}
+    b, s = arms[best][1], arms[sparsest][1]
+    lead = statistics.fmean(s) - statistics.fmean(b)
+    se = math.sqrt(statistics.variance(b) / len(b) + statistics.variance(s) / len(s)) if min(len(b), len(s)) > 1 else None
+    resolved = se is not None and lead >= 2 * se
+    if best == densest:
+        text = f"optimum at the densest arm or above, {'resolved' if resolved else 'not resolved'}"
+    else:
+        text = "turns" if resolved else "interior best, not resolved"
+    return {"lead": lead, "se": se, "resolved": resolved, "text": text}
 
 
 def _stats(values):
@@ -287,6 +306,13 @@ def _ci(w, digits=3):
     return f"{w['diff']:+.{digits}f} [{w['lo']:+.{digits}f}, {w['hi']:+.{digits}f}] ({df})"
 
 
+def _verdict(v):
+    """interior best, not resolved (0.012 = 0.8 se): the verdict, the lead and the lead in se."""
+    if v["se"] is None:
+        return v["text"] if v["lead"] == 0 else f"{v['text']} ({v['lead']:.3f}, one seed)"
+    return f"{v['text']} ({v['lead']:.3f} = {v['lead'] / v['se']:.1f} se)" if v["se"] > 0 else f"{v['text']} ({v['lead']:.3f})"
+
+
 def _p(p):
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -297,7 +323,8 @@ def markdown(by_split):
     splits = list(by_split)
     out = [f"| rung | dense D/N | split | best arm (lowest mean) | best − sparsest, BPC [95 % CI] (Welch df) | "
            f"slope over the {SPARSEST} sparsest, BPC per e-fold of r_a [95 % CI] (t, df) | quadratic's lack of fit: "
-           f"F (df), p | quadratic's vertex (a description) |", "|---|---|---|---|---|---|---|---|"]
+           f"F (df), p | quadratic's vertex (a description) | verdict by docs/rung-regime.md's rule: best's lead over "
+           f"the sparsest in Welch se |", "|---|---|---|---|---|---|---|---|---|"]
     for i in range(len(by_split[splits[0]])):
         for split in splits:
             s = by_split[split][i]
@@ -306,7 +333,7 @@ def markdown(by_split):
             out.append(f"| {s['name']} | {s['dense_DN']:.3g} | {split} | {100 * best['ra']:.1f} % "
                        f"({best['mean']:.4f}) | {_ci(best['vs_sparsest']) or 'the sparsest'} | "
                        f"{sl['slope']:+.4f} [{sl['lo']:+.4f}, {sl['hi']:+.4f}] ({sl['df']}) | {lof_text} | "
-                       f"{_ra(s['vertex'])} |")
+                       f"{_ra(s['vertex'])} | {_verdict(s['verdict'])} |")
     for i in range(len(by_split[splits[0]])):
         first = by_split[splits[0]][i]
         out += ["", f"#### {first['name']}: dense at C D/N = {first['dense_DN']:.3g}", "",

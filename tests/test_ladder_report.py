@@ -1,6 +1,6 @@
 """ladder_report.py: the t and F distributions against table values, Welch's interval, the slope's t interval
 and the lack-of-fit test against hand computations; on synthetic rungs the slope and the vertex of a known curve
-come back, a curve without a minimum says on which side it lies, the CSV, the learning-rate rule and a rung's
+come back, a curve without a minimum says on which side it lies, the pre-registered verdict, the CSV, the learning-rate rule and a rung's
 dense runs from another folder; the ladder's sweep files plan as docs/ladder.md says; and the committed
 runs (docs/ladder-runs.csv, docs/balancing.csv) give the numbers docs/ladder.md, results.md and the README
 report. No runs: seconds."""
@@ -9,6 +9,7 @@ import io
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,42 @@ def test_a_curve_without_a_minimum_says_which_side():
     s = lr.summarise("monotone", rung(lambda ra: 2.0 + 0.1 * math.log(ra), noise=0.005))
     assert s["slope"]["lo"] > 0 and s["best"] == s["sparsest"] and not s["best_interior"]
     assert "| the sparsest |" in lr.markdown({"val": [s]})
+
+
+def arms_of(means_sds):
+    """{arm: (r_a, five values)} with each arm's exact mean and sample sd: mean + sd·(−2, −1, 0, 1, 2)/√2.5."""
+    unit = [k / math.sqrt(2.5) for k in (-2, -1, 0, 1, 2)]
+    return {f"moe-ra{100 * ra:.1f}": (ra, [m + sd * u for u in unit]) for ra, (m, sd) in zip(RAS, means_sds)}
+
+
+@pytest.mark.parametrize("means, text, lead_se", [
+    ([2.10, 2.05, 2.09, 2.20], "turns", 0.05 / math.sqrt(2 * 0.01 ** 2 / 5)),               # 7.9 se
+    ([2.10, 2.09, 2.09, 2.20], "interior best, not resolved", 0.01 / math.sqrt(2 * 0.01 ** 2 / 5)),  # 1.6 se
+    ([2.00, 2.05, 2.09, 2.20], "no turn seen", None),
+    ([2.30, 2.25, 2.20, 2.10], "optimum at the densest arm or above, resolved", 0.20 / math.sqrt(2 * 0.01 ** 2 / 5)),
+    ([2.10, 2.15, 2.12, 2.095], "optimum at the densest arm or above, not resolved", 0.005 / math.sqrt(2 * 0.01 ** 2 / 5))])
+def test_the_pre_registered_verdict_is_the_rule_of_docs_rung_regime(means, text, lead_se):
+    """docs/rung-regime.md's read-out: the best arm's lead over the sparsest against 2 Welch standard errors
+    sqrt(s_best²/5 + s_sparsest²/5), the best interior, the sparsest or the densest."""
+    arms = arms_of([(m, 0.01) for m in means])
+    best = min(arms, key=lambda a: statistics.fmean(arms[a][1]))
+    v = lr.verdict(arms, best)
+    assert v["text"] == text
+    if lead_se is None:
+        assert v["lead"] == 0 and v["se"] is None
+    else:
+        assert v["lead"] / v["se"] == pytest.approx(lead_se) and v["resolved"] == (lead_se >= 2)
+
+
+def test_the_verdict_weighs_each_arms_own_scatter():
+    """The same lead, 0.03 BPC, is resolved when both arms scatter by 0.01 and not when the sparsest scatters by
+    0.05 (se = sqrt(0.01²/5 + 0.05²/5) = 0.0228, 1.3 se): Welch, not a pooled sd."""
+    tight = lr.verdict(arms_of([(2.10, 0.01), (2.07, 0.01), (2.09, 0.01), (2.2, 0.01)]), "moe-ra9.0")
+    loose = lr.verdict(arms_of([(2.10, 0.05), (2.07, 0.01), (2.09, 0.01), (2.2, 0.01)]), "moe-ra9.0")
+    assert tight["text"] == "turns" and loose["text"] == "interior best, not resolved"
+    assert loose["se"] == pytest.approx(math.sqrt((0.01 ** 2 + 0.05 ** 2) / 5)) and loose["lead"] == pytest.approx(0.03)
+    s = lr.summarise("r", rung(lambda ra: 2.0 + 0.1 * (math.log(ra) - math.log(0.113)) ** 2, noise=0.001))
+    assert s["verdict"]["text"] == "turns" and f"| turns ({s['verdict']['lead']:.3f} = " in lr.markdown({"val": [s]})
 
 
 def test_csv_has_every_run_with_d_per_n_and_the_difference_to_dense_c():
