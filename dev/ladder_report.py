@@ -359,7 +359,8 @@ def markdown(by_split):
 
 
 CSV_FIELDS = ("rung", "dense_D_per_N", "run", "arm", "seed", "kind", "reuse", "E", "K", "De", "Dse", "ra", "N", "C", "D",
-              "D_per_N", "unique_tokens", "epochs", "lr", "bpc_val", "bpc_milton", "val_minus_dense_C")
+              "D_per_N", "unique_tokens", "epochs", "lr", "bpc_val", "bpc_milton", "val_minus_dense_C",
+              "bpc_shakespeare")  # the held-out plays where they are not the rung's val (the regime rung's corpus)
 
 
 def runs_csv(rungs):

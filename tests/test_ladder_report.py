@@ -206,6 +206,10 @@ def test_csv_has_every_run_with_d_per_n_and_the_difference_to_dense_c():
     moe = next(r for r in rows if r["run"] == "moe-ra6.6-s2")
     assert float(moe["D_per_N"]) == pytest.approx(40_000 / 0.066 / 1e6, rel=1e-3)
     assert float(moe["val_minus_dense_C"]) == pytest.approx(2.0 + 0.07 * math.log(0.066) - 3.0, abs=1e-4)
+    assert moe["bpc_shakespeare"] == ""  # a rung without that split leaves it empty
+    s = lr.summarise("r", [{**r, "bpc_shakespeare": r["bpc_val"] + 1} for r in rung(lambda ra: 2.0)])
+    moe = next(r for r in csv.DictReader(io.StringIO(lr.runs_csv([s]))) if r["run"] == "moe-ra6.6-s2")
+    assert float(moe["bpc_shakespeare"]) == pytest.approx(float(moe["bpc_val"]) + 1)
 
 
 def test_a_report_csv_reads_back_as_a_rung(tmp_path):
