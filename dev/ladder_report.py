@@ -262,7 +262,8 @@ def summarise(name, rows, split="val"):
     return {"name": name, "rows": rows, "split": split, "dense_C": ref, "dense_DN": dC["D"] / dC["N"],
             "dense": {a: _stats(vs) for a, (_, vs) in dense.items()},
             "arms": {a: {"ra": ra, **_stats(vs), "delta": statistics.fmean(vs) - ref,
-                         "vs_sparsest": welch(vs, arms[sparsest][1]) if two and a != sparsest else None}
+                         "vs_sparsest": welch(vs, arms[sparsest][1]) if two and a != sparsest else None,
+                         "vs_dense": {d: welch(vs, dvs) for d, (_, dvs) in dense.items() if min(len(vs), len(dvs)) > 1}}
                      for a, (ra, vs) in arms.items()},
             "sparsest": sparsest, "best": best, "best_interior": best not in (sparsest, list(arms)[-1]),
             "slope": slope_test(dict(list(arms.items())[:SPARSEST])), "lack_of_fit": lack_of_fit(arms),
@@ -336,16 +337,19 @@ def markdown(by_split):
                        f"{_ra(s['vertex'])} | {_verdict(s['verdict'])} |")
     for i in range(len(by_split[splits[0]])):
         first = by_split[splits[0]][i]
+        has_2C = all("dense-2C" in by_split[sp][i]["dense"] for sp in splits)
+        cols = ["mean ± sd", "− dense at C [95 % CI] (df)"] + ["− dense at 2C [95 % CI] (df)"] * has_2C + \
+               ["− sparsest [95 % CI] (df)"]
         out += ["", f"#### {first['name']}: dense at C D/N = {first['dense_DN']:.3g}", "",
-                "| arm | r_a | " + " | ".join(f"{sp}: mean ± sd | − dense at C | − sparsest [95 % CI] (df)"
-                                              for sp in splits) + " |", "|---|---|" + "---|---|---|" * len(splits)]
+                "| arm | r_a | " + " | ".join(f"{sp}: {' | '.join(cols)}" for sp in splits) + " |",
+                "|---|---|" + "---|" * len(cols) * len(splits)]
         for a in first["dense"]:
             cells = []
             for sp in splits:
                 s = by_split[sp][i]
                 d = s["dense"].get(a)
-                cells += ["", "", ""] if d is None else [f"{d['mean']:.4f} ± {d['sd']:.4f}",
-                                                         f"{d['mean'] - s['dense_C']:+.4f}", ""]
+                cells += [""] * len(cols) if d is None else \
+                    [f"{d['mean']:.4f} ± {d['sd']:.4f}", f"{d['mean'] - s['dense_C']:+.4f}"] + [""] * (len(cols) - 2)
             out.append(" | ".join([f"| {a}", "100 %", *cells]) + " |")
         for a, d0 in first["arms"].items():
             cells = []
@@ -353,7 +357,9 @@ def markdown(by_split):
                 s = by_split[sp][i]
                 d = s["arms"][a]
                 mean = f"**{d['mean']:.4f}**" if a == s["best"] else f"{d['mean']:.4f}"
-                cells += [f"{mean} ± {d['sd']:.4f}", f"{d['delta']:+.4f}", _ci(d["vs_sparsest"])]
+                to_dense = [_ci(d["vs_dense"].get(k)) or f"{d['mean'] - s['dense'][k]['mean']:+.4f}"
+                            for k in ("dense-C", "dense-2C")[:1 + has_2C]]
+                cells += [f"{mean} ± {d['sd']:.4f}", *to_dense, _ci(d["vs_sparsest"])]
             out.append(" | ".join([f"| {a}", f"{100 * d0['ra']:.2f} %", *cells]) + " |")
     return "\n".join(out)
 

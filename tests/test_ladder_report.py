@@ -151,6 +151,11 @@ def test_summary_of_a_noisy_quadratic():
     w = s["arms"]["moe-ra20.9"]["vs_sparsest"]
     assert w["diff"] == pytest.approx(curve(0.209) - curve(0.066), abs=0.03) and w["lo"] < w["diff"] < w["hi"]
     assert s["arms"][s["sparsest"]]["vs_sparsest"] is None and s["sparsest"] == "moe-ra6.6"
+    rows = rung(curve, noise=0.01, rng_seed=0)  # each arm against dense at C and 2C: Welch on the runs themselves
+    dense = {a: [r["bpc_val"] for r in rows if r["arm"] == a] for a in ("dense-C", "dense-2C")}
+    arm = [r["bpc_val"] for r in rows if r["arm"] == "moe-ra20.9"]
+    assert s["arms"]["moe-ra20.9"]["vs_dense"] == {a: lr.welch(arm, vs) for a, vs in dense.items()}
+    assert s["arms"]["moe-ra20.9"]["vs_dense"]["dense-2C"]["diff"] == pytest.approx(curve(0.209) - 2.85, abs=0.03)
 
 
 def test_a_curve_without_a_minimum_says_which_side():
