@@ -408,7 +408,7 @@ def plot(rungs, path):
     ax.set_xlabel("activation rate r_a (%), log scale")
     ax.set_ylabel(f"BPC ({rungs[0]['split']}) − dense at C, mean ± sd")
     ax.legend(fontsize=7)
-    ax.set_title("dashed: each rung's dense at 2C", fontsize=8)
+    ax.set_title("dashed: each rung's dense at 2C; val: the held-out text of each rung's own corpus", fontsize=8)
     fig.tight_layout()
     safe_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

@@ -416,14 +416,16 @@ def test_a_rung_folder_takes_its_dense_runs_from_its_plan_when_they_never_ran(ti
 
 # ----------------------------------------------------------------------------- the committed runs
 RUNGS = ("sweep-cpu", "sweep-ladder-04", "sweep-ladder-07", "sweep-ladder-14-loose")
+REGIME = ("sweep-regime-control", "sweep-regime-lr0.5")  # joined after the ladder: five seeds an arm, three for dense
 
 
 def committed(split):
     """summarise() of every rung of docs/ladder-runs.csv on a split, through the command line's reader."""
     rungs = lr.load_rungs(ROOT / "docs" / "ladder-runs.csv")
-    assert [n for n, _ in rungs] == list(RUNGS)
-    for _, rows in rungs:
-        assert len(rows) == 30 and sorted({r["seed"] for r in rows}) == [1, 2, 3]
+    assert [n for n, _ in rungs] == list(RUNGS + REGIME)
+    for name, rows in rungs:
+        seeds = sorted({r["seed"] for r in rows})
+        assert (len(rows), seeds) == ((31, [1, 2, 3, 4, 5]) if name in REGIME else (30, [1, 2, 3]))
     return {name: lr.summarise(name, rows, split) for name, rows in rungs}
 
 
@@ -567,3 +569,32 @@ def test_the_committed_regime_runs_give_the_verdict_docs_rung_regime_reports():
     sl = out["val"]["slope"]
     assert sl["slope"] == pytest.approx(-0.0379, abs=5e-5) and sl["hi"] < 0
     assert out["milton"]["lack_of_fit"]["p"] < 0.01 < out["val"]["lack_of_fit"]["p"]
+
+
+def test_the_committed_control_resolves_no_turn():
+    """docs/regime-runs/sweep-regime-control: verdict 2 on every split (best 9.3 %, 1.1-1.5 se), and a
+    sparse-end slope above 0 where the rung's is below (docs/rung-regime.md)."""
+    rows = lr.load_rung(ROOT / "docs" / "regime-runs" / "sweep-regime-control")
+    assert len(rows) == 31
+    for split, se in (("val", 1.5), ("shakespeare", 1.3), ("milton", 1.1)):
+        s = lr.summarise("control", rows, split)
+        v = s["verdict"]
+        assert v["text"] == "interior best, not resolved" and s["best"] == "moe-ra9.3-E78-K2-De24"
+        assert v["lead"] / v["se"] == pytest.approx(se, abs=0.05)
+    assert lr.summarise("control", rows, "val")["slope"]["lo"] > 0
+
+
+def test_sweep_cpus_margins_against_dense_at_its_better_rate():
+    """The README's and results.md's sweep-cpu margins: rung 0's dense runs in docs/ladder-runs.csv are the
+    0.5x ones (better by 0.073 on val); against them MoE is ahead, interval clear of 0, up to 28 % on val and
+    20 % on Milton, level at 36 %, behind at 52 % on val; ahead of dense at 2C up to 10 % on val, 14 % on Milton."""
+    s = {split: committed(split)["sweep-cpu"] for split in ("val", "milton")}
+    dense_c = [r for r in s["val"]["rows"] if r["arm"] == "dense-C"]
+    assert all(r["lr"] == pytest.approx(0.5 * 0.0014539217269351366) for r in dense_c)
+    assert s["val"]["dense"]["dense-C"]["mean"] == pytest.approx(2.7389, abs=5e-5)
+    def clear(split, vs):  # the arms whose interval against `vs` lies below 0, by r_a in %
+        return [round(100 * d["ra"]) for d in s[split]["arms"].values() if d["vs_dense"][vs]["hi"] < 0]
+    assert clear("val", "dense-C") == [6, 8, 10, 14, 20, 28] and clear("milton", "dense-C") == [6, 8, 10, 14, 20]
+    assert clear("val", "dense-2C") == [6, 8, 10] and clear("milton", "dense-2C") == [6, 8, 10, 14]
+    arm36, arm52 = (s["val"]["arms"][a]["vs_dense"]["dense-C"] for a in ("moe-ra35.9-E80-K16-De40", "moe-ra51.9-E72-K24-De40"))
+    assert arm36["lo"] < 0 < arm36["hi"] and arm52["lo"] > 0 and arm52["diff"] == pytest.approx(0.054, abs=5e-4)
