@@ -209,6 +209,16 @@ class MoEAux(NamedTuple):
     p: Tensor         # [E] mean gate score per expert (M6's p), with its gradient
 
 
+def router_softmax(z_TE):
+    """M1: the gate scores s = softmax(z) over the E experts, and logsumexp(z) per token (for the z-loss),
+    from the same pieces. Written out because torch's CPU softmax backward rounds differently on 1 and 2
+    threads when E is no multiple of 16 (E = 40: 1e-7 on the gradient); these row-wise ops do not."""
+    z_max_T1 = z_TE.amax(-1, keepdim=True).detach()
+    e_TE = (z_TE - z_max_T1).exp()
+    sum_T1 = e_TE.sum(-1, keepdim=True)
+    return e_TE / sum_T1, (z_max_T1 + sum_T1.log()).squeeze(-1)
+
+
 class MoE(nn.Module):
     """M1–M6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
     experts of width De, an ungated shared expert of width Dse, and the balance loss."""
@@ -234,12 +244,7 @@ class MoE(nn.Module):
         dtype: in bf16 logits, near-ties flip which experts a token gets."""
         with torch.autocast(x_TD.device.type, enabled=False):
             z_TE = F.linear(x_TD.float(), self.router.weight.float())
-        # M1, softmax written out: torch's CPU softmax backward rounds differently on 1 and 2 threads when
-        # E is no multiple of 16 (E = 40: 3e-8 on the gradient); these ops do not
-        z_max_T1 = z_TE.amax(-1, keepdim=True).detach()
-        e_TE = (z_TE - z_max_T1).exp()
-        sum_T1 = e_TE.sum(-1, keepdim=True)
-        s_TE = e_TE / sum_T1
+        s_TE, lse_T = router_softmax(z_TE)
         if self.expert_bias is None:
             g_TK, e_TK = s_TE.topk(self.K, dim=-1)        # M2, M3: g_i = s_i on the top K
         else:                                             # the bias chooses; the gates stay the unbiased s
@@ -247,7 +252,6 @@ class MoE(nn.Module):
             g_TK = s_TE.gather(-1, e_TK)
         if self.norm_topk:
             g_TK = g_TK / g_TK.sum(-1, keepdim=True)      # M4
-        lse_T = (z_max_T1 + sum_T1.log()).squeeze(-1)     # logsumexp of the logits, from the softmax's pieces
         return s_TE, g_TK, e_TK, (lse_T, z_TE.detach().square().mean())
 
     def z_loss(self, lse_T):

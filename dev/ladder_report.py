@@ -308,10 +308,10 @@ def _ci(w, digits=3):
 
 
 def _verdict(v):
-    """interior best, not resolved (0.012 = 0.8 se): the verdict, the lead and the lead in se."""
+    """interior best, not resolved (0.012 = 0.81 se): the verdict, the lead and the lead in se."""
     if v["se"] is None:
         return v["text"] if v["lead"] == 0 else f"{v['text']} ({v['lead']:.3f}, one seed)"
-    return f"{v['text']} ({v['lead']:.3f} = {v['lead'] / v['se']:.1f} se)" if v["se"] > 0 else f"{v['text']} ({v['lead']:.3f})"
+    return f"{v['text']} ({v['lead']:.3f} = {v['lead'] / v['se']:.2f} se)" if v["se"] > 0 else f"{v['text']} ({v['lead']:.3f})"
 
 
 def _p(p):
