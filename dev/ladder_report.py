@@ -427,7 +427,12 @@ def lr_check(folders, split="val", seed=1, margin=LR_MARGIN):
         raise ValueError(f"lr-check needs the multiplier 1 and another (got {', '.join(f'{m:g}' for m in folders)})")
     bpc = {}
     for m, path in folders.items():
-        for r in load_rung(path):
+        rows = load_rung(path)
+        rungs = sorted({str(r["rung"]) for r in rows if "rung" in r})
+        if len(rungs) > 1:
+            raise ValueError(f"{path} holds {len(rungs)} rungs ({', '.join(rungs)}): lr-check takes one rung's folder "
+                             f"or report.csv per multiplier")
+        for r in rows:
             if r.get("seed") == seed and r["reuse"] == "none" and isinstance(r.get(f"bpc_{split}"), (int, float)):
                 bpc.setdefault(r["arm"], {})[m] = r[f"bpc_{split}"]
     arms = [a for a, v in bpc.items() if 1.0 in v and len(v) > 1 and a != "dense-2C"]

@@ -268,6 +268,13 @@ def test_command_line_writes_the_csv_and_refuses_a_foreign_file(tmp_path, capsys
     assert e.value.code == 2 and "is not a ladder report" in capsys.readouterr().err
 
 
+def test_lr_check_refuses_a_csv_of_several_rungs(capsys):
+    # docs/ladder-runs.csv holds every rung: its dense-C runs of seed 1 would be taken for one rung's
+    with pytest.raises(SystemExit) as e:
+        lr.main(["lr-check", "0.5=" + str(ROOT / "docs" / "ladder-runs.csv"), "1=" + str(ROOT / "docs" / "ladder-runs.csv")])
+    assert e.value.code == 2 and "holds 6 rungs" in capsys.readouterr().err
+
+
 def test_lr_rule_counts_a_run_that_did_not_finish_as_worst(tmp_path):
     check = lr.lr_check({
         0.5: write_check(tmp_path, "half", {"dense-C": 2.90, "moe-a": 2.60}),
