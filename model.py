@@ -219,6 +219,13 @@ def router_softmax(z_TE):
     return e_TE / sum_T1, (z_max_T1 + sum_T1.log()).squeeze(-1)
 
 
+def balance_loss(counts_E, p_E):
+    """M6: L_balance = E·Σ_i f_i·p_i, f_i = counts_i / Σ counts (the share of the K·T routing slots),
+    p_i = mean gate score; over the last dimension (E), for one layer or a stack of layers."""
+    E = counts_E.shape[-1]
+    return E * (counts_E / counts_E.sum(-1, keepdim=True) * p_E).sum(-1)
+
+
 class MoE(nn.Module):
     """M1–M6: softmax router, top-K gates (not renormalised unless norm_topk), E routed SwiGLU
     experts of width De, an ungated shared expert of width Dse, and the balance loss."""
@@ -259,9 +266,8 @@ class MoE(nn.Module):
         return lse_T.square().mean()
 
     def balance(self, p_E, counts_E):
-        """M6: L_balance = E·Σ f_i·p_i, f_i = share of the K·T slots, p_i = mean gate score (p_E), over this
-        layer's tokens. Under DDP, GPT.balance counts f over every rank's tokens instead."""
-        return self.E * (counts_E.float() / counts_E.sum() * p_E).sum()
+        """M6 over this layer's tokens. Under DDP, GPT.balance counts f over every rank's tokens instead."""
+        return balance_loss(counts_E.float(), p_E)
 
     def forward_loop(self, x_TD):
         """M1–M6 written the obvious way, one expert at a time: the reference that the fused path is
@@ -497,8 +503,7 @@ class GPT(nn.Module):
         if self.balance_group is None or not self.training:
             return torch.stack([a.balance for a in auxes]).mean()
         counts_LE = funcol.all_reduce(torch.stack([a.load for a in auxes]).float(), "sum", self.balance_group)
-        f_LE = counts_LE / counts_LE.sum(-1, keepdim=True)
-        return (self.cfg.E * (f_LE * torch.stack([a.p for a in auxes])).sum(-1)).mean()
+        return balance_loss(counts_LE, torch.stack([a.p for a in auxes])).mean()
 
     def compile_regions(self):
         """torch.compile each block and the head on their own ("regional compilation"), in place. Blocks

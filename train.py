@@ -438,8 +438,8 @@ def plan_of_io(mcfg, tcfg, sched, world, strategy):
         reads = (f"{S * sum(windows.values()):,} targets (" + ", ".join(f"{k} {w:,} windows" for k, w in windows.items())
                  + f" of {S})")
     elif tcfg.eval_tokens:
-        reads = (f"{S * data.eval_window_count(tcfg.eval_tokens, S):,} targets of each validation split "
-                 f"({data.eval_window_count(tcfg.eval_tokens, S):,} windows of {S}; {tcfg.data} is not prepared here)")
+        n = data.eval_window_count(tcfg.eval_tokens, S)
+        reads = f"{S * n:,} targets of each validation split ({n:,} windows of {S}; {tcfg.data} is not prepared here)"
     else:
         reads = f"all of each validation split (eval_tokens = 0; {tcfg.data} is not prepared here)"
     P = sum(math.prod(shape) for shape in parallel.param_shapes(mcfg).values())

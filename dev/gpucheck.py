@@ -74,7 +74,7 @@ def check_expert_path(device, compile):
     dy = torch.randn(4096, 256, device=device)
     y, counts, g = run(moe, x, dy)
     y_loop, counts_loop, g_loop = run(moe.forward_loop, x, dy)
-    y32, _, _ = run(moe.forward_loop, x, dy, bf16=False)
+    y32, _, g_loop32 = run(moe.forward_loop, x, dy, bf16=False)
     errs = {"out": rel(y, y_loop), "grads (worst)": max(rel(a, b) for a, b in zip(g, g_loop))}
     ok = torch.equal(counts, counts_loop) and errs["out"] < 1e-2 and errs["grads (worst)"] < 2e-2
     detail = (f"T=4096 E=16 K=4 bf16 ({expert_path(device, torch.bfloat16)[0]}): same routing "
@@ -82,7 +82,6 @@ def check_expert_path(device, compile):
               f"{errs['grads (worst)']:.1e} (fp32 loop: out {rel(y, y32):.1e})")
     # fp32, the other expert path on a GPU (expert_path): against the fp32 loop
     y_fp32, _, g_fp32 = run(moe, x, dy, bf16=False)
-    _, _, g_loop32 = run(moe.forward_loop, x, dy, bf16=False)
     fp32_err = max([rel(y_fp32, y32)] + [rel(a, b) for a, b in zip(g_fp32, g_loop32)])
     ok &= fp32_err < 1e-4
     detail += f"; fp32 ({expert_path(device, torch.float32)[0]}) vs loop {fp32_err:.1e}"

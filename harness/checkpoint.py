@@ -201,8 +201,7 @@ def file_problem(path):
     try:
         with safe_io.open_plain(path) as f:
             saved = seal_of(f)
-            f.seek(0)
-            if saved is None and torn_seal(f):
+            if saved is None and torn_seal(f):  # torn_seal seeks to what it reads
                 return f"{path} is damaged and was not loaded: its closing checksum is cut or damaged"
             f.seek(0)
             if saved is None and zipfile.is_zipfile(f):
